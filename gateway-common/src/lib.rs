@@ -1,0 +1,259 @@
+//! Types shared by the kernel programs (`ebpf/`) and the userspace loader (`gateway/`).
+//!
+//! Everything here is `#[repr(C)]`, `Copy` and free of padding holes the verifier or `Pod` would
+//! trip over, because the same bytes are written by one side and read by the other. Addresses are
+//! kept as raw network-order bytes (what the kernel hands us) and ports in host order (what
+//! userspace compares against), so neither side has to guess which conversion happened.
+#![no_std]
+
+/// Names of the maps, shared so the loader cannot drift from the programs.
+pub mod maps {
+    /// Singleton [`crate::RuntimeConfig`].
+    pub const CONFIG: &str = "TG_CONFIG";
+    /// Singleton `u64`: CLOCK_MONOTONIC ns at the proxy's last heartbeat.
+    pub const HEARTBEAT: &str = "TG_HEARTBEAT";
+    /// Destination ports captured for any address: `u16` (host order) -> `u8` (1).
+    pub const PORT_RULES: &str = "TG_PORT_RULES";
+    /// LPM trie of [`crate::Cidr4Key`] -> `u8` (1).
+    pub const CIDR4_RULES: &str = "TG_CIDR4_RULES";
+    /// LPM trie of [`crate::Cidr6Key`] -> `u8` (1).
+    pub const CIDR6_RULES: &str = "TG_CIDR6_RULES";
+    /// Cgroup ids whose subtree is in capture scope: `u64` -> `u8` (1).
+    pub const SCOPE: &str = "TG_SCOPE";
+    /// Records keyed by socket cookie, written by connect4/6: `u64` -> [`crate::CaptureRecord`].
+    pub const BY_COOKIE: &str = "TG_BY_COOKIE";
+    /// Records re-keyed by sock_ops: [`crate::FlowKey`] -> [`crate::CaptureRecord`].
+    pub const BY_FLOW: &str = "TG_BY_FLOW";
+    /// Per-CPU `u64` counters indexed by [`crate::Counter`].
+    pub const COUNTERS: &str = "TG_COUNTERS";
+}
+
+/// Program names as they appear in the object file.
+pub mod progs {
+    /// `cgroup/connect4`.
+    pub const CONNECT4: &str = "tg_connect4";
+    /// `cgroup/connect6`.
+    pub const CONNECT6: &str = "tg_connect6";
+    /// `sockops`.
+    pub const SOCK_OPS: &str = "tg_sockops";
+}
+
+/// `AF_INET`, duplicated so the no_std side needs no libc.
+pub const AF_INET: u16 = 2;
+/// `AF_INET6`.
+pub const AF_INET6: u16 = 10;
+
+/// Redirect only when the heartbeat is fresh; when stale, refuse (`fail_closed`) instead of
+/// letting the connection through.
+pub const FLAG_FAIL_CLOSED: u32 = 1;
+/// Capture scope is every cgroup (the `TG_SCOPE` map is ignored).
+pub const FLAG_SCOPE_ALL: u32 = 1 << 1;
+/// `pod_proxy_v4` is set: processes in other netns are sent there.
+pub const FLAG_POD_V4: u32 = 1 << 2;
+/// `pod_proxy_v6` is set.
+pub const FLAG_POD_V6: u32 = 1 << 3;
+
+/// How deep the capture-scope ancestor walk goes. Kubernetes pod cgroups sit at depth 4-6; 16
+/// leaves room for nested runtimes while keeping the unrolled loop small for the verifier.
+pub const MAX_CGROUP_DEPTH: u32 = 16;
+
+/// Knobs the kernel programs read on every connect; written once by the loader (and again on
+/// reload) so the programs carry no compiled-in policy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuntimeConfig {
+    /// Proxy address for callers in the host netns (usually 127.0.0.1), network order.
+    pub proxy_v4: [u8; 4],
+    /// Proxy address for callers in other netns (pods), network order.
+    pub pod_proxy_v4: [u8; 4],
+    /// Proxy address for IPv6 callers in the host netns (usually ::1), network order.
+    pub proxy_v6: [u8; 16],
+    /// Proxy address for IPv6 callers in other netns, network order.
+    pub pod_proxy_v6: [u8; 16],
+    /// Proxy port, host order.
+    pub proxy_port: u16,
+    pub _pad0: u16,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    /// Netns cookie of the netns the proxy listens in (the host netns).
+    pub host_netns_cookie: u64,
+    /// Heartbeat older than this means the proxy is down.
+    pub heartbeat_timeout_ns: u64,
+    /// SO_MARK value tollgate sets on its own upstream sockets; never redirected.
+    pub self_mark: u32,
+    /// tollgate's own tgid; never redirected.
+    pub self_tgid: u32,
+}
+
+/// Key of the IPv4 LPM trie: destination port (big-endian, 0 = any port) then address. The
+/// port comes first so one trie answers "CIDR with port" and "CIDR any port" with two lookups,
+/// and the LPM prefix length is `16 + cidr_len` (or `cidr_len` bits of the address after a fully
+/// specified port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cidr4Key {
+    /// Port in network order, 0 for any.
+    pub port_be: [u8; 2],
+    /// Address, network order.
+    pub addr: [u8; 4],
+}
+
+/// IPv6 counterpart of [`Cidr4Key`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cidr6Key {
+    /// Port in network order, 0 for any.
+    pub port_be: [u8; 2],
+    /// Address, network order.
+    pub addr: [u8; 16],
+}
+
+/// The connection as the proxy sees it on accept: `src` is the agent's local address
+/// (`peer_addr()`), `dst` the proxy address it was rewritten to (`local_addr()`). Unique across
+/// pods because the pod's source address is part of it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Network order; IPv4 in the first 4 bytes, rest zero.
+    pub src_addr: [u8; 16],
+    /// Network order; IPv4 in the first 4 bytes, rest zero.
+    pub dst_addr: [u8; 16],
+    /// Host order.
+    pub src_port: u16,
+    /// Host order.
+    pub dst_port: u16,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u16,
+    pub _pad: u16,
+}
+
+/// What the kernel knew at connect time: the original destination and who asked for it. This is
+/// the seed of the proxy's agent identity; the kernel is the only party that cannot be lied to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CaptureRecord {
+    /// Original destination, network order; IPv4 in the first 4 bytes.
+    pub orig_dst_addr: [u8; 16],
+    /// Original destination port, host order.
+    pub orig_dst_port: u16,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u16,
+    /// Process id (thread group id) of the caller.
+    pub tgid: u32,
+    /// Thread id of the caller.
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub _pad: u32,
+    /// `comm` of the calling thread, NUL padded.
+    pub comm: [u8; 16],
+    /// cgroup v2 id (inode of the cgroup directory).
+    pub cgroup_id: u64,
+    /// Netns cookie of the caller's socket.
+    pub netns_cookie: u64,
+    /// CLOCK_MONOTONIC ns at connect.
+    pub captured_at_ns: u64,
+}
+
+/// Per-CPU counters, so the hot path never contends on a shared cache line.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Every connect4/6 call on a TCP socket.
+    Seen = 0,
+    /// Rewritten to the proxy.
+    Redirected = 1,
+    /// tollgate's own socket (mark or tgid).
+    SkipSelf = 2,
+    /// Caller's cgroup is outside the capture scope.
+    SkipScope = 3,
+    /// Destination matches no capture rule.
+    SkipNoRule = 4,
+    /// Proxy heartbeat stale: let through (fail-open).
+    SkipProxyDown = 5,
+    /// Proxy heartbeat stale: refused (fail-closed).
+    RejectProxyDown = 6,
+    /// Caller in another netns but no pod-side proxy address configured for the family.
+    SkipNoPodAddress = 7,
+    /// Record map update failed (should not happen with an LRU map).
+    RecordFailed = 8,
+    /// sock_ops moved a record from cookie to 4-tuple.
+    Rekeyed = 9,
+    /// Non-TCP socket (connected UDP).
+    SkipNotTcp = 10,
+}
+
+/// Number of [`Counter`] slots.
+pub const COUNTER_SLOTS: u32 = 11;
+
+impl Counter {
+    /// Every counter, in slot order, so userspace can name them without repeating the list.
+    pub const ALL: [Counter; COUNTER_SLOTS as usize] = [
+        Counter::Seen,
+        Counter::Redirected,
+        Counter::SkipSelf,
+        Counter::SkipScope,
+        Counter::SkipNoRule,
+        Counter::SkipProxyDown,
+        Counter::RejectProxyDown,
+        Counter::SkipNoPodAddress,
+        Counter::RecordFailed,
+        Counter::Rekeyed,
+        Counter::SkipNotTcp,
+    ];
+
+    /// Metric label for the counter.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Counter::Seen => "seen",
+            Counter::Redirected => "redirected",
+            Counter::SkipSelf => "skipped_self",
+            Counter::SkipScope => "skipped_scope",
+            Counter::SkipNoRule => "skipped_no_rule",
+            Counter::SkipProxyDown => "skipped_proxy_down",
+            Counter::RejectProxyDown => "rejected_proxy_down",
+            Counter::SkipNoPodAddress => "skipped_no_pod_address",
+            Counter::RecordFailed => "record_failed",
+            Counter::Rekeyed => "rekeyed",
+            Counter::SkipNotTcp => "skipped_not_tcp",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all types are #[repr(C)], contain only integers/byte arrays, have explicit padding
+    // fields so every byte is initialised, and any bit pattern is a valid value.
+    unsafe impl aya::Pod for RuntimeConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Cidr4Key {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Cidr6Key {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CaptureRecord {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<RuntimeConfig>(), 4 + 4 + 16 + 16 + 2 + 2 + 4 + 8 + 8 + 4 + 4);
+        assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 2 + 2);
+        assert_eq!(size_of::<CaptureRecord>(), 16 + 2 + 2 + 4 * 5 + 16 + 8 * 3);
+        assert_eq!(size_of::<Cidr4Key>(), 6);
+        assert_eq!(size_of::<Cidr6Key>(), 18);
+    }
+
+    #[test]
+    fn counters_are_in_slot_order() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! tollgate: transparent capture and governance of AI traffic on a Linux node.
+//!
+//! Modules follow the request path: [`capture`] (kernel redirect) → [`connection`] (sniff, TLS)
+//! → [`protocol`] (LLM wire formats) → [`upstream`] → [`telemetry`].
+
+pub mod config;
+pub mod capture;
+pub mod telemetry;

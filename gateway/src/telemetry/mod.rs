@@ -1,0 +1,193 @@
+//! Telemetry facade: the proxy reports *facts* (a connection was spliced, an LLM call finished)
+//! and this module turns each into metrics, a span and an access-log line. Keeping the proxy
+//! ignorant of sinks means adding a sink never touches the request path.
+
+pub mod access_log;
+pub mod labels;
+pub mod metrics;
+pub mod trace;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use crate::capture::Agent;
+use crate::config::{ProviderKind, TelemetryConfig};
+
+pub use metrics::Metrics;
+
+/// How the proxy handled a captured connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnKind {
+    /// TLS terminated with a minted cert, HTTP handled at L7.
+    Intercepted,
+    /// Plaintext HTTP handled at L7.
+    Http,
+    /// Bytes copied untouched (TLS to a non-intercepted host, or non-AI plaintext).
+    Spliced,
+    /// No kernel record: closed (tollgate is never an open proxy).
+    NoRecord,
+    /// Sniff timed out or failed.
+    SniffFailed,
+}
+
+impl ConnKind {
+    /// Metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnKind::Intercepted => "intercepted",
+            ConnKind::Http => "http",
+            ConnKind::Spliced => "spliced",
+            ConnKind::NoRecord => "no_record",
+            ConnKind::SniffFailed => "sniff_failed",
+        }
+    }
+}
+
+/// Token usage as reported by the provider (or estimated).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt / input tokens.
+    pub input: u64,
+    /// Completion / output tokens.
+    pub output: u64,
+    /// Total as reported (input + output when the provider omits it).
+    pub total: u64,
+    /// Input tokens served from the provider's prompt cache, when reported.
+    pub cached_input: Option<u64>,
+    /// Reasoning tokens (part of output), when reported.
+    pub reasoning: Option<u64>,
+    /// Counted by tollgate's tokenizer because the provider gave none.
+    pub estimated: bool,
+}
+
+/// One finished LLM call, reported once when the response body ends (or fails).
+#[derive(Debug, Clone)]
+pub struct LlmCall {
+    /// Who made it.
+    pub agent: Arc<Agent>,
+    /// Route name from config.
+    pub route: Arc<str>,
+    /// API shape.
+    pub provider: ProviderKind,
+    /// `gen_ai.operation.name`: `chat`, `embeddings`, ...
+    pub operation: &'static str,
+    /// `model` from the request body.
+    pub request_model: Option<String>,
+    /// `model` from the response.
+    pub response_model: Option<String>,
+    /// Provider's response id.
+    pub response_id: Option<String>,
+    /// Streaming request.
+    pub stream: bool,
+    /// HTTP status returned to the client.
+    pub status: u16,
+    /// Usage, when the response carried it.
+    pub usage: Option<Usage>,
+    /// Finish reasons of the choices.
+    pub finish_reasons: Vec<String>,
+    /// Upstream host (for `server.address`).
+    pub server_address: Option<String>,
+    /// Upstream port.
+    pub server_port: Option<u16>,
+    /// HTTP method and path (for the access log).
+    pub method: String,
+    /// Request path.
+    pub path: String,
+    /// When the request arrived.
+    pub start: SystemTime,
+    /// Time to first body byte of the response.
+    pub ttft: Option<Duration>,
+    /// Request arrival to response end.
+    pub duration: Duration,
+    /// Failure description (upstream error, body error), if any.
+    pub error: Option<String>,
+    /// Incoming W3C `traceparent`, continued by the span.
+    pub traceparent: Option<String>,
+}
+
+/// L4 facts about a spliced connection.
+#[derive(Debug, Clone)]
+pub struct L4Conn {
+    /// Who made it.
+    pub agent: Arc<Agent>,
+    /// TLS SNI, when the connection was TLS.
+    pub sni: Option<String>,
+    /// Original destination.
+    pub dst: SocketAddr,
+    /// Bytes agent → destination.
+    pub bytes_up: u64,
+    /// Bytes destination → agent.
+    pub bytes_down: u64,
+    /// Connection lifetime.
+    pub duration: Duration,
+    /// Failure, if the splice ended with an error.
+    pub error: Option<String>,
+}
+
+/// Telemetry sinks, shared by every connection task.
+pub struct Telemetry {
+    /// Prometheus registry and metric families.
+    pub metrics: Metrics,
+    access: access_log::AccessLog,
+    tracer: Option<trace::Tracer>,
+}
+
+/// Why telemetry could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// Metric registration failed (duplicate name: a bug).
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// Access log file could not be opened.
+    #[error("access log {path}: {source}")]
+    AccessLog {
+        /// Configured path.
+        path: String,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// OTLP exporter could not be built.
+    #[error("otlp exporter: {0}")]
+    Otlp(String),
+}
+
+impl Telemetry {
+    /// Build every configured sink. Must be called inside a tokio runtime (OTLP and the access
+    /// log writer run as tasks).
+    pub fn new(cfg: &TelemetryConfig) -> Result<Self, TelemetryError> {
+        Ok(Telemetry {
+            metrics: Metrics::new(cfg.max_label_values)?,
+            access: access_log::AccessLog::new(&cfg.access_log)?,
+            tracer: cfg.otlp.as_ref().map(trace::Tracer::new).transpose()?,
+        })
+    }
+
+    /// A captured connection was accepted and classified.
+    pub fn connection(&self, agent: Option<&Agent>, kind: ConnKind) {
+        self.metrics.connection(agent, kind);
+    }
+
+    /// A spliced connection ended.
+    pub fn l4_done(&self, c: &L4Conn) {
+        self.metrics.l4_done(c);
+        self.access.l4(c);
+    }
+
+    /// An LLM call ended.
+    pub fn llm_call(&self, c: &LlmCall) {
+        self.metrics.llm_call(c);
+        if let Some(t) = &self.tracer {
+            t.llm_call(c);
+        }
+        self.access.llm(c);
+    }
+
+    /// Flush spans and log lines (shutdown).
+    pub async fn shutdown(&self) {
+        if let Some(t) = &self.tracer {
+            t.shutdown().await;
+        }
+        self.access.flush().await;
+    }
+}
