@@ -342,6 +342,10 @@ pub struct LimitsConfig {
     pub connect_timeout: Duration,
     /// Idle upstream connections kept per host.
     pub pool_max_idle_per_host: usize,
+    /// On SIGTERM, how long in-flight connections may finish after capture is detached.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub drain_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -355,6 +359,7 @@ impl Default for LimitsConfig {
             sniff_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             pool_max_idle_per_host: 64,
+            drain_timeout: Duration::from_secs(20),
         }
     }
 }

@@ -1,14 +1,323 @@
-//! Prometheus metrics (placeholder; being written).
-use super::*;
-/// Metric families.
-pub struct Metrics { pub registry: prometheus::Registry }
+//! Prometheus metrics on an explicit registry (no global statics, so tests and reloads can build
+//! as many as they like). GenAI metrics follow the OpenTelemetry GenAI semantic conventions as
+//! they appear after the OTel → Prometheus name translation (dots → underscores, unit suffix);
+//! tollgate's own metrics carry the `tollgate_` prefix. Every free-form label value passes a
+//! [`LabelLimiter`] so series counts stay bounded.
+
+use std::sync::Arc;
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+
+use super::labels::LabelLimiter;
+use super::{ConnKind, L4Conn, LlmCall};
+use crate::capture::Agent;
+
+/// Token-count buckets from the GenAI semconv advice for `gen_ai.client.token.usage`.
+const TOKEN_BUCKETS: &[f64] = &[
+    1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0,
+    67108864.0,
+];
+/// Duration buckets from the GenAI semconv advice for `gen_ai.client.operation.duration`.
+const DURATION_BUCKETS: &[f64] =
+    &[0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92];
+/// TTFT buckets from the GenAI semconv advice for `gen_ai.server.time_to_first_token`.
+const TTFT_BUCKETS: &[f64] =
+    &[0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0];
+
+/// Reads the kernel's capture counters at scrape time (absolute values, so they are exported
+/// as-is rather than incremented).
+pub type CaptureSource = Box<dyn Fn() -> Option<Vec<(&'static str, u64)>> + Send + Sync>;
+
+/// All metric families.
+pub struct Metrics {
+    /// The registry `/metrics` encodes.
+    pub registry: Registry,
+    llm_requests: IntCounterVec,
+    llm_tokens: IntCounterVec,
+    token_usage: HistogramVec,
+    op_duration: HistogramVec,
+    ttft: HistogramVec,
+    connections: IntCounterVec,
+    l4_bytes: IntCounterVec,
+    l4_duration: HistogramVec,
+    /// Dropped telemetry records (full queues), by sink.
+    pub dropped: IntCounterVec,
+    capture: Arc<CaptureCollector>,
+    models: LabelLimiter,
+    snis: LabelLimiter,
+    agents: LabelLimiter,
+}
+
 impl Metrics {
-    /// New registry.
-    pub fn new(_max: usize) -> Result<Self, prometheus::Error> { Ok(Metrics { registry: prometheus::Registry::new() }) }
-    /// Connection classified.
-    pub fn connection(&self, _a: Option<&Agent>, _k: ConnKind) {}
-    /// Splice ended.
-    pub fn l4_done(&self, _c: &L4Conn) {}
-    /// LLM call ended.
-    pub fn llm_call(&self, _c: &LlmCall) {}
+    /// Register every family; `max_label_values` bounds each free-form label.
+    pub fn new(max_label_values: usize) -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let llm = ["agent", "route", "provider", "model"];
+        let llm_requests = IntCounterVec::new(
+            Opts::new("tollgate_llm_requests_total", "LLM calls by agent, route, provider, model and HTTP status"),
+            &[&llm[..], &["status"]].concat(),
+        )?;
+        let llm_tokens = IntCounterVec::new(
+            Opts::new(
+                "tollgate_llm_tokens_total",
+                "LLM tokens by agent and token type (input, output, total, cached_input, reasoning)",
+            ),
+            &[&llm[..], &["token_type"]].concat(),
+        )?;
+        let semconv = ["agent", "gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"];
+        let token_usage = HistogramVec::new(
+            HistogramOpts::new("gen_ai_client_token_usage", "Tokens per LLM call (GenAI semconv gen_ai.client.token.usage)")
+                .buckets(TOKEN_BUCKETS.to_vec()),
+            &[&semconv[..], &["gen_ai_token_type"]].concat(),
+        )?;
+        let op_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "gen_ai_client_operation_duration_seconds",
+                "LLM call duration as the agent saw it (GenAI semconv gen_ai.client.operation.duration)",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &[&semconv[..], &["error_type"]].concat(),
+        )?;
+        let ttft = HistogramVec::new(
+            HistogramOpts::new(
+                "gen_ai_server_time_to_first_token_seconds",
+                "Time to first response byte of streamed LLM calls (GenAI semconv gen_ai.server.time_to_first_token)",
+            )
+            .buckets(TTFT_BUCKETS.to_vec()),
+            &semconv,
+        )?;
+        let connections = IntCounterVec::new(
+            Opts::new("tollgate_connections_total", "Captured connections by agent and handling"),
+            &["agent", "kind"],
+        )?;
+        let l4_bytes = IntCounterVec::new(
+            Opts::new("tollgate_l4_bytes_total", "Bytes of spliced connections by agent, SNI and direction (up, down)"),
+            &["agent", "sni", "direction"],
+        )?;
+        let l4_duration = HistogramVec::new(
+            HistogramOpts::new("tollgate_l4_connection_duration_seconds", "Lifetime of spliced connections")
+                .buckets(vec![0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0]),
+            &["agent", "sni"],
+        )?;
+        let dropped = IntCounterVec::new(
+            Opts::new("tollgate_telemetry_dropped_total", "Telemetry records dropped because a queue was full"),
+            &["sink"],
+        )?;
+        let capture = Arc::new(CaptureCollector::new()?);
+        registry.register(Box::new(llm_requests.clone()))?;
+        registry.register(Box::new(llm_tokens.clone()))?;
+        registry.register(Box::new(token_usage.clone()))?;
+        registry.register(Box::new(op_duration.clone()))?;
+        registry.register(Box::new(ttft.clone()))?;
+        registry.register(Box::new(connections.clone()))?;
+        registry.register(Box::new(l4_bytes.clone()))?;
+        registry.register(Box::new(l4_duration.clone()))?;
+        registry.register(Box::new(dropped.clone()))?;
+        registry.register(Box::new(SharedCollector(capture.clone())))?;
+        let build = IntGaugeVec::new(Opts::new("tollgate_build_info", "tollgate version"), &["version"])?;
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        registry.register(Box::new(build))?;
+        Ok(Metrics {
+            registry,
+            llm_requests,
+            llm_tokens,
+            token_usage,
+            op_duration,
+            ttft,
+            connections,
+            l4_bytes,
+            l4_duration,
+            dropped,
+            capture,
+            models: LabelLimiter::new(max_label_values),
+            snis: LabelLimiter::new(max_label_values),
+            agents: LabelLimiter::new(max_label_values),
+        })
+    }
+
+    /// Export the kernel counters through `source` from now on.
+    pub fn set_capture_source(&self, source: CaptureSource) {
+        *self.capture.source.lock() = Some(source);
+    }
+
+    fn agent(&self, a: Option<&Agent>) -> Arc<str> {
+        a.map_or_else(|| Arc::from("unknown"), |a| self.agents.get(&a.name))
+    }
+
+    /// A captured connection was classified.
+    pub fn connection(&self, agent: Option<&Agent>, kind: ConnKind) {
+        self.connections.with_label_values(&[&*self.agent(agent), kind.as_str()]).inc();
+    }
+
+    /// A spliced connection ended.
+    pub fn l4_done(&self, c: &L4Conn) {
+        let agent = self.agent(Some(&c.agent));
+        let sni = self.snis.get(c.sni.as_deref().unwrap_or("none"));
+        self.l4_bytes.with_label_values(&[&*agent, &*sni, "up"]).inc_by(c.bytes_up);
+        self.l4_bytes.with_label_values(&[&*agent, &*sni, "down"]).inc_by(c.bytes_down);
+        self.l4_duration.with_label_values(&[&*agent, &*sni]).observe(c.duration.as_secs_f64());
+    }
+
+    /// An LLM call ended.
+    pub fn llm_call(&self, c: &LlmCall) {
+        let agent = self.agent(Some(&c.agent));
+        let model = self.models.get(c.response_model.as_deref().or(c.request_model.as_deref()).unwrap_or("unknown"));
+        let req_model = self.models.get(c.request_model.as_deref().unwrap_or("unknown"));
+        let provider = c.provider.semconv_name();
+        let status = c.status.to_string();
+        let base = [&*agent, &*c.route, provider, &*model];
+        self.llm_requests.with_label_values(&[&base[..], &[status.as_str()]].concat()).inc();
+        let sem = [&*agent, c.operation, provider, &*req_model];
+        if let Some(u) = &c.usage {
+            let add = |t: &str, v: u64| self.llm_tokens.with_label_values(&[&base[..], &[t]].concat()).inc_by(v);
+            add("input", u.input);
+            add("output", u.output);
+            add("total", u.total);
+            if let Some(v) = u.cached_input {
+                add("cached_input", v);
+            }
+            if let Some(v) = u.reasoning {
+                add("reasoning", v);
+            }
+            self.token_usage.with_label_values(&[&sem[..], &["input"]].concat()).observe(u.input as f64);
+            self.token_usage.with_label_values(&[&sem[..], &["output"]].concat()).observe(u.output as f64);
+        }
+        let error_type = match (&c.error, c.status) {
+            (Some(_), _) => "transport",
+            (None, s) if s >= 400 => status_class(s),
+            _ => "",
+        };
+        self.op_duration.with_label_values(&[&sem[..], &[error_type]].concat()).observe(c.duration.as_secs_f64());
+        if c.stream {
+            if let Some(t) = c.ttft {
+                self.ttft.with_label_values(&sem).observe(t.as_secs_f64());
+            }
+        }
+    }
+
+    /// Prometheus text exposition of everything registered.
+    pub fn encode(&self) -> String {
+        let mut buf = String::new();
+        // Encoding into a String only fails on invalid UTF-8 label values, which Rust strings
+        // cannot hold; an empty exposition is the safe fallback.
+        if prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut buf).is_err() {
+            buf.clear();
+        }
+        buf
+    }
+}
+
+fn status_class(s: u16) -> &'static str {
+    match s {
+        429 => "429",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// Exposes the kernel's absolute counters as `tollgate_capture_total{event}`.
+struct CaptureCollector {
+    desc: Desc,
+    source: parking_lot::Mutex<Option<CaptureSource>>,
+}
+
+impl CaptureCollector {
+    fn new() -> Result<Self, prometheus::Error> {
+        let desc = Desc::new(
+            "tollgate_capture_total".into(),
+            "Kernel capture decisions on connect() (per-CPU counters summed)".into(),
+            vec!["event".into()],
+            Default::default(),
+        )?;
+        Ok(CaptureCollector { desc, source: parking_lot::Mutex::new(None) })
+    }
+}
+
+struct SharedCollector(Arc<CaptureCollector>);
+
+impl Collector for SharedCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.0.desc]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let guard = self.0.source.lock();
+        let Some(values) = guard.as_ref().and_then(|s| s()) else { return Vec::new() };
+        let vec = match IntCounterVec::new(Opts::new("tollgate_capture_total", self.0.desc.help.clone()), &["event"]) {
+            Ok(v) => v,
+            Err(_) => return Vec::new(),
+        };
+        for (event, v) in values {
+            vec.with_label_values(&[event]).inc_by(v);
+        }
+        vec.collect()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::config::ProviderKind;
+    use crate::telemetry::Usage;
+    use std::time::{Duration, SystemTime};
+
+    pub(crate) fn call(agent: &str, model: &str) -> LlmCall {
+        LlmCall {
+            agent: Arc::new(Agent::unknown(agent)),
+            route: Arc::from("openai"),
+            provider: ProviderKind::Openai,
+            operation: "chat",
+            request_model: Some(model.into()),
+            response_model: Some(format!("{model}-2024")),
+            response_id: Some("chatcmpl-1".into()),
+            stream: true,
+            status: 200,
+            usage: Some(Usage { input: 12, output: 5, total: 17, cached_input: Some(2), reasoning: None, estimated: false }),
+            finish_reasons: vec!["stop".into()],
+            server_address: Some("api.openai.com".into()),
+            server_port: Some(443),
+            method: "POST".into(),
+            path: "/v1/chat/completions".into(),
+            start: SystemTime::now(),
+            ttft: Some(Duration::from_millis(30)),
+            duration: Duration::from_millis(120),
+            error: None,
+            traceparent: None,
+        }
+    }
+
+    #[test]
+    fn llm_call_counts_tokens_per_agent() {
+        let m = Metrics::new(8).unwrap();
+        m.llm_call(&call("billing", "gpt-4o"));
+        m.llm_call(&call("billing", "gpt-4o"));
+        let text = m.encode();
+        assert!(text.contains(r#"tollgate_llm_tokens_total{agent="billing",model="gpt-4o-2024",provider="openai",route="openai",token_type="input"} 24"#), "{text}");
+        assert!(text.contains(r#"token_type="cached_input"} 4"#));
+        assert!(text.contains(r#"tollgate_llm_requests_total{agent="billing",model="gpt-4o-2024",provider="openai",route="openai",status="200"} 2"#));
+        assert!(text.contains(r#"gen_ai_client_token_usage_sum{agent="billing",gen_ai_operation_name="chat",gen_ai_provider_name="openai",gen_ai_request_model="gpt-4o",gen_ai_token_type="output"} 10"#));
+        assert!(text.contains("gen_ai_server_time_to_first_token_seconds_count"));
+    }
+
+    #[test]
+    fn model_labels_are_bounded() {
+        let m = Metrics::new(2).unwrap();
+        for i in 0..5 {
+            m.llm_call(&call("a", &format!("m{i}")));
+        }
+        let text = m.encode();
+        assert!(text.contains(r#"model="other""#));
+        assert_eq!(text.matches("tollgate_llm_requests_total{").count(), 2, "{text}");
+    }
+
+    #[test]
+    fn capture_counters_exported_from_source() {
+        let m = Metrics::new(8).unwrap();
+        assert!(!m.encode().contains("tollgate_capture_total"));
+        m.set_capture_source(Box::new(|| Some(vec![("seen", 7), ("redirected", 3)])));
+        let text = m.encode();
+        assert!(text.contains(r#"tollgate_capture_total{event="redirected"} 3"#), "{text}");
+    }
 }
