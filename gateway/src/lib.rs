@@ -6,3 +6,4 @@
 pub mod config;
 pub mod capture;
 pub mod telemetry;
+pub mod admin;
