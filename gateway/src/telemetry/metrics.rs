@@ -320,4 +320,58 @@ pub(crate) mod tests {
         let text = m.encode();
         assert!(text.contains(r#"tollgate_capture_total{event="redirected"} 3"#), "{text}");
     }
+
+    /// Every metric a bundled dashboard queries must be one tollgate emits; a panel over a
+    /// metric that does not exist is a broken product.
+    #[test]
+    fn dashboards_query_only_emitted_metrics() {
+        let m = Metrics::new(8).unwrap();
+        m.llm_call(&call("a", "m"));
+        m.connection(None, ConnKind::Spliced);
+        m.l4_done(&L4Conn {
+            agent: Arc::new(Agent::unknown("a")),
+            sni: Some("x".into()),
+            dst: "127.0.0.1:1".parse().unwrap(),
+            bytes_up: 1,
+            bytes_down: 1,
+            duration: Duration::from_millis(1),
+            error: None,
+        });
+        m.set_capture_source(Box::new(|| Some(vec![("seen", 1)])));
+        let exposed = m.encode();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for name in metric_names_in(&text) {
+                assert!(exposed.contains(&format!("\n{name}")), "{}: queries {name}, which tollgate does not emit", path.display());
+                checked += 1;
+            }
+        }
+        assert!(checked >= 5, "no dashboard queries found in {}", dir.display());
+    }
+
+    /// Metric identifiers in PromQL expressions: `tollgate_*` and `gen_ai_*` names.
+    fn metric_names_in(json: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for prefix in ["tollgate_", "gen_ai_"] {
+            let mut rest = json;
+            while let Some(i) = rest.find(prefix) {
+                let tail = &rest[i..];
+                let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+                let name = &tail[..end];
+                // A series name is followed by a selector or a range; label names (in `by (...)`
+                // or matchers) are followed by `,`, `)` or `=`.
+                if matches!(tail[end..].chars().next(), Some('{') | Some('[')) {
+                    out.push(name.to_string());
+                }
+                rest = &tail[end..];
+            }
+        }
+        out
+    }
 }
