@@ -7,3 +7,6 @@ pub mod config;
 pub mod capture;
 pub mod telemetry;
 pub mod admin;
+pub mod connection;
+pub mod protocol;
+pub mod upstream;

@@ -1,1 +1,244 @@
-fn main() {}
+//! `tollgate` command line: run the node agent, check a config, print the interception CA.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use tokio::sync::watch;
+
+use tollgate::admin::{self, Health};
+use tollgate::capture::{AgentResolver, Capture, FlowTable};
+use tollgate::config::{self, Config};
+use tollgate::connection::{self, tls::CertAuthority, ProxyDeps};
+use tollgate::telemetry::Telemetry;
+
+/// Transparent capture and governance of AI traffic on a Linux node.
+#[derive(Parser)]
+#[command(name = "tollgate", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+    /// Log format on stderr.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load the eBPF programs and run the proxy (needs root). Without --config, runs the
+    /// embedded default: capture well-known AI provider hosts, splice them, record L4 stats.
+    Run {
+        /// YAML config file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config file; errors are printed as `file:line:col: message`.
+    Check {
+        /// YAML config file.
+        file: PathBuf,
+    },
+    /// Print the interception CA certificate (path, then PEM), creating the CA if missing.
+    Ca {
+        /// YAML config file (for `tls.ca_dir`).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Print the config's JSON schema.
+    Schema,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    let result = match cli.cmd {
+        Cmd::Check { file } => return check(&file),
+        Cmd::Schema => schema(),
+        Cmd::Ca { config } => ca(config.as_deref()),
+        Cmd::Run { config } => run(config.as_deref()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tollgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn load(path: Option<&Path>) -> Result<Config> {
+    Ok(match path {
+        Some(p) => config::from_path(p)?,
+        None => config::from_str("<embedded default>", config::DEFAULT_CONFIG_YAML)?,
+    })
+}
+
+fn check(file: &Path) -> ExitCode {
+    match config::from_path(file) {
+        Ok(_) => {
+            println!("{}: ok", file.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn schema() -> Result<()> {
+    let schema = schemars::schema_for!(Config);
+    println!("{}", serde_json::to_string_pretty(&schema)?);
+    Ok(())
+}
+
+fn ca(path: Option<&Path>) -> Result<()> {
+    let cfg = load(path)?;
+    let ca = CertAuthority::load_or_create(&cfg.tls.ca_dir, cfg.tls.leaf_validity, cfg.limits.cert_cache_size)?;
+    println!("{}", ca.cert_path().display());
+    print!("{}", ca.cert_pem());
+    Ok(())
+}
+
+fn run(path: Option<&Path>) -> Result<()> {
+    let cfg = Arc::new(load(path)?);
+    if !nix::unistd::geteuid().is_root() {
+        bail!("`tollgate run` needs root (it loads eBPF programs and attaches them to cgroups)");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("tollgate").build()?;
+    rt.block_on(serve(cfg))
+}
+
+async fn serve(cfg: Arc<Config>) -> Result<()> {
+    let telemetry = Arc::new(Telemetry::new(&cfg.telemetry)?);
+    let ca = Arc::new(
+        CertAuthority::load_or_create(&cfg.tls.ca_dir, cfg.tls.leaf_validity, cfg.limits.cert_cache_size)
+            .context("interception CA")?,
+    );
+    let health = Arc::new(Health::default());
+    let admin_listener = admin::bind(cfg.admin.listen).await?;
+
+    // Listeners first: once capture is attached, redirected connects must find a socket.
+    let mut listeners = Vec::new();
+    for addr in cfg.proxy_addrs() {
+        listeners.push(bind_proxy(addr).with_context(|| format!("proxy listener {addr}"))?);
+    }
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let capture = if cfg.capture.enabled { Some(Arc::new(Capture::start(&cfg).await?)) } else { None };
+    let (flows, cgroup_root): (Arc<dyn FlowTable>, _) = match &capture {
+        Some(c) => {
+            let src = c.clone();
+            telemetry.metrics.set_capture_source(Box::new(move || {
+                let v = src.counters().ok()?;
+                Some(gateway_common::Counter::ALL.iter().map(|c| (c.label(), v[*c as usize])).collect())
+            }));
+            (c.clone(), Some(c.cgroup_root().to_path_buf()))
+        }
+        None => (Arc::new(NoCapture), None),
+    };
+    if let Some(c) = &capture {
+        c.heartbeat();
+        let hb = c.clone();
+        let mut stop = shutdown_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => hb.heartbeat(),
+                    _ = stop.wait_for(|v| *v) => return,
+                }
+            }
+        });
+    }
+    let agents = Arc::new(AgentResolver::new(&cfg.agents, cgroup_root));
+    let deps = ProxyDeps { config: cfg.clone(), flows, agents, telemetry: telemetry.clone(), ca, observer: None };
+    let proxy = tokio::spawn(connection::serve(deps, listeners, shutdown_rx.clone()));
+    let admin_task = tokio::spawn(admin::serve(admin_listener, telemetry.clone(), health.clone(), shutdown_rx.clone()));
+    health.ready.store(true, Ordering::Relaxed);
+    tracing::info!(
+        proxy = ?cfg.proxy_addrs(),
+        admin = %cfg.admin.listen,
+        capture = capture.is_some(),
+        "tollgate ready"
+    );
+
+    wait_for_signal().await?;
+    tracing::info!("shutting down: detaching capture, draining connections");
+    health.ready.store(false, Ordering::Relaxed);
+    // Detach first so new connects go direct while in-flight ones drain.
+    if let Some(c) = capture {
+        match Arc::try_unwrap(c) {
+            Ok(c) => c.shutdown(),
+            Err(c) => {
+                // A metrics scrape or the heartbeat task still holds a handle; stop both.
+                let _ = shutdown_tx.send(true);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                match Arc::try_unwrap(c) {
+                    Ok(c) => c.shutdown(),
+                    Err(_) => tracing::warn!("capture still referenced; links close at exit"),
+                }
+            }
+        }
+    }
+    let _ = shutdown_tx.send(true);
+    match tokio::time::timeout(cfg.limits.drain_timeout, proxy).await {
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "proxy ended with error"),
+        Err(_) => tracing::warn!(timeout = ?cfg.limits.drain_timeout, "drain timeout: closing remaining connections"),
+        _ => {}
+    }
+    admin_task.abort();
+    telemetry.shutdown().await;
+    Ok(())
+}
+
+/// A proxy listener with a deep backlog; IPv6 sockets are v6-only so the IPv4 listener on the
+/// same port can coexist.
+fn bind_proxy(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    // Pod-facing addresses may be assigned after start (veth created later); allow the bind.
+    s.set_freebind(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(tokio::net::TcpListener::from_std(s.into())?)
+}
+
+async fn wait_for_signal() -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    Ok(())
+}
+
+/// Capture disabled: nothing is ever a captured connection, so every accept is closed.
+struct NoCapture;
+
+impl FlowTable for NoCapture {
+    fn take(&self, _: std::net::SocketAddr, _: std::net::SocketAddr) -> Option<tollgate::capture::CaptureRecord> {
+        None
+    }
+}

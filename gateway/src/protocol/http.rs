@@ -1,0 +1,281 @@
+//! Transparent HTTP/1.1 forwarding for L7 connections, and the pieces the LLM path shares with
+//! it: request preparation (hop-by-hop headers, upstream URI, `Host`), the response body type,
+//! and OpenAI-shaped error responses.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue, CONTENT_TYPE, HOST};
+use http::{HeaderMap, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+use super::llm::{self, ObservedBody, Reporter};
+use super::ProtocolError;
+use crate::capture::Agent;
+use crate::config::{Config, ProviderKind};
+use crate::upstream::{ReqBody, Target, Upstream};
+
+/// Boxed error of response bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Everything a request on one L7 connection needs; built once per connection.
+pub struct L7Context {
+    /// Who is calling.
+    pub agent: Arc<Agent>,
+    /// Route name (metrics, logs).
+    pub route: Arc<str>,
+    /// Route API shape: decides which requests are inspected.
+    pub provider: ProviderKind,
+    /// Where requests go.
+    pub target: Target,
+    /// Pooled upstream client.
+    pub upstream: Arc<Upstream>,
+    /// Limits and the rest of the config.
+    pub config: Arc<Config>,
+    /// Where finished LLM calls go.
+    pub reporter: Arc<Reporter>,
+}
+
+/// Response body returned to the agent: upstream bytes (observed or not) or tollgate's own.
+pub enum ProxyBody {
+    /// A body tollgate generated (errors).
+    Full(Option<Bytes>),
+    /// Upstream body passed through.
+    Upstream(Incoming),
+    /// Upstream body of a recognised LLM call, observed as it streams.
+    Observed(Box<ObservedBody>),
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ProxyBody::Observed(b) => Pin::new(b.as_mut()).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Full(b) => b.is_none(),
+            ProxyBody::Upstream(b) => b.is_end_stream(),
+            ProxyBody::Observed(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ProxyBody::Upstream(b) => b.size_hint(),
+            ProxyBody::Observed(b) => b.size_hint(),
+        }
+    }
+}
+
+/// Serve one request from an L7 connection. Never fails: tollgate's own failures become
+/// OpenAI-shaped error responses.
+pub async fn handle(
+    ctx: Arc<L7Context>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    if ctx.provider == ProviderKind::Openai
+        && llm::openai::is_chat_completions(req.method(), req.uri().path())
+    {
+        return Ok(llm::chat_completions(&ctx, req).await);
+    }
+    let (mut parts, body) = req.into_parts();
+    // WebSocket & co: hop-by-hop headers are dropped below, so the upgrade is re-requested
+    // explicitly and the two upgraded connections are joined when the upstream agrees.
+    let upgrade = upgrade_protocol(&parts.headers);
+    let client_upgrade = upgrade
+        .as_ref()
+        .and_then(|_| parts.extensions.remove::<OnUpgrade>());
+    prepare(&ctx, &mut parts);
+    if let Some(p) = &upgrade {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, p.clone());
+    }
+    let resp = match prepare_uri(&ctx, &mut parts) {
+        Ok(()) => send(&ctx, Request::from_parts(parts, Either::Left(body))).await,
+        Err(e) => Err(e),
+    };
+    Ok(match resp {
+        Ok(mut r) => {
+            if r.status() == StatusCode::SWITCHING_PROTOCOLS {
+                if let (Some(p), Some(client)) = (upgrade, client_upgrade) {
+                    let server = hyper::upgrade::on(&mut r);
+                    tokio::spawn(tunnel(client, server));
+                    let h = r.headers_mut();
+                    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                    h.insert(header::UPGRADE, p);
+                }
+            }
+            r.map(ProxyBody::Upstream)
+        }
+        Err(e) => {
+            tracing::debug!(route = %ctx.route, error = %e, "proxied request failed");
+            error_response(&e)
+        }
+    })
+}
+
+/// The `Upgrade` value of a request that asks for one (`Connection: upgrade`).
+fn upgrade_protocol(h: &HeaderMap) -> Option<HeaderValue> {
+    let asks = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| h.get(header::UPGRADE).cloned()).flatten()
+}
+
+/// Copy bytes between the agent's and the upstream's upgraded connections until both close.
+async fn tunnel(client: OnUpgrade, server: OnUpgrade) {
+    match tokio::try_join!(client, server) {
+        Ok((c, s)) => {
+            let (mut c, mut s) = (TokioIo::new(c), TokioIo::new(s));
+            if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut s).await {
+                tracing::debug!(error = %e, "upgraded tunnel ended with error");
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+    }
+}
+
+/// Make a client request fit to send upstream: drop hop-by-hop headers, set `Host` when the
+/// target dictates one, speak HTTP/1.1.
+pub(crate) fn prepare(ctx: &L7Context, parts: &mut http::request::Parts) {
+    strip_hop_by_hop(&mut parts.headers);
+    // hyper already answered any `Expect: 100-continue` on the agent side.
+    parts.headers.remove(header::EXPECT);
+    if let Some(h) = ctx.target.host_header() {
+        parts.headers.insert(HOST, h.clone());
+    }
+    parts.version = Version::HTTP_11;
+}
+
+/// Point the request at the target (absolute URI for the pooled client).
+pub(crate) fn prepare_uri(
+    ctx: &L7Context,
+    parts: &mut http::request::Parts,
+) -> Result<(), ProtocolError> {
+    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri = ctx.target.uri_for(pq)?;
+    Ok(())
+}
+
+/// Send upstream and clean the response's hop-by-hop headers.
+pub(crate) async fn send(
+    ctx: &L7Context,
+    req: Request<ReqBody>,
+) -> Result<Response<Incoming>, ProtocolError> {
+    let mut resp = ctx.upstream.send(req).await?;
+    strip_hop_by_hop(resp.headers_mut());
+    Ok(resp)
+}
+
+/// Remove hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    if h.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
+    }
+    for n in [
+        header::CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        h.remove(n);
+    }
+    h.remove("keep-alive");
+    h.remove("proxy-connection");
+}
+
+/// OpenAI-shaped error response for a tollgate-side failure.
+pub fn error_response(e: &ProtocolError) -> Response<ProxyBody> {
+    let (kind, code) = e.type_and_code();
+    openai_error(e.status(), kind, code, &e.to_string())
+}
+
+/// `{"error":{"message":..,"type":..,"param":null,"code":..}}` with the given status.
+pub fn openai_error(
+    status: StatusCode,
+    kind: &str,
+    code: &str,
+    message: &str,
+) -> Response<ProxyBody> {
+    let body = serde_json::json!({
+        "error": { "message": format!("tollgate: {message}"), "type": kind, "param": null, "code": code }
+    });
+    let bytes = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
+    let mut r = Response::new(ProxyBody::Full(Some(bytes)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key(header::AUTHORIZATION));
+    }
+
+    #[tokio::test]
+    async fn error_body_is_openai_shaped() {
+        use http_body_util::BodyExt;
+        let r = error_response(&ProtocolError::BodyTooLarge { limit: 10 });
+        assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let b = r.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["code"], "request_too_large");
+        assert!(v["error"]["param"].is_null());
+        assert!(v["error"]["message"].as_str().unwrap().contains("10 bytes"));
+    }
+}

@@ -1,0 +1,464 @@
+//! The response body of an LLM call as the agent receives it: upstream frames passed through as
+//! they arrive while usage, model, id and finish reasons are read on the side; one [`LlmCall`]
+//! is reported when the body ends, fails, or is dropped early (client went away).
+//!
+//! Streams pass through untouched, except when tollgate itself asked for usage: then each SSE
+//! event is released once complete, and the usage-only chunk the client never asked for is
+//! dropped. Non-streamed bodies are forwarded chunk by chunk while a capped copy is kept to be
+//! parsed at the end.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use super::openai;
+use super::sse::{SseEvent, SseParser};
+use super::Reporter;
+use crate::telemetry::LlmCall;
+
+/// Finish reasons kept per call (a request with a huge `n` must not grow this without bound).
+const MAX_FINISH_REASONS: usize = 64;
+
+/// How the body is observed.
+pub(crate) enum Mode {
+    /// `text/event-stream`.
+    Sse {
+        parser: SseParser,
+        /// Remove the usage-only chunk (tollgate injected `include_usage`).
+        drop_usage: bool,
+        /// Bytes of the incomplete event (drop mode only).
+        held: BytesMut,
+        /// The current event outgrew `max`: its bytes are passed through as they come.
+        passthrough: bool,
+        max: usize,
+    },
+    /// Anything else: a capped copy parsed at the end.
+    Json {
+        copy: Vec<u8>,
+        max: usize,
+        truncated: bool,
+    },
+}
+
+impl Mode {
+    pub(crate) fn sse(max_event: usize, drop_usage: bool) -> Self {
+        Mode::Sse {
+            parser: SseParser::new(max_event),
+            drop_usage,
+            held: BytesMut::new(),
+            passthrough: false,
+            max: max_event,
+        }
+    }
+
+    pub(crate) fn json(max: usize) -> Self {
+        Mode::Json {
+            copy: Vec::new(),
+            max,
+            truncated: false,
+        }
+    }
+}
+
+/// Observed upstream response body (see the module docs).
+pub struct ObservedBody {
+    inner: Incoming,
+    mode: Mode,
+    call: Option<Box<LlmCall>>,
+    t0: Instant,
+    reporter: Arc<Reporter>,
+    /// The call was reported; nothing more is read from upstream.
+    ended: bool,
+    /// Trailers waiting behind a flushed tail.
+    pending: Option<Frame<Bytes>>,
+}
+
+impl ObservedBody {
+    pub(crate) fn new(
+        inner: Incoming,
+        mode: Mode,
+        call: Box<LlmCall>,
+        t0: Instant,
+        reporter: Arc<Reporter>,
+    ) -> Self {
+        ObservedBody {
+            inner,
+            mode,
+            call: Some(call),
+            t0,
+            reporter,
+            ended: false,
+            pending: None,
+        }
+    }
+
+    /// Process one upstream data chunk; returns what the client gets now.
+    fn on_data(&mut self, chunk: Bytes) -> Bytes {
+        match self.call.as_deref_mut() {
+            Some(call) => on_data(&mut self.mode, call, self.t0, chunk),
+            None => chunk,
+        }
+    }
+
+    /// Bytes still held back at end of stream (an unterminated final event).
+    fn take_tail(&mut self) -> Bytes {
+        match &mut self.mode {
+            Mode::Sse { held, .. } => held.split().freeze(),
+            Mode::Json { .. } => Bytes::new(),
+        }
+    }
+
+    /// Report the call (once). `error` is set for upstream failures and early drops.
+    fn finish(&mut self, error: Option<String>) {
+        self.ended = true;
+        let Some(mut call) = self.call.take() else {
+            return;
+        };
+        match &mut self.mode {
+            Mode::Sse { parser, .. } => parser.finish(|_, ev| {
+                if let SseEvent::Data(d) = ev {
+                    observe(&mut call, d);
+                }
+            }),
+            Mode::Json {
+                copy,
+                truncated: false,
+                ..
+            } if !copy.is_empty() => {
+                observe(&mut call, copy);
+            }
+            Mode::Json { .. } => {}
+        }
+        call.duration = self.t0.elapsed();
+        if error.is_some() {
+            call.error = error;
+        }
+        self.reporter.report(*call);
+    }
+}
+
+/// Observe one upstream chunk into `call`; returns the bytes the client gets now.
+fn on_data(mode: &mut Mode, call: &mut LlmCall, t0: Instant, chunk: Bytes) -> Bytes {
+    if call.ttft.is_none() && !chunk.is_empty() {
+        call.ttft = Some(t0.elapsed());
+    }
+    match mode {
+        Mode::Json {
+            copy,
+            max,
+            truncated,
+        } => {
+            if !*truncated {
+                if copy.len() + chunk.len() <= *max {
+                    copy.extend_from_slice(&chunk);
+                } else {
+                    *truncated = true;
+                    *copy = Vec::new();
+                }
+            }
+            chunk
+        }
+        Mode::Sse {
+            parser,
+            drop_usage: false,
+            ..
+        } => {
+            parser.feed(&chunk, |_, ev| {
+                if let SseEvent::Data(d) = ev {
+                    observe(call, d);
+                }
+            });
+            chunk
+        }
+        Mode::Sse {
+            parser,
+            drop_usage: true,
+            held,
+            passthrough,
+            max,
+        } => {
+            let mut out = Out::default();
+            let mut cursor = 0;
+            parser.feed(&chunk, |end, ev| {
+                let usage_only = match ev {
+                    SseEvent::Data(d) => observe(call, d),
+                    _ => false,
+                };
+                if usage_only && !*passthrough {
+                    held.clear();
+                } else {
+                    out.push_held(held);
+                    out.push(chunk.slice(cursor..end));
+                }
+                *passthrough = false;
+                cursor = end;
+            });
+            let rest = chunk.len() - cursor;
+            if *passthrough || held.len() + rest > *max {
+                out.push_held(held);
+                out.push(chunk.slice(cursor..));
+                *passthrough = true;
+            } else {
+                held.extend_from_slice(&chunk[cursor..]);
+            }
+            out.finish()
+        }
+    }
+}
+
+/// Read a response object or stream chunk into `call`. True for a usage-only chunk.
+fn observe(call: &mut LlmCall, data: &[u8]) -> bool {
+    if data == b"[DONE]" {
+        return false;
+    }
+    let Some(s) = openai::parse_response(data) else {
+        return false;
+    };
+    if call.response_id.is_none() {
+        call.response_id = s.id.as_deref().map(str::to_string);
+    }
+    if call.response_model.is_none() {
+        call.response_model = s.model.as_deref().map(str::to_string);
+    }
+    if let Some(c) = &s.choices {
+        for r in &c.finish_reasons {
+            if call.finish_reasons.len() < MAX_FINISH_REASONS {
+                call.finish_reasons.push(r.to_string());
+            }
+        }
+    }
+    if let Some(u) = &s.usage {
+        call.usage = Some(u.to_usage());
+    }
+    if let Some(e) = &s.error {
+        call.error = Some(
+            e.message
+                .as_deref()
+                .unwrap_or("error event in response")
+                .to_string(),
+        );
+    }
+    s.is_usage_only()
+}
+
+impl Body for ObservedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if let Some(f) = this.pending.take() {
+            return Poll::Ready(Some(Ok(f)));
+        }
+        loop {
+            if this.ended {
+                return Poll::Ready(None);
+            }
+            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    let frame = match frame.into_data() {
+                        Ok(data) => data,
+                        Err(trailers) => {
+                            // Trailers end the body; anything still held goes out first.
+                            let tail = this.take_tail();
+                            this.finish(None);
+                            if tail.is_empty() {
+                                return Poll::Ready(Some(Ok(trailers)));
+                            }
+                            this.pending = Some(trailers);
+                            return Poll::Ready(Some(Ok(Frame::data(tail))));
+                        }
+                    };
+                    let mut out = this.on_data(frame);
+                    if this.inner.is_end_stream() {
+                        // Known length fully read: hyper may not poll again, so finish now.
+                        let tail = this.take_tail();
+                        if !tail.is_empty() {
+                            let mut joined = BytesMut::from(&out[..]);
+                            joined.extend_from_slice(&tail);
+                            out = joined.freeze();
+                        }
+                        this.finish(None);
+                    }
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(out))));
+                    }
+                    if this.ended {
+                        return Poll::Ready(None);
+                    }
+                }
+                Some(Err(e)) => {
+                    this.finish(Some(format!("upstream body: {e}")));
+                    return Poll::Ready(Some(Err(e)));
+                }
+                None => {
+                    let tail = this.take_tail();
+                    this.finish(None);
+                    if tail.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(tail))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended && self.pending.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.mode {
+            Mode::Sse {
+                drop_usage: true, ..
+            } => SizeHint::default(),
+            _ => self.inner.size_hint(),
+        }
+    }
+}
+
+impl Drop for ObservedBody {
+    fn drop(&mut self) {
+        if self.call.is_some() {
+            let err = if self.inner.is_end_stream() {
+                None
+            } else {
+                Some("client disconnected before the response ended".to_string())
+            };
+            self.finish(err);
+        }
+    }
+}
+
+/// Output of one chunk: a zero-copy slice in the common case, a joined buffer when held bytes
+/// or a dropped event split it.
+#[derive(Default)]
+struct Out {
+    single: Option<Bytes>,
+    joined: Option<BytesMut>,
+}
+
+impl Out {
+    fn push(&mut self, b: Bytes) {
+        if b.is_empty() {
+            return;
+        }
+        match (&mut self.single, &mut self.joined) {
+            (_, Some(j)) => j.extend_from_slice(&b),
+            (None, None) => self.single = Some(b),
+            (Some(s), None) => {
+                let mut j = BytesMut::with_capacity(s.len() + b.len());
+                j.extend_from_slice(s);
+                j.extend_from_slice(&b);
+                self.single = None;
+                self.joined = Some(j);
+            }
+        }
+    }
+
+    fn push_held(&mut self, held: &mut BytesMut) {
+        if !held.is_empty() {
+            self.push(held.split().freeze());
+        }
+    }
+
+    fn finish(self) -> Bytes {
+        match (self.single, self.joined) {
+            (_, Some(j)) => j.freeze(),
+            (Some(s), None) => s,
+            (None, None) => Bytes::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(drop_usage: bool, input: &[u8], cuts: &[usize]) -> (Vec<u8>, LlmCall) {
+        let mut mode = Mode::sse(1 << 16, drop_usage);
+        let mut call = test_call();
+        let mut out = Vec::new();
+        let mut start = 0;
+        let mut bounds = cuts.to_vec();
+        bounds.push(input.len());
+        let t0 = Instant::now();
+        for end in bounds {
+            let chunk = Bytes::copy_from_slice(&input[start..end]);
+            out.extend_from_slice(&on_data(&mut mode, &mut call, t0, chunk));
+            start = end;
+        }
+        if let Mode::Sse { held, .. } = &mode {
+            out.extend_from_slice(held);
+        }
+        (out, call)
+    }
+
+    fn test_call() -> LlmCall {
+        LlmCall {
+            agent: Arc::new(crate::capture::Agent::unknown("t")),
+            route: Arc::from("r"),
+            provider: crate::config::ProviderKind::Openai,
+            operation: "chat",
+            request_model: None,
+            response_model: None,
+            response_id: None,
+            stream: true,
+            status: 200,
+            usage: None,
+            finish_reasons: Vec::new(),
+            server_address: None,
+            server_port: None,
+            method: "POST".into(),
+            path: "/v1/chat/completions".into(),
+            start: std::time::SystemTime::now(),
+            ttft: None,
+            duration: std::time::Duration::ZERO,
+            error: None,
+            traceparent: None,
+        }
+    }
+
+    const STREAM: &[u8] = b"data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"},\"finish_reason\":null}]}\n\n\
+data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n\
+data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2,\"total_tokens\":11}}\n\n\
+data: [DONE]\n\n";
+
+    fn without_usage_chunk() -> Vec<u8> {
+        let s = std::str::from_utf8(STREAM).unwrap();
+        let start = s.find("data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\"choices\":[],").unwrap();
+        let end = start + s[start..].find("\n\n").unwrap() + 2;
+        [&STREAM[..start], &STREAM[end..]].concat()
+    }
+
+    #[test]
+    fn usage_chunk_dropped_when_injected_any_chunking() {
+        let want = without_usage_chunk();
+        for cut in 1..STREAM.len() {
+            let (out, call) = run(true, STREAM, &[cut]);
+            assert_eq!(out, want, "cut {cut}");
+            assert_eq!(call.usage.map(|u| u.total), Some(11));
+            assert_eq!(call.finish_reasons, vec!["stop"]);
+        }
+        let bytewise: Vec<usize> = (1..STREAM.len()).collect();
+        assert_eq!(run(true, STREAM, &bytewise).0, want);
+    }
+
+    #[test]
+    fn usage_chunk_kept_when_client_asked() {
+        let bytewise: Vec<usize> = (1..STREAM.len()).collect();
+        let (out, call) = run(false, STREAM, &bytewise);
+        assert_eq!(out, STREAM);
+        assert_eq!(call.usage.map(|u| (u.input, u.output)), Some((9, 2)));
+        assert_eq!(call.response_id.as_deref(), Some("chatcmpl-1"));
+        assert_eq!(call.response_model.as_deref(), Some("gpt-4o"));
+    }
+}
