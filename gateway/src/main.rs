@@ -181,19 +181,8 @@ async fn serve(cfg: Arc<Config>) -> Result<()> {
     tracing::info!("shutting down: detaching capture, draining connections");
     health.ready.store(false, Ordering::Relaxed);
     // Detach first so new connects go direct while in-flight ones drain.
-    if let Some(c) = capture {
-        match Arc::try_unwrap(c) {
-            Ok(c) => c.shutdown(),
-            Err(c) => {
-                // A metrics scrape or the heartbeat task still holds a handle; stop both.
-                let _ = shutdown_tx.send(true);
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                match Arc::try_unwrap(c) {
-                    Ok(c) => c.shutdown(),
-                    Err(_) => tracing::warn!("capture still referenced; links close at exit"),
-                }
-            }
-        }
+    if let Some(c) = &capture {
+        c.shutdown();
     }
     let _ = shutdown_tx.send(true);
     match tokio::time::timeout(cfg.limits.drain_timeout, proxy).await {

@@ -1,12 +1,32 @@
 //! Kernel capture: loads the eBPF programs, keeps their maps in sync with config, and answers
 //! "who made this connection and where was it going?" for the proxy.
+//!
+//! Submodules: [`cgroup`] (cgroup2/bpffs mounts, scope ids), [`loader`] (object, programs,
+//! links), [`maps`] (typed map handles), [`rules`] (ports, CIDRs, resolved hostnames),
+//! [`identity`] (record → agent).
 
+pub mod cgroup;
 pub mod identity;
+pub mod loader;
+pub mod maps;
+pub mod rules;
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use aya::Ebpf;
+use gateway_common::COUNTER_SLOTS;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::task::JoinHandle;
 
 pub use gateway_common::CaptureRecord;
 pub use identity::{Agent, AgentResolver};
+
+use self::cgroup::CgroupError;
+use self::loader::{LoaderError, Pinned};
+use self::maps::{Maps, MapsError};
+use self::rules::{RuleSync, RulesError};
 
 /// Where the proxy finds the kernel's record of an accepted connection. A trait so the proxy can
 /// be exercised without BPF (unit tests) while production uses the eBPF map.
@@ -14,4 +34,193 @@ pub trait FlowTable: Send + Sync + 'static {
     /// Remove and return the record for the connection whose agent side is `peer` and whose
     /// proxy side is `local` (as seen by `accept`). `None`: not a captured connection.
     fn take(&self, peer: SocketAddr, local: SocketAddr) -> Option<CaptureRecord>;
+}
+
+/// Why capture could not start (or a map could not be read); the message names the path,
+/// program or map involved.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// `capture.enabled` is false; the caller should not start capture.
+    #[error("capture is disabled in config (capture.enabled: false)")]
+    Disabled,
+    /// Mounting or resolving cgroup2 / bpffs / scope failed.
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    /// Loading, attaching or pinning failed.
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    /// A map could not be found, typed, read or written.
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    /// The static capture rules do not fit the maps.
+    #[error(transparent)]
+    Rules(#[from] RulesError),
+    /// A scope cgroup id could not be stored (more scope entries than `max_scope_cgroups`?).
+    #[error("cannot add capture.scope entry {entry:?} (cgroup id {id}): {source}")]
+    Scope {
+        /// The scope entry.
+        entry: String,
+        /// Its cgroup id.
+        id: u64,
+        /// Map error.
+        source: MapsError,
+    },
+}
+
+/// The running kernel capture: programs attached to the cgroup root, maps filled, hostname
+/// refresher and kernel-log drain running. Dropping it detaches fail-open programs; call
+/// [`Capture::shutdown`] to also remove fail-closed pins.
+pub struct Capture {
+    cgroup_root: PathBuf,
+    maps: Maps,
+    /// Owns the programs (and, in fail-open mode, their links). `None` after shutdown. Behind
+    /// a mutex so shutdown works through the `Arc` the proxy and metrics share.
+    ebpf: parking_lot::Mutex<Option<Ebpf>>,
+    /// Fail-closed links pinned in bpffs.
+    pinned: parking_lot::Mutex<Pinned>,
+    tasks: parking_lot::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Capture {
+    /// Mount what is missing, load, fill maps, attach. Spawns the hostname refresher and
+    /// the aya-log drain task (into `tracing`). Needs a tokio runtime.
+    ///
+    /// Call it once the proxy listeners are bound: the heartbeat is stamped here, so captured
+    /// connects are redirected from this point on.
+    pub async fn start(cfg: &crate::config::Config) -> Result<Capture, CaptureError> {
+        let c = &cfg.capture;
+        if !c.enabled {
+            return Err(CaptureError::Disabled);
+        }
+        let cgroup_root = cgroup::ensure_cgroup_root(c.cgroup_root.as_deref())?;
+        // Resolve scope before loading anything: a typo should fail fast and leave no trace.
+        let scope = cgroup::resolve_scope(&cgroup_root, &c.scope)?;
+
+        // Pins of an earlier run (fail-closed, or killed before SIGTERM) hold programs whose
+        // heartbeat is stale; they would refuse connects alongside ours. Remove them first.
+        if c.fail_closed {
+            cgroup::ensure_bpffs_dir(&c.bpffs_dir)?;
+        }
+        if cgroup::is_bpffs(&c.bpffs_dir) {
+            let n = loader::remove_stale_pins(&c.bpffs_dir)?;
+            if n > 0 {
+                tracing::info!(dir = %c.bpffs_dir.display(), removed = n, "removed stale pinned capture links");
+            }
+        }
+
+        let mut ebpf = loader::load_object(cfg)?;
+        // The logger takes the AYA_LOGS ring buffer; keep it alive (in the drain task) for as
+        // long as the programs run.
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "eBPF logging unavailable");
+                None
+            }
+        };
+        let mut maps = Maps::take(&mut ebpf)?;
+        let netns_cookie = loader::own_netns_cookie()?;
+        maps.set_config(&loader::runtime_config(cfg, netns_cookie))?;
+        for (entry, id) in scope {
+            maps.add_scope(id).map_err(|source| CaptureError::Scope { entry, id, source })?;
+        }
+
+        let rule_maps =
+            maps.rules.take().ok_or(MapsError::Missing(gateway_common::maps::PORT_RULES))?;
+        let mut sync = RuleSync::new(rule_maps, c);
+        sync.install_static()?;
+        sync.refresh_hosts().await;
+        if sync.installed().is_empty() {
+            tracing::warn!(
+                "no capture rules (capture.ports/destinations/hosts): nothing will be redirected"
+            );
+        }
+
+        maps.stamp_heartbeat()?;
+        let pin_dir = c.fail_closed.then_some(c.bpffs_dir.as_path());
+        let pinned = loader::attach_all(&mut ebpf, &cgroup_root, pin_dir)?;
+        tracing::info!(
+            cgroup = %cgroup_root.display(),
+            fail_closed = c.fail_closed,
+            rules = sync.installed().len(),
+            scope = c.scope.len(),
+            "kernel capture attached"
+        );
+
+        let mut tasks = vec![sync.spawn_refresher(c.resolve_interval)];
+        // Forward kernel log records to the `log` facade (bridged into `tracing` by the
+        // subscriber) whenever the ring buffer becomes readable.
+        if let Some(logger) = logger {
+            // SAFETY: the logger owns its ring buffer map fd, which stays open and unchanged
+            // until the logger (moved into the AsyncFd) is dropped together with it.
+            match unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) } {
+                Ok(mut fd) => tasks.push(tokio::spawn(async move {
+                    loop {
+                        match fd.readable_mut().await {
+                            Ok(mut guard) => {
+                                guard.get_inner_mut().flush();
+                                guard.clear_ready();
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "eBPF log drain stopped");
+                                return;
+                            }
+                        }
+                    }
+                })),
+                Err(e) => tracing::warn!(error = %e, "cannot poll the eBPF log ring buffer"),
+            }
+        }
+        Ok(Capture {
+            cgroup_root,
+            maps,
+            ebpf: parking_lot::Mutex::new(Some(ebpf)),
+            pinned: parking_lot::Mutex::new(pinned),
+            tasks: parking_lot::Mutex::new(tasks),
+        })
+    }
+
+    /// Stamp the heartbeat now (the lead calls it every 200 ms from the proxy runtime).
+    pub fn heartbeat(&self) {
+        if let Err(e) = self.maps.stamp_heartbeat() {
+            tracing::warn!(error = %e, "capture heartbeat failed");
+        }
+    }
+
+    /// Summed per-CPU counters, indexed like gateway_common::Counter::ALL.
+    pub fn counters(&self) -> Result<[u64; COUNTER_SLOTS as usize], CaptureError> {
+        Ok(self.maps.counters()?)
+    }
+
+    /// The cgroup2 root the programs are attached to (for AgentResolver).
+    pub fn cgroup_root(&self) -> &Path {
+        &self.cgroup_root
+    }
+
+    /// Detach and unpin (SIGTERM path). Idempotent; the record maps stay readable so
+    /// connections accepted before the detach still find their identity.
+    pub fn shutdown(&self) {
+        for t in self.tasks.lock().drain(..) {
+            t.abort();
+        }
+        loader::unpin_links(std::mem::take(&mut *self.pinned.lock()));
+        // Dropping the object closes the program fds and the links it owns (fail-open mode).
+        drop(self.ebpf.lock().take());
+        tracing::info!(cgroup = %self.cgroup_root.display(), "kernel capture detached");
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        // Pinned links deliberately survive a plain drop (fail-closed); only shutdown() unpins.
+        for t in self.tasks.get_mut().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+impl FlowTable for Capture {
+    fn take(&self, peer: SocketAddr, local: SocketAddr) -> Option<CaptureRecord> {
+        self.maps.take_flow(peer, local)
+    }
 }
