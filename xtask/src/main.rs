@@ -1,1 +1,731 @@
-fn main() {}
+//! Developer and CI tasks for tollgate: `cargo xtask <setup|build-ebpf|build|run|test|bench>`.
+//!
+//! Everything a fresh machine lacks is installed by `setup` (idempotent; a no-op taking well
+//! under a second when all is present), which `test` and `bench` run first, so `.ci/run` is just
+//! `cargo xtask test`.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "tollgate build, test and benchmark tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what builds and tests need (nightly rust-src, bpf-linker, Debian tools, Python venv).
+    Setup,
+    /// Build the eBPF object (nightly, bpfel-unknown-none).
+    BuildEbpf,
+    /// Build the eBPF object, tollgate and the test binaries.
+    Build {
+        /// Release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, then `tollgate run` with the embedded default config (needs root).
+    Run {
+        /// Release profile.
+        #[arg(long)]
+        release: bool,
+        /// Arguments after `run` (e.g. `-- --config tollgate.yaml`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Setup, build, unit tests, then the real-kernel end-to-end scenarios (needs root).
+    Test {
+        /// Only scenarios whose name contains this.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Skip `setup` (when you know everything is installed).
+        #[arg(long)]
+        skip_setup: bool,
+        /// Skip the unit tests.
+        #[arg(long)]
+        skip_unit: bool,
+        /// Seconds before a scenario is killed and counted as failed.
+        #[arg(long, default_value_t = 240)]
+        scenario_timeout: u64,
+    },
+    /// Latency/throughput of tollgate vs direct vs nginx on loopback (release build, needs root).
+    Bench {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Fixed request rate for the latency measurements.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// Skip `setup`.
+        #[arg(long)]
+        skip_setup: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Setup => setup(),
+        Cmd::BuildEbpf => build_ebpf(),
+        Cmd::Build { release } => build(release),
+        Cmd::Run { release, args } => run(release, &args),
+        Cmd::Test { filter, skip_setup, skip_unit, scenario_timeout } => {
+            test(filter.as_deref(), skip_setup, skip_unit, Duration::from_secs(scenario_timeout))
+        }
+        Cmd::Bench { duration, rate, skip_setup } => bench(duration, rate, skip_setup),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+// ---------------------------------------------------------------------------------------------
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+}
+
+fn step(msg: &str) {
+    eprintln!("\x1b[1mxtask: {msg}\x1b[0m");
+}
+
+/// Run to completion with inherited stdio; error on non-zero exit.
+fn run_cmd(cmd: &mut Command) -> Result<()> {
+    let desc = format!("{cmd:?}");
+    let st = cmd.status().with_context(|| format!("spawn {desc}"))?;
+    if !st.success() {
+        bail!("{desc}: {st}");
+    }
+    Ok(())
+}
+
+/// Run and capture stdout (stderr inherited); `None` if it could not run or failed.
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.stderr(Stdio::null()).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn which(bin: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|d| d.join(bin))
+        .find(|p| p.is_file())
+}
+
+fn cargo_home() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo"))
+}
+
+fn rustup() -> PathBuf {
+    which("rustup").unwrap_or_else(|| cargo_home().join("bin/rustup"))
+}
+
+/// Stable cargo (the one running us), with the workspace root as cwd.
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+/// `rustup run nightly <prog>` with a clean toolchain environment.
+fn nightly(prog: &str) -> Command {
+    let mut c = Command::new(rustup());
+    c.args(["run", "nightly", prog]).env_remove("RUSTUP_TOOLCHAIN").env_remove("RUSTC").env_remove("RUSTDOC");
+    c
+}
+
+fn nightly_sysroot() -> Result<PathBuf> {
+    let s = output(nightly("rustc").args(["--print", "sysroot"]))
+        .ok_or_else(|| anyhow!("no nightly toolchain (`rustup toolchain install nightly`)"))?;
+    Ok(PathBuf::from(s.trim()))
+}
+
+/// The nightly's LLVM shared library (`libLLVM.so.<major>.<minor>-rust-...`) and its major.
+fn nightly_llvm() -> Result<(PathBuf, u32)> {
+    let lib = nightly_sysroot()?.join("lib");
+    for e in std::fs::read_dir(&lib).with_context(|| format!("read {}", lib.display()))? {
+        let p = e?.path();
+        let name = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        if let Some(v) = name.strip_prefix("libLLVM.so.") {
+            if name.contains("-rust-") {
+                let major = v.split('.').next().and_then(|m| m.parse().ok()).ok_or_else(|| anyhow!("bad {name}"))?;
+                return Ok((p, major));
+            }
+        }
+    }
+    bail!("no libLLVM.so.*-rust-* in {}", lib.display())
+}
+
+/// PATH and LD_LIBRARY_PATH under which bpf-linker (dynamically linked against the nightly's
+/// LLVM) runs.
+fn bpf_env(cmd: &mut Command) -> Result<()> {
+    let lib = nightly_sysroot()?.join("lib");
+    let mut ld = OsString::from(lib);
+    if let Some(old) = std::env::var_os("LD_LIBRARY_PATH") {
+        ld.push(":");
+        ld.push(old);
+    }
+    let mut path = OsString::from(cargo_home().join("bin"));
+    path.push(":");
+    path.push(std::env::var_os("PATH").unwrap_or_default());
+    cmd.env("LD_LIBRARY_PATH", ld).env("PATH", path);
+    Ok(())
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
+}
+
+// ---------------------------------------------------------------------------------------------
+// setup
+// ---------------------------------------------------------------------------------------------
+
+const BPF_LINKER_REQ: &str = "^0.13";
+/// Debian packages by the binary the tests or the bench need from them.
+const DEBIAN: &[(&str, &str)] = &[("ip", "iproute2"), ("curl", "curl"), ("nginx", "nginx"), ("wrk", "wrk")];
+
+fn setup() -> Result<()> {
+    let t0 = Instant::now();
+    setup_rust_src()?;
+    setup_bpf_linker()?;
+    setup_debian()?;
+    setup_venv()?;
+    step(&format!("setup: done in {:.1} s", t0.elapsed().as_secs_f64()));
+    Ok(())
+}
+
+fn setup_rust_src() -> Result<()> {
+    let installed = output(Command::new(rustup()).args(["component", "list", "--toolchain", "nightly", "--installed"]))
+        .unwrap_or_default();
+    if installed.lines().any(|l| l.trim().starts_with("rust-src")) {
+        return Ok(());
+    }
+    step("setup: adding rust-src to the nightly toolchain");
+    run_cmd(Command::new(rustup()).args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn bpf_linker_version() -> Option<String> {
+    let bin = which("bpf-linker").unwrap_or_else(|| cargo_home().join("bin/bpf-linker"));
+    let mut c = Command::new(bin);
+    c.arg("--version");
+    bpf_env(&mut c).ok()?;
+    output(&mut c)
+}
+
+fn setup_bpf_linker() -> Result<()> {
+    if bpf_linker_version().is_some_and(|v| v.contains(" 0.13")) {
+        return Ok(());
+    }
+    let (llvm, major) = nightly_llvm()?;
+    step(&format!("setup: building bpf-linker {BPF_LINKER_REQ} against the nightly's LLVM {major} (takes a few minutes)"));
+    // bpf-linker links `-lLLVM` from $LLVM_PREFIX/lib: point that at the nightly's own LLVM.
+    let prefix = root().join("target/xtask/llvm-prefix");
+    let lib = prefix.join("lib");
+    std::fs::create_dir_all(&lib)?;
+    let soname = llvm.file_name().expect("file name");
+    for link in [OsString::from("libLLVM.so"), soname.to_os_string()] {
+        let p = lib.join(&link);
+        let _ = std::fs::remove_file(&p);
+        std::os::unix::fs::symlink(&llvm, &p)?;
+    }
+    // Find the LLVM at run time without LD_LIBRARY_PATH.
+    let rpath = format!("-C link-arg=-Wl,-rpath,{}", llvm.parent().expect("dir").display());
+    let install = |locked: bool| {
+        let mut c = nightly("cargo");
+        c.args(["install", "bpf-linker", "--force", "--version", BPF_LINKER_REQ, "--no-default-features"])
+            .args(["--features", &format!("llvm-{major}")])
+            .env("LLVM_PREFIX", &prefix)
+            .env("RUSTFLAGS", &rpath);
+        if locked {
+            c.arg("--locked");
+        }
+        run_cmd(&mut c)
+    };
+    // --locked reproduces the release's own lock file; if a pinned dependency is refused by
+    // this nightly, resolve afresh.
+    if install(true).is_err() {
+        install(false)?;
+    }
+    let v = bpf_linker_version().ok_or_else(|| anyhow!("bpf-linker installed but `bpf-linker --version` fails"))?;
+    step(&format!("setup: {}", v.trim()));
+    Ok(())
+}
+
+fn setup_debian() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN.iter().filter(|(bin, _)| which(bin).is_none()).map(|(_, pkg)| *pkg).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("missing Debian packages {missing:?}; install them (apt-get install {}) or run as root", missing.join(" "));
+    }
+    step(&format!("setup: apt-get install {}", missing.join(" ")));
+    run_cmd(Command::new("apt-get").arg("update").arg("-q"))?;
+    // Keep package scripts from starting services (nginx would bind :80 in the background).
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let made_policy = !policy.exists();
+    if made_policy {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(policy, "#!/bin/sh\nexit 101\n")?;
+        std::fs::set_permissions(policy, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let r = run_cmd(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    );
+    if made_policy {
+        let _ = std::fs::remove_file(policy);
+    }
+    r
+}
+
+fn setup_venv() -> Result<()> {
+    let venv = root().join(".venv");
+    let req = root().join("tests/clients/requirements.txt");
+    let want = std::fs::read_to_string(&req).with_context(|| format!("read {}", req.display()))?;
+    let stamp = venv.join(".tollgate-requirements");
+    let py = venv.join("bin/python");
+    // Cheap check (importing the SDKs takes seconds): the stamp matches the requirements and
+    // the pinned distributions are installed.
+    let pins: Vec<&str> = want.lines().filter(|l| l.starts_with("openai==") || l.starts_with("anthropic==")).collect();
+    let probe = "import importlib.metadata as m; print(' '.join(f'{d}=={m.version(d)}' for d in ('anthropic', 'openai')))";
+    let installed = output(Command::new(&py).args(["-c", probe])).unwrap_or_default();
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(want.as_str())
+        && pins.len() == 2
+        && pins.iter().all(|p| installed.split_whitespace().any(|i| i == *p))
+    {
+        return Ok(());
+    }
+    step("setup: creating the Python venv (.venv) with the pinned SDKs");
+    if !py.exists() {
+        let python = which("python3").ok_or_else(|| anyhow!("python3 not found"))?;
+        if run_cmd(Command::new(&python).args(["-m", "venv"]).arg(&venv)).is_err() {
+            // Debian's python3 keeps venv/ensurepip in a separate package.
+            run_cmd(Command::new("apt-get").args(["install", "-y", "-q", "python3-venv"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+            let _ = std::fs::remove_dir_all(&venv);
+            run_cmd(Command::new(&python).args(["-m", "venv"]).arg(&venv))?;
+        }
+    }
+    run_cmd(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "-q", "--disable-pip-version-check", "-r"])
+            .arg(&req),
+    )?;
+    std::fs::write(&stamp, want)?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// build / run
+// ---------------------------------------------------------------------------------------------
+
+fn build_ebpf() -> Result<()> {
+    let dir = root().join("ebpf");
+    if !dir.join("Cargo.toml").exists() {
+        bail!("{} has no Cargo.toml yet: the eBPF crate is not there", dir.display());
+    }
+    step("build-ebpf: cargo +nightly build --release (ebpf/)");
+    let mut c = nightly("cargo");
+    c.args(["build", "--release"]).current_dir(&dir);
+    bpf_env(&mut c)?;
+    run_cmd(&mut c)?;
+    let obj = dir.join("target/bpfel-unknown-none/release/tollgate-ebpf");
+    if !obj.exists() {
+        bail!("eBPF build succeeded but {} is missing", obj.display());
+    }
+    Ok(())
+}
+
+fn profile_dir(release: bool) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
+    target.join(if release { "release" } else { "debug" })
+}
+
+fn build(release: bool) -> Result<()> {
+    build_ebpf()?;
+    step(&format!("build: tollgate and test binaries ({})", if release { "release" } else { "debug" }));
+    // `--workspace` everywhere (build, test, --no-run): one feature resolution, so the test
+    // steps reuse what this built instead of recompiling shared dependencies.
+    let mut c = cargo();
+    c.args(["build", "--workspace", "--exclude", "xtask", "--bins"]);
+    if release {
+        c.arg("--release");
+    }
+    run_cmd(&mut c)
+}
+
+fn run(release: bool, args: &[String]) -> Result<()> {
+    build(release)?;
+    let bin = profile_dir(release).join("tollgate");
+    step(&format!("run: {} run {}", bin.display(), args.join(" ")));
+    let st = Command::new(&bin).arg("run").args(args).status()?;
+    if !st.success() {
+        bail!("tollgate exited with {st}");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// test
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+/// Run `cmd`, echoing its stdout and stderr, and return (success, combined text).
+fn tee(cmd: &mut Command) -> Result<(bool, String)> {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().with_context(|| format!("spawn {cmd:?}"))?;
+    let (tx, rx) = mpsc::channel::<String>();
+    let mut handles = Vec::new();
+    for (stream, is_err) in [
+        (Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>, false),
+        (Box::new(child.stderr.take().expect("stderr")) as Box<dyn Read + Send>, true),
+    ] {
+        let tx = tx.clone();
+        handles.push(std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                if is_err {
+                    eprintln!("{line}");
+                } else {
+                    println!("{line}");
+                }
+                let _ = tx.send(line);
+            }
+        }));
+    }
+    drop(tx);
+    let st = child.wait()?;
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok((st.success(), rx.into_iter().collect::<Vec<_>>().join("\n")))
+}
+
+/// Sum libtest's `test result:` lines.
+fn tally(text: &str) -> Tally {
+    let mut t = Tally::default();
+    for l in text.lines().filter(|l| l.starts_with("test result:")) {
+        let num = |word: &str| -> u64 {
+            l.split(';')
+                .find_map(|part| {
+                    let part = part.trim().trim_start_matches("test result: ok.").trim_start_matches("test result: FAILED.").trim();
+                    part.strip_suffix(word).and_then(|n| n.trim().parse().ok())
+                })
+                .unwrap_or(0)
+        };
+        t.passed += num("passed");
+        t.failed += num("failed");
+        t.ignored += num("ignored");
+    }
+    t
+}
+
+/// Path of the compiled `scenarios` test binary (builds it).
+fn scenarios_binary() -> Result<PathBuf> {
+    let out = cargo()
+        .args(["test", "--workspace", "--exclude", "xtask", "--no-run", "--message-format=json"])
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("building the scenarios failed");
+    }
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        if v["reason"] == "compiler-artifact" && v["target"]["name"] == "scenarios" && v["target"]["kind"][0] == "test" {
+            if let Some(exe) = v["executable"].as_str() {
+                return Ok(PathBuf::from(exe));
+            }
+        }
+    }
+    bail!("cargo did not report the scenarios executable")
+}
+
+enum Outcome {
+    Passed(Duration),
+    Failed(Duration, String),
+    TimedOut(Duration),
+}
+
+fn run_scenario(exe: &Path, name: &str, timeout: Duration, env: &[(&str, OsString)]) -> Result<Outcome> {
+    let start = Instant::now();
+    let mut c = Command::new(exe);
+    c.args(["--ignored", "--exact", name, "--test-threads=1"]).current_dir(root());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    // Own process group, so a timeout can stop the scenario's helpers (tollgate, mock, clients).
+    std::os::unix::process::CommandExt::process_group(&mut c, 0);
+    let mut child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let pid = child.id() as i32;
+    let (tx, rx) = mpsc::channel::<String>();
+    let mut handles = Vec::new();
+    for stream in [
+        Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
+        Box::new(child.stderr.take().expect("stderr")) as Box<dyn Read + Send>,
+    ] {
+        let tx = tx.clone();
+        handles.push(std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                println!("    {line}");
+                let _ = tx.send(line);
+            }
+        }));
+    }
+    drop(tx);
+    loop {
+        if let Some(st) = child.try_wait()? {
+            // Anything of the scenario's still alive (a leaked helper holding our pipes) goes too.
+            let _ = Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).stderr(Stdio::null()).status();
+            for h in handles {
+                let _ = h.join();
+            }
+            let text: Vec<String> = rx.into_iter().collect();
+            let text = text.join("\n");
+            let ok = st.success() && text.contains(&format!("test {name} ... ok"));
+            return Ok(if ok {
+                Passed(start.elapsed())
+            } else {
+                Failed(start.elapsed(), first_error(&text).unwrap_or_else(|| format!("exit {st}")))
+            });
+        }
+        if start.elapsed() > timeout {
+            // The group id is the child's pid (process_group(0)); kill the whole group.
+            let _ = Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).status();
+            let _ = child.wait();
+            cleanup_leftovers(Some(&format!("tge{pid}")));
+            return Ok(TimedOut(start.elapsed()));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+use Outcome::{Failed, Passed, TimedOut};
+
+/// Remove what scenarios leave behind when they are killed before their guards run: network
+/// namespaces, cgroup2 mounts and groups, bpffs pins, all named `tge<pid>-...` by the test
+/// support library. `only`: that tag; otherwise every tag whose process is gone.
+fn cleanup_leftovers(only: Option<&str>) {
+    let stale = |name: &str| -> Option<String> {
+        let rest = name.strip_prefix("tge")?;
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        if digits.is_empty() || !rest[digits.len()..].starts_with('-') {
+            return None;
+        }
+        let tag = format!("tge{digits}");
+        let dead = !Path::new("/proc").join(&digits).exists();
+        match only {
+            Some(t) => (t == tag).then_some(tag),
+            None => dead.then_some(tag),
+        }
+    };
+    let mut cleaned = Vec::new();
+    for line in output(Command::new("ip").args(["netns", "list"])).unwrap_or_default().lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        if stale(name).is_some() {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+            cleaned.push(format!("netns {name}"));
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir("/etc/netns") {
+        for e in rd.flatten() {
+            if stale(&e.file_name().to_string_lossy()).is_some() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    for m in mounts.lines() {
+        let f: Vec<&str> = m.split_whitespace().collect();
+        if f.len() < 3 || f[2] != "cgroup2" {
+            continue;
+        }
+        let mnt = Path::new(f[1]);
+        let base = mnt.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let ours = stale(&base).is_some() && base.contains("-cgroup2-");
+        // Groups are visible through any cgroup2 mount.
+        if let Ok(rd) = std::fs::read_dir(mnt) {
+            for e in rd.flatten() {
+                if e.path().is_dir() && stale(&e.file_name().to_string_lossy()).is_some() {
+                    let procs = std::fs::read_to_string(e.path().join("cgroup.procs")).unwrap_or_default();
+                    for pid in procs.lines() {
+                        let _ = std::fs::write(mnt.join("cgroup.procs"), pid);
+                    }
+                    if std::fs::remove_dir(e.path()).is_ok() {
+                        cleaned.push(format!("cgroup {}", e.path().display()));
+                    }
+                }
+            }
+        }
+        if ours {
+            let _ = Command::new("umount").arg("-l").arg(mnt).status();
+            let _ = std::fs::remove_dir(mnt);
+            cleaned.push(format!("mount {}", mnt.display()));
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.contains("-tollgate-") && stale(&name).is_some() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir("/sys/fs/bpf") {
+        for e in rd.flatten() {
+            if stale(&e.file_name().to_string_lossy()).is_some() {
+                let _ = std::fs::remove_dir_all(e.path());
+                cleaned.push(format!("pins {}", e.path().display()));
+            }
+        }
+    }
+    if !cleaned.is_empty() {
+        step(&format!("cleaned up after earlier scenarios: {}", cleaned.join(", ")));
+    }
+}
+
+/// The first line of a failed scenario's error (anyhow's `Error: ...`) or panic message.
+fn first_error(text: &str) -> Option<String> {
+    let mut lines = text.lines();
+    while let Some(l) = lines.next() {
+        let t = l.trim();
+        if let Some(rest) = t.strip_prefix("Error: ") {
+            return Some(rest.chars().take(300).collect());
+        }
+        if t.contains("panicked at") {
+            return lines.next().map(|m| m.trim().chars().take(300).collect());
+        }
+    }
+    None
+}
+
+fn test(filter: Option<&str>, skip_setup: bool, skip_unit: bool, timeout: Duration) -> Result<()> {
+    let t0 = Instant::now();
+    if !skip_setup {
+        setup()?;
+    }
+    build(false)?;
+
+    let mut unit = Tally::default();
+    let mut unit_ok = true;
+    if !skip_unit {
+        step("test: unit tests (cargo test --workspace)");
+        let (ok, text) = tee(cargo().args(["test", "--workspace", "--exclude", "xtask"]))?;
+        unit = tally(&text);
+        unit_ok = ok;
+    }
+
+    step("test: end-to-end scenarios (serial, real kernel)");
+    if !is_root() {
+        bail!("the end-to-end scenarios need root");
+    }
+    cleanup_leftovers(None);
+    let exe = scenarios_binary()?;
+    let list = output(Command::new(&exe).args(["--ignored", "--list", "--format=terse"]))
+        .ok_or_else(|| anyhow!("cannot list scenarios"))?;
+    let names: Vec<String> = list
+        .lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .filter(|n| filter.is_none_or(|f| n.contains(f)))
+        .map(str::to_string)
+        .collect();
+    if names.is_empty() {
+        bail!("no scenarios matched");
+    }
+    let env = [
+        ("TOLLGATE_BIN", profile_dir(false).join("tollgate").into_os_string()),
+        ("TOLLGATE_E2E_PYTHON", root().join(".venv/bin/python").into_os_string()),
+    ];
+    let mut results: BTreeMap<String, Outcome> = BTreeMap::new();
+    for n in &names {
+        step(&format!("scenario {n}"));
+        let o = run_scenario(&exe, n, timeout, &env)?;
+        results.insert(n.clone(), o);
+    }
+
+    let (mut e2e_pass, mut e2e_fail) = (0u64, 0u64);
+    println!();
+    println!("==================== tollgate test summary ====================");
+    if skip_unit {
+        println!("unit tests: skipped");
+    } else {
+        println!(
+            "unit tests: {} passed, {} failed, {} ignored{}",
+            unit.passed,
+            unit.failed,
+            unit.ignored,
+            if unit_ok { "" } else { "  (cargo test FAILED)" }
+        );
+    }
+    println!("end-to-end scenarios:");
+    for (n, o) in &results {
+        match o {
+            Passed(d) => {
+                e2e_pass += 1;
+                println!("  PASS  {n}  ({:.1} s)", d.as_secs_f64());
+            }
+            Failed(d, why) => {
+                e2e_fail += 1;
+                println!("  FAIL  {n}  ({:.1} s): {why}", d.as_secs_f64());
+            }
+            TimedOut(d) => {
+                e2e_fail += 1;
+                println!("  FAIL  {n}  (killed after {:.0} s timeout)", d.as_secs_f64());
+            }
+        }
+    }
+    println!("total time {:.0} s", t0.elapsed().as_secs_f64());
+    let unit_failed = unit.failed + u64::from(!unit_ok && unit.failed == 0);
+    println!("summary: {} passed, {} failed", unit.passed + e2e_pass, unit_failed + e2e_fail);
+    if unit_failed + e2e_fail > 0 {
+        bail!("{} unit test(s) and {e2e_fail} scenario(s) failed", unit_failed);
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// bench
+// ---------------------------------------------------------------------------------------------
+
+fn bench(duration: u64, rate: u64, skip_setup: bool) -> Result<()> {
+    if !skip_setup {
+        setup()?;
+    }
+    build(true)?;
+    let dir = profile_dir(true);
+    step("bench: direct vs tollgate vs nginx (loopback)");
+    run_cmd(
+        Command::new(dir.join("tollgate-bench"))
+            .arg("--tollgate")
+            .arg(dir.join("tollgate"))
+            .arg("--mock")
+            .arg(dir.join("mock-llm"))
+            .arg("--loadgen")
+            .arg(dir.join("loadgen"))
+            .args(["--duration", &duration.to_string(), "--rate", &rate.to_string()])
+            .current_dir(root()),
+    )
+}

@@ -1,0 +1,170 @@
+//! Open-loop HTTP load generator: sends POSTs at a fixed rate (not "as fast as responses come
+//! back"), measures each latency from the request's *scheduled* send time (so a stall is charged
+//! to every request it delayed: no coordinated omission), and prints one JSON line with
+//! percentiles from an HDR histogram.
+//!
+//! Used by `cargo xtask bench` for p50/p99 at a fixed rate, which wrk cannot do.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
+use bytes::Bytes;
+use clap::Parser;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use tokio::time::Instant;
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Target URL (http only).
+    #[arg(long)]
+    url: String,
+    /// File holding the request body.
+    #[arg(long)]
+    body_file: std::path::PathBuf,
+    /// Extra header `Name: value` (repeatable).
+    #[arg(long = "header")]
+    headers: Vec<String>,
+    /// Requests per second.
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
+    /// Measured seconds (after warm-up).
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Unmeasured warm-up seconds at the same rate.
+    #[arg(long, default_value_t = 1)]
+    warmup: u64,
+    /// Per-request timeout in milliseconds (counted as an error).
+    #[arg(long, default_value_t = 5000)]
+    timeout_ms: u64,
+    /// Requests in flight beyond which new ones are dropped (and counted) instead of sent.
+    #[arg(long, default_value_t = 2048)]
+    max_inflight: u64,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    // One thread: the generator must not compete with the system under test for both cores.
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(run(args))
+}
+
+async fn run(a: Args) -> Result<()> {
+    let body = Bytes::from(std::fs::read(&a.body_file)?);
+    let uri: http::Uri = a.url.parse()?;
+    let mut headers = http::HeaderMap::new();
+    headers.insert(http::header::CONTENT_TYPE, "application/json".parse()?);
+    for h in &a.headers {
+        let (k, v) = h.split_once(':').ok_or_else(|| anyhow!("bad header {h:?}"))?;
+        headers.insert(http::HeaderName::from_bytes(k.trim().as_bytes())?, v.trim().parse()?);
+    }
+    let mut conn = HttpConnector::new();
+    conn.set_nodelay(true);
+    let client: Client<_, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build(conn);
+
+    let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
+    let ok = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let inflight = Arc::new(AtomicU64::new(0));
+    let mut dropped = 0u64;
+    let mut sent = 0u64;
+    let first_error: Arc<Mutex<Option<String>>> = Arc::default();
+
+    let interval = Duration::from_nanos(1_000_000_000 / a.rate.max(1));
+    let start = std::time::Instant::now() + Duration::from_millis(50);
+    let measure_from = start + Duration::from_secs(a.warmup);
+    let end = measure_from + Duration::from_secs(a.duration);
+    let timeout = Duration::from_millis(a.timeout_ms);
+    // Pacing runs on its own OS thread with nanosleep precision (tokio's timer wheel has 1 ms
+    // granularity, which would add up to a millisecond to every latency measured from the
+    // scheduled time); the runtime only sends.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    std::thread::spawn(move || {
+        for i in 0u32.. {
+            let scheduled = start + interval * i;
+            if scheduled >= end {
+                break;
+            }
+            let now = std::time::Instant::now();
+            if scheduled > now {
+                std::thread::sleep(scheduled - now);
+            }
+            if tx.send(Instant::from_std(scheduled)).is_err() {
+                break;
+            }
+        }
+    });
+    let measure_from = Instant::from_std(measure_from);
+    let mut tasks = tokio::task::JoinSet::new();
+    while let Some(scheduled) = rx.recv().await {
+        let measured = scheduled >= measure_from;
+        if inflight.load(Ordering::Relaxed) >= a.max_inflight {
+            if measured {
+                dropped += 1;
+            }
+            continue;
+        }
+        if measured {
+            sent += 1;
+        }
+        let mut req = http::Request::post(uri.clone()).body(Full::new(body.clone()))?;
+        *req.headers_mut() = headers.clone();
+        let (client, hist, ok, errors, inflight, first_error) =
+            (client.clone(), hist.clone(), ok.clone(), errors.clone(), inflight.clone(), first_error.clone());
+        inflight.fetch_add(1, Ordering::Relaxed);
+        tasks.spawn(async move {
+            let res = tokio::time::timeout(timeout, async {
+                let resp = client.request(req).await.map_err(|e| format!("{e:?}"))?;
+                let status = resp.status();
+                resp.into_body().collect().await.map_err(|e| e.to_string())?;
+                if !status.is_success() {
+                    return Err(format!("HTTP {status}"));
+                }
+                Ok(())
+            })
+            .await
+            .unwrap_or_else(|_| Err("timeout".into()));
+            inflight.fetch_sub(1, Ordering::Relaxed);
+            if !measured {
+                return;
+            }
+            match res {
+                Ok(()) => {
+                    let us = scheduled.elapsed().as_micros() as u64;
+                    hist.lock().expect("lock").saturating_record(us.max(1));
+                    ok.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    first_error.lock().expect("lock").get_or_insert(e);
+                }
+            }
+        });
+        // Reap finished tasks so the set stays small.
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+    let h = hist.lock().expect("lock");
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let out = serde_json::json!({
+        "rate": a.rate,
+        "duration_s": a.duration,
+        "sent": sent,
+        "ok": ok.load(Ordering::Relaxed),
+        "errors": errors.load(Ordering::Relaxed),
+        "dropped": dropped,
+        "first_error": *first_error.lock().expect("lock"),
+        "p50_ms": ms(0.50),
+        "p90_ms": ms(0.90),
+        "p99_ms": ms(0.99),
+        "p999_ms": ms(0.999),
+        "max_ms": h.max() as f64 / 1000.0,
+        "mean_ms": h.mean() / 1000.0,
+    });
+    println!("{out}");
+    Ok(())
+}
