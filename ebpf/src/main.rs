@@ -20,8 +20,7 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
         generated::{
-            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
-            bpf_get_socket_cookie,
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
         },
     },
     macros::{cgroup_sock_addr, map, sock_ops},
@@ -31,8 +30,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use gateway_common::{
-    CaptureRecord, Cidr4Key, Cidr6Key, Counter, FlowKey, RuntimeConfig, AF_INET, AF_INET6,
-    COUNTER_SLOTS, FLAG_FAIL_CLOSED, FLAG_POD_V4, FLAG_POD_V6, FLAG_SCOPE_ALL, MAX_CGROUP_DEPTH,
+    CaptureRecord, Cidr4Key, Cidr6Key, Counter, FlowKey, RuntimeConfig, AF_INET, AF_INET6, COUNTER_SLOTS,
+    FLAG_FAIL_CLOSED, FLAG_POD_V4, FLAG_POD_V6, FLAG_SCOPE_ALL, MAX_CGROUP_DEPTH,
 };
 
 /// `SOCK_STREAM`.
@@ -62,11 +61,9 @@ static TG_CIDR6_RULES: LpmTrie<Cidr6Key, u8> = LpmTrie::with_max_entries(DEFAULT
 #[map]
 static TG_SCOPE: HashMap<u64, u8> = HashMap::with_max_entries(DEFAULT_MAX_SCOPE, 0);
 #[map]
-static TG_BY_COOKIE: LruHashMap<u64, CaptureRecord> =
-    LruHashMap::with_max_entries(DEFAULT_MAX_RECORDS, 0);
+static TG_BY_COOKIE: LruHashMap<u64, CaptureRecord> = LruHashMap::with_max_entries(DEFAULT_MAX_RECORDS, 0);
 #[map]
-static TG_BY_FLOW: LruHashMap<FlowKey, CaptureRecord> =
-    LruHashMap::with_max_entries(DEFAULT_MAX_RECORDS, 0);
+static TG_BY_FLOW: LruHashMap<FlowKey, CaptureRecord> = LruHashMap::with_max_entries(DEFAULT_MAX_RECORDS, 0);
 #[map]
 static TG_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
@@ -308,16 +305,12 @@ fn rule_matches(dest: &Dest) -> bool {
     match dest {
         Dest::V4 { addr, port } => {
             let full = 16 + 32;
-            TG_CIDR4_RULES
-                .get(Key::new(full, Cidr4Key { port_be: port.to_be_bytes(), addr }))
-                .is_some()
+            TG_CIDR4_RULES.get(Key::new(full, Cidr4Key { port_be: port.to_be_bytes(), addr })).is_some()
                 || TG_CIDR4_RULES.get(Key::new(full, Cidr4Key { port_be: [0, 0], addr })).is_some()
         }
         Dest::V6 { addr, port } => {
             let full = 16 + 128;
-            TG_CIDR6_RULES
-                .get(Key::new(full, Cidr6Key { port_be: port.to_be_bytes(), addr }))
-                .is_some()
+            TG_CIDR6_RULES.get(Key::new(full, Cidr6Key { port_be: port.to_be_bytes(), addr })).is_some()
                 || TG_CIDR6_RULES.get(Key::new(full, Cidr6Key { port_be: [0, 0], addr })).is_some()
         }
     }
@@ -381,11 +374,8 @@ fn rekey(ctx: &SockOpsContext) {
     // (little-endian), in the lower half on old ones. `local_port` is host order.
     let rp = ctx.remote_port();
     let rp = if rp >> 16 != 0 { rp >> 16 } else { rp };
-    let mut key = FlowKey {
-        src_port: ctx.local_port() as u16,
-        dst_port: u16::from_be(rp as u16),
-        ..FlowKey::default()
-    };
+    let mut key =
+        FlowKey { src_port: ctx.local_port() as u16, dst_port: u16::from_be(rp as u16), ..FlowKey::default() };
     let remote6 = words_to_bytes(ctx.remote_ip6());
     let v4 = ctx.family() == u32::from(AF_INET) || is_v4_mapped(&remote6);
     if v4 {

@@ -3,10 +3,10 @@
 //! Modules follow the request path: [`capture`] (kernel redirect) → [`connection`] (sniff, TLS)
 //! → [`protocol`] (LLM wire formats) → [`upstream`] → [`telemetry`].
 
-pub mod config;
-pub mod capture;
-pub mod telemetry;
 pub mod admin;
+pub mod capture;
+pub mod config;
 pub mod connection;
 pub mod protocol;
+pub mod telemetry;
 pub mod upstream;

@@ -92,14 +92,7 @@ struct ChildOutcome {
     local_port: u16,
 }
 
-async fn run_child(
-    env: &Env,
-    cgroup: Option<&str>,
-    fam: &str,
-    host: &str,
-    port: u16,
-    mark: u32,
-) -> ChildOutcome {
+async fn run_child(env: &Env, cgroup: Option<&str>, fam: &str, host: &str, port: u16, mark: u32) -> ChildOutcome {
     run_child_wrapped(env, &[], cgroup, fam, host, port, mark).await
 }
 
@@ -119,20 +112,10 @@ async fn run_child_wrapped(
     };
     let mut argv: Vec<String> = wrapper.iter().map(|s| s.to_string()).collect();
     argv.push(env.python.clone());
-    argv.extend(
-        ["-c", CHILD, &cg, fam, host, &port.to_string(), &mark.to_string()].map(String::from),
-    );
-    let out = tokio::process::Command::new(&argv[0])
-        .args(&argv[1..])
-        .output()
-        .await
-        .expect("spawn child");
+    argv.extend(["-c", CHILD, &cg, fam, host, &port.to_string(), &mark.to_string()].map(String::from));
+    let out = tokio::process::Command::new(&argv[0]).args(&argv[1..]).output().await.expect("spawn child");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "child failed: {stdout} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "child failed: {stdout} {}", String::from_utf8_lossy(&out.stderr));
     let mut it = stdout.split_whitespace();
     ChildOutcome {
         reached: it.next().unwrap_or_default().to_owned(),
@@ -146,11 +129,7 @@ async fn run_child_wrapped(
 type Slot = Arc<std::sync::Mutex<Option<Arc<Capture>>>>;
 
 /// Listeners answering with a fixed word, so a child can tell whom it reached.
-async fn serve(
-    listener: TcpListener,
-    word: &'static str,
-    capture: Option<(Slot, mpsc::UnboundedSender<Accepted>)>,
-) {
+async fn serve(listener: TcpListener, word: &'static str, capture: Option<(Slot, mpsc::UnboundedSender<Accepted>)>) {
     loop {
         let Ok((mut s, peer)) = listener.accept().await else { return };
         let local = s.local_addr().expect("local addr");
@@ -171,10 +150,7 @@ fn take_slot(slot: &Slot) -> Capture {
     Arc::try_unwrap(cap).unwrap_or_else(|_| panic!("capture still shared"))
 }
 
-fn delta(
-    before: &[u64; COUNTER_SLOTS as usize],
-    after: &[u64; COUNTER_SLOTS as usize],
-) -> Vec<(&'static str, u64)> {
+fn delta(before: &[u64; COUNTER_SLOTS as usize], after: &[u64; COUNTER_SLOTS as usize]) -> Vec<(&'static str, u64)> {
     Counter::ALL
         .iter()
         .map(|c| (c.label(), after[*c as usize] - before[*c as usize]))
@@ -222,22 +198,16 @@ async fn capture_redirects_scoped_connects() {
         .output()
         .expect("python3");
     let python = String::from_utf8_lossy(&python.stdout).trim().to_owned();
-    let expected_comm: String =
-        Path::new(&python).file_name().unwrap().to_string_lossy().chars().take(15).collect();
+    let expected_comm: String = Path::new(&python).file_name().unwrap().to_string_lossy().chars().take(15).collect();
 
     // A dedicated cgroup subtree: <mount>/tollgate-smoke-<pid>/{scope/deeper,out,self}.
     let mount = cgroup::ensure_cgroup_root(None).expect("cgroup2 mount");
     let self_cg = std::fs::read_to_string("/proc/self/cgroup").expect("read /proc/self/cgroup");
-    let home_rel = self_cg
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .unwrap_or("/")
-        .trim_start_matches('/')
-        .to_owned();
+    let home_rel =
+        self_cg.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("/").trim_start_matches('/').to_owned();
     let dir = mount.join(format!("tollgate-smoke-{}", std::process::id()));
     let bpffs_dir = PathBuf::from(format!("/sys/fs/bpf/tollgate-smoke-{}", std::process::id()));
-    let guard =
-        CgroupGuard { dir: dir.clone(), home: mount.join(home_rel), bpffs_dir: bpffs_dir.clone() };
+    let guard = CgroupGuard { dir: dir.clone(), home: mount.join(home_rel), bpffs_dir: bpffs_dir.clone() };
     for sub in ["scope/deeper", "out", "self"] {
         std::fs::create_dir_all(dir.join(sub)).expect("mkdir test cgroup");
     }
@@ -277,10 +247,7 @@ async fn capture_redirects_scoped_connects() {
     let before = capture.counters().unwrap();
     let out = run_child(&env, Some("scope/deeper"), "4", "127.0.0.2", target_port, 0).await;
     assert_eq!(out.reached, "proxy", "in-scope IPv4 connect must reach the proxy");
-    let acc = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-        .await
-        .expect("accept")
-        .expect("chan");
+    let acc = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("accept").expect("chan");
     let rec = acc.record.unwrap_or_else(|| panic!("no flow record for {acc:?}"));
     assert_eq!(acc.peer, SocketAddr::from(([127, 0, 0, 1], out.local_port)));
     assert_eq!(acc.local, SocketAddr::from(([127, 0, 0, 1], proxy_port)));
@@ -292,9 +259,7 @@ async fn capture_redirects_scoped_connects() {
     assert_eq!(comm(&rec), expected_comm);
     assert_eq!(rec.cgroup_id, scope_id);
     assert_eq!(rec.netns_cookie, netns_cookie);
-    assert!(
-        rec.captured_at_ns > 0 && rec.captured_at_ns <= tollgate::capture::maps::monotonic_ns()
-    );
+    assert!(rec.captured_at_ns > 0 && rec.captured_at_ns <= tollgate::capture::maps::monotonic_ns());
     assert!(acc.second_take.is_none(), "take() must delete the record");
     let d = delta(&before, &capture.counters().unwrap());
     assert_eq!(d, vec![("seen", 1), ("redirected", 1), ("rekeyed", 1)], "counters after redirect");
@@ -305,10 +270,7 @@ async fn capture_redirects_scoped_connects() {
     let before = capture.counters().unwrap();
     let out = run_child(&env, Some("scope"), "6", "::1", target_port, 0).await;
     assert_eq!(out.reached, "proxy", "in-scope IPv6 connect must reach the proxy");
-    let acc = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-        .await
-        .expect("accept")
-        .expect("chan");
+    let acc = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("accept").expect("chan");
     let rec = acc.record.unwrap_or_else(|| panic!("no flow record for {acc:?}"));
     assert_eq!(acc.local.port(), proxy_port);
     assert_eq!(acc.local.ip(), IpAddr::from(std::net::Ipv6Addr::LOCALHOST));
@@ -318,21 +280,14 @@ async fn capture_redirects_scoped_connects() {
     assert_eq!(rec.tgid, out.pid);
     assert_eq!(rec.cgroup_id, ino(&dir.join("scope")));
     let d = delta(&before, &capture.counters().unwrap());
-    assert_eq!(
-        d,
-        vec![("seen", 1), ("redirected", 1), ("rekeyed", 1)],
-        "counters after IPv6 redirect"
-    );
+    assert_eq!(d, vec![("seen", 1), ("redirected", 1), ("rekeyed", 1)], "counters after IPv6 redirect");
     println!("ipv6 redirect ok: {rec:?}");
 
     // 3. IPv4-mapped destination on an AF_INET6 socket (Java's default).
     capture.heartbeat();
     let out = run_child(&env, Some("scope"), "6", "::ffff:127.0.0.2", target_port, 0).await;
     assert_eq!(out.reached, "proxy", "v4-mapped connect must reach the IPv4 proxy");
-    let acc = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-        .await
-        .expect("accept")
-        .expect("chan");
+    let acc = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("accept").expect("chan");
     let rec = acc.record.unwrap_or_else(|| panic!("no flow record for {acc:?}"));
     assert_eq!(acc.local, SocketAddr::from(([127, 0, 0, 1], proxy_port)));
     assert_eq!(orig(&rec), SocketAddr::from(([127, 0, 0, 2], target_port)));
@@ -344,77 +299,43 @@ async fn capture_redirects_scoped_connects() {
     let before = capture.counters().unwrap();
     let out = run_child(&env, Some("out"), "4", "127.0.0.2", target_port, 0).await;
     assert_eq!(out.reached, "target", "out-of-scope connect must not be redirected");
-    assert_eq!(
-        delta(&before, &capture.counters().unwrap()),
-        vec![("seen", 1), ("skipped_scope", 1)]
-    );
+    assert_eq!(delta(&before, &capture.counters().unwrap()), vec![("seen", 1), ("skipped_scope", 1)]);
 
     // 5. In scope but no rule for the port.
     let before = capture.counters().unwrap();
     let out = run_child(&env, Some("scope"), "4", "127.0.0.2", env.other_port, 0).await;
     assert_eq!(out.reached, "other");
-    assert_eq!(
-        delta(&before, &capture.counters().unwrap()),
-        vec![("seen", 1), ("skipped_no_rule", 1)]
-    );
+    assert_eq!(delta(&before, &capture.counters().unwrap()), vec![("seen", 1), ("skipped_no_rule", 1)]);
 
     // 6. In scope, but the socket carries tollgate's SO_MARK.
     let before = capture.counters().unwrap();
-    let out =
-        run_child(&env, Some("scope"), "4", "127.0.0.2", target_port, cfg.capture.self_mark).await;
+    let out = run_child(&env, Some("scope"), "4", "127.0.0.2", target_port, cfg.capture.self_mark).await;
     assert_eq!(out.reached, "target", "marked socket must not be redirected");
-    assert_eq!(
-        delta(&before, &capture.counters().unwrap()),
-        vec![("seen", 1), ("skipped_self", 1)]
-    );
+    assert_eq!(delta(&before, &capture.counters().unwrap()), vec![("seen", 1), ("skipped_self", 1)]);
 
     // 7. tollgate's own process (tgid), moved into the scope for the occasion.
-    std::fs::write(dir.join("scope/cgroup.procs"), std::process::id().to_string())
-        .expect("move self");
+    std::fs::write(dir.join("scope/cgroup.procs"), std::process::id().to_string()).expect("move self");
     let before = capture.counters().unwrap();
-    let mut s =
-        tokio::net::TcpStream::connect(("127.0.0.2", target_port)).await.expect("self connect");
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.2", target_port)).await.expect("self connect");
     let mut buf = [0u8; 7];
     tokio::io::AsyncReadExt::read_exact(&mut s, &mut buf).await.expect("read");
     assert_eq!(&buf, b"target\n", "tollgate's own connects must not be redirected");
-    assert_eq!(
-        delta(&before, &capture.counters().unwrap()),
-        vec![("seen", 1), ("skipped_self", 1)]
-    );
-    std::fs::write(guard.home.join("cgroup.procs"), std::process::id().to_string())
-        .expect("move back");
+    assert_eq!(delta(&before, &capture.counters().unwrap()), vec![("seen", 1), ("skipped_self", 1)]);
+    std::fs::write(guard.home.join("cgroup.procs"), std::process::id().to_string()).expect("move back");
 
     // 8. A caller in another netns (one we create) with no pod proxy address configured.
     capture.heartbeat();
     let before = capture.counters().unwrap();
-    let out = run_child_wrapped(
-        &env,
-        &["unshare", "-n"],
-        Some("scope"),
-        "4",
-        "127.0.0.2",
-        target_port,
-        0,
-    )
-    .await;
-    assert_eq!(
-        out.reached, "ERR",
-        "in a fresh netns (lo down) the connect is left alone and fails"
-    );
-    assert_eq!(
-        delta(&before, &capture.counters().unwrap()),
-        vec![("seen", 1), ("skipped_no_pod_address", 1)]
-    );
+    let out = run_child_wrapped(&env, &["unshare", "-n"], Some("scope"), "4", "127.0.0.2", target_port, 0).await;
+    assert_eq!(out.reached, "ERR", "in a fresh netns (lo down) the connect is left alone and fails");
+    assert_eq!(delta(&before, &capture.counters().unwrap()), vec![("seen", 1), ("skipped_no_pod_address", 1)]);
 
     // 8b. Heartbeat stale: fail-open lets the connect through to the original destination.
     tokio::time::sleep(Duration::from_millis(2200)).await;
     let before = capture.counters().unwrap();
     let out = run_child(&env, Some("scope"), "4", "127.0.0.2", target_port, 0).await;
     assert_eq!(out.reached, "target", "stale heartbeat must fail open");
-    assert_eq!(
-        delta(&before, &capture.counters().unwrap()),
-        vec![("seen", 1), ("skipped_proxy_down", 1)]
-    );
+    assert_eq!(delta(&before, &capture.counters().unwrap()), vec![("seen", 1), ("skipped_proxy_down", 1)]);
     println!("scope / rule / self / fail-open checks ok");
 
     // 9. Detach (SIGTERM path): nothing is counted or redirected any more.
@@ -432,12 +353,7 @@ async fn capture_redirects_scoped_connects() {
 }
 
 /// Empty scope (every cgroup under the root), a port rule and a hostname rule.
-async fn scope_all_phase(
-    env: &Env,
-    base: &Config,
-    slot: &Slot,
-    rx: &mut mpsc::UnboundedReceiver<Accepted>,
-) {
+async fn scope_all_phase(env: &Env, base: &Config, slot: &Slot, rx: &mut mpsc::UnboundedReceiver<Accepted>) {
     let mut cfg = base.clone();
     cfg.capture.scope = Vec::new();
     cfg.capture.destinations = Vec::new();
@@ -450,10 +366,7 @@ async fn scope_all_phase(
     // Port rule, from a cgroup that was out of scope before.
     let out = run_child(env, Some("out"), "4", "127.0.0.2", env.other_port, 0).await;
     assert_eq!(out.reached, "proxy", "port rule with empty scope must capture every cgroup");
-    let acc = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-        .await
-        .expect("accept")
-        .expect("chan");
+    let acc = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("accept").expect("chan");
     let rec = acc.record.expect("record for port rule");
     assert_eq!(orig(&rec), SocketAddr::from(([127, 0, 0, 2], env.other_port)));
     assert_eq!(rec.tgid, out.pid);
@@ -462,14 +375,8 @@ async fn scope_all_phase(
     // only a redirect can succeed).
     let out = run_child(env, Some("self"), "4", "127.0.0.1", env.target_port, 0).await;
     assert_eq!(out.reached, "proxy", "hostname rule must capture the resolved address");
-    let acc = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-        .await
-        .expect("accept")
-        .expect("chan");
-    assert_eq!(
-        acc.record.map(|r| orig(&r)),
-        Some(SocketAddr::from(([127, 0, 0, 1], env.target_port)))
-    );
+    let acc = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("accept").expect("chan");
+    assert_eq!(acc.record.map(|r| orig(&r)), Some(SocketAddr::from(([127, 0, 0, 1], env.target_port))));
 
     // Same port, other address: no rule.
     let out = run_child(env, Some("self"), "4", "127.0.0.2", env.target_port, 0).await;
@@ -481,12 +388,7 @@ async fn scope_all_phase(
 
 /// Fail-closed: links pinned, stale heartbeat refuses connects, the refusal survives the
 /// process's handle being dropped (kill -9), a restart replaces the pins, shutdown removes them.
-async fn fail_closed_phase(
-    env: &Env,
-    base: &Config,
-    slot: &Slot,
-    rx: &mut mpsc::UnboundedReceiver<Accepted>,
-) {
+async fn fail_closed_phase(env: &Env, base: &Config, slot: &Slot, rx: &mut mpsc::UnboundedReceiver<Accepted>) {
     let mut cfg = base.clone();
     cfg.capture.fail_closed = true;
     let pins: Vec<PathBuf> = ["tg_sockops", "tg_connect4", "tg_connect6"]
@@ -502,10 +404,7 @@ async fn fail_closed_phase(
     first.heartbeat();
     let out = run_child(env, Some("scope"), "4", "127.0.0.2", env.target_port, 0).await;
     assert_eq!(out.reached, "proxy", "fail-closed with fresh heartbeat still redirects");
-    let acc = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-        .await
-        .expect("accept")
-        .expect("chan");
+    let acc = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("accept").expect("chan");
     assert_eq!(acc.record.map(|r| r.tgid), Some(out.pid), "record via pinned programs");
     // Simulate kill -9: the handle goes away without shutdown(); the pins keep the programs.
     drop(first);
@@ -522,10 +421,7 @@ async fn fail_closed_phase(
     let before = second.counters().unwrap();
     let out = run_child(env, Some("scope"), "4", "127.0.0.2", env.target_port, 0).await;
     assert_eq!(out.reached, "proxy", "after restart the old refusing programs must be gone");
-    assert_eq!(
-        delta(&before, &second.counters().unwrap()),
-        vec![("seen", 1), ("redirected", 1), ("rekeyed", 1)]
-    );
+    assert_eq!(delta(&before, &second.counters().unwrap()), vec![("seen", 1), ("redirected", 1), ("rekeyed", 1)]);
     second.shutdown();
     for p in &pins {
         assert!(!p.exists(), "shutdown must remove {}", p.display());

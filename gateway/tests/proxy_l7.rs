@@ -38,11 +38,7 @@ impl FlowTable for FakeFlows {
 }
 
 fn record(orig: SocketAddr) -> CaptureRecord {
-    let mut r = CaptureRecord {
-        orig_dst_port: orig.port(),
-        family: gateway_common::AF_INET,
-        ..Default::default()
-    };
+    let mut r = CaptureRecord { orig_dst_port: orig.port(), family: gateway_common::AF_INET, ..Default::default() };
     if let std::net::IpAddr::V4(v4) = orig.ip() {
         r.orig_dst_addr[..4].copy_from_slice(&v4.octets());
     }
@@ -51,11 +47,7 @@ fn record(orig: SocketAddr) -> CaptureRecord {
 }
 
 /// Connect to the proxy as an agent whose original destination was `orig` (None: no record).
-async fn agent_connect(
-    proxy: SocketAddr,
-    flows: &FakeFlows,
-    orig: Option<SocketAddr>,
-) -> TcpStream {
+async fn agent_connect(proxy: SocketAddr, flows: &FakeFlows, orig: Option<SocketAddr>) -> TcpStream {
     let sock = TcpSocket::new_v4().unwrap();
     sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let local = sock.local_addr().unwrap();
@@ -78,11 +70,7 @@ fn json_completion() -> Bytes {
 
 /// SSE events exactly as OpenAI sends them; the usage chunk only when asked for.
 fn sse_events(include_usage: bool) -> Vec<String> {
-    let u = if include_usage {
-        r#","usage":null"#
-    } else {
-        ""
-    };
+    let u = if include_usage { r#","usage":null"# } else { "" };
     let head = format!(
         r#""id":"chatcmpl-S1","object":"chat.completion.chunk","created":1700000000,"model":"{MODEL}","system_fingerprint":"fp_0ba0d124f1""#
     );
@@ -96,9 +84,7 @@ fn sse_events(include_usage: bool) -> Vec<String> {
         format!(
             r#"data: {{{head},"choices":[{{"index":0,"delta":{{"content":"lo"}},"logprobs":null,"finish_reason":null}}]{u}}}"#
         ),
-        format!(
-            r#"data: {{{head},"choices":[{{"index":0,"delta":{{}},"logprobs":null,"finish_reason":"stop"}}]{u}}}"#
-        ),
+        format!(r#"data: {{{head},"choices":[{{"index":0,"delta":{{}},"logprobs":null,"finish_reason":"stop"}}]{u}}}"#),
     ];
     if include_usage {
         v.push(format!(
@@ -114,10 +100,7 @@ struct ChanBody(mpsc::Receiver<Bytes>);
 impl Body for ChanBody {
     type Data = Bytes;
     type Error = Infallible;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
     }
 }
@@ -139,10 +122,7 @@ struct Mock {
 
 type MockBody = Either<Full<Bytes>, ChanBody>;
 
-async fn mock_handle(
-    mock: Arc<Mock>,
-    mut req: Request<Incoming>,
-) -> Result<Response<MockBody>, Infallible> {
+async fn mock_handle(mock: Arc<Mock>, mut req: Request<Incoming>) -> Result<Response<MockBody>, Infallible> {
     if req.headers().contains_key(http::header::UPGRADE) {
         // WebSocket-style upgrade: echo whatever arrives on the upgraded connection.
         let on = hyper::upgrade::on(&mut req);
@@ -160,29 +140,17 @@ async fn mock_handle(
             .unwrap());
     }
     let (parts, body) = req.into_parts();
-    let bytes = body
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
+    let bytes = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
     let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
     mock.seen.lock().push(Seen {
         path: parts.uri.path().to_string(),
-        host: parts
-            .headers
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or("")
-            .to_string(),
+        host: parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_string(),
         accept_encoding: parts.headers.contains_key(http::header::ACCEPT_ENCODING),
         body: json.clone(),
     });
     if parts.uri.path() == "/v1/models" {
         let b = Full::new(Bytes::from_static(br#"{"object":"list","data":[]}"#));
-        return Ok(Response::builder()
-            .header("content-type", "application/json")
-            .body(Either::Left(b))
-            .unwrap());
+        return Ok(Response::builder().header("content-type", "application/json").body(Either::Left(b)).unwrap());
     }
     if json["stream"] == true {
         let include_usage = json["stream_options"]["include_usage"] == true;
@@ -231,17 +199,11 @@ fn spawn_mock(mock: Arc<Mock>, listener: TcpListener, tls: Option<tokio_rustls::
                 match tls {
                     Some(a) => {
                         if let Ok(t) = a.accept(s).await {
-                            let _ = b
-                                .serve_connection(TokioIo::new(t), svc)
-                                .with_upgrades()
-                                .await;
+                            let _ = b.serve_connection(TokioIo::new(t), svc).with_upgrades().await;
                         }
                     }
                     None => {
-                        let _ = b
-                            .serve_connection(TokioIo::new(s), svc)
-                            .with_upgrades()
-                            .await;
+                        let _ = b.serve_connection(TokioIo::new(s), svc).with_upgrades().await;
                     }
                 }
             });
@@ -258,9 +220,7 @@ async fn http_client<S>(io: S) -> Sender
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-        .await
-        .unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await.unwrap();
     tokio::spawn(conn.with_upgrades());
     sender
 }
@@ -271,27 +231,18 @@ fn chat_request(host: &str, body: &str) -> Request<Full<Bytes>> {
         .header("content-type", "application/json")
         .header("authorization", "Bearer sk-test")
         .header("accept-encoding", "gzip, deflate")
-        .header(
-            "traceparent",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-        )
+        .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
         .body(Full::new(Bytes::from(body.to_string())))
         .unwrap()
 }
 
-async fn send(
-    c: &mut Sender,
-    req: Request<Full<Bytes>>,
-) -> Result<Response<Incoming>, hyper::Error> {
+async fn send(c: &mut Sender, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, hyper::Error> {
     c.ready().await?;
     c.send_request(req).await
 }
 
 async fn next_call(rx: &mut mpsc::Receiver<LlmCall>) -> LlmCall {
-    tokio::time::timeout(Duration::from_secs(5), rx.recv())
-        .await
-        .expect("LlmCall reported")
-        .expect("channel open")
+    tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("LlmCall reported").expect("channel open")
 }
 
 fn mark_usable(mark: u32) -> bool {
@@ -304,33 +255,17 @@ async fn proxy_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
 
     // Mock upstream "api.openai.com" with its own CA, trusted by tollgate via extra_roots.
-    let upstream_ca = Arc::new(
-        CertAuthority::load_or_create(
-            &dir.path().join("upstream-ca"),
-            Duration::from_secs(3600),
-            8,
-        )
-        .unwrap(),
-    );
+    let upstream_ca =
+        Arc::new(CertAuthority::load_or_create(&dir.path().join("upstream-ca"), Duration::from_secs(3600), 8).unwrap());
     let mock = Arc::new(Mock::default());
     let tls_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let plain_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let tls_addr = tls_l.local_addr().unwrap();
     let plain_addr = plain_l.local_addr().unwrap();
-    spawn_mock(
-        mock.clone(),
-        tls_l,
-        Some(tokio_rustls::TlsAcceptor::from(
-            upstream_ca.server_config().unwrap(),
-        )),
-    );
+    spawn_mock(mock.clone(), tls_l, Some(tokio_rustls::TlsAcceptor::from(upstream_ca.server_config().unwrap())));
     spawn_mock(mock.clone(), plain_l, None);
     // A closed port, for upstream failures.
-    let dead_addr = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead_addr = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
     // Echo server, for spliced connections.
     let echo_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let echo_addr = echo_l.local_addr().unwrap();
@@ -343,11 +278,7 @@ async fn proxy_end_to_end() {
         }
     });
 
-    let mark = if mark_usable(0x7467_0001) {
-        0x7467_0001
-    } else {
-        0
-    };
+    let mark = if mark_usable(0x7467_0001) { 0x7467_0001 } else { 0 };
     let yaml = format!(
         r#"
 capture: {{ self_mark: {mark} }}
@@ -369,9 +300,7 @@ telemetry: {{ access_log: "off" }}
         roots = upstream_ca.cert_path().display(),
     );
     let config = Arc::new(tollgate::config::from_str("test.yaml", &yaml).unwrap());
-    let ca = Arc::new(
-        CertAuthority::load_or_create(&config.tls.ca_dir, config.tls.leaf_validity, 16).unwrap(),
-    );
+    let ca = Arc::new(CertAuthority::load_or_create(&config.tls.ca_dir, config.tls.leaf_validity, 16).unwrap());
     let flows = Arc::new(FakeFlows::default());
     let telemetry = Arc::new(Telemetry::new(&config.telemetry).unwrap());
     let (obs_tx, mut calls) = mpsc::channel(64);
@@ -391,13 +320,11 @@ telemetry: {{ access_log: "off" }}
     // Agent-side TLS trusting tollgate's CA.
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.cert_der().clone()).unwrap();
-    let ccfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let ccfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(ccfg));
     let sni = rustls::pki_types::ServerName::try_from("api.openai.com").unwrap();
 
@@ -407,10 +334,7 @@ telemetry: {{ access_log: "off" }}
     let mut c = http_client(tls).await;
     let resp = send(
         &mut c,
-        chat_request(
-            "api.openai.com",
-            r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#,
-        ),
+        chat_request("api.openai.com", r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#),
     )
     .await
     .unwrap();
@@ -421,41 +345,23 @@ telemetry: {{ access_log: "off" }}
     let call = next_call(&mut calls).await;
     assert_eq!(&*call.agent.name, "python3");
     assert_eq!(&*call.route, "openai");
-    assert_eq!(
-        (call.operation, call.status, call.stream),
-        ("chat", 200, false)
-    );
+    assert_eq!((call.operation, call.status, call.stream), ("chat", 200, false));
     assert_eq!(call.request_model.as_deref(), Some("gpt-4o-mini"));
     assert_eq!(call.response_model.as_deref(), Some(MODEL));
     assert_eq!(call.response_id.as_deref(), Some("chatcmpl-J1"));
     let u = call.usage.expect("usage");
-    assert_eq!(
-        (u.input, u.output, u.total, u.cached_input, u.reasoning),
-        (1200, 30, 1230, Some(1024), Some(16))
-    );
+    assert_eq!((u.input, u.output, u.total, u.cached_input, u.reasoning), (1200, 30, 1230, Some(1024), Some(16)));
     assert_eq!(call.finish_reasons, vec!["stop"]);
     assert_eq!(call.server_address.as_deref(), Some("api.openai.com"));
-    assert_eq!(
-        call.traceparent.as_deref(),
-        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
-    );
+    assert_eq!(call.traceparent.as_deref(), Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
     assert!(call.ttft.is_some() && call.error.is_none());
-    assert_eq!(
-        (call.method.as_str(), call.path.as_str()),
-        ("POST", "/v1/chat/completions")
-    );
+    assert_eq!((call.method.as_str(), call.path.as_str()), ("POST", "/v1/chat/completions"));
     {
         let seen = mock.seen.lock().last().cloned().unwrap();
         // Host is the intercepted name (with the port, as the agent dialled a non-default one).
         assert_eq!(seen.host, format!("api.openai.com:{}", tls_addr.port()));
-        assert!(
-            !seen.accept_encoding,
-            "accept-encoding dropped so usage is readable"
-        );
-        assert!(
-            seen.body.get("stream_options").is_none(),
-            "non-streaming requests are not rewritten"
-        );
+        assert!(!seen.accept_encoding, "accept-encoding dropped so usage is readable");
+        assert!(seen.body.get("stream_options").is_none(), "non-streaming requests are not rewritten");
     }
 
     // 2. Same connection (keep-alive), streaming without include_usage: injected upstream, the
@@ -488,56 +394,37 @@ telemetry: {{ access_log: "off" }}
     assert_eq!(got, upstream_events[0].as_bytes());
     gate.notify_one();
     got.extend_from_slice(&body.collect().await.unwrap().to_bytes());
-    let want: String = upstream_events
-        .iter()
-        .filter(|e| !e.contains(r#""choices":[],"usage""#))
-        .cloned()
-        .collect();
+    let want: String = upstream_events.iter().filter(|e| !e.contains(r#""choices":[],"usage""#)).cloned().collect();
     assert_eq!(String::from_utf8(got).unwrap(), want);
     let call = next_call(&mut calls).await;
     assert!(call.stream);
-    assert_eq!(
-        call.usage.map(|u| (u.input, u.output, u.total)),
-        Some((19, 2, 21))
-    );
+    assert_eq!(call.usage.map(|u| (u.input, u.output, u.total)), Some((19, 2, 21)));
     assert_eq!(call.finish_reasons, vec!["stop"]);
     assert_eq!(call.response_id.as_deref(), Some("chatcmpl-S1"));
     assert!(call.error.is_none() && call.ttft.is_some() && call.ttft <= Some(call.duration));
-    assert_eq!(
-        mock.seen.lock().last().unwrap().body["stream_options"]["include_usage"],
-        true
-    );
+    assert_eq!(mock.seen.lock().last().unwrap().body["stream_options"]["include_usage"], true);
 
     // 3. Streaming with include_usage asked by the client: every byte kept.
-    let resp = send(&mut c, chat_request(
+    let resp = send(
+        &mut c,
+        chat_request(
             "api.openai.com",
             r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#,
-        ))
-        .await
-        .unwrap();
+        ),
+    )
+    .await
+    .unwrap();
     let got = resp.into_body().collect().await.unwrap().to_bytes();
-    assert_eq!(
-        String::from_utf8(got.to_vec()).unwrap(),
-        sse_events(true).concat()
-    );
+    assert_eq!(String::from_utf8(got.to_vec()).unwrap(), sse_events(true).concat());
     let call = next_call(&mut calls).await;
     assert_eq!(call.usage.map(|u| u.total), Some(21));
 
     // 4. Non-LLM path on an L7 route: proxied, not reported.
-    let resp = send(
-        &mut c,
-        Request::get("/v1/models")
-            .header("host", "api.openai.com")
-            .body(Full::default())
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    let resp = send(&mut c, Request::get("/v1/models").header("host", "api.openai.com").body(Full::default()).unwrap())
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    assert_eq!(
-        &resp.into_body().collect().await.unwrap().to_bytes()[..],
-        br#"{"object":"list","data":[]}"#
-    );
+    assert_eq!(&resp.into_body().collect().await.unwrap().to_bytes()[..], br#"{"object":"list","data":[]}"#);
     assert_eq!(mock.seen.lock().last().unwrap().path, "/v1/models");
 
     // 4b. Upgrade (Realtime API over WebSocket): tunnelled end to end.
@@ -569,16 +456,10 @@ telemetry: {{ access_log: "off" }}
     let mut c = http_client(tls).await;
 
     // 5. Body over max_request_body_bytes: 413, OpenAI-shaped, reported with an error.
-    let big = format!(
-        r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}]}}"#,
-        "x".repeat(5000)
-    );
-    let resp = send(&mut c, chat_request("api.openai.com", &big))
-        .await
-        .unwrap();
+    let big = format!(r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}]}}"#, "x".repeat(5000));
+    let resp = send(&mut c, chat_request("api.openai.com", &big)).await.unwrap();
     assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
-    let v: serde_json::Value =
-        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
     assert_eq!(v["error"]["code"], "request_too_large");
     let call = next_call(&mut calls).await;
     assert_eq!(call.status, 413);
@@ -589,38 +470,15 @@ telemetry: {{ access_log: "off" }}
     let tcp = agent_connect(proxy, &flows, Some(plain_addr)).await;
     let mut c = http_client(tcp).await;
     let host = plain_addr.to_string();
-    let resp = send(
-        &mut c,
-        chat_request(&host, r#"{"model":"llama3","messages":[]}"#),
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        resp.into_body().collect().await.unwrap().to_bytes(),
-        json_completion()
-    );
+    let resp = send(&mut c, chat_request(&host, r#"{"model":"llama3","messages":[]}"#)).await.unwrap();
+    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), json_completion());
     let call = next_call(&mut calls).await;
-    assert_eq!(
-        (&*call.route, call.request_model.as_deref()),
-        ("local", Some("llama3"))
-    );
+    assert_eq!((&*call.route, call.request_model.as_deref()), ("local", Some("llama3")));
     assert_eq!(call.usage.map(|u| u.total), Some(1230));
-    assert_eq!(
-        mock.seen.lock().last().unwrap().host,
-        host,
-        "client's Host kept on plaintext"
-    );
-    let resp = send(
-        &mut c,
-        chat_request(&host, r#"{"model":"llama3","stream":true,"messages":[]}"#),
-    )
-    .await
-    .unwrap();
+    assert_eq!(mock.seen.lock().last().unwrap().host, host, "client's Host kept on plaintext");
+    let resp = send(&mut c, chat_request(&host, r#"{"model":"llama3","stream":true,"messages":[]}"#)).await.unwrap();
     let got = resp.into_body().collect().await.unwrap().to_bytes();
-    let want: String = sse_events(true)
-        .into_iter()
-        .filter(|e| !e.contains(r#""choices":[],"usage""#))
-        .collect();
+    let want: String = sse_events(true).into_iter().filter(|e| !e.contains(r#""choices":[],"usage""#)).collect();
     assert_eq!(String::from_utf8(got.to_vec()).unwrap(), want);
     assert_eq!(next_call(&mut calls).await.usage.map(|u| u.output), Some(2));
     drop(c);
@@ -630,51 +488,28 @@ telemetry: {{ access_log: "off" }}
     let mut c = http_client(tcp).await;
     let gate = Arc::new(Notify::new());
     *mock.gate.lock() = Some(gate.clone());
-    let resp = send(
-        &mut c,
-        chat_request(&host, r#"{"model":"llama3","stream":true,"messages":[]}"#),
-    )
-    .await
-    .unwrap();
+    let resp = send(&mut c, chat_request(&host, r#"{"model":"llama3","stream":true,"messages":[]}"#)).await.unwrap();
     let mut body = resp.into_body();
-    let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
-        .await
-        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), body.frame()).await.unwrap();
     assert!(first.is_some());
     drop(body);
     drop(c);
     gate.notify_one();
     let call = next_call(&mut calls).await;
-    assert!(
-        call.error
-            .as_deref()
-            .is_some_and(|e| e.contains("client disconnected")),
-        "{:?}",
-        call.error
-    );
+    assert!(call.error.as_deref().is_some_and(|e| e.contains("client disconnected")), "{:?}", call.error);
     assert!(call.ttft.is_some());
 
     // 7. Upstream down: 502 in OpenAI shape, reported.
     let tcp = agent_connect(proxy, &flows, Some(dead_addr)).await;
     let mut c = http_client(tcp).await;
-    let resp = send(
-        &mut c,
-        chat_request(&dead_addr.to_string(), r#"{"model":"m","messages":[]}"#),
-    )
-    .await
-    .unwrap();
+    let resp = send(&mut c, chat_request(&dead_addr.to_string(), r#"{"model":"m","messages":[]}"#)).await.unwrap();
     assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
-    let v: serde_json::Value =
-        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
     assert_eq!(v["error"]["type"], "upstream_error");
     assert_eq!(v["error"]["code"], "upstream_connect_failed");
     let call = next_call(&mut calls).await;
     assert_eq!(call.status, 502);
-    assert!(
-        call.error.as_deref().is_some_and(|e| e.contains("onnect")),
-        "{:?}",
-        call.error
-    );
+    assert!(call.error.as_deref().is_some_and(|e| e.contains("onnect")), "{:?}", call.error);
     drop(c);
 
     // 8. TLS to a host without a route: spliced untouched to the original destination.
@@ -697,10 +532,7 @@ telemetry: {{ access_log: "off" }}
     let mut tcp = agent_connect(proxy, &flows, None).await;
     let _ = tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
-        .await
-        .unwrap()
-        .unwrap_or(0);
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await.unwrap().unwrap_or(0);
     assert_eq!(n, 0);
 
     // Shutdown: stop accepting, drain, return.
@@ -714,13 +546,11 @@ telemetry: {{ access_log: "off" }}
 }
 
 fn client_hello(sni: &str) -> Vec<u8> {
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(rustls::RootCertStore::empty())
-    .with_no_client_auth();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
     let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
     let mut conn = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
     let mut out = Vec::new();

@@ -120,7 +120,13 @@ pub fn client_script(name: &str) -> PathBuf {
 
 /// Run `tests/clients/<script>` with the venv's Python inside `group`/`netns`, with a clean
 /// environment plus `env`. Returns the raw output; fails only if it could not be spawned.
-pub fn python(group: Option<&Group>, netns: Option<&Netns>, script: &str, args: &[&str], env: &[(&str, &str)]) -> Result<Output> {
+pub fn python(
+    group: Option<&Group>,
+    netns: Option<&Netns>,
+    script: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Result<Output> {
     let py = venv_python();
     if !py.exists() {
         bail!("{} missing: run `cargo xtask setup`", py.display());

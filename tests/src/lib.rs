@@ -52,10 +52,7 @@ pub fn wait_for<T>(timeout: Duration, every: Duration, mut f: impl FnMut() -> Op
 
 /// Run a command to completion, failing with its output when it exits non-zero.
 pub fn sh(program: &str, args: &[&str]) -> Result<String> {
-    let out = std::process::Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("spawn {program}"))?;
+    let out = std::process::Command::new(program).args(args).output().with_context(|| format!("spawn {program}"))?;
     if !out.status.success() {
         bail!(
             "{program} {}: {}\n{}{}",
@@ -78,7 +75,8 @@ pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16,
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)?;
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("no HTTP header from {addr}{path}: {text:?}"))?;
+    let (head, body) =
+        text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("no HTTP header from {addr}{path}: {text:?}"))?;
     let status: u16 = head
         .split_whitespace()
         .nth(1)

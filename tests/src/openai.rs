@@ -46,22 +46,17 @@ impl ChatRequest {
             let role = m.get("role").and_then(Value::as_str).ok_or("message without 'role'")?;
             let text = match m.get("content") {
                 Some(Value::String(s)) => s.clone(),
-                Some(Value::Array(parts)) => parts
-                    .iter()
-                    .filter_map(|p| p.get("text").and_then(Value::as_str))
-                    .collect::<Vec<_>>()
-                    .join("\n"),
+                Some(Value::Array(parts)) => {
+                    parts.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).collect::<Vec<_>>().join("\n")
+                }
                 Some(Value::Null) | None => String::new(),
                 Some(_) => return Err("invalid message 'content'".into()),
             };
             messages.push((role.to_string(), text));
         }
         let stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false);
-        let include_usage = v
-            .get("stream_options")
-            .and_then(|o| o.get("include_usage"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+        let include_usage =
+            v.get("stream_options").and_then(|o| o.get("include_usage")).and_then(Value::as_bool).unwrap_or(false);
         let max_tokens = v
             .get("max_completion_tokens")
             .or_else(|| v.get("max_tokens"))
@@ -120,10 +115,9 @@ impl Reply {
 }
 
 const WORDS: [&str; 32] = [
-    "gateway", "token", "kernel", "cgroup", "socket", "stream", "agent", "budget", "latency", "proxy",
-    "model", "prompt", "answer", "trace", "metric", "splice", "cipher", "route", "packet", "buffer",
-    "replay", "signal", "vector", "cache", "quota", "ledger", "beacon", "harbor", "lantern", "meadow",
-    "orbit", "summit",
+    "gateway", "token", "kernel", "cgroup", "socket", "stream", "agent", "budget", "latency", "proxy", "model",
+    "prompt", "answer", "trace", "metric", "splice", "cipher", "route", "packet", "buffer", "replay", "signal",
+    "vector", "cache", "quota", "ledger", "beacon", "harbor", "lantern", "meadow", "orbit", "summit",
 ];
 
 fn fnv1a(h: &mut u64, bytes: &[u8]) {
@@ -155,8 +149,7 @@ pub fn reply_for(req: &ChatRequest) -> Reply {
         words.push(if i == 0 { w.to_string() } else { format!(" {w}") });
     }
     let content: String = words.concat();
-    let prompt_tokens: u64 =
-        3 + req.messages.iter().map(|(_, t)| 4 + t.split_whitespace().count() as u64).sum::<u64>();
+    let prompt_tokens: u64 = 3 + req.messages.iter().map(|(_, t)| 4 + t.split_whitespace().count() as u64).sum::<u64>();
     Reply {
         id: format!("chatcmpl-mock{h:016x}"),
         created: 1_700_000_000 + h % 10_000_000,

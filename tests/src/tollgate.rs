@@ -92,10 +92,8 @@ impl Tollgate {
     pub fn start(bin: &Path, dir: tempfile::TempDir, config: Value, group: Option<&Group>) -> Result<Self> {
         let config_path = dir.path().join("tollgate.yaml");
         std::fs::write(&config_path, serde_yaml_ng::to_string(&config)?)?;
-        let admin: SocketAddr = config["admin"]["listen"]
-            .as_str()
-            .ok_or_else(|| anyhow!("config without admin.listen"))?
-            .parse()?;
+        let admin: SocketAddr =
+            config["admin"]["listen"].as_str().ok_or_else(|| anyhow!("config without admin.listen"))?.parse()?;
         let proxy_port = config["listen"]["port"].as_u64().unwrap_or(15001) as u16;
         let stderr_path = dir.path().join("stderr.log");
         let mut t = Tollgate {

@@ -97,7 +97,16 @@ fn chat_curl(e: &Env, group: Option<&Group>, url: &str, req: &ChatRequest) -> Re
     curl(
         group,
         None,
-        &["-g", "-H", "Content-Type: application/json", "-H", "Authorization: Bearer sk-test-e2e", "--data-binary", &data, url],
+        &[
+            "-g",
+            "-H",
+            "Content-Type: application/json",
+            "-H",
+            "Authorization: Bearer sk-test-e2e",
+            "--data-binary",
+            &data,
+            url,
+        ],
     )
 }
 
@@ -163,7 +172,8 @@ fn assert_tokens(t: &Tollgate, agent: &str, route: &str, replies: &[&Reply]) -> 
     // same numbers.
     let m = t.metrics()?;
     for (ty, want) in [("input", input), ("output", output)] {
-        let count = m.sum("gen_ai_client_token_usage_bucket", &[("agent", agent), ("gen_ai_token_type", ty), ("le", "+Inf")]);
+        let count =
+            m.sum("gen_ai_client_token_usage_bucket", &[("agent", agent), ("gen_ai_token_type", ty), ("le", "+Inf")]);
         let total = m.sum("gen_ai_client_token_usage_sum", &[("agent", agent), ("gen_ai_token_type", ty)]);
         ensure!(
             count == requests && total == want,
@@ -390,7 +400,11 @@ fn pod_setup(name: &str, subnet: u8) -> Result<Pod> {
     )?;
     let (ca, pem) = tg::ca(&e.tg_bin, &t.config_path)?;
     ensure!(ca.is_file(), "tollgate ca printed {} which is not a file", ca.display());
-    ensure!(std::fs::read_to_string(&ca)? == pem || std::fs::read_to_string(&ca)?.trim() == pem.trim(), "PEM printed by `tollgate ca` differs from {}", ca.display());
+    ensure!(
+        std::fs::read_to_string(&ca)? == pem || std::fs::read_to_string(&ca)?.trim() == pem.trim(),
+        "PEM printed by `tollgate ca` differs from {}",
+        ca.display()
+    );
     Ok(Pod { t, mock, ns, g, ca, _e: e })
 }
 
@@ -713,7 +727,8 @@ fn s6_direct_connection_to_proxy_is_closed_without_response() -> Result<()> {
     let body = serde_json::to_string(&ChatRequest::simple(MODEL, "open proxy?").to_json())?;
     for ip in ["127.0.0.1", "[::1]"] {
         let addr: SocketAddr = format!("{ip}:{}", t.proxy_port).parse()?;
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).with_context(|| format!("connect {addr}"))?;
+        let mut s =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(2)).with_context(|| format!("connect {addr}"))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
         let msg = format!(
             "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.2:8000\r\nAuthorization: Bearer sk-x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -725,7 +740,10 @@ fn s6_direct_connection_to_proxy_is_closed_without_response() -> Result<()> {
         let started = Instant::now();
         match s.read(&mut buf) {
             Ok(0) => {}
-            Ok(n) => bail!("{addr}: tollgate answered a connection without a capture record: {:?}", String::from_utf8_lossy(&buf[..n])),
+            Ok(n) => bail!(
+                "{addr}: tollgate answered a connection without a capture record: {:?}",
+                String::from_utf8_lossy(&buf[..n])
+            ),
             Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => {}
             Err(err) if matches!(err.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
                 bail!("{addr}: connection without a capture record still open after {:?}", started.elapsed())

@@ -236,7 +236,9 @@ fn setup_bpf_linker() -> Result<()> {
         return Ok(());
     }
     let (llvm, major) = nightly_llvm()?;
-    step(&format!("setup: building bpf-linker {BPF_LINKER_REQ} against the nightly's LLVM {major} (takes a few minutes)"));
+    step(&format!(
+        "setup: building bpf-linker {BPF_LINKER_REQ} against the nightly's LLVM {major} (takes a few minutes)"
+    ));
     // bpf-linker links `-lLLVM` from $LLVM_PREFIX/lib: point that at the nightly's own LLVM.
     let prefix = root().join("target/xtask/llvm-prefix");
     let lib = prefix.join("lib");
@@ -276,7 +278,10 @@ fn setup_debian() -> Result<()> {
         return Ok(());
     }
     if !is_root() {
-        bail!("missing Debian packages {missing:?}; install them (apt-get install {}) or run as root", missing.join(" "));
+        bail!(
+            "missing Debian packages {missing:?}; install them (apt-get install {}) or run as root",
+            missing.join(" ")
+        );
     }
     step(&format!("setup: apt-get install {}", missing.join(" ")));
     run_cmd(Command::new("apt-get").arg("update").arg("-q"))?;
@@ -309,7 +314,8 @@ fn setup_venv() -> Result<()> {
     // Cheap check (importing the SDKs takes seconds): the stamp matches the requirements and
     // the pinned distributions are installed.
     let pins: Vec<&str> = want.lines().filter(|l| l.starts_with("openai==") || l.starts_with("anthropic==")).collect();
-    let probe = "import importlib.metadata as m; print(' '.join(f'{d}=={m.version(d)}' for d in ('anthropic', 'openai')))";
+    let probe =
+        "import importlib.metadata as m; print(' '.join(f'{d}=={m.version(d)}' for d in ('anthropic', 'openai')))";
     let installed = output(Command::new(&py).args(["-c", probe])).unwrap_or_default();
     if std::fs::read_to_string(&stamp).ok().as_deref() == Some(want.as_str())
         && pins.len() == 2
@@ -322,16 +328,16 @@ fn setup_venv() -> Result<()> {
         let python = which("python3").ok_or_else(|| anyhow!("python3 not found"))?;
         if run_cmd(Command::new(&python).args(["-m", "venv"]).arg(&venv)).is_err() {
             // Debian's python3 keeps venv/ensurepip in a separate package.
-            run_cmd(Command::new("apt-get").args(["install", "-y", "-q", "python3-venv"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+            run_cmd(
+                Command::new("apt-get")
+                    .args(["install", "-y", "-q", "python3-venv"])
+                    .env("DEBIAN_FRONTEND", "noninteractive"),
+            )?;
             let _ = std::fs::remove_dir_all(&venv);
             run_cmd(Command::new(&python).args(["-m", "venv"]).arg(&venv))?;
         }
     }
-    run_cmd(
-        Command::new(venv.join("bin/pip"))
-            .args(["install", "-q", "--disable-pip-version-check", "-r"])
-            .arg(&req),
-    )?;
+    run_cmd(Command::new(venv.join("bin/pip")).args(["install", "-q", "--disable-pip-version-check", "-r"]).arg(&req))?;
     std::fs::write(&stamp, want)?;
     Ok(())
 }
@@ -399,7 +405,8 @@ struct Tally {
 
 /// Run `cmd`, echoing its stdout and stderr, and return (success, combined text).
 fn tee(cmd: &mut Command) -> Result<(bool, String)> {
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().with_context(|| format!("spawn {cmd:?}"))?;
+    let mut child =
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().with_context(|| format!("spawn {cmd:?}"))?;
     let (tx, rx) = mpsc::channel::<String>();
     let mut handles = Vec::new();
     for (stream, is_err) in [
@@ -433,7 +440,11 @@ fn tally(text: &str) -> Tally {
         let num = |word: &str| -> u64 {
             l.split(';')
                 .find_map(|part| {
-                    let part = part.trim().trim_start_matches("test result: ok.").trim_start_matches("test result: FAILED.").trim();
+                    let part = part
+                        .trim()
+                        .trim_start_matches("test result: ok.")
+                        .trim_start_matches("test result: FAILED.")
+                        .trim();
                     part.strip_suffix(word).and_then(|n| n.trim().parse().ok())
                 })
                 .unwrap_or(0)
@@ -456,7 +467,8 @@ fn scenarios_binary() -> Result<PathBuf> {
     }
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
-        if v["reason"] == "compiler-artifact" && v["target"]["name"] == "scenarios" && v["target"]["kind"][0] == "test" {
+        if v["reason"] == "compiler-artifact" && v["target"]["name"] == "scenarios" && v["target"]["kind"][0] == "test"
+        {
             if let Some(exe) = v["executable"].as_str() {
                 return Ok(PathBuf::from(exe));
             }

@@ -81,10 +81,7 @@ fn unescape(field: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -103,10 +100,7 @@ fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
             let (left, right) = line.split_once(" - ")?;
             let mount_point = left.split(' ').nth(4)?;
             let fstype = right.split(' ').next()?;
-            Some(MountEntry {
-                mount_point: PathBuf::from(unescape(mount_point)),
-                fstype: fstype.to_owned(),
-            })
+            Some(MountEntry { mount_point: PathBuf::from(unescape(mount_point)), fstype: fstype.to_owned() })
         })
         .collect()
 }
@@ -122,8 +116,7 @@ pub fn find_cgroup2_mount() -> Result<Option<PathBuf>, CgroupError> {
 }
 
 fn mount_fs(fstype: &'static str, path: &Path) -> Result<(), CgroupError> {
-    fs::create_dir_all(path)
-        .map_err(|source| CgroupError::CreateDir { path: path.to_owned(), source })?;
+    fs::create_dir_all(path).map_err(|source| CgroupError::CreateDir { path: path.to_owned(), source })?;
     nix::mount::mount(Some("none"), path, Some(fstype), nix::mount::MsFlags::empty(), None::<&str>)
         .map_err(|source| CgroupError::Mount { fstype, path: path.to_owned(), source })
 }
@@ -157,8 +150,7 @@ pub fn ensure_bpffs_dir(dir: &Path) -> Result<(), CgroupError> {
         tracing::info!(path = %at.display(), "no bpffs mounted for the pin directory; mounting one");
         mount_fs("bpf", at)?;
     }
-    fs::create_dir_all(dir)
-        .map_err(|source| CgroupError::CreateDir { path: dir.to_owned(), source })?;
+    fs::create_dir_all(dir).map_err(|source| CgroupError::CreateDir { path: dir.to_owned(), source })?;
     if !is_fs_type(dir, nix::sys::statfs::BPF_FS_MAGIC) {
         return Err(CgroupError::NotBpffs(dir.to_owned()));
     }

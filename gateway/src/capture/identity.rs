@@ -248,7 +248,11 @@ mod tests {
         let r = AgentResolver::new(
             &[AgentConfig {
                 name: "billing".into(),
-                selector: AgentSelector { cgroup: Some("/agents/billing/**".into()), uid: Some(1000), ..Default::default() },
+                selector: AgentSelector {
+                    cgroup: Some("/agents/billing/**".into()),
+                    uid: Some(1000),
+                    ..Default::default()
+                },
             }],
             None,
         );

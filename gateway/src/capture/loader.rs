@@ -19,9 +19,7 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps};
 use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader};
-use gateway_common::{
-    maps, progs, RuntimeConfig, FLAG_FAIL_CLOSED, FLAG_POD_V4, FLAG_POD_V6, FLAG_SCOPE_ALL,
-};
+use gateway_common::{maps, progs, RuntimeConfig, FLAG_FAIL_CLOSED, FLAG_POD_V4, FLAG_POD_V6, FLAG_SCOPE_ALL};
 
 use crate::config::Config;
 
@@ -151,8 +149,8 @@ pub fn load_object(cfg: &Config) -> Result<Ebpf, LoaderError> {
 
 /// The netns cookie of tollgate's own netns (where the proxy listens).
 pub fn own_netns_cookie() -> Result<u64, LoaderError> {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
-        .map_err(LoaderError::NetnsCookie)?;
+    let sock =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).map_err(LoaderError::NetnsCookie)?;
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: valid socket fd; `cookie`/`len` are a writable u64 and its size.
@@ -210,19 +208,13 @@ pub type Pinned = Vec<PinnedLink>;
 
 /// Load the three programs and attach them to `cgroup_root`. With `pin_dir`, the links are
 /// pinned there instead of being owned by `ebpf`.
-pub fn attach_all(
-    ebpf: &mut Ebpf,
-    cgroup_root: &Path,
-    pin_dir: Option<&Path>,
-) -> Result<Pinned, LoaderError> {
-    let cgroup = File::open(cgroup_root)
-        .map_err(|source| LoaderError::OpenCgroup { path: cgroup_root.to_owned(), source })?;
+pub fn attach_all(ebpf: &mut Ebpf, cgroup_root: &Path, pin_dir: Option<&Path>) -> Result<Pinned, LoaderError> {
+    let cgroup =
+        File::open(cgroup_root).map_err(|source| LoaderError::OpenCgroup { path: cgroup_root.to_owned(), source })?;
     // bpf_link-based cgroup attachments (5.7+) always coexist with other programs and reject
     // the ALLOW_MULTI flag; the legacy prog_attach path needs it to not evict other agents.
-    let links_supported =
-        KernelVersion::current().map(|v| v >= KernelVersion::new(5, 7, 0)).unwrap_or(true);
-    let mode =
-        if links_supported { CgroupAttachMode::Single } else { CgroupAttachMode::AllowMultiple };
+    let links_supported = KernelVersion::current().map(|v| v >= KernelVersion::new(5, 7, 0)).unwrap_or(true);
+    let mode = if links_supported { CgroupAttachMode::Single } else { CgroupAttachMode::AllowMultiple };
 
     let mut pinned = Vec::new();
     for name in PROGRAMS {
@@ -256,12 +248,7 @@ fn attach_one(
         p.load().map_err(load_err)?;
         let id = p.attach(cgroup, mode).map_err(attach_err)?;
         match pin_dir {
-            Some(_) => Some(
-                p.take_link(id)
-                    .map_err(attach_err)?
-                    .try_into()
-                    .map_err(|e| pin_err(name, pin_dir, e))?,
-            ),
+            Some(_) => Some(p.take_link(id).map_err(attach_err)?.try_into().map_err(|e| pin_err(name, pin_dir, e))?),
             None => None,
         }
     } else {
@@ -269,12 +256,7 @@ fn attach_one(
         p.load().map_err(load_err)?;
         let id = p.attach(cgroup, mode).map_err(attach_err)?;
         match pin_dir {
-            Some(_) => Some(
-                p.take_link(id)
-                    .map_err(attach_err)?
-                    .try_into()
-                    .map_err(|e| pin_err(name, pin_dir, e))?,
-            ),
+            Some(_) => Some(p.take_link(id).map_err(attach_err)?.try_into().map_err(|e| pin_err(name, pin_dir, e))?),
             None => None,
         }
     };
@@ -288,11 +270,7 @@ fn attach_one(
 }
 
 fn pin_err(name: &'static str, dir: Option<&Path>, e: impl std::fmt::Display) -> LoaderError {
-    LoaderError::Pin {
-        name,
-        path: pin_path(dir.unwrap_or(Path::new("")), name),
-        reason: e.to_string(),
-    }
+    LoaderError::Pin { name, path: pin_path(dir.unwrap_or(Path::new("")), name), reason: e.to_string() }
 }
 
 /// Remove the pins (the links detach when the returned fds close, i.e. right away).

@@ -6,9 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
 use aya::Ebpf;
-use gateway_common::{
-    maps, CaptureRecord, Cidr4Key, Cidr6Key, FlowKey, RuntimeConfig, AF_INET, AF_INET6,
-};
+use gateway_common::{maps, CaptureRecord, Cidr4Key, Cidr6Key, FlowKey, RuntimeConfig, AF_INET, AF_INET6};
 use parking_lot::Mutex;
 
 /// Errors touching a map; each names the map.
@@ -184,14 +182,7 @@ pub fn flow_key(peer: SocketAddr, local: SocketAddr) -> Option<FlowKey> {
     if fam_src != fam_dst {
         return None;
     }
-    Some(FlowKey {
-        src_addr,
-        dst_addr,
-        src_port: peer.port(),
-        dst_port: local.port(),
-        family: fam_src,
-        _pad: 0,
-    })
+    Some(FlowKey { src_addr, dst_addr, src_port: peer.port(), dst_port: local.port(), family: fam_src, _pad: 0 })
 }
 
 #[cfg(test)]
@@ -201,10 +192,7 @@ mod tests {
     #[test]
     fn flow_key_unmaps_v4_mapped_peers() {
         let a = flow_key("127.0.0.1:40000".parse().unwrap(), "127.0.0.1:15001".parse().unwrap());
-        let b = flow_key(
-            "[::ffff:127.0.0.1]:40000".parse().unwrap(),
-            "[::ffff:127.0.0.1]:15001".parse().unwrap(),
-        );
+        let b = flow_key("[::ffff:127.0.0.1]:40000".parse().unwrap(), "[::ffff:127.0.0.1]:15001".parse().unwrap());
         assert_eq!(a, b);
         let a = a.unwrap();
         assert_eq!(a.family, AF_INET);

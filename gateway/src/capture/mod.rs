@@ -125,15 +125,12 @@ impl Capture {
             maps.add_scope(id).map_err(|source| CaptureError::Scope { entry, id, source })?;
         }
 
-        let rule_maps =
-            maps.rules.take().ok_or(MapsError::Missing(gateway_common::maps::PORT_RULES))?;
+        let rule_maps = maps.rules.take().ok_or(MapsError::Missing(gateway_common::maps::PORT_RULES))?;
         let mut sync = RuleSync::new(rule_maps, c);
         sync.install_static()?;
         sync.refresh_hosts().await;
         if sync.installed().is_empty() {
-            tracing::warn!(
-                "no capture rules (capture.ports/destinations/hosts): nothing will be redirected"
-            );
+            tracing::warn!("no capture rules (capture.ports/destinations/hosts): nothing will be redirected");
         }
 
         maps.stamp_heartbeat()?;

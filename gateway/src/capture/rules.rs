@@ -25,9 +25,7 @@ const RETAIN_INTERVALS: u32 = 3;
 #[derive(Debug, thiserror::Error)]
 pub enum RulesError {
     /// Writing a rule into a kernel map failed (commonly: more rules than `max_rules`).
-    #[error(
-        "cannot install capture rule {rule} into {map}: {source} (capture.max_rules too small?)"
-    )]
+    #[error("cannot install capture rule {rule} into {map}: {source} (capture.max_rules too small?)")]
     Insert {
         /// Map name.
         map: &'static str,
@@ -80,10 +78,7 @@ pub struct RuleSet {
 impl RuleSet {
     /// Ports and CIDRs from config (hostnames are added separately once resolved).
     pub fn from_static(cfg: &CaptureConfig) -> RuleSet {
-        let mut s = RuleSet {
-            ports: cfg.ports.iter().copied().filter(|p| *p != 0).collect(),
-            ..RuleSet::default()
-        };
+        let mut s = RuleSet { ports: cfg.ports.iter().copied().filter(|p| *p != 0).collect(), ..RuleSet::default() };
         for d in &cfg.destinations {
             s.add_net(d.cidr.trunc(), d.port.unwrap_or(0));
         }
@@ -243,8 +238,7 @@ impl RuleSync {
         }
         let new: Vec<CidrRule<4>> = want.v4.difference(&inst.v4).copied().collect();
         for r in &new {
-            let key =
-                Key::new(r.prefix_len(), Cidr4Key { port_be: r.port.to_be_bytes(), addr: r.addr });
+            let key = Key::new(r.prefix_len(), Cidr4Key { port_be: r.port.to_be_bytes(), addr: r.addr });
             match m.cidr4.insert(&key, 1, 0) {
                 Ok(()) => {
                     inst.v4.insert(*r);
@@ -258,8 +252,7 @@ impl RuleSync {
         }
         let new: Vec<CidrRule<16>> = want.v6.difference(&inst.v6).copied().collect();
         for r in &new {
-            let key =
-                Key::new(r.prefix_len(), Cidr6Key { port_be: r.port.to_be_bytes(), addr: r.addr });
+            let key = Key::new(r.prefix_len(), Cidr6Key { port_be: r.port.to_be_bytes(), addr: r.addr });
             match m.cidr6.insert(&key, 1, 0) {
                 Ok(()) => {
                     inst.v6.insert(*r);
@@ -281,8 +274,7 @@ impl RuleSync {
         }
         let gone: Vec<CidrRule<4>> = inst.v4.difference(&want.v4).copied().collect();
         for r in gone {
-            let key =
-                Key::new(r.prefix_len(), Cidr4Key { port_be: r.port.to_be_bytes(), addr: r.addr });
+            let key = Key::new(r.prefix_len(), Cidr4Key { port_be: r.port.to_be_bytes(), addr: r.addr });
             if let Err(e) = m.cidr4.remove(&key) {
                 tracing::warn!(map = names::CIDR4_RULES, rule = %r, error = %e, "rule removal failed");
             }
@@ -290,8 +282,7 @@ impl RuleSync {
         }
         let gone: Vec<CidrRule<16>> = inst.v6.difference(&want.v6).copied().collect();
         for r in gone {
-            let key =
-                Key::new(r.prefix_len(), Cidr6Key { port_be: r.port.to_be_bytes(), addr: r.addr });
+            let key = Key::new(r.prefix_len(), Cidr6Key { port_be: r.port.to_be_bytes(), addr: r.addr });
             if let Err(e) = m.cidr6.remove(&key) {
                 tracing::warn!(map = names::CIDR6_RULES, rule = %r, error = %e, "rule removal failed");
             }

@@ -84,7 +84,10 @@ fn validate(file: &str, c: &Config) -> Result<(), ConfigError> {
             return Err(bad(format!("capture.ports[{i}]"), "must be 1-65535".into()));
         }
         if *p == c.listen.port {
-            return Err(bad(format!("capture.ports[{i}]"), "equals listen.port: captured traffic would loop into the proxy".into()));
+            return Err(bad(
+                format!("capture.ports[{i}]"),
+                "equals listen.port: captured traffic would loop into the proxy".into(),
+            ));
         }
     }
     for (i, h) in c.capture.hosts.iter().enumerate() {
@@ -113,7 +116,10 @@ fn validate(file: &str, c: &Config) -> Result<(), ConfigError> {
         }
         if let Some(u) = &r.upstream {
             if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
-                return Err(bad(format!("routes[{i}].upstream"), format!("{u} must be an http:// or https:// URL with a host")));
+                return Err(bad(
+                    format!("routes[{i}].upstream"),
+                    format!("{u} must be an http:// or https:// URL with a host"),
+                ));
             }
         }
     }

@@ -54,13 +54,7 @@ pub struct ListenConfig {
 
 impl Default for ListenConfig {
     fn default() -> Self {
-        Self {
-            port: 15001,
-            ipv4: Ipv4Addr::LOCALHOST,
-            ipv6: Some(Ipv6Addr::LOCALHOST),
-            pod_ipv4: None,
-            pod_ipv6: None,
-        }
+        Self { port: 15001, ipv4: Ipv4Addr::LOCALHOST, ipv6: Some(Ipv6Addr::LOCALHOST), pod_ipv4: None, pod_ipv6: None }
     }
 }
 

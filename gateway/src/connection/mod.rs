@@ -78,19 +78,9 @@ pub async fn serve(
     let upstream = Arc::new(Upstream::new(&deps.config)?);
     let tls_server = deps.ca.server_config()?;
     let reporter = Arc::new(Reporter::new(deps.telemetry.clone(), deps.observer.clone()));
-    let max = deps
-        .config
-        .limits
-        .max_connections
-        .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+    let max = deps.config.limits.max_connections.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
     let permits = Arc::new(Semaphore::new(max));
-    let shared = Arc::new(Shared {
-        deps,
-        upstream,
-        tls_server,
-        reporter,
-        permits,
-    });
+    let shared = Arc::new(Shared { deps, upstream, tls_server, reporter, permits });
 
     let mut accepts = JoinSet::new();
     for l in listeners {
@@ -114,11 +104,7 @@ async fn shutdown_requested(rx: &mut watch::Receiver<bool>) {
     }
 }
 
-async fn accept_loop(
-    shared: Arc<Shared>,
-    listener: TcpListener,
-    mut shutdown: watch::Receiver<bool>,
-) {
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
     loop {
         let permit = tokio::select! {
             biased;
@@ -179,26 +165,19 @@ async fn handle(
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(%peer, %orig, error = %e, "sniff failed; closing");
-            deps.telemetry
-                .connection(Some(&agent), ConnKind::SniffFailed);
+            deps.telemetry.connection(Some(&agent), ConnKind::SniffFailed);
             return;
         }
     };
     match sniffed {
-        Sniffed::Tls { sni: Some(name) } => match cfg
-            .route_for(Some(&name), Some(orig))
-            .filter(|r| r.intercept)
-        {
+        Sniffed::Tls { sni: Some(name) } => match cfg.route_for(Some(&name), Some(orig)).filter(|r| r.intercept) {
             Some(route) => intercept(shared, stream, agent, orig, route, name, shutdown).await,
             None => do_splice(shared, stream, agent, orig, Some(name)).await,
         },
-        Sniffed::Tls { sni: None } | Sniffed::Other => {
-            do_splice(shared, stream, agent, orig, None).await
-        }
+        Sniffed::Tls { sni: None } | Sniffed::Other => do_splice(shared, stream, agent, orig, None).await,
         Sniffed::Http { host } => match cfg.route_for(host.as_deref(), Some(orig)) {
             Some(route) => {
-                let Some(ctx) = l7_context(shared, &agent, route, orig, host.as_deref(), false)
-                else {
+                let Some(ctx) = l7_context(shared, &agent, route, orig, host.as_deref(), false) else {
                     return;
                 };
                 deps.telemetry.connection(Some(&agent), ConnKind::Http);
@@ -209,26 +188,9 @@ async fn handle(
     }
 }
 
-async fn do_splice(
-    shared: &Shared,
-    stream: TcpStream,
-    agent: Arc<Agent>,
-    orig: SocketAddr,
-    sni: Option<String>,
-) {
-    shared
-        .deps
-        .telemetry
-        .connection(Some(&agent), ConnKind::Spliced);
-    splice::splice(
-        stream,
-        orig,
-        sni,
-        agent,
-        &shared.upstream,
-        &shared.deps.telemetry,
-    )
-    .await;
+async fn do_splice(shared: &Shared, stream: TcpStream, agent: Arc<Agent>, orig: SocketAddr, sni: Option<String>) {
+    shared.deps.telemetry.connection(Some(&agent), ConnKind::Spliced);
+    splice::splice(stream, orig, sni, agent, &shared.upstream, &shared.deps.telemetry).await;
 }
 
 async fn intercept(
@@ -243,16 +205,9 @@ async fn intercept(
     let Some(ctx) = l7_context(shared, &agent, route, orig, Some(&name), true) else {
         return;
     };
-    shared
-        .deps
-        .telemetry
-        .connection(Some(&agent), ConnKind::Intercepted);
+    shared.deps.telemetry.connection(Some(&agent), ConnKind::Intercepted);
     let acceptor = tokio_rustls::TlsAcceptor::from(shared.tls_server.clone());
-    let handshake = tokio::time::timeout(
-        shared.deps.config.limits.sniff_timeout,
-        acceptor.accept(stream),
-    )
-    .await;
+    let handshake = tokio::time::timeout(shared.deps.config.limits.sniff_timeout, acceptor.accept(stream)).await;
     match handshake {
         Ok(Ok(tls)) => serve_http(tls, ctx, shutdown).await,
         Ok(Err(e)) => {

@@ -107,11 +107,7 @@ fn classify_tls(buf: &[u8], full: bool) -> Verdict {
         return Verdict::Done(Sniffed::Other);
     }
     if buf.len() < 5 {
-        return if full {
-            Verdict::Done(Sniffed::Tls { sni: None })
-        } else {
-            Verdict::NeedMore
-        };
+        return if full { Verdict::Done(Sniffed::Tls { sni: None }) } else { Verdict::NeedMore };
     }
     let mut acceptor = rustls::server::Acceptor::default();
     let mut rd = buf;
@@ -149,12 +145,8 @@ fn classify_http(buf: &[u8], full: bool) -> Verdict {
         }
         Ok(httparse::Status::Partial) if !full => Verdict::NeedMore,
         // A head larger than the buffer, or more headers than parsed: still HTTP.
-        Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders)
-            if looks_like_request_line(buf) =>
-        {
-            Verdict::Done(Sniffed::Http {
-                host: scan_host(buf),
-            })
+        Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) if looks_like_request_line(buf) => {
+            Verdict::Done(Sniffed::Http { host: scan_host(buf) })
         }
         _ => Verdict::Done(Sniffed::Other),
     }
@@ -175,9 +167,7 @@ fn scan_host(buf: &[u8]) -> Option<String> {
         if !line[..colon].eq_ignore_ascii_case(b"host") {
             return None;
         }
-        std::str::from_utf8(&line[colon + 1..])
-            .ok()
-            .and_then(host_without_port)
+        std::str::from_utf8(&line[colon + 1..]).ok().and_then(host_without_port)
     })
 }
 
@@ -205,13 +195,11 @@ mod tests {
 
     /// A real ClientHello, as a rustls client writes it.
     fn client_hello(sni: &str) -> Vec<u8> {
-        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
         let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
         let mut conn = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
         let mut out = Vec::new();
@@ -224,76 +212,35 @@ mod tests {
     #[test]
     fn sni_from_real_client_hello() {
         let hello = client_hello("api.openai.com");
-        assert_eq!(
-            classify(&hello, false),
-            Verdict::Done(Sniffed::Tls {
-                sni: Some("api.openai.com".into())
-            })
-        );
+        assert_eq!(classify(&hello, false), Verdict::Done(Sniffed::Tls { sni: Some("api.openai.com".into()) }));
         // Every strict prefix needs more bytes, and is "TLS without SNI" once the buffer is full.
         for cut in [1, 4, 5, 40, hello.len() - 1] {
-            assert_eq!(
-                classify(&hello[..cut], false),
-                Verdict::NeedMore,
-                "cut {cut}"
-            );
+            assert_eq!(classify(&hello[..cut], false), Verdict::NeedMore, "cut {cut}");
         }
-        assert_eq!(
-            classify(&hello[..40], true),
-            Verdict::Done(Sniffed::Tls { sni: None })
-        );
+        assert_eq!(classify(&hello[..40], true), Verdict::Done(Sniffed::Tls { sni: None }));
     }
 
     #[test]
     fn http_host_sniffing() {
-        let req = b"POST /v1/chat/completions HTTP/1.1\r\nContent-Type: application/json\r\nHOST: localhost:11434\r\n\r\n{}";
-        assert_eq!(
-            classify(req, false),
-            Verdict::Done(Sniffed::Http {
-                host: Some("localhost".into())
-            })
-        );
+        let req =
+            b"POST /v1/chat/completions HTTP/1.1\r\nContent-Type: application/json\r\nHOST: localhost:11434\r\n\r\n{}";
+        assert_eq!(classify(req, false), Verdict::Done(Sniffed::Http { host: Some("localhost".into()) }));
         assert_eq!(classify(&req[..30], false), Verdict::NeedMore);
         let v6 = b"GET / HTTP/1.0\r\nHost: [::1]:8080\r\n\r\n";
-        assert_eq!(
-            classify(v6, false),
-            Verdict::Done(Sniffed::Http {
-                host: Some("::1".into())
-            })
-        );
+        assert_eq!(classify(v6, false), Verdict::Done(Sniffed::Http { host: Some("::1".into()) }));
         let no_host = b"GET / HTTP/1.0\r\n\r\n";
-        assert_eq!(
-            classify(no_host, false),
-            Verdict::Done(Sniffed::Http { host: None })
-        );
+        assert_eq!(classify(no_host, false), Verdict::Done(Sniffed::Http { host: None }));
         // A head that does not fit the buffer is still HTTP, Host found by scanning.
         let big = b"GET / HTTP/1.1\r\nHost: example.com\r\nX-Big: aaaaaaaa";
-        assert_eq!(
-            classify(big, true),
-            Verdict::Done(Sniffed::Http {
-                host: Some("example.com".into())
-            })
-        );
+        assert_eq!(classify(big, true), Verdict::Done(Sniffed::Http { host: Some("example.com".into()) }));
     }
 
     #[test]
     fn other_protocols_are_not_http() {
-        assert_eq!(
-            classify(b"SSH-2.0-OpenSSH_9.6\r\n", false),
-            Verdict::Done(Sniffed::Other)
-        );
-        assert_eq!(
-            classify(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", false),
-            Verdict::Done(Sniffed::Other)
-        );
-        assert_eq!(
-            classify(&[0x00, 0x01], false),
-            Verdict::Done(Sniffed::Other)
-        );
-        assert_eq!(
-            classify(&[0x16, 0x01, 0x00], false),
-            Verdict::Done(Sniffed::Other)
-        );
+        assert_eq!(classify(b"SSH-2.0-OpenSSH_9.6\r\n", false), Verdict::Done(Sniffed::Other));
+        assert_eq!(classify(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", false), Verdict::Done(Sniffed::Other));
+        assert_eq!(classify(&[0x00, 0x01], false), Verdict::Done(Sniffed::Other));
+        assert_eq!(classify(&[0x16, 0x01, 0x00], false), Verdict::Done(Sniffed::Other));
     }
 
     #[tokio::test]
@@ -313,12 +260,7 @@ mod tests {
         });
         let (mut s, _) = l.accept().await.unwrap();
         let got = sniff(&s, Duration::from_secs(5)).await.unwrap();
-        assert_eq!(
-            got,
-            Sniffed::Tls {
-                sni: Some("api.openai.com".into())
-            }
-        );
+        assert_eq!(got, Sniffed::Tls { sni: Some("api.openai.com".into()) });
         let mut all = vec![0u8; hello.len()];
         s.read_exact(&mut all).await.unwrap();
         assert_eq!(all, hello);
@@ -326,9 +268,6 @@ mod tests {
         // An idle client times out.
         let _idle = TcpStream::connect(addr).await.unwrap();
         let (s2, _) = l.accept().await.unwrap();
-        assert!(matches!(
-            sniff(&s2, Duration::from_millis(50)).await,
-            Err(SniffError::Timeout(_))
-        ));
+        assert!(matches!(sniff(&s2, Duration::from_millis(50)).await, Err(SniffError::Timeout(_))));
     }
 }

@@ -26,16 +26,9 @@ pub async fn splice(
     telemetry: &Telemetry,
 ) {
     let t0 = Instant::now();
-    let mut client = Counted {
-        inner: client,
-        read: 0,
-        written: 0,
-    };
+    let mut client = Counted { inner: client, read: 0, written: 0 };
     let error = match upstream.connect_tcp(dst).await {
-        Ok(mut server) => tokio::io::copy_bidirectional(&mut client, &mut server)
-            .await
-            .err()
-            .map(|e| e.to_string()),
+        Ok(mut server) => tokio::io::copy_bidirectional(&mut client, &mut server).await.err().map(|e| e.to_string()),
         Err(e) => Some(e.to_string()),
     };
     if let Some(e) = &error {
@@ -60,11 +53,7 @@ struct Counted<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
@@ -74,11 +63,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r {

@@ -19,8 +19,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, SerialNumber,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -83,9 +83,7 @@ pub struct CertAuthority {
 
 impl fmt::Debug for CertAuthority {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CertAuthority")
-            .field("cert_path", &self.cert_path)
-            .finish_non_exhaustive()
+        f.debug_struct("CertAuthority").field("cert_path", &self.cert_path).finish_non_exhaustive()
     }
 }
 
@@ -94,11 +92,7 @@ impl CertAuthority {
     /// write them (dir 0700, key 0600). An operator-provided CA must use a PKCS#8 key. The CA
     /// is self-checked by minting and verifying one leaf, so a mismatched key fails start-up
     /// rather than every handshake.
-    pub fn load_or_create(
-        dir: &Path,
-        leaf_validity: Duration,
-        cache_size: usize,
-    ) -> Result<Self, TlsError> {
+    pub fn load_or_create(dir: &Path, leaf_validity: Duration, cache_size: usize) -> Result<Self, TlsError> {
         let cert_path = dir.join(CA_CERT);
         let key_path = dir.join(CA_KEY);
         let (cert_pem, key_pem) = match (cert_path.exists(), key_path.exists()) {
@@ -113,14 +107,8 @@ impl CertAuthority {
         let issuer = CertificateParams::from_ca_cert_pem(&cert_pem)?.self_signed(&issuer_key)?;
         let cert_der = rustls_pemfile::certs(&mut cert_pem.as_bytes())
             .next()
-            .ok_or_else(|| TlsError::SelfCheck {
-                path: cert_path.clone(),
-                message: "no certificate in PEM".into(),
-            })?
-            .map_err(|source| TlsError::Io {
-                path: cert_path.clone(),
-                source,
-            })?;
+            .ok_or_else(|| TlsError::SelfCheck { path: cert_path.clone(), message: "no certificate in PEM".into() })?
+            .map_err(|source| TlsError::Io { path: cert_path.clone(), source })?;
         let leaf_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let leaf_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
         let leaf_signer = rustls::crypto::ring::sign::any_ecdsa_type(&leaf_der)?;
@@ -177,11 +165,10 @@ impl CertAuthority {
     /// Server config for intercepted connections: leaves resolved per SNI, ALPN http/1.1 only
     /// (the L7 path speaks HTTP/1.1).
     pub fn server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, TlsError> {
-        let mut cfg =
-            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()?
-                .with_no_client_auth()
-                .with_cert_resolver(self.clone());
+        let mut cfg = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Arc::new(cfg))
     }
@@ -197,21 +184,15 @@ impl CertAuthority {
         params.use_authority_key_identifier_extension = true;
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - LEAF_BACKDATE;
-        params.not_after =
-            now + time::Duration::try_from(self.leaf_validity).unwrap_or(time::Duration::days(7));
+        params.not_after = now + time::Duration::try_from(self.leaf_validity).unwrap_or(time::Duration::days(7));
         params.serial_number = Some(SerialNumber::from_slice(&self.next_serial()));
         let cert = params.signed_by(&self.leaf_key, &self.issuer, &self.issuer_key)?;
-        Ok(CertifiedKey::new(
-            vec![cert.der().clone()],
-            self.leaf_signer.clone(),
-        ))
+        Ok(CertifiedKey::new(vec![cert.der().clone()], self.leaf_signer.clone()))
     }
 
     /// 16 bytes: time, per-process random salt, sequence; top bit clear (positive INTEGER).
     fn next_serial(&self) -> [u8; 16] {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
         let seq = self.serial_seq.fetch_add(1, Ordering::Relaxed);
         let mut s = [0u8; 16];
         s[..8].copy_from_slice(&nanos.to_be_bytes());
@@ -223,12 +204,8 @@ impl CertAuthority {
 
     fn self_check(&self) -> Result<(), TlsError> {
         let leaf = self.mint("tollgate-self-check.invalid")?;
-        verify_leaf(&self.cert_der, &leaf.cert, "tollgate-self-check.invalid").map_err(|message| {
-            TlsError::SelfCheck {
-                path: self.cert_path.clone(),
-                message,
-            }
-        })
+        verify_leaf(&self.cert_der, &leaf.cert, "tollgate-self-check.invalid")
+            .map_err(|message| TlsError::SelfCheck { path: self.cert_path.clone(), message })
     }
 }
 
@@ -246,11 +223,7 @@ impl ResolvesServerCert for CertAuthority {
 }
 
 /// Verify `chain` for `name` against `ca` as a rustls client would; `Err` carries the reason.
-pub fn verify_leaf(
-    ca: &CertificateDer<'static>,
-    chain: &[CertificateDer<'static>],
-    name: &str,
-) -> Result<(), String> {
+pub fn verify_leaf(ca: &CertificateDer<'static>, chain: &[CertificateDer<'static>], name: &str) -> Result<(), String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.clone()).map_err(|e| e.to_string())?;
     let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
@@ -262,17 +235,11 @@ pub fn verify_leaf(
     let (end, rest) = chain.split_first().ok_or("empty chain")?;
     let server = ServerName::try_from(name.to_string()).map_err(|e| e.to_string())?;
     use rustls::client::danger::ServerCertVerifier;
-    verifier
-        .verify_server_cert(end, rest, &server, &[], UnixTime::now())
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    verifier.verify_server_cert(end, rest, &server, &[], UnixTime::now()).map(|_| ()).map_err(|e| e.to_string())
 }
 
 fn read(path: &Path) -> Result<String, TlsError> {
-    std::fs::read_to_string(path).map_err(|source| TlsError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    std::fs::read_to_string(path).map_err(|source| TlsError::Io { path: path.to_path_buf(), source })
 }
 
 fn warn_if_key_readable(path: &Path) {
@@ -290,27 +257,16 @@ fn create_ca(dir: &Path, cert_path: &Path, key_path: &Path) -> Result<(String, S
         let path = path.to_path_buf();
         move |source| TlsError::Io { path, source }
     };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(io(dir))?;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io(dir))?;
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     let tag = RandomState::new().hash_one(SystemTime::now()) as u32;
-    dn.push(
-        DnType::CommonName,
-        format!("tollgate interception CA {tag:08x}"),
-    );
+    dn.push(DnType::CommonName, format!("tollgate interception CA {tag:08x}"));
     dn.push(DnType::OrganizationName, "tollgate");
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::days(1);
     params.not_after = now + time::Duration::days(CA_VALIDITY_DAYS);
@@ -329,11 +285,7 @@ fn create_ca(dir: &Path, cert_path: &Path, key_path: &Path) -> Result<(String, S
 
 fn write_file(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
     let _ = std::fs::remove_file(path);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)?;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path)?;
     f.write_all(data)?;
     f.sync_all()
 }
@@ -347,11 +299,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().join("ca");
         let a = CertAuthority::load_or_create(&dir, Duration::from_secs(3600), 8).unwrap();
-        let mode = std::fs::metadata(dir.join(CA_KEY))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777;
+        let mode = std::fs::metadata(dir.join(CA_KEY)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let dmode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
         assert_eq!(dmode, 0o700);
@@ -389,19 +337,15 @@ mod tests {
     #[tokio::test]
     async fn rustls_client_handshakes_with_minted_leaf() {
         let d = tempfile::tempdir().unwrap();
-        let ca = Arc::new(
-            CertAuthority::load_or_create(d.path(), Duration::from_secs(3600), 8).unwrap(),
-        );
+        let ca = Arc::new(CertAuthority::load_or_create(d.path(), Duration::from_secs(3600), 8).unwrap());
         let server = tokio_rustls::TlsAcceptor::from(ca.server_config().unwrap());
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca.cert_der().clone()).unwrap();
-        let mut ccfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let mut ccfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
         ccfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         let client = tokio_rustls::TlsConnector::from(Arc::new(ccfg));
         let (c, s) = tokio::io::duplex(64 * 1024);

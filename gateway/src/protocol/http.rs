@@ -57,10 +57,7 @@ impl Body for ProxyBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
@@ -87,27 +84,18 @@ impl Body for ProxyBody {
 
 /// Serve one request from an L7 connection. Never fails: tollgate's own failures become
 /// OpenAI-shaped error responses.
-pub async fn handle(
-    ctx: Arc<L7Context>,
-    req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, Infallible> {
-    if ctx.provider == ProviderKind::Openai
-        && llm::openai::is_chat_completions(req.method(), req.uri().path())
-    {
+pub async fn handle(ctx: Arc<L7Context>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+    if ctx.provider == ProviderKind::Openai && llm::openai::is_chat_completions(req.method(), req.uri().path()) {
         return Ok(llm::chat_completions(&ctx, req).await);
     }
     let (mut parts, body) = req.into_parts();
     // WebSocket & co: hop-by-hop headers are dropped below, so the upgrade is re-requested
     // explicitly and the two upgraded connections are joined when the upstream agrees.
     let upgrade = upgrade_protocol(&parts.headers);
-    let client_upgrade = upgrade
-        .as_ref()
-        .and_then(|_| parts.extensions.remove::<OnUpgrade>());
+    let client_upgrade = upgrade.as_ref().and_then(|_| parts.extensions.remove::<OnUpgrade>());
     prepare(&ctx, &mut parts);
     if let Some(p) = &upgrade {
-        parts
-            .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, p.clone());
     }
     let resp = match prepare_uri(&ctx, &mut parts) {
@@ -171,20 +159,14 @@ pub(crate) fn prepare(ctx: &L7Context, parts: &mut http::request::Parts) {
 }
 
 /// Point the request at the target (absolute URI for the pooled client).
-pub(crate) fn prepare_uri(
-    ctx: &L7Context,
-    parts: &mut http::request::Parts,
-) -> Result<(), ProtocolError> {
+pub(crate) fn prepare_uri(ctx: &L7Context, parts: &mut http::request::Parts) -> Result<(), ProtocolError> {
     let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     parts.uri = ctx.target.uri_for(pq)?;
     Ok(())
 }
 
 /// Send upstream and clean the response's hop-by-hop headers.
-pub(crate) async fn send(
-    ctx: &L7Context,
-    req: Request<ReqBody>,
-) -> Result<Response<Incoming>, ProtocolError> {
+pub(crate) async fn send(ctx: &L7Context, req: Request<ReqBody>) -> Result<Response<Incoming>, ProtocolError> {
     let mut resp = ctx.upstream.send(req).await?;
     strip_hop_by_hop(resp.headers_mut());
     Ok(resp)
@@ -226,20 +208,14 @@ pub fn error_response(e: &ProtocolError) -> Response<ProxyBody> {
 }
 
 /// `{"error":{"message":..,"type":..,"param":null,"code":..}}` with the given status.
-pub fn openai_error(
-    status: StatusCode,
-    kind: &str,
-    code: &str,
-    message: &str,
-) -> Response<ProxyBody> {
+pub fn openai_error(status: StatusCode, kind: &str, code: &str, message: &str) -> Response<ProxyBody> {
     let body = serde_json::json!({
         "error": { "message": format!("tollgate: {message}"), "type": kind, "param": null, "code": code }
     });
     let bytes = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
     let mut r = Response::new(ProxyBody::Full(Some(bytes)));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }
 
@@ -250,16 +226,10 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_removed() {
         let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, X-Secret"),
-        );
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Secret"));
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);

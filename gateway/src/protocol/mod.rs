@@ -71,9 +71,6 @@ mod tests {
             source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
         });
         assert_eq!(c.status(), StatusCode::BAD_GATEWAY);
-        assert_eq!(
-            ProtocolError::BodyTooLarge { limit: 1 }.status(),
-            StatusCode::PAYLOAD_TOO_LARGE
-        );
+        assert_eq!(ProtocolError::BodyTooLarge { limit: 1 }.status(), StatusCode::PAYLOAD_TOO_LARGE);
     }
 }

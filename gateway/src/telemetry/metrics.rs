@@ -68,8 +68,11 @@ impl Metrics {
         )?;
         let semconv = ["agent", "gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"];
         let token_usage = HistogramVec::new(
-            HistogramOpts::new("gen_ai_client_token_usage", "Tokens per LLM call (GenAI semconv gen_ai.client.token.usage)")
-                .buckets(TOKEN_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "gen_ai_client_token_usage",
+                "Tokens per LLM call (GenAI semconv gen_ai.client.token.usage)",
+            )
+            .buckets(TOKEN_BUCKETS.to_vec()),
             &[&semconv[..], &["gen_ai_token_type"]].concat(),
         )?;
         let op_duration = HistogramVec::new(
@@ -274,7 +277,14 @@ pub(crate) mod tests {
             response_id: Some("chatcmpl-1".into()),
             stream: true,
             status: 200,
-            usage: Some(Usage { input: 12, output: 5, total: 17, cached_input: Some(2), reasoning: None, estimated: false }),
+            usage: Some(Usage {
+                input: 12,
+                output: 5,
+                total: 17,
+                cached_input: Some(2),
+                reasoning: None,
+                estimated: false,
+            }),
             finish_reasons: vec!["stop".into()],
             server_address: Some("api.openai.com".into()),
             server_port: Some(443),
@@ -348,7 +358,11 @@ pub(crate) mod tests {
             }
             let text = std::fs::read_to_string(&path).unwrap();
             for name in metric_names_in(&text) {
-                assert!(exposed.contains(&format!("\n{name}")), "{}: queries {name}, which tollgate does not emit", path.display());
+                assert!(
+                    exposed.contains(&format!("\n{name}")),
+                    "{}: queries {name}, which tollgate does not emit",
+                    path.display()
+                );
                 checked += 1;
             }
         }

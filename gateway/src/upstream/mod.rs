@@ -95,8 +95,7 @@ impl UpstreamError {
         match self {
             UpstreamError::Timeout(_) => FailureKind::Timeout,
             UpstreamError::Request(e) => {
-                let mut src: Option<&(dyn std::error::Error + 'static)> =
-                    std::error::Error::source(e);
+                let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
                 while let Some(s) = src {
                     if let Some(u) = s.downcast_ref::<UpstreamError>() {
                         return u.kind();
@@ -149,25 +148,15 @@ impl Target {
     /// Target for a connection matched to `route`. `name` is the SNI (intercepted TLS) or the
     /// client's Host (plaintext); `tls` says whether the agent spoke TLS, which decides the
     /// upstream scheme when the route has no `upstream` override.
-    pub fn new(
-        route: &RouteConfig,
-        orig: SocketAddr,
-        name: Option<&str>,
-        tls: bool,
-    ) -> Result<Target, UpstreamError> {
+    pub fn new(route: &RouteConfig, orig: SocketAddr, name: Option<&str>, tls: bool) -> Result<Target, UpstreamError> {
         if let Some(url) = &route.upstream {
             let scheme = url.scheme();
             if scheme != "http" && scheme != "https" {
-                return Err(UpstreamError::BadTarget(format!(
-                    "{url}: scheme must be http or https"
-                )));
+                return Err(UpstreamError::BadTarget(format!("{url}: scheme must be http or https")));
             }
-            let host = url
-                .host_str()
-                .ok_or_else(|| UpstreamError::BadTarget(format!("{url}: no host")))?;
-            let port = url
-                .port_or_known_default()
-                .ok_or_else(|| UpstreamError::BadTarget(format!("{url}: no port")))?;
+            let host = url.host_str().ok_or_else(|| UpstreamError::BadTarget(format!("{url}: no host")))?;
+            let port =
+                url.port_or_known_default().ok_or_else(|| UpstreamError::BadTarget(format!("{url}: no port")))?;
             let host_header = match url.port() {
                 Some(p) => format!("{host}:{p}"),
                 None => host.to_string(),
@@ -176,21 +165,15 @@ impl Target {
                 base: format!("{scheme}://{host}:{port}"),
                 prefix: url.path().trim_end_matches('/').to_string(),
                 host: Some(header_value(&host_header)?),
-                server_address: host
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .to_string(),
+                server_address: host.trim_start_matches('[').trim_end_matches(']').to_string(),
                 server_port: port,
             });
         }
         let default_port = if tls { 443 } else { 80 };
         match (tls, name) {
             (true, Some(n)) => {
-                let host_header = if orig.port() == default_port {
-                    n.to_string()
-                } else {
-                    format!("{n}:{}", orig.port())
-                };
+                let host_header =
+                    if orig.port() == default_port { n.to_string() } else { format!("{n}:{}", orig.port()) };
                 Ok(Target {
                     base: format!("https://{n}@{orig}"),
                     prefix: String::new(),
@@ -199,9 +182,7 @@ impl Target {
                     server_port: orig.port(),
                 })
             }
-            (true, None) => Err(UpstreamError::BadTarget(
-                "TLS target without a server name".into(),
-            )),
+            (true, None) => Err(UpstreamError::BadTarget("TLS target without a server name".into())),
             (false, name) => Ok(Target {
                 base: format!("http://{orig}"),
                 prefix: String::new(),
@@ -219,8 +200,7 @@ impl Target {
         s.push_str(&self.base);
         s.push_str(&self.prefix);
         s.push_str(pq);
-        s.parse::<Uri>()
-            .map_err(|e| UpstreamError::BadTarget(format!("{s}: {e}")))
+        s.parse::<Uri>().map_err(|e| UpstreamError::BadTarget(format!("{s}: {e}")))
     }
 
     /// `Host` to send upstream, when tollgate must set it (intercepted name or override).
@@ -243,29 +223,22 @@ pub fn client_tls_config(config: &Config) -> Result<Arc<ClientConfig>, UpstreamE
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     }
     for path in &config.tls.extra_roots {
-        let pem = std::fs::read(path)
-            .map_err(|e| UpstreamError::Roots(format!("{}: {e}", path.display())))?;
+        let pem = std::fs::read(path).map_err(|e| UpstreamError::Roots(format!("{}: {e}", path.display())))?;
         let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut pem.as_slice())
             .collect::<Result<_, _>>()
             .map_err(|e| UpstreamError::Roots(format!("{}: {e}", path.display())))?;
         if certs.is_empty() {
-            return Err(UpstreamError::Roots(format!(
-                "{}: no PEM certificates",
-                path.display()
-            )));
+            return Err(UpstreamError::Roots(format!("{}: no PEM certificates", path.display())));
         }
         for c in certs {
-            roots
-                .add(c)
-                .map_err(|e| UpstreamError::Roots(format!("{}: {e}", path.display())))?;
+            roots.add(c).map_err(|e| UpstreamError::Roots(format!("{}: {e}", path.display())))?;
         }
     }
-    let mut cfg =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| UpstreamError::Roots(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+    let mut cfg = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| UpstreamError::Roots(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }
@@ -273,20 +246,15 @@ pub fn client_tls_config(config: &Config) -> Result<Arc<ClientConfig>, UpstreamE
 /// Open a TCP connection with `SO_MARK` set before `connect()`, so the kernel programs let it
 /// through. A mark of 0 skips the option (tests, capture disabled).
 pub async fn connect_marked(addr: SocketAddr, mark: u32) -> io::Result<TcpStream> {
-    let sock = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
+    let sock =
+        socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     if mark != 0 {
         sock.set_mark(mark)?;
     }
     sock.set_nonblocking(true)?;
     sock.set_nodelay(true)?;
     let std_stream: std::net::TcpStream = sock.into();
-    tokio::net::TcpSocket::from_std_stream(std_stream)
-        .connect(addr)
-        .await
+    tokio::net::TcpSocket::from_std_stream(std_stream).connect(addr).await
 }
 
 /// A connection to the destination, plain or TLS.
@@ -298,11 +266,7 @@ pub enum UpstreamStream {
 }
 
 impl AsyncRead for UpstreamStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -311,11 +275,7 @@ impl AsyncRead for UpstreamStream {
 }
 
 impl AsyncWrite for UpstreamStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
@@ -376,24 +336,16 @@ impl tower_service::Service<Uri> for Connector {
 
 impl ConnectorInner {
     async fn connect(&self, dst: &Uri) -> Result<UpstreamStream, UpstreamError> {
-        let auth = dst
-            .authority()
-            .ok_or_else(|| UpstreamError::BadTarget(dst.to_string()))?;
+        let auth = dst.authority().ok_or_else(|| UpstreamError::BadTarget(dst.to_string()))?;
         let tls = dst.scheme_str() == Some("https");
         let host = auth.host().trim_start_matches('[').trim_end_matches(']');
         let port = auth.port_u16().unwrap_or(if tls { 443 } else { 80 });
-        let sni = auth
-            .as_str()
-            .rsplit_once('@')
-            .map_or(host, |(user, _)| user);
+        let sni = auth.as_str().rsplit_once('@').map_or(host, |(user, _)| user);
         let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, port)],
             Err(_) => tokio::net::lookup_host((host, port))
                 .await
-                .map_err(|source| UpstreamError::Resolve {
-                    host: host.to_string(),
-                    source,
-                })?
+                .map_err(|source| UpstreamError::Resolve { host: host.to_string(), source })?
                 .collect(),
         };
         let tcp = self.dial(&addrs).await?;
@@ -406,10 +358,7 @@ impl ConnectorInner {
             .tls
             .connect(name, tcp)
             .await
-            .map_err(|source| UpstreamError::Handshake {
-                name: sni.to_string(),
-                source,
-            })?;
+            .map_err(|source| UpstreamError::Handshake { name: sni.to_string(), source })?;
         Ok(UpstreamStream::Tls(Box::new(s)))
     }
 
@@ -418,12 +367,7 @@ impl ConnectorInner {
         for &a in addrs {
             match connect_marked(a, self.mark).await {
                 Ok(s) => return Ok(s),
-                Err(source) => {
-                    last = UpstreamError::Connect {
-                        addr: a.to_string(),
-                        source,
-                    }
-                }
+                Err(source) => last = UpstreamError::Connect { addr: a.to_string(), source },
             }
         }
         Err(last)
@@ -458,43 +402,28 @@ impl Upstream {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_timer(TokioTimer::new())
             .build(connector);
-        Upstream {
-            client,
-            mark: config.capture.self_mark,
-            connect_timeout: config.limits.connect_timeout,
-        }
+        Upstream { client, mark: config.capture.self_mark, connect_timeout: config.limits.connect_timeout }
     }
 
     /// Send one request (absolute URI from [`Target::uri_for`]; `Host` already set or left to
     /// the client's value) over a pooled connection.
-    pub async fn send(
-        &self,
-        mut req: Request<ReqBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    pub async fn send(&self, mut req: Request<ReqBody>) -> Result<Response<Incoming>, UpstreamError> {
         if !req.headers().contains_key(HOST) {
             // Plaintext HTTP/1.0 without Host: name the original address rather than nothing.
             if let Some(a) = req.uri().authority() {
-                if let Ok(v) =
-                    HeaderValue::from_str(a.as_str().rsplit('@').next().unwrap_or(a.as_str()))
-                {
+                if let Ok(v) = HeaderValue::from_str(a.as_str().rsplit('@').next().unwrap_or(a.as_str())) {
                     req.headers_mut().insert(HOST, v);
                 }
             }
         }
-        self.client
-            .request(req)
-            .await
-            .map_err(UpstreamError::Request)
+        self.client.request(req).await.map_err(UpstreamError::Request)
     }
 
     /// Raw marked TCP connection for splicing, bounded by `connect_timeout`.
     pub async fn connect_tcp(&self, addr: SocketAddr) -> Result<TcpStream, UpstreamError> {
         match tokio::time::timeout(self.connect_timeout, connect_marked(addr, self.mark)).await {
             Ok(Ok(s)) => Ok(s),
-            Ok(Err(source)) => Err(UpstreamError::Connect {
-                addr: addr.to_string(),
-                source,
-            }),
+            Ok(Err(source)) => Err(UpstreamError::Connect { addr: addr.to_string(), source }),
             Err(_) => Err(UpstreamError::Timeout(self.connect_timeout)),
         }
     }
@@ -517,36 +446,20 @@ mod tests {
 
     #[test]
     fn intercepted_target_keeps_address_and_name() {
-        let t = Target::new(
-            &route(None),
-            "10.0.0.1:443".parse().unwrap(),
-            Some("api.openai.com"),
-            true,
-        )
-        .unwrap();
+        let t = Target::new(&route(None), "10.0.0.1:443".parse().unwrap(), Some("api.openai.com"), true).unwrap();
         let u = t.uri_for("/v1/chat/completions?x=1").unwrap();
         assert_eq!(u.scheme_str(), Some("https"));
         assert_eq!(u.host(), Some("10.0.0.1"));
-        assert_eq!(
-            u.authority().unwrap().as_str(),
-            "api.openai.com@10.0.0.1:443"
-        );
-        assert_eq!(
-            u.path_and_query().unwrap().as_str(),
-            "/v1/chat/completions?x=1"
-        );
+        assert_eq!(u.authority().unwrap().as_str(), "api.openai.com@10.0.0.1:443");
+        assert_eq!(u.path_and_query().unwrap().as_str(), "/v1/chat/completions?x=1");
         assert_eq!(t.host_header().unwrap(), "api.openai.com");
     }
 
     #[test]
     fn override_target_uses_url_and_prefix() {
-        let t = Target::new(
-            &route(Some("http://127.0.0.1:9000/proxy/")),
-            "10.0.0.1:443".parse().unwrap(),
-            Some("x"),
-            true,
-        )
-        .unwrap();
+        let t =
+            Target::new(&route(Some("http://127.0.0.1:9000/proxy/")), "10.0.0.1:443".parse().unwrap(), Some("x"), true)
+                .unwrap();
         let u = t.uri_for("/v1/models").unwrap();
         assert_eq!(u.to_string(), "http://127.0.0.1:9000/proxy/v1/models");
         assert_eq!(t.host_header().unwrap(), "127.0.0.1:9000");
@@ -554,17 +467,8 @@ mod tests {
 
     #[test]
     fn plaintext_target_keeps_client_host() {
-        let t = Target::new(
-            &route(None),
-            "[::1]:11434".parse().unwrap(),
-            Some("localhost"),
-            false,
-        )
-        .unwrap();
-        assert_eq!(
-            t.uri_for("/api").unwrap().to_string(),
-            "http://[::1]:11434/api"
-        );
+        let t = Target::new(&route(None), "[::1]:11434".parse().unwrap(), Some("localhost"), false).unwrap();
+        assert_eq!(t.uri_for("/api").unwrap().to_string(), "http://[::1]:11434/api");
         assert!(t.host_header().is_none());
     }
 
@@ -581,23 +485,10 @@ mod tests {
             let _s = l.accept().await;
             tokio::time::sleep(Duration::from_secs(5)).await;
         });
-        let req = |uri: String| {
-            Request::post(uri)
-                .body(Either::Right(Full::new(Bytes::new())))
-                .unwrap()
-        };
-        let e = up
-            .send(req(format!(
-                "https://api.openai.com@{addr}/v1/chat/completions"
-            )))
-            .await
-            .unwrap_err();
+        let req = |uri: String| Request::post(uri).body(Either::Right(Full::new(Bytes::new()))).unwrap();
+        let e = up.send(req(format!("https://api.openai.com@{addr}/v1/chat/completions"))).await.unwrap_err();
         assert_eq!(e.kind(), FailureKind::Timeout, "{e}");
-        let dead = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
         let e = up.send(req(format!("http://{dead}/"))).await.unwrap_err();
         assert_eq!(e.kind(), FailureKind::Connect, "{e}");
         assert!(e.to_string().contains("refused"), "{e}");

@@ -137,11 +137,9 @@ fn main() -> Result<()> {
     );
 
     let mut rows = Vec::new();
-    for (name, url, group) in [
-        ("direct", &url_direct, None),
-        ("tollgate", &url_direct, Some(&agent)),
-        ("nginx", &url_nginx, None),
-    ] {
+    for (name, url, group) in
+        [("direct", &url_direct, None), ("tollgate", &url_direct, Some(&agent)), ("nginx", &url_nginx, None)]
+    {
         let before = tollgate_requests(&tg)?;
         let mut row = Row { name, ..Default::default() };
         let (rps, n, errs) = wrk(&a, &lua, url, group)?;
@@ -346,7 +344,10 @@ http {{
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         if wait_for(Duration::from_secs(10), Duration::from_millis(50), || TcpStream::connect(addr).ok()).is_none() {
             let _ = child.kill();
-            let err = child.stderr.take().map(|e| BufReader::new(e).lines().map_while(Result::ok).collect::<Vec<_>>().join("\n"));
+            let err = child
+                .stderr
+                .take()
+                .map(|e| BufReader::new(e).lines().map_while(Result::ok).collect::<Vec<_>>().join("\n"));
             bail!("nginx did not listen on {addr}: {err:?}");
         }
         Ok(Nginx { child })

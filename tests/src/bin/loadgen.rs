@@ -63,8 +63,7 @@ async fn run(a: Args) -> Result<()> {
     }
     let mut conn = HttpConnector::new();
     conn.set_nodelay(true);
-    let client: Client<_, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build(conn);
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build(conn);
 
     let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
     let ok = Arc::new(AtomicU64::new(0));

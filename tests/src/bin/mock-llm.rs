@@ -129,7 +129,12 @@ async fn route(req: Request<Incoming>, st: &State) -> Response<RespBody> {
                 .body(full(v.to_string()))
                 .expect("response")
         }
-        _ => error(StatusCode::NOT_FOUND, &format!("Unknown request URL: {} {path}", req.method()), "invalid_request_error", Some("unknown_url")),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            &format!("Unknown request URL: {} {path}", req.method()),
+            "invalid_request_error",
+            Some("unknown_url"),
+        ),
     }
 }
 
@@ -141,16 +146,30 @@ async fn chat(req: Request<Incoming>, st: &State) -> Response<RespBody> {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.strip_prefix("Bearer ").is_some_and(|k| !k.trim().is_empty()));
         if !ok {
-            return error(StatusCode::UNAUTHORIZED, "You didn't provide an API key.", "invalid_request_error", Some("invalid_api_key"));
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "You didn't provide an API key.",
+                "invalid_request_error",
+                Some("invalid_api_key"),
+            );
         }
     }
     let body = match Limited::new(req.into_body(), 16 << 20).collect().await {
         Ok(b) => b.to_bytes(),
-        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("could not read body: {e}"), "invalid_request_error", None),
+        Err(e) => {
+            return error(StatusCode::BAD_REQUEST, &format!("could not read body: {e}"), "invalid_request_error", None)
+        }
     };
     let json: serde_json::Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("We could not parse the JSON body of your request: {e}"), "invalid_request_error", None),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("We could not parse the JSON body of your request: {e}"),
+                "invalid_request_error",
+                None,
+            )
+        }
     };
     let creq = match ChatRequest::from_json(&json) {
         Ok(r) => r,
@@ -189,10 +208,14 @@ async fn chat(req: Request<Incoming>, st: &State) -> Response<RespBody> {
 }
 
 fn tls_config(cert: &PathBuf, key: &PathBuf) -> Result<Arc<rustls::ServerConfig>> {
-    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(std::fs::File::open(cert).with_context(|| format!("{}", cert.display()))?))
-        .collect::<Result<Vec<_>, _>>()?;
-    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(std::fs::File::open(key).with_context(|| format!("{}", key.display()))?))?
-        .ok_or_else(|| anyhow!("no private key in {}", key.display()))?;
+    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
+        std::fs::File::open(cert).with_context(|| format!("{}", cert.display()))?,
+    ))
+    .collect::<Result<Vec<_>, _>>()?;
+    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
+        std::fs::File::open(key).with_context(|| format!("{}", key.display()))?,
+    ))?
+    .ok_or_else(|| anyhow!("no private key in {}", key.display()))?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
@@ -258,7 +281,8 @@ async fn run(args: Args) -> Result<()> {
     let tls = if args.tls_listen.is_empty() {
         None
     } else {
-        let (c, k) = args.cert.as_ref().zip(args.key.as_ref()).ok_or_else(|| anyhow!("--tls-listen needs --cert and --key"))?;
+        let (c, k) =
+            args.cert.as_ref().zip(args.key.as_ref()).ok_or_else(|| anyhow!("--tls-listen needs --cert and --key"))?;
         Some(tokio_rustls::TlsAcceptor::from(tls_config(c, k)?))
     };
     let mut lines = Vec::new();

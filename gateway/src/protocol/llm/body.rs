@@ -38,11 +38,7 @@ pub(crate) enum Mode {
         max: usize,
     },
     /// Anything else: a capped copy parsed at the end.
-    Json {
-        copy: Vec<u8>,
-        max: usize,
-        truncated: bool,
-    },
+    Json { copy: Vec<u8>, max: usize, truncated: bool },
 }
 
 impl Mode {
@@ -57,11 +53,7 @@ impl Mode {
     }
 
     pub(crate) fn json(max: usize) -> Self {
-        Mode::Json {
-            copy: Vec::new(),
-            max,
-            truncated: false,
-        }
+        Mode::Json { copy: Vec::new(), max, truncated: false }
     }
 }
 
@@ -79,22 +71,8 @@ pub struct ObservedBody {
 }
 
 impl ObservedBody {
-    pub(crate) fn new(
-        inner: Incoming,
-        mode: Mode,
-        call: Box<LlmCall>,
-        t0: Instant,
-        reporter: Arc<Reporter>,
-    ) -> Self {
-        ObservedBody {
-            inner,
-            mode,
-            call: Some(call),
-            t0,
-            reporter,
-            ended: false,
-            pending: None,
-        }
+    pub(crate) fn new(inner: Incoming, mode: Mode, call: Box<LlmCall>, t0: Instant, reporter: Arc<Reporter>) -> Self {
+        ObservedBody { inner, mode, call: Some(call), t0, reporter, ended: false, pending: None }
     }
 
     /// Process one upstream data chunk; returns what the client gets now.
@@ -125,11 +103,7 @@ impl ObservedBody {
                     observe(&mut call, d);
                 }
             }),
-            Mode::Json {
-                copy,
-                truncated: false,
-                ..
-            } if !copy.is_empty() => {
+            Mode::Json { copy, truncated: false, .. } if !copy.is_empty() => {
                 observe(&mut call, copy);
             }
             Mode::Json { .. } => {}
@@ -148,11 +122,7 @@ fn on_data(mode: &mut Mode, call: &mut LlmCall, t0: Instant, chunk: Bytes) -> By
         call.ttft = Some(t0.elapsed());
     }
     match mode {
-        Mode::Json {
-            copy,
-            max,
-            truncated,
-        } => {
+        Mode::Json { copy, max, truncated } => {
             if !*truncated {
                 if copy.len() + chunk.len() <= *max {
                     copy.extend_from_slice(&chunk);
@@ -163,11 +133,7 @@ fn on_data(mode: &mut Mode, call: &mut LlmCall, t0: Instant, chunk: Bytes) -> By
             }
             chunk
         }
-        Mode::Sse {
-            parser,
-            drop_usage: false,
-            ..
-        } => {
+        Mode::Sse { parser, drop_usage: false, .. } => {
             parser.feed(&chunk, |_, ev| {
                 if let SseEvent::Data(d) = ev {
                     observe(call, d);
@@ -175,13 +141,7 @@ fn on_data(mode: &mut Mode, call: &mut LlmCall, t0: Instant, chunk: Bytes) -> By
             });
             chunk
         }
-        Mode::Sse {
-            parser,
-            drop_usage: true,
-            held,
-            passthrough,
-            max,
-        } => {
+        Mode::Sse { parser, drop_usage: true, held, passthrough, max } => {
             let mut out = Out::default();
             let mut cursor = 0;
             parser.feed(&chunk, |end, ev| {
@@ -236,12 +196,7 @@ fn observe(call: &mut LlmCall, data: &[u8]) -> bool {
         call.usage = Some(u.to_usage());
     }
     if let Some(e) = &s.error {
-        call.error = Some(
-            e.message
-                .as_deref()
-                .unwrap_or("error event in response")
-                .to_string(),
-        );
+        call.error = Some(e.message.as_deref().unwrap_or("error event in response").to_string());
     }
     s.is_usage_only()
 }
@@ -250,10 +205,7 @@ impl Body for ObservedBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         if let Some(f) = this.pending.take() {
             return Poll::Ready(Some(Ok(f)));
@@ -317,9 +269,7 @@ impl Body for ObservedBody {
 
     fn size_hint(&self) -> SizeHint {
         match &self.mode {
-            Mode::Sse {
-                drop_usage: true, ..
-            } => SizeHint::default(),
+            Mode::Sse { drop_usage: true, .. } => SizeHint::default(),
             _ => self.inner.size_hint(),
         }
     }

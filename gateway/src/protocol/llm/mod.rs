@@ -34,10 +34,7 @@ impl Reporter {
     /// Report to `telemetry`, and copy each call to `observer` when given (never blocks: a full
     /// channel drops the copy).
     pub fn new(telemetry: Arc<Telemetry>, observer: Option<mpsc::Sender<LlmCall>>) -> Self {
-        Reporter {
-            telemetry,
-            observer,
-        }
+        Reporter { telemetry, observer }
     }
 
     /// Hand one finished call to every sink.
@@ -50,10 +47,7 @@ impl Reporter {
 }
 
 /// Proxy one chat-completions request and return the observed response.
-pub(crate) async fn chat_completions(
-    ctx: &L7Context,
-    req: Request<Incoming>,
-) -> Response<ProxyBody> {
+pub(crate) async fn chat_completions(ctx: &L7Context, req: Request<Incoming>) -> Response<ProxyBody> {
     let t0 = Instant::now();
     let (mut parts, body) = req.into_parts();
     let mut call = Box::new(LlmCall {
@@ -76,43 +70,18 @@ pub(crate) async fn chat_completions(
         ttft: None,
         duration: Duration::ZERO,
         error: None,
-        traceparent: parts
-            .headers
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string),
+        traceparent: parts.headers.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_string),
     });
 
     let limits = &ctx.config.limits;
-    let declared = parts
-        .headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limits.max_request_body_bytes as u64) {
-        return fail(
-            ctx,
-            call,
-            t0,
-            ProtocolError::BodyTooLarge {
-                limit: limits.max_request_body_bytes,
-            },
-        );
+        return fail(ctx, call, t0, ProtocolError::BodyTooLarge { limit: limits.max_request_body_bytes });
     }
-    let bytes = match Limited::new(body, limits.max_request_body_bytes)
-        .collect()
-        .await
-    {
+    let bytes = match Limited::new(body, limits.max_request_body_bytes).collect().await {
         Ok(c) => c.to_bytes(),
         Err(e) if e.is::<LengthLimitError>() => {
-            return fail(
-                ctx,
-                call,
-                t0,
-                ProtocolError::BodyTooLarge {
-                    limit: limits.max_request_body_bytes,
-                },
-            )
+            return fail(ctx, call, t0, ProtocolError::BodyTooLarge { limit: limits.max_request_body_bytes })
         }
         Err(e) => return fail(ctx, call, t0, ProtocolError::ClientBody(e.to_string())),
     };
@@ -120,19 +89,12 @@ pub(crate) async fn chat_completions(
     let (body, injected) = rewrite(&bytes, &mut call);
     // Identity encoding, so usage can be read from the response.
     parts.headers.remove(ACCEPT_ENCODING);
-    parts
-        .headers
-        .insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
     prepare(ctx, &mut parts);
     if let Err(e) = prepare_uri(ctx, &mut parts) {
         return fail(ctx, call, t0, e);
     }
-    let resp = match send(
-        ctx,
-        Request::from_parts(parts, Either::Right(Full::new(body))),
-    )
-    .await
-    {
+    let resp = match send(ctx, Request::from_parts(parts, Either::Right(Full::new(body)))).await {
         Ok(r) => r,
         Err(e) => return fail(ctx, call, t0, e),
     };
@@ -143,21 +105,14 @@ pub(crate) async fn chat_completions(
         .headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.trim_start()
-                .to_ascii_lowercase()
-                .starts_with("text/event-stream")
-        });
+        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/event-stream"));
     let drop_usage = injected && is_sse;
     if drop_usage {
         // Bytes will be removed: let hyper frame the body itself.
         rparts.headers.remove(CONTENT_LENGTH);
     }
-    let mode = if is_sse {
-        Mode::sse(limits.max_sse_event_bytes, drop_usage)
-    } else {
-        Mode::json(limits.max_inspect_bytes)
-    };
+    let mode =
+        if is_sse { Mode::sse(limits.max_sse_event_bytes, drop_usage) } else { Mode::json(limits.max_inspect_bytes) };
     let observed = ObservedBody::new(rbody, mode, call, t0, ctx.reporter.clone());
     Response::from_parts(rparts, ProxyBody::Observed(Box::new(observed)))
 }
@@ -183,12 +138,7 @@ fn rewrite(bytes: &Bytes, call: &mut LlmCall) -> (Bytes, bool) {
 }
 
 /// Report a call that ended in a tollgate-side failure and answer the client.
-fn fail(
-    ctx: &L7Context,
-    mut call: Box<LlmCall>,
-    t0: Instant,
-    e: ProtocolError,
-) -> Response<ProxyBody> {
+fn fail(ctx: &L7Context, mut call: Box<LlmCall>, t0: Instant, e: ProtocolError) -> Response<ProxyBody> {
     let resp = error_response(&e);
     call.status = resp.status().as_u16();
     call.error = Some(e.to_string());

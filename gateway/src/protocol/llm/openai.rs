@@ -26,8 +26,7 @@ pub enum OpenAiError {
 /// Does this request target a chat-completions endpoint? Accepts any prefix (`/openai/v1/...`,
 /// Azure deployments) ending in `/chat/completions`.
 pub fn is_chat_completions(method: &http::Method, path: &str) -> bool {
-    method == http::Method::POST
-        && (path == "/v1/chat/completions" || path.ends_with("/chat/completions"))
+    method == http::Method::POST && (path == "/v1/chat/completions" || path.ends_with("/chat/completions"))
 }
 
 /// The request fields tollgate needs.
@@ -60,9 +59,7 @@ struct StreamOptionsWire {
 }
 
 /// Distinguishes `"stream_options": null` (present) from absent.
-fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
-    d: D,
-) -> Result<Option<Option<T>>, D::Error> {
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
     Option::<T>::deserialize(d).map(Some)
 }
 
@@ -74,11 +71,7 @@ pub fn inspect_request(body: &[u8]) -> Option<RequestInfo> {
     Some(RequestInfo {
         model: w.model.map(Cow::into_owned),
         stream: w.stream.unwrap_or(false),
-        include_usage: so
-            .as_ref()
-            .and_then(|o| o.as_ref())
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false),
+        include_usage: so.as_ref().and_then(|o| o.as_ref()).and_then(|o| o.include_usage).unwrap_or(false),
         has_stream_options: so.is_some(),
     })
 }
@@ -109,23 +102,16 @@ pub fn inject_include_usage(body: &[u8], info: &RequestInfo) -> Result<Bytes, Op
         out.extend_from_slice(&body[start + 1..]);
         return Ok(out.freeze());
     }
-    let mut v: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| OpenAiError::NotAnObject(e.to_string()))?;
-    let obj = v
-        .as_object_mut()
-        .ok_or_else(|| OpenAiError::NotAnObject("not an object".into()))?;
-    let so = obj
-        .entry("stream_options")
-        .or_insert(serde_json::Value::Null);
+    let mut v: serde_json::Value = serde_json::from_slice(body).map_err(|e| OpenAiError::NotAnObject(e.to_string()))?;
+    let obj = v.as_object_mut().ok_or_else(|| OpenAiError::NotAnObject("not an object".into()))?;
+    let so = obj.entry("stream_options").or_insert(serde_json::Value::Null);
     match so.as_object_mut() {
         Some(m) => {
             m.insert("include_usage".into(), serde_json::Value::Bool(true));
         }
         None => *so = serde_json::json!({ "include_usage": true }),
     }
-    serde_json::to_vec(&v)
-        .map(Bytes::from)
-        .map_err(|e| OpenAiError::NotAnObject(e.to_string()))
+    serde_json::to_vec(&v).map(Bytes::from).map_err(|e| OpenAiError::NotAnObject(e.to_string()))
 }
 
 /// `usage` as OpenAI (and compatible servers) send it.
@@ -164,14 +150,8 @@ impl UsageWire {
             input,
             output,
             total: self.total_tokens.unwrap_or(input + output),
-            cached_input: self
-                .prompt_tokens_details
-                .as_ref()
-                .and_then(|d| d.cached_tokens),
-            reasoning: self
-                .completion_tokens_details
-                .as_ref()
-                .and_then(|d| d.reasoning_tokens),
+            cached_input: self.prompt_tokens_details.as_ref().and_then(|d| d.cached_tokens),
+            reasoning: self.completion_tokens_details.as_ref().and_then(|d| d.reasoning_tokens),
             estimated: false,
         }
     }
@@ -266,14 +246,8 @@ mod tests {
     fn recognises_chat_paths() {
         let post = http::Method::POST;
         assert!(is_chat_completions(&post, "/v1/chat/completions"));
-        assert!(is_chat_completions(
-            &post,
-            "/openai/deployments/x/chat/completions"
-        ));
-        assert!(!is_chat_completions(
-            &http::Method::GET,
-            "/v1/chat/completions"
-        ));
+        assert!(is_chat_completions(&post, "/openai/deployments/x/chat/completions"));
+        assert!(!is_chat_completions(&http::Method::GET, "/v1/chat/completions"));
         assert!(!is_chat_completions(&post, "/v1/completions"));
     }
 
@@ -287,8 +261,7 @@ mod tests {
         let asked = br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#;
         assert!(!needs_usage_injection(&inspect_request(asked).unwrap()));
 
-        let stream =
-            br#"  {"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        let stream = br#"  {"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
         let i = inspect_request(stream).unwrap();
         assert!(needs_usage_injection(&i));
         let out = inject_include_usage(stream, &i).unwrap();
@@ -301,17 +274,12 @@ mod tests {
         let off = br#"{"stream":true,"stream_options":{"include_usage":false,"x":1}}"#;
         let i = inspect_request(off).unwrap();
         assert!(i.has_stream_options && needs_usage_injection(&i));
-        let out: serde_json::Value =
-            serde_json::from_slice(&inject_include_usage(off, &i).unwrap()).unwrap();
-        assert_eq!(
-            out["stream_options"],
-            serde_json::json!({"include_usage": true, "x": 1})
-        );
+        let out: serde_json::Value = serde_json::from_slice(&inject_include_usage(off, &i).unwrap()).unwrap();
+        assert_eq!(out["stream_options"], serde_json::json!({"include_usage": true, "x": 1}));
 
         let null = br#"{"stream":true,"stream_options":null}"#;
         let i = inspect_request(null).unwrap();
-        let out: serde_json::Value =
-            serde_json::from_slice(&inject_include_usage(null, &i).unwrap()).unwrap();
+        let out: serde_json::Value = serde_json::from_slice(&inject_include_usage(null, &i).unwrap()).unwrap();
         assert_eq!(out["stream_options"]["include_usage"], true);
 
         assert!(inspect_request(b"[1,2]").is_none());
@@ -342,9 +310,7 @@ mod tests {
             }
         );
         // Minimal servers: no total, no details.
-        let r =
-            parse_response(br#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4}}"#)
-                .unwrap();
+        let r = parse_response(br#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4}}"#).unwrap();
         assert!(r.is_usage_only());
         let u = r.usage.unwrap().to_usage();
         assert_eq!((u.total, u.cached_input, u.reasoning), (7, None, None));
@@ -354,8 +320,7 @@ mod tests {
     fn usage_only_chunk_detection() {
         let usage_only = br#"{"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":1}}"#;
         assert!(parse_response(usage_only).unwrap().is_usage_only());
-        let with_choice =
-            br#"{"choices":[{"delta":{"content":"a\"b"},"finish_reason":null}],"usage":null}"#;
+        let with_choice = br#"{"choices":[{"delta":{"content":"a\"b"},"finish_reason":null}],"usage":null}"#;
         let r = parse_response(with_choice).unwrap();
         assert!(!r.is_usage_only());
         assert_eq!(r.choices.unwrap().len, 1);

@@ -61,11 +61,7 @@ impl SseParser {
 
     /// True when no event is in progress (nothing buffered, no partial line).
     pub fn is_idle(&self) -> bool {
-        !self.has_data
-            && !self.overflow
-            && self.line.is_empty()
-            && !self.line_overflow
-            && !self.pending_dispatch
+        !self.has_data && !self.overflow && self.line.is_empty() && !self.line_overflow && !self.pending_dispatch
     }
 
     /// Feed the next chunk. `on_event(end, event)` runs for every event completed in it; `end`
@@ -281,10 +277,7 @@ mod tests {
     fn oversized_event_is_bounded_but_framed() {
         let s = b"data: 0123456789abcdef\n\ndata: ok\n\n";
         let got = run(s, &[], 8);
-        assert_eq!(
-            got,
-            vec![(24, Ev::Oversized), (s.len(), Ev::Data("ok".into()))]
-        );
+        assert_eq!(got, vec![(24, Ev::Oversized), (s.len(), Ev::Data("ok".into()))]);
         every_split(s, 8);
     }
 
