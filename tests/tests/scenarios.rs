@@ -23,7 +23,7 @@ use tollgate_e2e::client::{curl, python};
 use tollgate_e2e::mock::MockLlm;
 use tollgate_e2e::netns::Netns;
 use tollgate_e2e::openai::{self, ChatRequest, Reply};
-use tollgate_e2e::tollgate::{self as tg, Tollgate};
+use tollgate_e2e::tollgate::{self as tg, base_config, Tollgate};
 use tollgate_e2e::{anyhow, bail, ensure, merge, wait_for, Context, Result};
 
 use support::*;
@@ -642,5 +642,47 @@ fn s9_check_reports_typo_position() -> Result<()> {
     std::fs::write(&good, "listen:\n  port: 15001\ncapture:\n  ports: [443]\n")?;
     let (code, out, err) = tg::check(&e.tg_bin, &good)?;
     ensure!(code == 0 && out.trim_end().ends_with("ok"), "valid config: exit {code}, stdout {out:?}, stderr {err:?}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10. No cgroup2 mounted (as on this repo's cgroup v1 hosts): tollgate mounts one itself.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs root, BPF and built binaries: run via `cargo xtask test`"]
+fn s10_mounts_cgroup2_when_none_is_mounted() -> Result<()> {
+    let e = env()?;
+    let g = e.cg.group("s10-agent")?;
+    let mock = e.mock(&["--listen", "127.0.0.2:8000"])?;
+    // tollgate runs in a private mount namespace with every cgroup2 mount removed, so its
+    // auto-detection finds none and must mount its own (the hierarchy is the same one).
+    let wrapper = e.path("tollgate-without-cgroup2.sh");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec unshare --mount --propagation private sh -c \
+             'for m in $(findmnt -rn -t cgroup2 -o TARGET); do umount -l \"$m\"; done; \
+             if findmnt -rn -t cgroup2 >/dev/null; then echo cgroup2 still mounted >&2; exit 97; fi; \
+             exec \"$0\" \"$@\"' {} \"$@\"\n",
+            e.tg_bin.display()
+        ),
+    )?;
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let dir = Tollgate::scratch()?;
+    let mut cfg = base_config(&e.cg, dir.path());
+    merge(&mut cfg, plaintext_route(mock.http[0], &[&g], "s10-agent", &g));
+    merge(&mut cfg, json!({"capture": {"cgroup_root": null}}));
+    let t = Tollgate::start(&wrapper, dir, cfg, None)?;
+    let log = t.stderr_tail(200);
+    ensure!(log.contains("no cgroup2 mount found; mounting one"), "tollgate did not mount cgroup2 itself:\n{log}");
+    ensure!(log.contains("/run/tollgate/cgroup2"), "attach point is not the own mount:\n{log}");
+
+    let req = ChatRequest::simple(MODEL, "Name a prime number.");
+    let reply = openai::reply_for(&req);
+    let r = chat_curl(&e, Some(&g), "http://127.0.0.2:8000/v1/chat/completions", &req)?;
+    assert_completion(&r, &reply)?;
+    assert_proxied(&r)?;
+    assert_tokens(&t, "s10-agent", "local-llm", &[&reply])?;
     Ok(())
 }
