@@ -16,7 +16,10 @@
 #![allow(clippy::needless_borrows_for_generic_args)]
 
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, BPF_ANY, BPF_SOCK_OPS_TCP_CONNECT_CB},
+    bindings::{
+        bpf_sock_addr, BPF_ANY, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE,
+    },
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
         generated::{
@@ -168,6 +171,12 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     // returns the cookie of the socket's netns.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let host = netns_cookie == cfg.host_netns_cookie;
+    // A pod's loopback is its own: the proxy would dial the node's loopback instead, reaching
+    // node-only services with the node's identity. Leave such connects alone.
+    if !host && is_loopback(&dest) {
+        count(Counter::SkipPodLoopback);
+        return ALLOW;
+    }
     let (proxy4, proxy6) = match dest {
         Dest::V4 { .. } if host => (cfg.proxy_v4, [0u8; 16]),
         Dest::V4 { .. } if cfg.flags & FLAG_POD_V4 != 0 => (cfg.pod_proxy_v4, [0u8; 16]),
@@ -344,16 +353,36 @@ fn is_zero16(a: &[u8; 16]) -> bool {
 }
 
 #[inline(always)]
+fn is_loopback(d: &Dest) -> bool {
+    match d {
+        Dest::V4 { addr, .. } => addr[0] == 127,
+        Dest::V6 { addr, .. } => {
+            let w = bytes_to_words(*addr);
+            (w[0] | w[1] | w[2]) == 0 && w[3] == u32::from_ne_bytes([0, 0, 0, 1])
+        }
+    }
+}
+
+#[inline(always)]
 fn is_v4_mapped(a: &[u8; 16]) -> bool {
     let w = bytes_to_words(*a);
     (w[0] | w[1]) == 0 && w[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
 }
 
-/// TCP socket events; only `TCP_CONNECT_CB` is used, to re-key records by 4-tuple.
+/// TCP socket events: `TCP_CONNECT_CB` re-keys records by 4-tuple; `STATE_CB` (enabled only
+/// on captured sockets) drops a record the proxy never took once its socket closes, so a
+/// connect that failed or was never accepted cannot lend its identity to a later flow that
+/// reuses the 4-tuple.
 #[sock_ops]
 pub fn tg_sockops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
+    let op = ctx.op();
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
         rekey(&ctx);
+    } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
+        let key = flow_key(&ctx);
+        if TG_BY_FLOW.remove(&key).is_ok() {
+            count(Counter::ExpiredOnClose);
+        }
     }
     // The return value of sock_ops is only consulted for ops that ask for a reply.
     1
@@ -370,31 +399,74 @@ fn rekey(ctx: &SockOpsContext) {
     // SAFETY: non-null value pointer from a map lookup, plain data, copied out immediately.
     let rec: CaptureRecord = unsafe { *p };
 
-    // `remote_port` holds the network-order port in a u32: in the upper half on current kernels
-    // (little-endian), in the lower half on old ones. `local_port` is host order.
-    let rp = ctx.remote_port();
-    let rp = if rp >> 16 != 0 { rp >> 16 } else { rp };
-    let mut key =
-        FlowKey { src_port: ctx.local_port() as u16, dst_port: u16::from_be(rp as u16), ..FlowKey::default() };
-    let remote6 = words_to_bytes(ctx.remote_ip6());
-    let v4 = ctx.family() == u32::from(AF_INET) || is_v4_mapped(&remote6);
-    if v4 {
-        // For IPv4-mapped flows on an AF_INET6 socket the IPv4 fields are the valid ones at this
-        // point (the v6 source is only filled in after tcp_v4_connect returns).
-        key.family = AF_INET;
-        key.src_addr[..4].copy_from_slice(&ctx.local_ip4().to_ne_bytes());
-        key.dst_addr[..4].copy_from_slice(&ctx.remote_ip4().to_ne_bytes());
-    } else {
-        key.family = AF_INET6;
-        key.src_addr = words_to_bytes(ctx.local_ip6());
-        key.dst_addr = remote6;
-    }
+    let key = flow_key(ctx);
     if TG_BY_FLOW.insert(&key, &rec, BPF_ANY as u64).is_err() {
         count(Counter::RecordFailed);
         return;
     }
     let _ = TG_BY_COOKIE.remove(&cookie);
+    // Ask for state callbacks on this socket only, to clean up if the proxy never takes it.
+    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
     count(Counter::Rekeyed);
+}
+
+/// The connection as the proxy sees it: local side = agent, remote side = proxy.
+#[inline(always)]
+fn flow_key(ctx: &SockOpsContext) -> FlowKey {
+    let ops = ctx.ops;
+    // Every context field is read with one volatile 4-byte load at a constant offset: the
+    // verifier rejects loads through a ctx pointer LLVM has offset (which it does when it fuses
+    // a field read into a byte-wise copy).
+    let rd = |p: *const u32| -> u32 {
+        // SAFETY: `p` points at a 4-byte field of the live sock_ops context; reads of these
+        // fields are allowed for sock_ops programs.
+        unsafe { core::ptr::read_volatile(p) }
+    };
+    // SAFETY (all `addr_of!` below): field addresses of the context, not dereferenced here.
+    let (family, rport, lport, rip4, lip4) = unsafe {
+        (
+            rd(core::ptr::addr_of!((*ops).family)),
+            rd(core::ptr::addr_of!((*ops).remote_port)),
+            rd(core::ptr::addr_of!((*ops).local_port)),
+            rd(core::ptr::addr_of!((*ops).remote_ip4)),
+            rd(core::ptr::addr_of!((*ops).local_ip4)),
+        )
+    };
+    // SAFETY: as above.
+    let rip6 = unsafe {
+        [
+            rd(core::ptr::addr_of!((*ops).remote_ip6[0])),
+            rd(core::ptr::addr_of!((*ops).remote_ip6[1])),
+            rd(core::ptr::addr_of!((*ops).remote_ip6[2])),
+            rd(core::ptr::addr_of!((*ops).remote_ip6[3])),
+        ]
+    };
+    // `remote_port` holds the network-order port in a u32: in the upper half on current kernels
+    // (little-endian), in the lower half on old ones. `local_port` is host order.
+    let rp = if rport >> 16 != 0 { rport >> 16 } else { rport };
+    let mut key = FlowKey { src_port: lport as u16, dst_port: u16::from_be(rp as u16), ..FlowKey::default() };
+    let remote6 = words_to_bytes(rip6);
+    if family == u32::from(AF_INET) || is_v4_mapped(&remote6) {
+        // For IPv4-mapped flows on an AF_INET6 socket the IPv4 fields are the valid ones at
+        // connect time (the v6 source is only filled in after tcp_v4_connect returns).
+        key.family = AF_INET;
+        key.src_addr[..4].copy_from_slice(&lip4.to_ne_bytes());
+        key.dst_addr[..4].copy_from_slice(&rip4.to_ne_bytes());
+    } else {
+        // SAFETY: as above.
+        let lip6 = unsafe {
+            [
+                rd(core::ptr::addr_of!((*ops).local_ip6[0])),
+                rd(core::ptr::addr_of!((*ops).local_ip6[1])),
+                rd(core::ptr::addr_of!((*ops).local_ip6[2])),
+                rd(core::ptr::addr_of!((*ops).local_ip6[3])),
+            ]
+        };
+        key.family = AF_INET6;
+        key.src_addr = words_to_bytes(lip6);
+        key.dst_addr = remote6;
+    }
+    key
 }
 
 #[cfg(not(test))]

@@ -72,6 +72,7 @@ pub struct RuntimeConfig {
     pub pod_proxy_v6: [u8; 16],
     /// Proxy port, host order.
     pub proxy_port: u16,
+    /// Explicit padding (always 0) so every byte is initialised.
     pub _pad0: u16,
     /// `FLAG_*` bits.
     pub flags: u32,
@@ -124,6 +125,7 @@ pub struct FlowKey {
     pub dst_port: u16,
     /// [`AF_INET`] or [`AF_INET6`].
     pub family: u16,
+    /// Explicit padding (always 0).
     pub _pad: u16,
 }
 
@@ -142,8 +144,11 @@ pub struct CaptureRecord {
     pub tgid: u32,
     /// Thread id of the caller.
     pub pid: u32,
+    /// Real uid of the caller (init user namespace).
     pub uid: u32,
+    /// Real gid of the caller.
     pub gid: u32,
+    /// Explicit padding (always 0).
     pub _pad: u32,
     /// `comm` of the calling thread, NUL padded.
     pub comm: [u8; 16],
@@ -181,10 +186,14 @@ pub enum Counter {
     Rekeyed = 9,
     /// Non-TCP socket (connected UDP).
     SkipNotTcp = 10,
+    /// Caller in another netns connecting to its own loopback: not the node's to proxy.
+    SkipPodLoopback = 11,
+    /// A record the proxy never took was dropped when its socket closed.
+    ExpiredOnClose = 12,
 }
 
 /// Number of [`Counter`] slots.
-pub const COUNTER_SLOTS: u32 = 11;
+pub const COUNTER_SLOTS: u32 = 13;
 
 impl Counter {
     /// Every counter, in slot order, so userspace can name them without repeating the list.
@@ -200,6 +209,8 @@ impl Counter {
         Counter::RecordFailed,
         Counter::Rekeyed,
         Counter::SkipNotTcp,
+        Counter::SkipPodLoopback,
+        Counter::ExpiredOnClose,
     ];
 
     /// Metric label for the counter.
@@ -216,6 +227,8 @@ impl Counter {
             Counter::RecordFailed => "record_failed",
             Counter::Rekeyed => "rekeyed",
             Counter::SkipNotTcp => "skipped_not_tcp",
+            Counter::SkipPodLoopback => "skipped_pod_loopback",
+            Counter::ExpiredOnClose => "expired_on_close",
         }
     }
 }

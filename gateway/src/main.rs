@@ -123,7 +123,7 @@ fn run(path: Option<&Path>) -> Result<()> {
     rt.block_on(serve(cfg))
 }
 
-async fn serve(cfg: Arc<Config>) -> Result<()> {
+async fn serve(mut cfg: Arc<Config>) -> Result<()> {
     let telemetry = Arc::new(Telemetry::new(&cfg.telemetry)?);
     let ca = Arc::new(
         CertAuthority::load_or_create(&cfg.tls.ca_dir, cfg.tls.leaf_validity, cfg.limits.cert_cache_size)
@@ -135,7 +135,16 @@ async fn serve(cfg: Arc<Config>) -> Result<()> {
     // Listeners first: once capture is attached, redirected connects must find a socket.
     let mut listeners = Vec::new();
     for addr in cfg.proxy_addrs() {
-        listeners.push(bind_proxy(addr).with_context(|| format!("proxy listener {addr}"))?);
+        match bind_proxy(addr) {
+            Ok(l) => listeners.push(l),
+            // Hosts and containers with IPv6 disabled have no ::1: run IPv4-only rather than
+            // refuse to start (the programs then leave IPv6 connects alone).
+            Err(e) if Some(addr.ip()) == cfg.listen.ipv6.map(Into::into) => {
+                tracing::warn!(%addr, error = %e, "IPv6 proxy address unavailable: IPv6 capture disabled");
+                Arc::make_mut(&mut cfg).listen.ipv6 = None;
+            }
+            Err(e) => return Err(e).with_context(|| format!("proxy listener {addr}")),
+        }
     }
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -167,7 +176,7 @@ async fn serve(cfg: Arc<Config>) -> Result<()> {
     }
     let agents = Arc::new(AgentResolver::new(&cfg.agents, cgroup_root));
     let deps = ProxyDeps { config: cfg.clone(), flows, agents, telemetry: telemetry.clone(), ca, observer: None };
-    let proxy = tokio::spawn(connection::serve(deps, listeners, shutdown_rx.clone()));
+    let mut proxy = tokio::spawn(connection::serve(deps, listeners, shutdown_rx.clone()));
     let admin_task = tokio::spawn(admin::serve(admin_listener, telemetry.clone(), health.clone(), shutdown_rx.clone()));
     health.ready.store(true, Ordering::Relaxed);
     tracing::info!(
@@ -177,7 +186,25 @@ async fn serve(cfg: Arc<Config>) -> Result<()> {
         "tollgate ready"
     );
 
-    wait_for_signal().await?;
+    // If the proxy dies, the kernel must stop sending connections to it at once: detach and
+    // exit non-zero (the supervisor restarts us) instead of redirecting into a dead listener.
+    let proxy_died = tokio::select! {
+        r = wait_for_signal() => { r?; None }
+        r = &mut proxy => Some(match r {
+            Ok(Ok(())) => anyhow::anyhow!("proxy stopped unexpectedly"),
+            Ok(Err(e)) => anyhow::Error::new(e).context("proxy failed"),
+            Err(e) => anyhow::Error::new(e).context("proxy task panicked"),
+        }),
+    };
+    if let Some(err) = proxy_died {
+        health.ready.store(false, Ordering::Relaxed);
+        if let Some(c) = &capture {
+            c.shutdown();
+        }
+        let _ = shutdown_tx.send(true);
+        telemetry.shutdown().await;
+        return Err(err);
+    }
     tracing::info!("shutting down: detaching capture, draining connections");
     health.ready.store(false, Ordering::Relaxed);
     // Detach first so new connects go direct while in-flight ones drain.

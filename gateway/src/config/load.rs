@@ -123,6 +123,11 @@ fn validate(file: &str, c: &Config) -> Result<(), ConfigError> {
             }
         }
     }
+    for (i, r) in c.tls.extra_roots.iter().enumerate() {
+        if let Err(e) = std::fs::metadata(r) {
+            return Err(bad(format!("tls.extra_roots[{i}]"), format!("{}: {e}", r.display())));
+        }
+    }
     for (i, a) in c.agents.iter().enumerate() {
         if a.name.is_empty() {
             return Err(bad(format!("agents[{i}].name"), "must not be empty".into()));
@@ -172,6 +177,12 @@ mod tests {
     fn semantic_error_names_field() {
         let err = from_str("c.yaml", "routes:\n- name: x\n  provider: openai\n  match: {}\n").unwrap_err().to_string();
         assert_eq!(err, "c.yaml: routes[0].match: needs at least one of hosts, addresses");
+    }
+
+    #[test]
+    fn missing_extra_root_is_named() {
+        let err = from_str("c.yaml", "tls:\n  extra_roots: [/nonexistent/ca.pem]\n").unwrap_err().to_string();
+        assert!(err.starts_with("c.yaml: tls.extra_roots[0]: /nonexistent/ca.pem: No such file"), "{err}");
     }
 
     #[test]
