@@ -149,6 +149,41 @@ fn s1b_plaintext_streaming_curl_is_relayed_and_counted() -> Result<()> {
     Ok(())
 }
 
+/// The common case: a streaming client that did not ask for usage. tollgate asks upstream for it
+/// (the mock must see `include_usage`), counts the tokens, and drops the extra usage-only chunk:
+/// the client gets every other upstream event byte for byte (OpenAI then also sets
+/// `"usage":null` on each chunk, a field of the documented chunk schema).
+#[test]
+#[ignore = "needs root, BPF and built binaries: run via `cargo xtask test`"]
+fn s1c_streaming_without_usage_gets_usage_injected_and_stripped() -> Result<()> {
+    let e = env()?;
+    let g = e.cg.group("s1c-agent")?;
+    let mock = e.mock(&["--listen", "127.0.0.2:8000", "--chunk-delay-ms", "5"])?;
+    let t = e.tollgate(plaintext_route(mock.http[0], &[&g], "s1c-agent", &g), None)?;
+
+    let mut req = ChatRequest::simple(MODEL, "Stream three words about eBPF.");
+    req.stream = true;
+    req.include_usage = false;
+    let reply = openai::reply_for(&req);
+    let r = chat_curl(&e, Some(&g), "http://127.0.0.2:8000/v1/chat/completions", &req)?;
+    ensure!(r.exit == 0 && r.http_code == 200, "request failed: {}", r.describe());
+    assert_proxied(&r)?;
+    let mut events = openai::stream_events(&reply, true);
+    let usage_chunk = events.remove(events.len() - 2);
+    ensure!(usage_chunk.contains(r#""choices":[]"#), "fixture: expected the usage chunk, got {usage_chunk}");
+    let want = events.concat().into_bytes();
+    ensure!(
+        r.body == want,
+        "client stream differs from the upstream stream minus its usage-only chunk\n got: {}\nwant: {}",
+        r.text(),
+        String::from_utf8_lossy(&want)
+    );
+    let stats = mock.stats(None)?;
+    ensure!(stats["chat_stream_usage_requests"] == 1, "upstream was not asked for usage: {stats}");
+    assert_tokens(&t, "s1c-agent", "local-llm", &[&reply])?;
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. The real Python openai SDK in a pod-like netns + cgroup calling https://api.openai.com.
 // ---------------------------------------------------------------------------------------------

@@ -678,6 +678,26 @@ fn test(filter: Option<&str>, skip_setup: bool, skip_unit: bool, timeout: Durati
         results.insert(n.clone(), o);
     }
 
+    // The loader's own kernel test (exact counter deltas, IPv4-mapped, pod-without-address,
+    // fail-closed pins): root-only like the scenarios, so it runs here.
+    let mut smoke = Tally::default();
+    let mut smoke_ok = true;
+    if filter.is_none() {
+        step("test: capture smoke test (gateway/tests/capture_smoke.rs, real kernel)");
+        let (ok, text) = tee(cargo().args([
+            "test",
+            "-p",
+            "tollgate",
+            "--test",
+            "capture_smoke",
+            "--",
+            "--ignored",
+            "--test-threads=1",
+        ]))?;
+        smoke = tally(&text);
+        smoke_ok = ok && smoke.passed > 0;
+    }
+
     let (mut e2e_pass, mut e2e_fail) = (0u64, 0u64);
     println!();
     println!("==================== tollgate test summary ====================");
@@ -692,6 +712,16 @@ fn test(filter: Option<&str>, skip_setup: bool, skip_unit: bool, timeout: Durati
             if unit_ok { "" } else { "  (cargo test FAILED)" }
         );
     }
+    if filter.is_none() {
+        println!(
+            "capture smoke test: {} passed, {} failed{}",
+            smoke.passed,
+            smoke.failed,
+            if smoke_ok { "" } else { "  (FAILED)" }
+        );
+    }
+    e2e_pass += smoke.passed;
+    e2e_fail += smoke.failed + u64::from(!smoke_ok && smoke.failed == 0);
     println!("end-to-end scenarios:");
     for (n, o) in &results {
         match o {

@@ -61,6 +61,8 @@ struct Args {
 struct Stats {
     chat: AtomicU64,
     chat_stream: AtomicU64,
+    /// Streaming requests that asked for the usage chunk.
+    chat_stream_usage: AtomicU64,
     origin: AtomicU64,
     errors: AtomicU64,
 }
@@ -121,6 +123,7 @@ async fn route(req: Request<Incoming>, st: &State) -> Response<RespBody> {
             let v = serde_json::json!({
                 "chat_requests": s.chat.load(Ordering::Relaxed),
                 "chat_stream_requests": s.chat_stream.load(Ordering::Relaxed),
+                "chat_stream_usage_requests": s.chat_stream_usage.load(Ordering::Relaxed),
                 "origin_requests": s.origin.load(Ordering::Relaxed),
                 "errors": s.errors.load(Ordering::Relaxed),
             });
@@ -188,6 +191,9 @@ async fn chat(req: Request<Incoming>, st: &State) -> Response<RespBody> {
             .expect("response");
     }
     st.stats.chat_stream.fetch_add(1, Ordering::Relaxed);
+    if creq.include_usage {
+        st.stats.chat_stream_usage.fetch_add(1, Ordering::Relaxed);
+    }
     let events = openai::stream_events(&reply, creq.include_usage);
     let (tx, rx) = mpsc::channel::<Bytes>(8);
     let delay = st.chunk_delay;
