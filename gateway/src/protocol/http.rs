@@ -160,8 +160,7 @@ pub(crate) fn prepare(ctx: &L7Context, parts: &mut http::request::Parts) {
 
 /// Point the request at the target (absolute URI for the pooled client).
 pub(crate) fn prepare_uri(ctx: &L7Context, parts: &mut http::request::Parts) -> Result<(), ProtocolError> {
-    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    parts.uri = ctx.target.uri_for(pq)?;
+    parts.uri = ctx.target.uri_for_path(parts.uri.path_and_query())?;
     Ok(())
 }
 
@@ -172,8 +171,29 @@ pub(crate) async fn send(ctx: &L7Context, req: Request<ReqBody>) -> Result<Respo
     Ok(resp)
 }
 
+/// Hop-by-hop headers (RFC 9110 §7.6.1) removed in both directions, besides those named in
+/// `Connection`.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn is_hop_by_hop(n: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(n) || n == "keep-alive" || n == "proxy-connection"
+}
+
 /// Remove hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Usually there are none: one pass over the few names present is cheaper than a hashed
+    // removal per hop-by-hop name.
+    if !h.keys().any(is_hop_by_hop) {
+        return;
+    }
     if h.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = h
             .get_all(header::CONNECTION)
@@ -186,15 +206,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
             h.remove(n);
         }
     }
-    for n in [
-        header::CONNECTION,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
+    for n in HOP_BY_HOP {
         h.remove(n);
     }
     h.remove("keep-alive");

@@ -3,16 +3,24 @@
 //! they appear after the OTel → Prometheus name translation (dots → underscores, unit suffix);
 //! tollgate's own metrics carry the `tollgate_` prefix. Every free-form label value passes a
 //! [`LabelLimiter`] so series counts stay bounded.
+//!
+//! LLM calls repeat the same label combination almost always, so the series handles of each
+//! combination are cached ([`CallSeries`]): a call then costs one hash of its raw fields instead
+//! of a limiter lookup per label and a label-hash per series.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+use std::sync::{Arc, OnceLock};
 
+use parking_lot::RwLock;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 use super::labels::LabelLimiter;
 use super::{ConnKind, L4Conn, LlmCall};
 use crate::capture::Agent;
+use crate::config::ProviderKind;
 
 /// Token-count buckets from the GenAI semconv advice for `gen_ai.client.token.usage`.
 const TOKEN_BUCKETS: &[f64] = &[
@@ -25,6 +33,12 @@ const DURATION_BUCKETS: &[f64] =
 /// TTFT buckets from the GenAI semconv advice for `gen_ai.server.time_to_first_token`.
 const TTFT_BUCKETS: &[f64] =
     &[0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0];
+
+/// Most cached label combinations of LLM calls. Label values are bounded, but raw model strings
+/// folded into `other` are not, so past this calls take the uncached path.
+const MAX_CACHED_SERIES: usize = 1024;
+/// `tollgate_llm_tokens_total` token types, in [`CallSeries::tokens`] order.
+const TOKEN_TYPES: [&str; 5] = ["input", "output", "total", "cached_input", "reasoning"];
 
 /// Reads the kernel's capture counters at scrape time (absolute values, so they are exported
 /// as-is rather than incremented).
@@ -48,6 +62,75 @@ pub struct Metrics {
     models: LabelLimiter,
     snis: LabelLimiter,
     agents: LabelLimiter,
+    /// Series handles by hash of the call's raw label fields (collisions share the bucket).
+    calls: RwLock<HashMap<u64, Vec<Arc<CallSeries>>, BuildHasherDefault<KeyHasher>>>,
+    calls_len: std::sync::atomic::AtomicUsize,
+    hasher: RandomState,
+}
+
+/// Hasher of the series cache, whose keys are already (seeded) hashes: passes them through.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+/// The series one kind of LLM call updates: keyed by the call's raw label fields, holding the
+/// resolved label values and the handles. Handles of series that only some calls touch are
+/// created on first use, so the exposition shows exactly the series the uncached path would.
+struct CallSeries {
+    agent: Arc<str>,
+    route: Arc<str>,
+    provider: ProviderKind,
+    operation: &'static str,
+    request_model: Option<Box<str>>,
+    response_model: Option<Box<str>>,
+    status: u16,
+    error: bool,
+    /// Labels `agent, route, provider, model` (`tollgate_llm_*`).
+    base: [Arc<str>; 4],
+    /// Label `gen_ai_request_model` (semconv families).
+    req_model: Arc<str>,
+    requests: IntCounter,
+    duration: Histogram,
+    tokens: [OnceLock<IntCounter>; 5],
+    /// `gen_ai_client_token_usage` for input, output.
+    usage: [OnceLock<Histogram>; 2],
+    ttft: OnceLock<Histogram>,
+}
+
+impl CallSeries {
+    fn matches(&self, c: &LlmCall) -> bool {
+        self.status == c.status
+            && self.error == c.error.is_some()
+            && self.provider == c.provider
+            && self.operation == c.operation
+            && *self.agent == *c.agent.name
+            && *self.route == *c.route
+            && self.request_model.as_deref() == c.request_model.as_deref()
+            && self.response_model.as_deref() == c.response_model.as_deref()
+    }
+
+    fn base_labels(&self) -> [&str; 4] {
+        [&self.base[0], &self.base[1], &self.base[2], &self.base[3]]
+    }
+
+    fn sem(&self) -> [&str; 4] {
+        [&self.base[0], self.operation, self.provider.semconv_name(), &self.req_model]
+    }
 }
 
 impl Metrics {
@@ -137,6 +220,9 @@ impl Metrics {
             models: LabelLimiter::new(max_label_values),
             snis: LabelLimiter::new(max_label_values),
             agents: LabelLimiter::new(max_label_values),
+            calls: RwLock::new(HashMap::default()),
+            calls_len: Default::default(),
+            hasher: RandomState::new(),
         })
     }
 
@@ -165,38 +251,118 @@ impl Metrics {
 
     /// An LLM call ended.
     pub fn llm_call(&self, c: &LlmCall) {
+        let s = self.call_series(c);
+        s.requests.inc();
+        if let Some(u) = &c.usage {
+            let values = [Some(u.input), Some(u.output), Some(u.total), u.cached_input, u.reasoning];
+            for (i, v) in values.into_iter().enumerate() {
+                if let Some(v) = v {
+                    s.tokens[i]
+                        .get_or_init(|| {
+                            self.llm_tokens.with_label_values(&[&s.base_labels()[..], &[TOKEN_TYPES[i]]].concat())
+                        })
+                        .inc_by(v);
+                }
+            }
+            for (i, (v, t)) in [(u.input, "input"), (u.output, "output")].into_iter().enumerate() {
+                s.usage[i]
+                    .get_or_init(|| self.token_usage.with_label_values(&[&s.sem()[..], &[t]].concat()))
+                    .observe(v as f64);
+            }
+        }
+        s.duration.observe(c.duration.as_secs_f64());
+        if c.stream {
+            if let Some(t) = c.ttft {
+                s.ttft.get_or_init(|| self.ttft.with_label_values(&s.sem())).observe(t.as_secs_f64());
+            }
+        }
+    }
+
+    /// The cached series of `c`'s label combination, created (and cached while there is room)
+    /// on first sight.
+    fn call_series(&self, c: &LlmCall) -> Arc<CallSeries> {
+        let key = self.call_key(c);
+        if let Some(s) = self.calls.read().get(&key).and_then(|b| b.iter().find(|s| s.matches(c))) {
+            return s.clone();
+        }
+        let s = Arc::new(self.new_call_series(c));
+        let len = self.calls_len.load(std::sync::atomic::Ordering::Relaxed);
+        if len < MAX_CACHED_SERIES {
+            let mut w = self.calls.write();
+            let bucket = w.entry(key).or_default();
+            if let Some(existing) = bucket.iter().find(|e| e.matches(c)) {
+                return existing.clone();
+            }
+            bucket.push(s.clone());
+            self.calls_len.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        s
+    }
+
+    /// Hash of the raw label fields of `c`. They are laid out in one buffer (each string with
+    /// its length) and hashed in one go, which costs a fraction of hashing field by field.
+    fn call_key(&self, c: &LlmCall) -> u64 {
+        let fields = [
+            Some(&*c.agent.name),
+            Some(&*c.route),
+            Some(c.provider.semconv_name()),
+            Some(c.operation),
+            c.request_model.as_deref(),
+            c.response_model.as_deref(),
+        ];
+        let mut buf = [0u8; 256];
+        let mut n = 0;
+        for f in fields {
+            let bytes = f.map_or(&[][..], str::as_bytes);
+            let end = n + 5 + bytes.len();
+            if end + 3 > buf.len() {
+                // Long values: field by field.
+                return self.hasher.hash_one((fields, c.status, c.error.is_some()));
+            }
+            buf[n] = u8::from(f.is_some());
+            buf[n + 1..n + 5].copy_from_slice(&(bytes.len() as u32).to_le_bytes());
+            buf[n + 5..end].copy_from_slice(bytes);
+            n = end;
+        }
+        buf[n..n + 2].copy_from_slice(&c.status.to_le_bytes());
+        buf[n + 2] = u8::from(c.error.is_some());
+        self.hasher.hash_one(&buf[..n + 3])
+    }
+
+    /// Resolve the labels of `c` (admitting new values to the limiters) and create the series
+    /// every call updates.
+    fn new_call_series(&self, c: &LlmCall) -> CallSeries {
         let agent = self.agent(Some(&c.agent));
         let model = self.models.get(c.response_model.as_deref().or(c.request_model.as_deref()).unwrap_or("unknown"));
         let req_model = self.models.get(c.request_model.as_deref().unwrap_or("unknown"));
         let provider = c.provider.semconv_name();
+        let base: [Arc<str>; 4] = [agent, c.route.clone(), Arc::from(provider), model];
+        let base_ref = [&*base[0], &*base[1], &*base[2], &*base[3]];
         let status = c.status.to_string();
-        let base = [&*agent, &*c.route, provider, &*model];
-        self.llm_requests.with_label_values(&[&base[..], &[status.as_str()]].concat()).inc();
-        let sem = [&*agent, c.operation, provider, &*req_model];
-        if let Some(u) = &c.usage {
-            let add = |t: &str, v: u64| self.llm_tokens.with_label_values(&[&base[..], &[t]].concat()).inc_by(v);
-            add("input", u.input);
-            add("output", u.output);
-            add("total", u.total);
-            if let Some(v) = u.cached_input {
-                add("cached_input", v);
-            }
-            if let Some(v) = u.reasoning {
-                add("reasoning", v);
-            }
-            self.token_usage.with_label_values(&[&sem[..], &["input"]].concat()).observe(u.input as f64);
-            self.token_usage.with_label_values(&[&sem[..], &["output"]].concat()).observe(u.output as f64);
-        }
+        let requests = self.llm_requests.with_label_values(&[&base_ref[..], &[status.as_str()]].concat());
         let error_type = match (&c.error, c.status) {
             (Some(_), _) => "transport",
             (None, s) if s >= 400 => status_class(s),
             _ => "",
         };
-        self.op_duration.with_label_values(&[&sem[..], &[error_type]].concat()).observe(c.duration.as_secs_f64());
-        if c.stream {
-            if let Some(t) = c.ttft {
-                self.ttft.with_label_values(&sem).observe(t.as_secs_f64());
-            }
+        let sem = [base_ref[0], c.operation, provider, &*req_model];
+        let duration = self.op_duration.with_label_values(&[&sem[..], &[error_type]].concat());
+        CallSeries {
+            agent: c.agent.name.clone(),
+            route: c.route.clone(),
+            provider: c.provider,
+            operation: c.operation,
+            request_model: c.request_model.as_deref().map(Box::from),
+            response_model: c.response_model.as_deref().map(Box::from),
+            status: c.status,
+            error: c.error.is_some(),
+            base,
+            req_model,
+            requests,
+            duration,
+            tokens: Default::default(),
+            usage: Default::default(),
+            ttft: OnceLock::new(),
         }
     }
 
@@ -320,6 +486,41 @@ pub(crate) mod tests {
         let text = m.encode();
         assert!(text.contains(r#"model="other""#));
         assert_eq!(text.matches("tollgate_llm_requests_total{").count(), 2, "{text}");
+    }
+
+    #[test]
+    fn cached_series_appear_as_calls_need_them() {
+        let m = Metrics::new(4096).unwrap();
+        let mut c = call("a", "m");
+        c.usage = Some(Usage { input: 1, output: 2, total: 3, cached_input: None, reasoning: None, estimated: false });
+        m.llm_call(&c);
+        let text = m.encode();
+        assert!(
+            !text.contains(r#"token_type="cached_input""#) && !text.contains(r#"token_type="reasoning""#),
+            "{text}"
+        );
+        c.usage = c.usage.map(|u| Usage { reasoning: Some(5), ..u });
+        m.llm_call(&c);
+        assert!(m.encode().contains(r#"route="openai",token_type="reasoning"} 5"#));
+        c.status = 429;
+        c.usage = None;
+        m.llm_call(&c);
+        c.error = Some("boom".into());
+        m.llm_call(&c);
+        let text = m.encode();
+        assert!(text.contains(r#"duration_seconds_count{agent="a",error_type="429","#), "{text}");
+        assert!(text.contains(r#"duration_seconds_count{agent="a",error_type="transport","#), "{text}");
+        assert!(text.contains(r#"status="429"} 2"#), "{text}");
+        // Past the cache bound, calls are still counted.
+        for i in 0..MAX_CACHED_SERIES + 10 {
+            m.llm_call(&call("b", &format!("x{i}")));
+        }
+        let last = format!("x{}", MAX_CACHED_SERIES + 9);
+        m.llm_call(&call("b", &last));
+        let want = format!(
+            r#"tollgate_llm_requests_total{{agent="b",model="{last}-2024",provider="openai",route="openai",status="200"}} 2"#
+        );
+        assert!(m.encode().contains(&want));
     }
 
     #[test]

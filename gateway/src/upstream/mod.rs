@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::HOST;
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -134,6 +135,9 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 pub struct Target {
     /// `scheme://[sni@]host:port`, the pool key and connector instructions.
     base: String,
+    /// `base` parsed once, so a request URI is assembled from parts instead of re-parsed;
+    /// `None` when it does not parse (each request then fails as before).
+    parsed: Option<(Scheme, Authority)>,
     /// Path prefix from the route's `upstream` URL, without trailing slash.
     prefix: String,
     /// `Host` to send; `None` keeps the client's.
@@ -161,41 +165,88 @@ impl Target {
                 Some(p) => format!("{host}:{p}"),
                 None => host.to_string(),
             };
-            return Ok(Target {
+            return Ok(Target::with_parsed(Target {
                 base: format!("{scheme}://{host}:{port}"),
+                parsed: None,
                 prefix: url.path().trim_end_matches('/').to_string(),
                 host: Some(header_value(&host_header)?),
                 server_address: host.trim_start_matches('[').trim_end_matches(']').to_string(),
                 server_port: port,
-            });
+            }));
         }
         let default_port = if tls { 443 } else { 80 };
         match (tls, name) {
             (true, Some(n)) => {
                 let host_header =
                     if orig.port() == default_port { n.to_string() } else { format!("{n}:{}", orig.port()) };
-                Ok(Target {
+                Ok(Target::with_parsed(Target {
                     base: format!("https://{n}@{orig}"),
+                    parsed: None,
                     prefix: String::new(),
                     host: Some(header_value(&host_header)?),
                     server_address: n.to_string(),
                     server_port: orig.port(),
-                })
+                }))
             }
             (true, None) => Err(UpstreamError::BadTarget("TLS target without a server name".into())),
-            (false, name) => Ok(Target {
+            (false, name) => Ok(Target::with_parsed(Target {
                 base: format!("http://{orig}"),
+                parsed: None,
                 prefix: String::new(),
                 host: None,
                 server_address: name.map_or_else(|| orig.ip().to_string(), str::to_string),
                 server_port: orig.port(),
-            }),
+            })),
         }
+    }
+
+    fn with_parsed(mut self) -> Self {
+        self.parsed = self.base.parse::<Uri>().ok().and_then(|u| {
+            let p = u.into_parts();
+            Some((p.scheme?, p.authority?))
+        });
+        self
     }
 
     /// Absolute URI for a request whose origin-form path and query is `pq`.
     pub fn uri_for(&self, pq: &str) -> Result<Uri, UpstreamError> {
         let pq = if pq.is_empty() { "/" } else { pq };
+        if pq.starts_with('/') {
+            let path = if self.prefix.is_empty() {
+                PathAndQuery::try_from(pq)
+            } else {
+                PathAndQuery::try_from([self.prefix.as_str(), pq].concat())
+            };
+            if let Some(u) = path.ok().and_then(|p| self.assemble(p)) {
+                return Ok(u);
+            }
+        }
+        self.parse_uri(pq)
+    }
+
+    /// [`Target::uri_for`] for a request's already parsed path and query: without a path
+    /// prefix it is reused as is.
+    pub fn uri_for_path(&self, pq: Option<&PathAndQuery>) -> Result<Uri, UpstreamError> {
+        match pq {
+            Some(p) if self.prefix.is_empty() && p.as_str().starts_with('/') => {
+                self.assemble(p.clone()).map_or_else(|| self.parse_uri(p.as_str()), Ok)
+            }
+            _ => self.uri_for(pq.map_or("/", PathAndQuery::as_str)),
+        }
+    }
+
+    /// `scheme://authority` + `path`, from the parsed base.
+    fn assemble(&self, path: PathAndQuery) -> Option<Uri> {
+        let (scheme, authority) = self.parsed.as_ref()?;
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(scheme.clone());
+        parts.authority = Some(authority.clone());
+        parts.path_and_query = Some(path);
+        Uri::from_parts(parts).ok()
+    }
+
+    /// The URI by parsing the whole string (fallback, and the error message).
+    fn parse_uri(&self, pq: &str) -> Result<Uri, UpstreamError> {
         let mut s = String::with_capacity(self.base.len() + self.prefix.len() + pq.len());
         s.push_str(&self.base);
         s.push_str(&self.prefix);

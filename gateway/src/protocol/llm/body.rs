@@ -38,7 +38,54 @@ pub(crate) enum Mode {
         max: usize,
     },
     /// Anything else: a capped copy parsed at the end.
-    Json { copy: Vec<u8>, max: usize, truncated: bool },
+    Json { copy: Kept, max: usize, truncated: bool },
+}
+
+/// The kept copy of a non-streamed body. A body that arrives in one chunk (the usual case) is
+/// kept by reference; only a body split over several chunks is joined.
+#[derive(Default)]
+pub(crate) enum Kept {
+    /// Nothing yet.
+    #[default]
+    Empty,
+    /// The only chunk so far.
+    One(Bytes),
+    /// Several chunks, joined.
+    Joined(Vec<u8>),
+}
+
+impl Kept {
+    fn len(&self) -> usize {
+        match self {
+            Kept::Empty => 0,
+            Kept::One(b) => b.len(),
+            Kept::Joined(v) => v.len(),
+        }
+    }
+
+    fn push(&mut self, chunk: &Bytes) {
+        if chunk.is_empty() {
+            return;
+        }
+        match self {
+            Kept::Empty => *self = Kept::One(chunk.clone()),
+            Kept::One(first) => {
+                let mut v = Vec::with_capacity(first.len() + chunk.len());
+                v.extend_from_slice(first);
+                v.extend_from_slice(chunk);
+                *self = Kept::Joined(v);
+            }
+            Kept::Joined(v) => v.extend_from_slice(chunk),
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Kept::Empty => &[],
+            Kept::One(b) => b,
+            Kept::Joined(v) => v,
+        }
+    }
 }
 
 impl Mode {
@@ -53,7 +100,7 @@ impl Mode {
     }
 
     pub(crate) fn json(max: usize) -> Self {
-        Mode::Json { copy: Vec::new(), max, truncated: false }
+        Mode::Json { copy: Kept::Empty, max, truncated: false }
     }
 }
 
@@ -103,8 +150,8 @@ impl ObservedBody {
                     observe(&mut call, d);
                 }
             }),
-            Mode::Json { copy, truncated: false, .. } if !copy.is_empty() => {
-                observe(&mut call, copy);
+            Mode::Json { copy, truncated: false, .. } if copy.len() > 0 => {
+                observe(&mut call, copy.as_slice());
             }
             Mode::Json { .. } => {}
         }
@@ -125,10 +172,10 @@ fn on_data(mode: &mut Mode, call: &mut LlmCall, t0: Instant, chunk: Bytes) -> By
         Mode::Json { copy, max, truncated } => {
             if !*truncated {
                 if copy.len() + chunk.len() <= *max {
-                    copy.extend_from_slice(&chunk);
+                    copy.push(&chunk);
                 } else {
                     *truncated = true;
-                    *copy = Vec::new();
+                    *copy = Kept::Empty;
                 }
             }
             chunk

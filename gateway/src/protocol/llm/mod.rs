@@ -3,6 +3,7 @@
 //! (see [`body`]) until one [`LlmCall`] can be reported.
 
 mod body;
+mod json;
 pub mod openai;
 pub mod sse;
 

@@ -3,7 +3,9 @@
 //! what it reads from responses (id, model, finish reasons, usage).
 //!
 //! Response parsing borrows from the input (`Cow<str>`) and skips everything else (message
-//! content, deltas) without allocating, since it runs once per streamed chunk.
+//! content, deltas) without allocating, since it runs once per streamed chunk. Both directions
+//! try a strict hand-rolled cursor first ([`super::json`]) and fall back to `serde_json` for
+//! anything it declines, so results are always those of the `serde_json` structs below.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -13,6 +15,7 @@ use bytes::{Bytes, BytesMut};
 use serde::de::{Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 
+use super::json::{Cursor, Defer, Fast};
 use crate::telemetry::Usage;
 
 /// Why a request body could not be rewritten.
@@ -66,14 +69,69 @@ fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Optio
 /// Read the request fields; `None` when the body is not a JSON object of the expected shape
 /// (forwarded untouched: the provider answers with its own 400).
 pub fn inspect_request(body: &[u8]) -> Option<RequestInfo> {
-    let w: RequestWire<'_> = serde_json::from_slice(body).ok()?;
+    let w = match fast_request(body) {
+        Ok(w) => w,
+        Err(Defer) => serde_json::from_slice(body).ok()?,
+    };
+    Some(request_info(w))
+}
+
+fn request_info(w: RequestWire<'_>) -> RequestInfo {
     let so = w.stream_options;
-    Some(RequestInfo {
+    RequestInfo {
         model: w.model.map(Cow::into_owned),
         stream: w.stream.unwrap_or(false),
         include_usage: so.as_ref().and_then(|o| o.as_ref()).and_then(|o| o.include_usage).unwrap_or(false),
         has_stream_options: so.is_some(),
-    })
+    }
+}
+
+/// A known field seen for the first time (`serde` rejects duplicates: defer those).
+fn once(seen: &mut bool) -> Fast<()> {
+    if std::mem::replace(seen, true) {
+        Err(Defer)
+    } else {
+        Ok(())
+    }
+}
+
+/// [`RequestWire`] by the fast path.
+fn fast_request(body: &[u8]) -> Fast<RequestWire<'_>> {
+    let mut c = Cursor::new(body);
+    if !c.at_object() {
+        return Err(Defer);
+    }
+    let mut w = RequestWire { model: None, stream: None, stream_options: None };
+    let mut seen = [false; 3];
+    c.object(|c, key| {
+        match key {
+            b"model" => {
+                once(&mut seen[0])?;
+                w.model = c.opt_str()?.map(Cow::Borrowed);
+            }
+            b"stream" => {
+                once(&mut seen[1])?;
+                w.stream = c.opt_bool()?;
+            }
+            b"stream_options" => {
+                once(&mut seen[2])?;
+                let (mut include_usage, mut seen_iu) = (None, false);
+                let so = c.opt_object(|c, k| {
+                    if k != b"include_usage" {
+                        return c.skip();
+                    }
+                    once(&mut seen_iu)?;
+                    include_usage = c.opt_bool()?;
+                    Ok(())
+                })?;
+                w.stream_options = Some(so.map(|()| StreamOptionsWire { include_usage }));
+            }
+            _ => c.skip()?,
+        }
+        Ok(())
+    })?;
+    c.end()?;
+    Ok(w)
 }
 
 /// Whether the request must be rewritten to ask for usage: streaming without usage.
@@ -194,7 +252,129 @@ impl ResponseSummary<'_> {
 
 /// Parse a response object or chunk; `None` for anything else (e.g. `[DONE]`, non-JSON).
 pub fn parse_response(json: &[u8]) -> Option<ResponseSummary<'_>> {
-    serde_json::from_slice(json).ok()
+    match fast_response(json) {
+        Ok(r) => Some(r),
+        Err(Defer) => serde_json::from_slice(json).ok(),
+    }
+}
+
+/// [`ResponseSummary`] by the fast path.
+fn fast_response(json: &[u8]) -> Fast<ResponseSummary<'_>> {
+    let mut c = Cursor::new(json);
+    if !c.at_object() {
+        return Err(Defer);
+    }
+    let mut r = ResponseSummary::default();
+    let mut seen = [false; 5];
+    c.object(|c, key| {
+        match key {
+            b"id" => {
+                once(&mut seen[0])?;
+                r.id = c.opt_str()?.map(Cow::Borrowed);
+            }
+            b"model" => {
+                once(&mut seen[1])?;
+                r.model = c.opt_str()?.map(Cow::Borrowed);
+            }
+            b"choices" => {
+                once(&mut seen[2])?;
+                r.choices = fast_choices(c)?;
+            }
+            b"usage" => {
+                once(&mut seen[3])?;
+                r.usage = fast_usage(c)?;
+            }
+            b"error" => {
+                once(&mut seen[4])?;
+                let (mut message, mut seen_m) = (None, false);
+                let e = c.opt_object(|c, k| {
+                    if k != b"message" {
+                        return c.skip();
+                    }
+                    once(&mut seen_m)?;
+                    message = c.opt_str()?.map(Cow::Borrowed);
+                    Ok(())
+                })?;
+                r.error = e.map(|()| ErrorWire { message });
+            }
+            _ => c.skip()?,
+        }
+        Ok(())
+    })?;
+    c.end()?;
+    Ok(r)
+}
+
+fn fast_choices<'a>(c: &mut Cursor<'a>) -> Fast<Option<Choices<'a>>> {
+    let mut choices = Choices::default();
+    let got = c.opt_array(|c| {
+        if !c.at_object() {
+            return Err(Defer);
+        }
+        let (mut finish, mut seen) = (None, false);
+        c.object(|c, k| {
+            if k != b"finish_reason" {
+                return c.skip();
+            }
+            once(&mut seen)?;
+            finish = c.opt_str()?;
+            Ok(())
+        })?;
+        choices.len += 1;
+        if let Some(f) = finish {
+            choices.finish_reasons.push(Cow::Borrowed(f));
+        }
+        Ok(())
+    })?;
+    Ok(got.map(|()| choices))
+}
+
+fn fast_usage(c: &mut Cursor<'_>) -> Fast<Option<UsageWire>> {
+    let mut u = UsageWire::default();
+    let mut seen = [false; 5];
+    let got = c.opt_object(|c, key| {
+        match key {
+            b"prompt_tokens" => {
+                once(&mut seen[0])?;
+                u.prompt_tokens = c.opt_u64()?;
+            }
+            b"completion_tokens" => {
+                once(&mut seen[1])?;
+                u.completion_tokens = c.opt_u64()?;
+            }
+            b"total_tokens" => {
+                once(&mut seen[2])?;
+                u.total_tokens = c.opt_u64()?;
+            }
+            b"prompt_tokens_details" => {
+                once(&mut seen[3])?;
+                let d = fast_detail(c, b"cached_tokens")?;
+                u.prompt_tokens_details = d.map(|cached_tokens| PromptDetails { cached_tokens });
+            }
+            b"completion_tokens_details" => {
+                once(&mut seen[4])?;
+                let d = fast_detail(c, b"reasoning_tokens")?;
+                u.completion_tokens_details = d.map(|reasoning_tokens| CompletionDetails { reasoning_tokens });
+            }
+            _ => c.skip()?,
+        }
+        Ok(())
+    })?;
+    Ok(got.map(|()| u))
+}
+
+/// A `*_tokens_details` object (`Some`, holding its `field`) or `null`.
+fn fast_detail(c: &mut Cursor<'_>, field: &[u8]) -> Fast<Option<Option<u64>>> {
+    let (mut v, mut seen) = (None, false);
+    let got = c.opt_object(|c, k| {
+        if k != field {
+            return c.skip();
+        }
+        once(&mut seen)?;
+        v = c.opt_u64()?;
+        Ok(())
+    })?;
+    Ok(got.map(|()| v))
 }
 
 /// `choices` reduced to what telemetry needs, without materialising deltas or messages.
@@ -325,5 +505,109 @@ mod tests {
         assert!(!r.is_usage_only());
         assert_eq!(r.choices.unwrap().len, 1);
         assert!(parse_response(b"[DONE]").is_none());
+    }
+
+    /// Bodies of the usual shapes: all must take the fast path.
+    const RESPONSES: &[&str] = &[
+        r#"{"choices":[{"finish_reason":"stop","index":0,"logprobs":null,"message":{"annotations":[],"content":"socket orbit \"lantern\"\nsplice","refusal":null,"role":"assistant"}}],"created":1704748068,"id":"chatcmpl-mock3ad7","model":"gpt-4o-mini","object":"chat.completion","service_tier":"default","system_fingerprint":"fp_mock0001","usage":{"completion_tokens":95,"completion_tokens_details":{"accepted_prediction_tokens":0,"audio_tokens":0,"reasoning_tokens":23,"rejected_prediction_tokens":0},"prompt_tokens":156,"prompt_tokens_details":{"audio_tokens":0,"cached_tokens":52},"total_tokens":251}}"#,
+        r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"gpt-4o","choices":[{"index":0,"delta":{"content":"Hi \u00e9\t"},"logprobs":null,"finish_reason":null}]}"#,
+        r#"{"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2,"total_tokens":11,"prompt_tokens_details":null}}"#,
+        r#"{"error":{"message":"Rate limit reached","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#,
+        "{\n  \"id\" : \"x\" ,\r\n\t\"choices\" : [ { \"finish_reason\" : \"length\" } , { } ] ,\n  \"model\" : null\n}\n",
+        r#"{"choices":null,"usage":null,"id":null,"model":null,"error":null}"#,
+        r#"{"created":-1.5e+10,"x":[true,false,null,0,{"a":{}},[]],"usage":{"prompt_tokens":0,"completion_tokens_details":{"reasoning_tokens":18446744073709551615}}}"#,
+        "{\"choices\":[{\"message\":{\"content\":\"h\u{e9}llo \u{1f600}\"},\"finish_reason\":\"length\"},{\"finish_reason\":\"stop\"}],\"model\":\"m\u{e9}\"}",
+        "{}",
+    ];
+
+    const REQUESTS: &[&str] = &[
+        r#"{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are a concise assistant."},{"role":"user","content":"Summarize the \"notes\"\n"}],"max_tokens":95}"#,
+        r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":false,"x":1},"messages":[{"role":"user","content":"hi"}]}"#,
+        r#"{"stream":true,"stream_options":null}"#,
+        "  {\"model\":\"m\",\"messages\":[],\"stream\":false,\"temperature\":0.2,\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"f\",\"parameters\":{\"type\":\"object\"}}}]}  ",
+        r#"{"stream_options":{"include_usage":true},"stream":null,"model":null}"#,
+    ];
+
+    /// Deterministic xorshift.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % n as u64) as usize
+        }
+    }
+
+    /// `doc` with one to three random edits drawn from bytes that matter to JSON.
+    fn mutate(doc: &[u8], rng: &mut Rng) -> Vec<u8> {
+        const PALETTE: &[u8] = b"\"\\{}[],:01-.eE+nultrfasu9 \n\x01\x1f\x7f\xc3\xa9\xff/bA";
+        let mut m = doc.to_vec();
+        for _ in 0..=rng.below(3) {
+            let at = rng.below(m.len() + 1);
+            let b = PALETTE[rng.below(PALETTE.len())];
+            match rng.below(4) {
+                0 if at < m.len() => m[at] = b,
+                1 if at < m.len() => {
+                    m.remove(at);
+                }
+                2 => m.insert(at, b),
+                _ => {
+                    let end = (at + rng.below(8)).min(m.len());
+                    let dup = m[at..end].to_vec();
+                    m.splice(at..at, dup);
+                }
+            }
+        }
+        m
+    }
+
+    #[test]
+    fn fast_paths_take_the_usual_shapes() {
+        for doc in RESPONSES {
+            let fast = fast_response(doc.as_bytes()).unwrap_or_else(|_| panic!("deferred: {doc}"));
+            let serde: ResponseSummary<'_> = serde_json::from_slice(doc.as_bytes()).unwrap();
+            assert_eq!(format!("{fast:?}"), format!("{serde:?}"));
+        }
+        for doc in REQUESTS {
+            let fast = fast_request(doc.as_bytes()).unwrap_or_else(|_| panic!("deferred: {doc}"));
+            let serde: RequestWire<'_> = serde_json::from_slice(doc.as_bytes()).unwrap();
+            assert_eq!(request_info(fast), request_info(serde));
+        }
+    }
+
+    /// Whatever the fast path accepts, serde_json accepts with the same result (it defers the
+    /// rest to serde_json, so overall behaviour is serde_json's).
+    #[test]
+    fn fast_paths_agree_with_serde_on_mutated_bodies() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let (mut accepted, mut deferred) = (0, 0);
+        for _ in 0..4000 {
+            for doc in RESPONSES {
+                let m = mutate(doc.as_bytes(), &mut rng);
+                let Ok(fast) = fast_response(&m) else {
+                    deferred += 1;
+                    continue;
+                };
+                accepted += 1;
+                let serde: ResponseSummary<'_> = serde_json::from_slice(&m)
+                    .unwrap_or_else(|e| panic!("fast path accepted {:?}; serde: {e}", String::from_utf8_lossy(&m)));
+                assert_eq!(format!("{fast:?}"), format!("{serde:?}"), "{}", String::from_utf8_lossy(&m));
+            }
+            for doc in REQUESTS {
+                let m = mutate(doc.as_bytes(), &mut rng);
+                let Ok(fast) = fast_request(&m) else {
+                    deferred += 1;
+                    continue;
+                };
+                accepted += 1;
+                let serde: RequestWire<'_> = serde_json::from_slice(&m)
+                    .unwrap_or_else(|e| panic!("fast path accepted {:?}; serde: {e}", String::from_utf8_lossy(&m)));
+                assert_eq!(request_info(fast), request_info(serde), "{}", String::from_utf8_lossy(&m));
+            }
+        }
+        // Both outcomes are exercised.
+        assert!(accepted > 5000 && deferred > 5000, "accepted {accepted}, deferred {deferred}");
     }
 }
