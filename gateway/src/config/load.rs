@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::Config;
+use super::{Config, ProviderKind, RouteConfig};
 
 /// The embedded default used by `tollgate run` without `--config`.
 pub const DEFAULT_CONFIG_YAML: &str = include_str!("default.yaml");
@@ -106,13 +106,21 @@ fn validate(file: &str, c: &Config) -> Result<(), ConfigError> {
     if c.capture.max_records == 0 || c.capture.max_rules == 0 || c.capture.max_scope_cgroups == 0 {
         return Err(bad("capture.max_*".into(), "map capacities must be positive".into()));
     }
+    validate_providers(c).map_err(|(f, m)| bad(f, m))?;
     let mut names = std::collections::HashSet::new();
+    let mut listeners = std::collections::HashSet::new();
     for (i, r) in c.routes.iter().enumerate() {
         if r.name.is_empty() || !names.insert(r.name.as_str()) {
             return Err(bad(format!("routes[{i}].name"), format!("{:?} is empty or used twice", r.name)));
         }
-        if r.matcher.hosts.is_empty() && r.matcher.addresses.is_empty() {
-            return Err(bad(format!("routes[{i}].match"), "needs at least one of hosts, addresses".into()));
+        if r.matcher.hosts.is_empty() && r.matcher.addresses.is_empty() && r.listener.is_none() {
+            return Err(bad(format!("routes[{i}].match"), "needs at least one of hosts, addresses (or a listener)".into()));
+        }
+        validate_route(c, r).map_err(|(f, m)| bad(format!("routes[{i}].{f}"), m))?;
+        if let Some(l) = r.listener {
+            if !listeners.insert(l) || c.proxy_addrs().contains(&l) || l == c.admin.listen {
+                return Err(bad(format!("routes[{i}].listener"), format!("{l} is already used by another listener")));
+            }
         }
         if let Some(u) = &r.upstream {
             if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
@@ -149,6 +157,91 @@ fn validate(file: &str, c: &Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Providers: unique names, a base URL where no default exists, one credential source.
+fn validate_providers(c: &Config) -> Result<(), (String, String)> {
+    let mut names = std::collections::HashSet::new();
+    for (i, p) in c.providers.iter().enumerate() {
+        let f = |s: &str| format!("providers[{i}].{s}");
+        if p.name.is_empty() || !names.insert(p.name.as_str()) {
+            return Err((f("name"), format!("{:?} is empty or used twice", p.name)));
+        }
+        match &p.base_url {
+            Some(u) if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() => {
+                return Err((f("base_url"), format!("{u} must be an http:// or https:// URL with a host")));
+            }
+            None if matches!(p.kind, ProviderKind::AzureOpenai | ProviderKind::OpenaiCompatible) => {
+                return Err((f("base_url"), format!("required for kind {:?}", p.kind)));
+            }
+            _ => {}
+        }
+        if let Some(cr) = &p.credentials {
+            match (&cr.env, &cr.file) {
+                (Some(e), None) if !e.is_empty() => {}
+                (None, Some(_)) => {}
+                _ => return Err((f("credentials"), "set exactly one of env, file".into())),
+            }
+        }
+        for (k, v) in &p.options.headers {
+            if http::HeaderName::from_bytes(k.as_bytes()).is_err() || http::HeaderValue::from_str(v).is_err() {
+                return Err((f(&format!("options.headers.{k}")), "not a valid header name and value".into()));
+            }
+        }
+        if p.options.max_concurrent_requests == 0 {
+            return Err((f("options.max_concurrent_requests"), "must be positive".into()));
+        }
+    }
+    Ok(())
+}
+
+/// One route's gateway fields; the error names the field relative to the route.
+fn validate_route(c: &Config, r: &RouteConfig) -> Result<(), (String, String)> {
+    if r.upstream.is_some() && !r.targets.is_empty() {
+        return Err(("upstream".into(), "use either upstream or targets, not both".into()));
+    }
+    if r.listener.is_some() && r.upstream.is_none() && r.targets.is_empty() {
+        return Err(("listener".into(), "a listener route has no original destination: give targets or upstream".into()));
+    }
+    for (j, p) in r.matcher.paths.iter().enumerate() {
+        if !p.starts_with('/') {
+            return Err((format!("match.paths[{j}]"), format!("{p:?} must start with /")));
+        }
+    }
+    for (j, t) in r.targets.iter().enumerate() {
+        if !c.providers.iter().any(|p| p.name == t.provider) {
+            return Err((format!("targets[{j}].provider"), format!("no provider named {:?}", t.provider)));
+        }
+        if t.model.as_deref().is_some_and(str::is_empty) || t.model_alias.as_deref().is_some_and(str::is_empty) {
+            return Err((format!("targets[{j}]"), "model and model_alias must not be empty".into()));
+        }
+    }
+    if !r.targets.is_empty() && r.targets.iter().all(|t| t.weight == 0) {
+        return Err(("targets".into(), "at least one target needs a positive weight".into()));
+    }
+    let fo = &r.failover;
+    if fo.max_attempts == 0 {
+        return Err(("failover.max_attempts".into(), "must be at least 1".into()));
+    }
+    if !(0.0..=10.0).contains(&fo.retry_budget) {
+        return Err(("failover.retry_budget".into(), "must be between 0 and 10".into()));
+    }
+    for (name, d) in [
+        ("failover.attempt_timeout", fo.attempt_timeout),
+        ("failover.request_timeout", fo.request_timeout),
+        ("failover.budget_window", fo.budget_window),
+        ("balance.decay", r.balance.decay),
+    ] {
+        if d.is_zero() {
+            return Err((name.into(), "must be positive".into()));
+        }
+    }
+    if let Some(h) = &r.balance.hash_header {
+        if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+            return Err(("balance.hash_header".into(), format!("{h:?} is not a header name")));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,13 +269,39 @@ mod tests {
     #[test]
     fn semantic_error_names_field() {
         let err = from_str("c.yaml", "routes:\n- name: x\n  provider: openai\n  match: {}\n").unwrap_err().to_string();
-        assert_eq!(err, "c.yaml: routes[0].match: needs at least one of hosts, addresses");
+        assert_eq!(err, "c.yaml: routes[0].match: needs at least one of hosts, addresses (or a listener)");
     }
 
     #[test]
     fn missing_extra_root_is_named() {
         let err = from_str("c.yaml", "tls:\n  extra_roots: [/nonexistent/ca.pem]\n").unwrap_err().to_string();
         assert!(err.starts_with("c.yaml: tls.extra_roots[0]: /nonexistent/ca.pem: No such file"), "{err}");
+    }
+
+    #[test]
+    fn gateway_route_errors_name_fields() {
+        let base = "providers:\n- name: oa\n  kind: openai\n  credentials: {env: K}\nroutes:\n- name: r\n  listener: 127.0.0.1:4000\n";
+        let ok = format!("{base}  targets: [{{provider: oa, model: m, weight: 2, model_alias: fast}}]\n");
+        let c = from_str("g.yaml", &ok).unwrap();
+        assert_eq!(c.routes[0].targets[0].weight, 2);
+        let err = from_str("g.yaml", &format!("{base}  targets: [{{provider: nope}}]\n")).unwrap_err().to_string();
+        assert_eq!(err, "g.yaml: routes[0].targets[0].provider: no provider named \"nope\"");
+        let err = from_str("g.yaml", base).unwrap_err().to_string();
+        assert!(err.starts_with("g.yaml: routes[0].listener: a listener route has no original destination"), "{err}");
+        let err = from_str("g.yaml", "providers:\n- name: az\n  kind: azure_openai\n").unwrap_err().to_string();
+        assert_eq!(err, "g.yaml: providers[0].base_url: required for kind AzureOpenai");
+        let err = from_str("g.yaml", "providers:\n- name: a\n  kind: anthropic\n  credentials: {env: A, file: /k}\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "g.yaml: providers[0].credentials: set exactly one of env, file");
+        let err = from_str("g.yaml", &format!("{base}  targets: [{{provider: oa}}]\n  failover: {{max_attempts: 0}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "g.yaml: routes[0].failover.max_attempts: must be at least 1");
+        let err = from_str("g.yaml", &format!("{base}  targets: [{{provider: oa}}]\n  balance: {{strategy: fastest}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("g.yaml:9:23: routes[0].balance.strategy: unknown variant `fastest`"), "{err}");
     }
 
     #[test]

@@ -1,8 +1,13 @@
 //! Typed configuration. Every section rejects unknown fields so a typo is an error with a line
 //! and column (see [`load`]) instead of a silently ignored setting on a production node.
 
+mod gateway;
 mod load;
 
+pub use gateway::{
+    BalanceConfig, CircuitConfig, CredentialSource, FailoverConfig, FailoverOn, LatencyMetric, ProviderConfig,
+    ProviderOptions, Strategy, TargetConfig,
+};
 pub use load::{from_path, from_str, ConfigError, DEFAULT_CONFIG_YAML};
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -25,6 +30,8 @@ pub struct Config {
     pub capture: CaptureConfig,
     /// AI destinations handled at L7 (everything else captured is spliced).
     pub routes: Vec<RouteConfig>,
+    /// Upstream providers that routes' targets name.
+    pub providers: Vec<ProviderConfig>,
     /// Interception CA and upstream trust.
     pub tls: TlsConfig,
     /// Named agents; the first matching selector wins.
@@ -161,15 +168,20 @@ fn default_https_port() -> u16 {
     443
 }
 
-/// Which provider API an L7 route speaks; decides how usage is read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+/// Which provider API is spoken; decides how requests are addressed and usage is read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ProviderKind {
-    /// OpenAI and OpenAI-compatible servers (vLLM, Ollama, ...).
+    /// OpenAI.
+    #[default]
     Openai,
+    /// Azure OpenAI: deployment URLs, `api-version` query, `api-key` header.
+    AzureOpenai,
+    /// Servers speaking the OpenAI API (vLLM, Ollama, DeepSeek, Mistral, Groq, Together).
+    OpenaiCompatible,
     /// Anthropic messages API.
     Anthropic,
-    /// Google Gemini.
+    /// Google Gemini (`generateContent`).
     Gemini,
 }
 
@@ -177,10 +189,16 @@ impl ProviderKind {
     /// `gen_ai.provider.name` value (OpenTelemetry GenAI semantic conventions).
     pub fn semconv_name(self) -> &'static str {
         match self {
-            ProviderKind::Openai => "openai",
+            ProviderKind::Openai | ProviderKind::OpenaiCompatible => "openai",
+            ProviderKind::AzureOpenai => "azure.ai.openai",
             ProviderKind::Anthropic => "anthropic",
             ProviderKind::Gemini => "gcp.gemini",
         }
+    }
+
+    /// Speaks the OpenAI request/response shapes.
+    pub fn is_openai_shaped(self) -> bool {
+        matches!(self, ProviderKind::Openai | ProviderKind::AzureOpenai | ProviderKind::OpenaiCompatible)
     }
 }
 
@@ -190,19 +208,47 @@ impl ProviderKind {
 pub struct RouteConfig {
     /// Name used in logs and metrics.
     pub name: String,
-    /// How to recognise the destination.
-    #[serde(rename = "match")]
+    /// How to recognise the destination of captured connections.
+    #[serde(rename = "match", default)]
     pub matcher: RouteMatch,
-    /// API shape.
+    /// Plain-HTTP listener for agents configured to use tollgate directly (base URL
+    /// `http://<listener>`); such a route needs `targets` or `upstream`.
+    #[serde(default)]
+    pub listener: Option<SocketAddr>,
+    /// API agents speak on this route when the path does not tell; also the provider reported
+    /// for calls passed through to the original destination.
+    #[serde(default)]
     pub provider: ProviderKind,
     /// Terminate TLS for this destination with a minted cert (otherwise TLS to it is spliced and
     /// only L4 stats are recorded).
     #[serde(default)]
     pub intercept: bool,
     /// Send requests here instead of the original destination (self-hosted models, tests).
+    /// Mutually exclusive with `targets`.
     #[serde(default)]
     #[schemars(with = "Option<String>")]
     pub upstream: Option<url::Url>,
+    /// Providers that serve this route's LLM calls, with credentials injected; empty: calls go
+    /// to the original destination (or `upstream`) with the agent's own credentials.
+    #[serde(default)]
+    pub targets: Vec<TargetConfig>,
+    /// Choice among targets.
+    #[serde(default)]
+    pub balance: BalanceConfig,
+    /// Retries on the next target.
+    #[serde(default)]
+    pub failover: FailoverConfig,
+    /// Ejection of failing targets.
+    #[serde(default)]
+    pub circuit: CircuitConfig,
+    /// Ask OpenAI-shaped streams for usage (`stream_options.include_usage`) when the agent did
+    /// not, and strip the extra chunk from what the agent sees; off: such streams are estimated.
+    #[serde(default = "yes")]
+    pub include_usage: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Matches a destination by name (TLS SNI or HTTP Host) or by original address.
@@ -213,6 +259,9 @@ pub struct RouteMatch {
     pub hosts: Vec<String>,
     /// Original destination `ip:port`.
     pub addresses: Vec<SocketAddr>,
+    /// Request path prefixes (`/v1/`), or exact paths; empty: every path. Requests on a
+    /// matched connection whose path matches none are passed through to the destination.
+    pub paths: Vec<String>,
 }
 
 /// Interception CA and upstream trust.

@@ -23,6 +23,7 @@ use tokio::task::JoinSet;
 
 use crate::capture::{identity::orig_dst, Agent, AgentResolver, FlowTable};
 use crate::config::{Config, RouteConfig};
+use crate::protocol::llm::dispatch::{Gateway, GatewayError};
 use crate::protocol::llm::Reporter;
 use crate::protocol::L7Context;
 use crate::telemetry::{ConnKind, LlmCall, Telemetry};
@@ -55,6 +56,19 @@ pub enum ProxyError {
     /// The interception TLS config could not be built.
     #[error("interception TLS: {0}")]
     Tls(#[from] tls::TlsError),
+    /// Providers could not be set up (key source, base URL).
+    #[error("gateway: {0}")]
+    Gateway(#[from] GatewayError),
+    /// A route's explicit listener could not be bound.
+    #[error("routes[{route}].listener {addr}: {source}")]
+    Bind {
+        /// Route name.
+        route: String,
+        /// Address.
+        addr: SocketAddr,
+        /// OS error.
+        source: std::io::Error,
+    },
 }
 
 /// State shared by every connection task.
@@ -64,6 +78,7 @@ struct Shared {
     tls_server: Arc<ServerConfig>,
     reporter: Arc<Reporter>,
     permits: Arc<Semaphore>,
+    gateway: Gateway,
 }
 
 /// Serve until `shutdown` flips to true; then stop accepting and let in-flight connections finish.
@@ -80,11 +95,24 @@ pub async fn serve(
     let reporter = Arc::new(Reporter::new(deps.telemetry.clone(), deps.observer.clone()));
     let max = deps.config.limits.max_connections.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
     let permits = Arc::new(Semaphore::new(max));
-    let shared = Arc::new(Shared { deps, upstream, tls_server, reporter, permits });
+    let gateway = Gateway::new(&deps.config)?;
+    let mut direct = Vec::new();
+    for (i, r) in deps.config.routes.iter().enumerate() {
+        if let Some(addr) = r.listener {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ProxyError::Bind { route: r.name.clone(), addr, source })?;
+            direct.push((i, l));
+        }
+    }
+    let shared = Arc::new(Shared { deps, upstream, tls_server, reporter, permits, gateway });
 
     let mut accepts = JoinSet::new();
     for l in listeners {
         accepts.spawn(accept_loop(shared.clone(), l, shutdown.clone()));
+    }
+    for (i, l) in direct {
+        accepts.spawn(direct_accept_loop(shared.clone(), l, i, shutdown.clone()));
     }
     while accepts.join_next().await.is_some() {}
     // Every connection task holds a permit: all permits back means all connections done.
@@ -136,6 +164,51 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut shutdown: w
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             handle(&shared, stream, peer, local, shutdown).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Accept loop of a route's explicit listener: agents configured with tollgate as their base
+/// URL. No kernel record exists for these connections; the caller is named `direct`.
+async fn direct_accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    route: usize,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let permit = tokio::select! {
+            biased;
+            _ = shutdown_requested(&mut shutdown) => return,
+            p = shared.permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let accepted = tokio::select! {
+            biased;
+            _ = shutdown_requested(&mut shutdown) => return,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let agent = Arc::new(Agent::unknown("direct"));
+            let Some(r) = shared.deps.config.routes.get(route) else { return };
+            if let Some(ctx) = l7_context(&shared, &agent, r, peer, None, false) {
+                shared.deps.telemetry.connection(Some(&agent), ConnKind::Http);
+                serve_http(stream, ctx, shutdown).await;
+            }
             drop(permit);
         });
     }
@@ -226,7 +299,10 @@ fn l7_context(
     name: Option<&str>,
     tls: bool,
 ) -> Option<Arc<L7Context>> {
-    match Target::new(route, orig, name, tls) {
+    let direct = route.listener.is_some() && route.matcher.hosts.is_empty() && route.matcher.addresses.is_empty();
+    let has_origin = !direct || route.upstream.is_some();
+    let target = if has_origin { Target::new(route, orig, name, tls) } else { Ok(Target::none()) };
+    match target {
         Ok(target) => Some(Arc::new(L7Context {
             agent: agent.clone(),
             route: Arc::from(route.name.as_str()),
@@ -235,6 +311,10 @@ fn l7_context(
             upstream: shared.upstream.clone(),
             config: shared.deps.config.clone(),
             reporter: shared.reporter.clone(),
+            gateway: shared.gateway.route(&route.name),
+            include_usage: route.include_usage,
+            paths: Arc::from(route.matcher.paths.as_slice()),
+            has_origin,
         })),
         Err(e) => {
             tracing::warn!(route = %route.name, error = %e, "cannot build upstream target; closing");

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue, CONTENT_TYPE, HOST};
+use http::header::{self, HeaderName, HeaderValue, HOST};
 use http::{HeaderMap, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Either;
@@ -16,6 +16,8 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
+use super::llm::api::{self, Shape};
+use super::llm::dispatch::{self, RouteRuntime};
 use super::llm::{self, ObservedBody, Reporter};
 use super::ProtocolError;
 use crate::capture::Agent;
@@ -41,6 +43,31 @@ pub struct L7Context {
     pub config: Arc<Config>,
     /// Where finished LLM calls go.
     pub reporter: Arc<Reporter>,
+    /// Targets, balancer and failover when the route dispatches to providers.
+    pub gateway: Option<Arc<RouteRuntime>>,
+    /// Route `include_usage`.
+    pub include_usage: bool,
+    /// Route `match.paths` (empty: all).
+    pub paths: Arc<[String]>,
+    /// Requests that are not LLM calls can go to the original destination (false on explicit
+    /// listeners, which have none).
+    pub has_origin: bool,
+}
+
+impl L7Context {
+    /// Whether `path` is handled by the route (else it is passed through untouched).
+    fn path_matches(&self, path: &str) -> bool {
+        self.paths.is_empty() || self.paths.iter().any(|p| path.starts_with(p.as_str()))
+    }
+}
+
+/// The error shape of a route's configured API, for failures outside a recognised call.
+pub fn shape_of(kind: ProviderKind) -> Shape {
+    match kind {
+        ProviderKind::Anthropic => Shape::Anthropic,
+        ProviderKind::Gemini => Shape::Gemini,
+        _ => Shape::OpenAi,
+    }
 }
 
 /// Response body returned to the agent: upstream bytes (observed or not) or tollgate's own.
@@ -85,8 +112,17 @@ impl Body for ProxyBody {
 /// Serve one request from an L7 connection. Never fails: tollgate's own failures become
 /// OpenAI-shaped error responses.
 pub async fn handle(ctx: Arc<L7Context>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
-    if ctx.provider == ProviderKind::Openai && llm::openai::is_chat_completions(req.method(), req.uri().path()) {
-        return Ok(llm::chat_completions(&ctx, req).await);
+    if ctx.path_matches(req.uri().path()) {
+        if let Some(det) = api::detect(ctx.provider, req.method(), req.uri().path()) {
+            return Ok(match &ctx.gateway {
+                Some(rt) => dispatch::dispatch(&ctx, rt, det, req).await,
+                None => llm::observe_call(&ctx, det, req).await,
+            });
+        }
+    }
+    if !ctx.has_origin {
+        let e = ProtocolError::NotFound(format!("{} {}", req.method(), req.uri().path()));
+        return Ok(e.response(shape_of(ctx.provider)));
     }
     let (mut parts, body) = req.into_parts();
     // WebSocket & co: hop-by-hop headers are dropped below, so the upgrade is re-requested
@@ -117,7 +153,7 @@ pub async fn handle(ctx: Arc<L7Context>, req: Request<Incoming>) -> Result<Respo
         }
         Err(e) => {
             tracing::debug!(route = %ctx.route, error = %e, "proxied request failed");
-            error_response(&e)
+            e.response(shape_of(ctx.provider))
         }
     })
 }
@@ -213,24 +249,6 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     h.remove("proxy-connection");
 }
 
-/// OpenAI-shaped error response for a tollgate-side failure.
-pub fn error_response(e: &ProtocolError) -> Response<ProxyBody> {
-    let (kind, code) = e.type_and_code();
-    openai_error(e.status(), kind, code, &e.to_string())
-}
-
-/// `{"error":{"message":..,"type":..,"param":null,"code":..}}` with the given status.
-pub fn openai_error(status: StatusCode, kind: &str, code: &str, message: &str) -> Response<ProxyBody> {
-    let body = serde_json::json!({
-        "error": { "message": format!("tollgate: {message}"), "type": kind, "param": null, "code": code }
-    });
-    let bytes = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
-    let mut r = Response::new(ProxyBody::Full(Some(bytes)));
-    *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,7 +269,7 @@ mod tests {
     #[tokio::test]
     async fn error_body_is_openai_shaped() {
         use http_body_util::BodyExt;
-        let r = error_response(&ProtocolError::BodyTooLarge { limit: 10 });
+        let r = ProtocolError::BodyTooLarge { limit: 10 }.response(Shape::OpenAi);
         assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
         let b = r.into_body().collect().await.unwrap().to_bytes();
         let v: serde_json::Value = serde_json::from_slice(&b).unwrap();

@@ -2,17 +2,23 @@
 //! operations go through [`llm`] (inspected, measured, reported); everything else is proxied
 //! transparently by [`http`].
 
+pub mod errors;
 pub mod http;
 pub mod llm;
 
 pub use self::http::{handle, L7Context, ProxyBody};
 
-use ::http::StatusCode;
+use std::time::Duration;
 
+use ::http::{Response, StatusCode};
+
+use crate::upstream::provider::ProviderError;
 use crate::upstream::{FailureKind, UpstreamError};
+use errors::{shaped_error, ErrorClass};
+use llm::api::Shape;
 
-/// Failures tollgate itself answers for. Each maps to a status and an OpenAI-shaped error body,
-/// so agents' SDKs surface a readable message instead of a JSON decode error.
+/// Failures tollgate itself answers for. Each maps to a status and an error body in the
+/// caller's API shape (see [`errors`]), so agents' SDKs surface a readable message.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
     /// The upstream could not be reached or broke mid-exchange.
@@ -27,6 +33,33 @@ pub enum ProtocolError {
     /// Reading the client's request body failed.
     #[error("reading request body: {0}")]
     ClientBody(String),
+    /// The request body is not what the API expects (not JSON, unsupported field).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The chosen provider has no equivalent of the requested operation.
+    #[error(transparent)]
+    Unsupported(#[from] ProviderError),
+    /// No model named by the request or the target, and the provider needs one in its URL.
+    #[error("no model in the request and none configured for target provider {0}")]
+    NoModel(String),
+    /// The path is not an LLM operation and the route has no original destination.
+    #[error("no LLM operation at {0}")]
+    NotFound(String),
+    /// Every attempt failed before response headers, or the retry budget ran out.
+    #[error("route {route}: all targets failed ({attempts} attempts); last: {last}")]
+    Exhausted {
+        /// Route name.
+        route: String,
+        /// Attempts made.
+        attempts: u32,
+        /// Last failure.
+        last: String,
+        /// Last failure was a timeout.
+        timeout: bool,
+    },
+    /// The per-call deadline passed before response headers.
+    #[error("no response within the request deadline of {0:?}")]
+    Deadline(Duration),
 }
 
 impl ProtocolError {
@@ -38,21 +71,50 @@ impl ProtocolError {
                 _ => StatusCode::BAD_GATEWAY,
             },
             ProtocolError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ProtocolError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            ProtocolError::ClientBody(_) | ProtocolError::BadRequest(_) | ProtocolError::Unsupported(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            ProtocolError::NoModel(_) => StatusCode::BAD_REQUEST,
+            ProtocolError::NotFound(_) => StatusCode::NOT_FOUND,
+            ProtocolError::Exhausted { timeout: true, .. } | ProtocolError::Deadline(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProtocolError::Exhausted { .. } => StatusCode::BAD_GATEWAY,
         }
     }
 
-    /// OpenAI `error.type` and `error.code`.
-    pub fn type_and_code(&self) -> (&'static str, &'static str) {
+    /// Error class and OpenAI `error.code`.
+    pub fn class_and_code(&self) -> (ErrorClass, &'static str) {
         match self {
             ProtocolError::Upstream(e) => match e.kind() {
-                FailureKind::Timeout => ("upstream_error", "upstream_timeout"),
-                FailureKind::Connect => ("upstream_error", "upstream_connect_failed"),
-                FailureKind::Other => ("upstream_error", "upstream_failed"),
+                FailureKind::Timeout => (ErrorClass::Timeout, "upstream_timeout"),
+                FailureKind::Connect => (ErrorClass::Upstream, "upstream_connect_failed"),
+                FailureKind::Other => (ErrorClass::Upstream, "upstream_failed"),
             },
-            ProtocolError::BodyTooLarge { .. } => ("invalid_request_error", "request_too_large"),
-            ProtocolError::ClientBody(_) => ("invalid_request_error", "bad_request_body"),
+            ProtocolError::BodyTooLarge { .. } => (ErrorClass::InvalidRequest, "request_too_large"),
+            ProtocolError::ClientBody(_) => (ErrorClass::InvalidRequest, "bad_request_body"),
+            ProtocolError::BadRequest(_) => (ErrorClass::InvalidRequest, "invalid_request"),
+            ProtocolError::Unsupported(_) => (ErrorClass::InvalidRequest, "unsupported_by_target"),
+            ProtocolError::NoModel(_) => (ErrorClass::InvalidRequest, "model_required"),
+            ProtocolError::NotFound(_) => (ErrorClass::InvalidRequest, "not_found"),
+            ProtocolError::Exhausted { timeout: true, .. } => (ErrorClass::Timeout, "upstream_timeout"),
+            ProtocolError::Exhausted { .. } => (ErrorClass::Upstream, "all_targets_failed"),
+            ProtocolError::Deadline(_) => (ErrorClass::Timeout, "request_deadline"),
         }
+    }
+
+    /// OpenAI `error.type` and `error.code` (kept for callers that only speak OpenAI).
+    pub fn type_and_code(&self) -> (&'static str, &'static str) {
+        let (class, code) = self.class_and_code();
+        let kind = match class {
+            ErrorClass::InvalidRequest => "invalid_request_error",
+            _ => "upstream_error",
+        };
+        (kind, code)
+    }
+
+    /// The response for this failure in the caller's API shape.
+    pub fn response(&self, shape: Shape) -> Response<ProxyBody> {
+        let (class, code) = self.class_and_code();
+        shaped_error(shape, self.status(), class, code, &self.to_string())
     }
 }
 

@@ -292,9 +292,7 @@ fn write_llm_line(buf: &mut Vec<u8>, c: &LlmCall) {
 /// A JSON string; strings needing no escape (nearly all) are copied as is, others are escaped
 /// by `serde_json` itself.
 fn json_str(buf: &mut Vec<u8>, s: &str) {
-    // Branch-free over the whole string, so it vectorises.
-    let special = s.bytes().fold(false, |acc, b| acc | (b < 0x20) | (b == b'"') | (b == b'\\'));
-    if special {
+    if needs_escape(s.as_bytes()) {
         // Writing a str into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut *buf, s);
         return;
@@ -303,6 +301,23 @@ fn json_str(buf: &mut Vec<u8>, s: &str) {
     buf.push(b'"');
     buf.extend_from_slice(s.as_bytes());
     buf.push(b'"');
+}
+
+/// Any `"`, `\` or control character in `s`? Eight bytes at a time (the test `serde_json`
+/// uses to find them; borrows only ever flag bytes after a real match, so "none" is exact).
+fn needs_escape(s: &[u8]) -> bool {
+    const ONES: u64 = u64::MAX / 255;
+    let mut chunks = s.chunks_exact(8);
+    for c in &mut chunks {
+        let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        let ctrl = w.wrapping_sub(ONES * 0x20) & !w;
+        let q = w ^ (ONES * u64::from(b'"'));
+        let b = w ^ (ONES * u64::from(b'\\'));
+        if (ctrl | (q.wrapping_sub(ONES) & !q) | (b.wrapping_sub(ONES) & !b)) & (ONES << 7) != 0 {
+            return true;
+        }
+    }
+    chunks.remainder().iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\')
 }
 
 fn json_opt_str(buf: &mut Vec<u8>, s: Option<&str>) {
@@ -402,6 +417,19 @@ mod tests {
             error: c.error.as_deref(),
         })
         .unwrap()
+    }
+
+    #[test]
+    fn escape_detection_is_exact() {
+        let base = "abcdefghij\u{7f}\u{e9}klmnopq/'";
+        assert!(!needs_escape(base.as_bytes()));
+        for special in ['"', '\\', '\u{0}', '\n', '\u{1f}'] {
+            for at in 0..base.len() {
+                let mut s = base.as_bytes().to_vec();
+                s[at] = special as u8;
+                assert!(needs_escape(&s), "{special:?} at {at}");
+            }
+        }
     }
 
     #[test]

@@ -461,6 +461,8 @@ pub(crate) mod tests {
             duration: Duration::from_millis(120),
             error: None,
             traceparent: None,
+            target: None,
+            attempts: 1,
         }
     }
 

@@ -104,6 +104,41 @@ pub struct LlmCall {
     pub error: Option<String>,
     /// Incoming W3C `traceparent`, continued by the span.
     pub traceparent: Option<String>,
+    /// Configured provider that served the call (gateway routes); `None` when passed through
+    /// to the original destination.
+    pub target: Option<Arc<str>>,
+    /// Upstream attempts made (failover retries included); 1 for pass-through.
+    pub attempts: u32,
+}
+
+impl LlmCall {
+    /// A call with nothing observed yet; the request path fills in the rest.
+    pub fn new(agent: Arc<Agent>, route: Arc<str>, provider: ProviderKind, operation: &'static str) -> Self {
+        LlmCall {
+            agent,
+            route,
+            provider,
+            operation,
+            request_model: None,
+            response_model: None,
+            response_id: None,
+            stream: false,
+            status: 0,
+            usage: None,
+            finish_reasons: Vec::new(),
+            server_address: None,
+            server_port: None,
+            method: String::new(),
+            path: String::new(),
+            start: SystemTime::now(),
+            ttft: None,
+            duration: Duration::ZERO,
+            error: None,
+            traceparent: None,
+            target: None,
+            attempts: 1,
+        }
+    }
 }
 
 /// L4 facts about a spliced connection.

@@ -31,6 +31,9 @@ use rustls::{ClientConfig, RootCertStore};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+pub mod credentials;
+pub mod provider;
+
 use crate::config::{Config, RouteConfig};
 
 /// Request body sent upstream: the client's body streamed through untouched, or a buffered
@@ -154,25 +157,7 @@ impl Target {
     /// upstream scheme when the route has no `upstream` override.
     pub fn new(route: &RouteConfig, orig: SocketAddr, name: Option<&str>, tls: bool) -> Result<Target, UpstreamError> {
         if let Some(url) = &route.upstream {
-            let scheme = url.scheme();
-            if scheme != "http" && scheme != "https" {
-                return Err(UpstreamError::BadTarget(format!("{url}: scheme must be http or https")));
-            }
-            let host = url.host_str().ok_or_else(|| UpstreamError::BadTarget(format!("{url}: no host")))?;
-            let port =
-                url.port_or_known_default().ok_or_else(|| UpstreamError::BadTarget(format!("{url}: no port")))?;
-            let host_header = match url.port() {
-                Some(p) => format!("{host}:{p}"),
-                None => host.to_string(),
-            };
-            return Ok(Target::with_parsed(Target {
-                base: format!("{scheme}://{host}:{port}"),
-                parsed: None,
-                prefix: url.path().trim_end_matches('/').to_string(),
-                host: Some(header_value(&host_header)?),
-                server_address: host.trim_start_matches('[').trim_end_matches(']').to_string(),
-                server_port: port,
-            }));
+            return Target::from_url(url);
         }
         let default_port = if tls { 443 } else { 80 };
         match (tls, name) {
@@ -197,6 +182,45 @@ impl Target {
                 server_address: name.map_or_else(|| orig.ip().to_string(), str::to_string),
                 server_port: orig.port(),
             })),
+        }
+    }
+
+    /// Target for a configured URL (route `upstream`, provider `base_url`): the host is
+    /// resolved at connect time and its path becomes a prefix of every request path.
+    pub fn from_url(url: &url::Url) -> Result<Target, UpstreamError> {
+        {
+            let scheme = url.scheme();
+            if scheme != "http" && scheme != "https" {
+                return Err(UpstreamError::BadTarget(format!("{url}: scheme must be http or https")));
+            }
+            let host = url.host_str().ok_or_else(|| UpstreamError::BadTarget(format!("{url}: no host")))?;
+            let port =
+                url.port_or_known_default().ok_or_else(|| UpstreamError::BadTarget(format!("{url}: no port")))?;
+            let host_header = match url.port() {
+                Some(p) => format!("{host}:{p}"),
+                None => host.to_string(),
+            };
+            return Ok(Target::with_parsed(Target {
+                base: format!("{scheme}://{host}:{port}"),
+                parsed: None,
+                prefix: url.path().trim_end_matches('/').to_string(),
+                host: Some(header_value(&host_header)?),
+                server_address: host.trim_start_matches('[').trim_end_matches(']').to_string(),
+                server_port: port,
+            }));
+        }
+    }
+
+    /// A target that is never dialled: routes on an explicit listener without `upstream` have
+    /// no original destination (their LLM calls go to providers, anything else gets a 404).
+    pub fn none() -> Target {
+        Target {
+            base: String::new(),
+            parsed: None,
+            prefix: String::new(),
+            host: None,
+            server_address: String::new(),
+            server_port: 0,
         }
     }
 
@@ -265,7 +289,8 @@ fn header_value(s: &str) -> Result<HeaderValue, UpstreamError> {
 }
 
 /// Upstream TLS trust: system roots (webpki-roots when the system has none) plus
-/// `tls.extra_roots`. ALPN is http/1.1 only, matching the pooled HTTP/1 client.
+/// `tls.extra_roots`. ALPN is http/1.1 only: transparently intercepted HTTP/1.1 (upgrades
+/// included) is forwarded as HTTP/1.1; [`Upstream`] derives an `h2` variant for providers.
 pub fn client_tls_config(config: &Config) -> Result<Arc<ClientConfig>, UpstreamError> {
     let mut roots = RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
@@ -348,7 +373,10 @@ impl AsyncWrite for UpstreamStream {
 
 impl Connection for UpstreamStream {
     fn connected(&self) -> Connected {
-        Connected::new()
+        match self {
+            UpstreamStream::Tls(s) if s.get_ref().1.alpn_protocol() == Some(b"h2") => Connected::new().negotiated_h2(),
+            _ => Connected::new(),
+        }
     }
 }
 
@@ -429,6 +457,8 @@ impl ConnectorInner {
 /// raw connects for spliced traffic.
 pub struct Upstream {
     client: Client<Connector, ReqBody>,
+    /// Offers `h2` in ALPN; one multiplexed connection per provider when accepted.
+    client_h2: Client<Connector, ReqBody>,
     mark: u32,
     connect_timeout: Duration,
 }
@@ -441,19 +471,35 @@ impl Upstream {
 
     /// Like [`Upstream::new`] with a caller-supplied TLS client config.
     pub fn with_tls(config: &Config, tls: Arc<ClientConfig>) -> Self {
-        let connector = Connector {
-            inner: Arc::new(ConnectorInner {
-                tls: tokio_rustls::TlsConnector::from(tls),
-                mark: config.capture.self_mark,
-                timeout: config.limits.connect_timeout,
-            }),
+        let mut h2 = (*tls).clone();
+        h2.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let build = |tls: Arc<ClientConfig>| {
+            let connector = Connector {
+                inner: Arc::new(ConnectorInner {
+                    tls: tokio_rustls::TlsConnector::from(tls),
+                    mark: config.capture.self_mark,
+                    timeout: config.limits.connect_timeout,
+                }),
+            };
+            Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(config.limits.pool_max_idle_per_host)
+                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .http2_keep_alive_interval(Duration::from_secs(30))
+                .build(connector)
         };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(config.limits.pool_max_idle_per_host)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_timer(TokioTimer::new())
-            .build(connector);
-        Upstream { client, mark: config.capture.self_mark, connect_timeout: config.limits.connect_timeout }
+        Upstream {
+            client: build(tls),
+            client_h2: build(Arc::new(h2)),
+            mark: config.capture.self_mark,
+            connect_timeout: config.limits.connect_timeout,
+        }
+    }
+
+    /// [`Upstream::send`] over the client that offers HTTP/2 (provider targets that allow it).
+    pub async fn send_h2(&self, req: Request<ReqBody>) -> Result<Response<Incoming>, UpstreamError> {
+        self.client_h2.request(req).await.map_err(UpstreamError::Request)
     }
 
     /// Send one request (absolute URI from [`Target::uri_for`]; `Host` already set or left to
@@ -492,6 +538,12 @@ mod tests {
             provider: ProviderKind::Openai,
             intercept: true,
             upstream: upstream.map(|u| url::Url::parse(u).unwrap()),
+            listener: None,
+            targets: Vec::new(),
+            balance: Default::default(),
+            failover: Default::default(),
+            circuit: Default::default(),
+            include_usage: true,
         }
     }
 

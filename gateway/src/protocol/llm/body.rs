@@ -4,8 +4,10 @@
 //!
 //! Streams pass through untouched, except when tollgate itself asked for usage: then each SSE
 //! event is released once complete, and the usage-only chunk the client never asked for is
-//! dropped. Non-streamed bodies are forwarded chunk by chunk while a capped copy is kept to be
-//! parsed at the end.
+//! dropped. When the agent and the provider speak different APIs, each complete event is
+//! converted by a [`StreamTranslator`] as it arrives (never the whole stream). Usage is always
+//! read from the provider's own events, before translation. Non-streamed bodies are forwarded
+//! chunk by chunk while a capped copy is kept to be parsed at the end.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,13 +18,32 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use super::openai;
+use super::api::Observer;
 use super::sse::{SseEvent, SseParser};
+use super::translate::StreamTranslator;
 use super::Reporter;
 use crate::telemetry::LlmCall;
 
-/// Finish reasons kept per call (a request with a huge `n` must not grow this without bound).
-const MAX_FINISH_REASONS: usize = 64;
+/// Runs once with the finished call, before it is reported: feeds the balancer (latency,
+/// tokens) and releases what the call held (in-flight count, provider slot).
+pub type FinishHook = Box<dyn FnOnce(&LlmCall) + Send>;
+
+/// How one response is read and, when needed, converted.
+pub(crate) struct Observation {
+    /// Reads usage and the rest in the provider's API.
+    pub(crate) observer: Observer,
+    /// Converts each SSE event into the agent's API.
+    pub(crate) translator: Option<Box<dyn StreamTranslator>>,
+    /// See [`FinishHook`].
+    pub(crate) on_finish: Option<FinishHook>,
+}
+
+impl Observation {
+    /// Observe only.
+    pub(crate) fn plain(observer: Observer) -> Self {
+        Observation { observer, translator: None, on_finish: None }
+    }
+}
 
 /// How the body is observed.
 pub(crate) enum Mode {
@@ -108,6 +129,7 @@ impl Mode {
 pub struct ObservedBody {
     inner: Incoming,
     mode: Mode,
+    obs: Observation,
     call: Option<Box<LlmCall>>,
     t0: Instant,
     reporter: Arc<Reporter>,
@@ -118,20 +140,42 @@ pub struct ObservedBody {
 }
 
 impl ObservedBody {
-    pub(crate) fn new(inner: Incoming, mode: Mode, call: Box<LlmCall>, t0: Instant, reporter: Arc<Reporter>) -> Self {
-        ObservedBody { inner, mode, call: Some(call), t0, reporter, ended: false, pending: None }
+    pub(crate) fn new(
+        inner: Incoming,
+        mode: Mode,
+        call: Box<LlmCall>,
+        t0: Instant,
+        reporter: Arc<Reporter>,
+        obs: Observation,
+    ) -> Self {
+        ObservedBody { inner, mode, obs, call: Some(call), t0, reporter, ended: false, pending: None }
     }
 
     /// Process one upstream data chunk; returns what the client gets now.
     fn on_data(&mut self, chunk: Bytes) -> Bytes {
         match self.call.as_deref_mut() {
-            Some(call) => on_data(&mut self.mode, call, self.t0, chunk),
+            Some(call) => on_data(&mut self.mode, &mut self.obs, call, self.t0, chunk),
             None => chunk,
         }
     }
 
-    /// Bytes still held back at end of stream (an unterminated final event).
+    /// Bytes still held back at end of stream: an unterminated final event, or what the
+    /// translator emits to close the agent's stream.
     fn take_tail(&mut self) -> Bytes {
+        if let (Some(tr), Some(call), Mode::Sse { parser, .. }) =
+            (self.obs.translator.as_mut(), self.call.as_deref_mut(), &mut self.mode)
+        {
+            let mut out = Vec::new();
+            let observer = &mut self.obs.observer;
+            parser.finish(|_, ev| {
+                if let SseEvent::Data(d) = ev {
+                    observer.observe(call, d);
+                    tr.event(d, &mut out);
+                }
+            });
+            tr.finish(&mut out);
+            return Bytes::from(out);
+        }
         match &mut self.mode {
             Mode::Sse { held, .. } => held.split().freeze(),
             Mode::Json { .. } => Bytes::new(),
@@ -144,29 +188,45 @@ impl ObservedBody {
         let Some(mut call) = self.call.take() else {
             return;
         };
+        let observer = &mut self.obs.observer;
         match &mut self.mode {
             Mode::Sse { parser, .. } => parser.finish(|_, ev| {
                 if let SseEvent::Data(d) = ev {
-                    observe(&mut call, d);
+                    observer.observe(&mut call, d);
                 }
             }),
             Mode::Json { copy, truncated: false, .. } if copy.len() > 0 => {
-                observe(&mut call, copy.as_slice());
+                observer.observe(&mut call, copy.as_slice());
             }
             Mode::Json { .. } => {}
         }
+        observer.finish(&mut call);
         call.duration = self.t0.elapsed();
         if error.is_some() {
             call.error = error;
+        }
+        if let Some(hook) = self.obs.on_finish.take() {
+            hook(&call);
         }
         self.reporter.report(*call);
     }
 }
 
 /// Observe one upstream chunk into `call`; returns the bytes the client gets now.
-fn on_data(mode: &mut Mode, call: &mut LlmCall, t0: Instant, chunk: Bytes) -> Bytes {
+fn on_data(mode: &mut Mode, obs: &mut Observation, call: &mut LlmCall, t0: Instant, chunk: Bytes) -> Bytes {
     if call.ttft.is_none() && !chunk.is_empty() {
         call.ttft = Some(t0.elapsed());
+    }
+    let observer = &mut obs.observer;
+    if let (Some(tr), Mode::Sse { parser, .. }) = (obs.translator.as_mut(), &mut *mode) {
+        let mut out = Vec::new();
+        parser.feed(&chunk, |_, ev| {
+            if let SseEvent::Data(d) = ev {
+                observer.observe(call, d);
+                tr.event(d, &mut out);
+            }
+        });
+        return Bytes::from(out);
     }
     match mode {
         Mode::Json { copy, max, truncated } => {
@@ -183,7 +243,7 @@ fn on_data(mode: &mut Mode, call: &mut LlmCall, t0: Instant, chunk: Bytes) -> By
         Mode::Sse { parser, drop_usage: false, .. } => {
             parser.feed(&chunk, |_, ev| {
                 if let SseEvent::Data(d) = ev {
-                    observe(call, d);
+                    observer.observe(call, d);
                 }
             });
             chunk
@@ -193,7 +253,7 @@ fn on_data(mode: &mut Mode, call: &mut LlmCall, t0: Instant, chunk: Bytes) -> By
             let mut cursor = 0;
             parser.feed(&chunk, |end, ev| {
                 let usage_only = match ev {
-                    SseEvent::Data(d) => observe(call, d),
+                    SseEvent::Data(d) => observer.observe(call, d),
                     _ => false,
                 };
                 if usage_only && !*passthrough {
@@ -216,36 +276,6 @@ fn on_data(mode: &mut Mode, call: &mut LlmCall, t0: Instant, chunk: Bytes) -> By
             out.finish()
         }
     }
-}
-
-/// Read a response object or stream chunk into `call`. True for a usage-only chunk.
-fn observe(call: &mut LlmCall, data: &[u8]) -> bool {
-    if data == b"[DONE]" {
-        return false;
-    }
-    let Some(s) = openai::parse_response(data) else {
-        return false;
-    };
-    if call.response_id.is_none() {
-        call.response_id = s.id.as_deref().map(str::to_string);
-    }
-    if call.response_model.is_none() {
-        call.response_model = s.model.as_deref().map(str::to_string);
-    }
-    if let Some(c) = &s.choices {
-        for r in &c.finish_reasons {
-            if call.finish_reasons.len() < MAX_FINISH_REASONS {
-                call.finish_reasons.push(r.to_string());
-            }
-        }
-    }
-    if let Some(u) = &s.usage {
-        call.usage = Some(u.to_usage());
-    }
-    if let Some(e) = &s.error {
-        call.error = Some(e.message.as_deref().unwrap_or("error event in response").to_string());
-    }
-    s.is_usage_only()
 }
 
 impl Body for ObservedBody {
@@ -317,6 +347,7 @@ impl Body for ObservedBody {
     fn size_hint(&self) -> SizeHint {
         match &self.mode {
             Mode::Sse { drop_usage: true, .. } => SizeHint::default(),
+            _ if self.obs.translator.is_some() => SizeHint::default(),
             _ => self.inner.size_hint(),
         }
     }
@@ -382,6 +413,7 @@ mod tests {
 
     fn run(drop_usage: bool, input: &[u8], cuts: &[usize]) -> (Vec<u8>, LlmCall) {
         let mut mode = Mode::sse(1 << 16, drop_usage);
+        let mut obs = Observation::plain(Observer::new(super::super::api::Api::OpenAiChat, Bytes::new(), false));
         let mut call = test_call();
         let mut out = Vec::new();
         let mut start = 0;
@@ -390,7 +422,7 @@ mod tests {
         let t0 = Instant::now();
         for end in bounds {
             let chunk = Bytes::copy_from_slice(&input[start..end]);
-            out.extend_from_slice(&on_data(&mut mode, &mut call, t0, chunk));
+            out.extend_from_slice(&on_data(&mut mode, &mut obs, &mut call, t0, chunk));
             start = end;
         }
         if let Mode::Sse { held, .. } = &mode {
@@ -421,6 +453,8 @@ mod tests {
             duration: std::time::Duration::ZERO,
             error: None,
             traceparent: None,
+            target: None,
+            attempts: 1,
         }
     }
 

@@ -12,6 +12,8 @@
 //! except unescaped control characters, escapes must be valid (`\u` with four hex digits),
 //! numbers follow the JSON grammar, no trailing commas.
 
+use std::borrow::Cow;
+
 /// The fast path declines this input: parse it with `serde_json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Defer;
@@ -35,6 +37,7 @@ impl<'a> Cursor<'a> {
     }
 
     /// Skip whitespace; the next byte, not consumed.
+    #[inline]
     fn peek(&mut self) -> Option<u8> {
         while let Some(&b) = self.s.get(self.i) {
             if !matches!(b, b' ' | b'\n' | b'\t' | b'\r') {
@@ -46,6 +49,7 @@ impl<'a> Cursor<'a> {
     }
 
     /// Skip whitespace and consume `b`.
+    #[inline]
     fn eat(&mut self, b: u8) -> Fast<()> {
         if self.peek() == Some(b) {
             self.i += 1;
@@ -69,6 +73,7 @@ impl<'a> Cursor<'a> {
     }
 
     /// `null` (consumed) is next.
+    #[inline]
     fn null(&mut self) -> Fast<bool> {
         if self.peek() != Some(b'n') {
             return Ok(false);
@@ -77,6 +82,7 @@ impl<'a> Cursor<'a> {
         Ok(true)
     }
 
+    #[inline]
     fn literal(&mut self, word: &[u8]) -> Fast<()> {
         if self.s[self.i..].starts_with(word) {
             self.i += word.len();
@@ -152,6 +158,7 @@ impl<'a> Cursor<'a> {
     }
 
     /// The raw content of a string without escapes.
+    #[inline]
     fn plain_bytes(&mut self) -> Fast<&'a [u8]> {
         self.eat(b'"')?;
         let (n, end) = self.scan()?;
@@ -230,6 +237,134 @@ impl<'a> Cursor<'a> {
         }
         self.i += digits;
         Ok(Some(v))
+    }
+
+    /// `null` or a string of any content, unescaped: borrowed when it holds no escape (the usual
+    /// case), one allocation otherwise. Unlike [`Self::opt_str`] escapes never defer, so the
+    /// provider readers can take message text, error messages and ids as they come. Unpaired
+    /// surrogate escapes become U+FFFD.
+    pub(crate) fn opt_string(&mut self) -> Fast<Option<Cow<'a, str>>> {
+        if self.null()? {
+            return Ok(None);
+        }
+        self.eat(b'"')?;
+        let (n, end) = self.scan()?;
+        let first = std::str::from_utf8(&self.s[self.i..self.i + n]).map_err(|_| Defer)?;
+        self.i += n + 1;
+        if end == b'"' {
+            return Ok(Some(Cow::Borrowed(first)));
+        }
+        let mut out = String::with_capacity(n + 16);
+        out.push_str(first);
+        loop {
+            let e = self.s.get(self.i).copied().ok_or(Defer)?;
+            self.i += 1;
+            let ch = match e {
+                b'"' => '"',
+                b'\\' => '\\',
+                b'/' => '/',
+                b'b' => '\u{8}',
+                b'f' => '\u{c}',
+                b'n' => '\n',
+                b'r' => '\r',
+                b't' => '\t',
+                b'u' => self.unicode_escape()?,
+                _ => return Err(Defer),
+            };
+            out.push(ch);
+            // Runs end at an ASCII quote or backslash, so each is whole UTF-8.
+            let (n, end) = self.scan()?;
+            out.push_str(std::str::from_utf8(&self.s[self.i..self.i + n]).map_err(|_| Defer)?);
+            self.i += n + 1;
+            if end == b'"' {
+                return Ok(Some(Cow::Owned(out)));
+            }
+        }
+    }
+
+    /// The character of a `\u` escape whose `u` was consumed, joining a surrogate pair.
+    fn unicode_escape(&mut self) -> Fast<char> {
+        let hi = self.hex4()?;
+        if !(0xD800..0xDC00).contains(&hi) {
+            return Ok(char::from_u32(hi).unwrap_or('\u{fffd}'));
+        }
+        if self.s.get(self.i..self.i + 2) == Some(&b"\\u"[..]) {
+            let at = self.i;
+            self.i += 2;
+            let lo = self.hex4()?;
+            if (0xDC00..0xE000).contains(&lo) {
+                return Ok(char::from_u32(0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00)).unwrap_or('\u{fffd}'));
+            }
+            // Not a low surrogate: it is an escape of its own.
+            self.i = at;
+        }
+        Ok('\u{fffd}')
+    }
+
+    /// Four hex digits.
+    fn hex4(&mut self) -> Fast<u32> {
+        let hex = self.s.get(self.i..self.i + 4).ok_or(Defer)?;
+        let mut v = 0u32;
+        for &h in hex {
+            v = v * 16 + char::from(h).to_digit(16).ok_or(Defer)?;
+        }
+        self.i += 4;
+        Ok(v)
+    }
+
+    /// A string; any other value is skipped and reads as `None`. The provider readers are
+    /// lenient about types: a field of an unexpected type is simply not observed.
+    pub(crate) fn lenient_str(&mut self) -> Fast<Option<Cow<'a, str>>> {
+        if self.peek() == Some(b'"') {
+            self.opt_string()
+        } else {
+            self.skip().map(|()| None)
+        }
+    }
+
+    /// A non-negative integer, as a number or as a string of digits (how protobuf JSON writes
+    /// 64-bit integers); any other value is skipped and reads as `None`.
+    pub(crate) fn lenient_u64(&mut self) -> Fast<Option<u64>> {
+        match self.peek() {
+            Some(b'0'..=b'9') => match self.opt_u64() {
+                Ok(v) => Ok(v),
+                // `opt_u64` consumed nothing: skip (validating) the number it declined.
+                Err(Defer) => self.skip().map(|()| None),
+            },
+            Some(b'"') => Ok(self.opt_string()?.and_then(|s| s.parse().ok())),
+            _ => self.skip().map(|()| None),
+        }
+    }
+
+    /// The members of an object (true); any other value is skipped (false).
+    pub(crate) fn lenient_object(&mut self, member: impl FnMut(&mut Self, &'a [u8]) -> Fast<()>) -> Fast<bool> {
+        if self.peek() == Some(b'{') {
+            self.object(member).map(|()| true)
+        } else {
+            self.skip().map(|()| false)
+        }
+    }
+
+    /// The elements of an array (true); any other value is skipped (false).
+    pub(crate) fn lenient_array(&mut self, element: impl FnMut(&mut Self) -> Fast<()>) -> Fast<bool> {
+        if self.peek() == Some(b'[') {
+            self.array(element).map(|()| true)
+        } else {
+            self.skip().map(|()| false)
+        }
+    }
+
+    /// The next non-whitespace byte, not consumed: lets a reader pick how to read a value.
+    pub(crate) fn peek_byte(&mut self) -> Option<u8> {
+        self.peek()
+    }
+
+    /// Skip a value and return its raw JSON text (tool arguments counted as written).
+    pub(crate) fn skip_raw(&mut self) -> Fast<&'a [u8]> {
+        self.peek();
+        let start = self.i;
+        self.skip()?;
+        Ok(&self.s[start..self.i])
     }
 
     /// Skip any value, validating it as `serde_json` does when ignoring one.
@@ -365,6 +500,7 @@ impl<'a> Cursor<'a> {
 
 /// Index of the first byte of `w` (little-endian) that is `"`, `\\` or a control character
 /// (the same test `serde_json` uses; borrows only ever flag bytes after a real match).
+#[inline]
 fn first_special(w: u64) -> Option<usize> {
     const ONES: u64 = u64::MAX / 255;
     let ctrl = w.wrapping_sub(ONES * 0x20) & !w;
@@ -451,5 +587,58 @@ mod tests {
         let mut c = Cursor::new(br#""plain" "esc\"aped""#);
         assert_eq!(c.opt_str(), Ok(Some("plain")));
         assert_eq!(c.opt_str(), Err(Defer));
+    }
+
+    #[test]
+    fn strings_unescaped_like_serde() {
+        let cases = [
+            r#""plain""#,
+            r#""""#,
+            r#""a\"b\\c\/d\b\f\n\r\t""#,
+            r#""\u00e9\u4e2d \ud83d\ude00 end""#,
+            "\"h\u{e9}llo \\n w\u{f6}rld 0123456789012345678901234567890123456789\"",
+            r#""\\""#,
+        ];
+        for s in cases {
+            let want: String = serde_json::from_str(s).unwrap();
+            let got = Cursor::new(s.as_bytes()).opt_string().unwrap().unwrap();
+            assert_eq!(got, want, "{s}");
+            assert_eq!(matches!(got, Cow::Borrowed(_)), !s.contains('\\'), "{s}");
+        }
+        // Unpaired surrogates are replaced, invalid input is declined.
+        let lone = Cursor::new(br#""a\ud800b\udc00\ud800\u0041""#).opt_string().unwrap().unwrap();
+        assert_eq!(lone, "a\u{fffd}b\u{fffd}\u{fffd}A");
+        for bad in [&br#""\x""#[..], br#""\u12""#, b"\"a\x01\"", br#""abc"#, b"\"\xff\""] {
+            assert_eq!(Cursor::new(bad).opt_string(), Err(Defer), "{:?}", String::from_utf8_lossy(bad));
+        }
+        assert_eq!(Cursor::new(b"null").opt_string(), Ok(None));
+    }
+
+    #[test]
+    fn lenient_reads_skip_other_types() {
+        let doc =
+            br#"{"n":12,"f":1.5,"big":18446744073709551616,"s":"34","o":{"x":[1,{"y":null}]},"a":[true],"t":"txt"}"#;
+        let mut c = Cursor::new(doc);
+        let mut got = Vec::new();
+        c.object(|c, k| {
+            let v = match k {
+                b"n" | b"f" | b"big" | b"s" => format!("{:?}", c.lenient_u64()?),
+                b"o" => format!("{:?}", std::str::from_utf8(c.skip_raw()?).unwrap()),
+                b"a" => format!("{:?}", c.lenient_object(|c, _| c.skip())?),
+                _ => format!("{:?}", c.lenient_str()?),
+            };
+            got.push(v);
+            Ok(())
+        })
+        .unwrap();
+        c.end().unwrap();
+        assert_eq!(
+            got,
+            ["Some(12)", "None", "None", "Some(34)", r#""{\"x\":[1,{\"y\":null}]}""#, "false", r#"Some("txt")"#]
+        );
+        // Malformed values are still declined.
+        assert_eq!(Cursor::new(b"01").lenient_u64(), Err(Defer));
+        assert_eq!(Cursor::new(b"[1,]").lenient_str(), Err(Defer));
+        assert_eq!(Cursor::new(b"7").lenient_array(|c| c.skip()), Ok(false));
     }
 }

@@ -1,16 +1,24 @@
-//! Recognised LLM operations: the request is buffered (bounded) to read `model` and `stream`,
-//! rewritten only to ask for usage on streams, and the response is observed as it streams past
-//! (see [`body`]) until one [`LlmCall`] can be reported.
+//! Recognised LLM operations (see [`api`]): the request is buffered (bounded) to read `model`
+//! and `stream`, and the response is observed as it streams past (see [`body`]) until one
+//! [`LlmCall`] can be reported. On routes with targets, [`dispatch`] chooses the provider,
+//! injects its key, fails over and translates; otherwise the call goes to the original
+//! destination, rewritten only to ask OpenAI-shaped streams for usage.
 
+pub mod anthropic;
+pub mod api;
 mod body;
+pub mod dispatch;
+pub mod estimate;
+pub mod gemini;
 mod json;
 pub mod openai;
 pub mod sse;
+pub mod translate;
 
 pub use body::ObservedBody;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{ACCEPT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
@@ -19,10 +27,12 @@ use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use tokio::sync::mpsc;
 
-use super::http::{error_response, prepare, prepare_uri, send, L7Context, ProxyBody};
+use super::http::{prepare, prepare_uri, send, L7Context, ProxyBody};
 use super::ProtocolError;
+use crate::config::ProviderKind;
 use crate::telemetry::{LlmCall, Telemetry};
-use body::Mode;
+use api::{Api, Detected, Observer, Shape};
+use body::{Mode, Observation};
 
 /// Sink for finished LLM calls: the telemetry facade, plus an optional observer channel that
 /// tests (and future in-process consumers) read without going through metrics.
@@ -47,57 +57,53 @@ impl Reporter {
     }
 }
 
-/// Proxy one chat-completions request and return the observed response.
-pub(crate) async fn chat_completions(ctx: &L7Context, req: Request<Incoming>) -> Response<ProxyBody> {
-    let t0 = Instant::now();
-    let (mut parts, body) = req.into_parts();
-    let mut call = Box::new(LlmCall {
-        agent: ctx.agent.clone(),
-        route: ctx.route.clone(),
-        provider: ctx.provider,
-        operation: "chat",
-        request_model: None,
-        response_model: None,
-        response_id: None,
-        stream: false,
-        status: 0,
-        usage: None,
-        finish_reasons: Vec::new(),
-        server_address: Some(ctx.target.server_address.clone()),
-        server_port: Some(ctx.target.server_port),
-        method: parts.method.as_str().to_string(),
-        path: parts.uri.path().to_string(),
-        start: SystemTime::now(),
-        ttft: None,
-        duration: Duration::ZERO,
-        error: None,
-        traceparent: parts.headers.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_string),
-    });
-
-    let limits = &ctx.config.limits;
-    let declared = parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limits.max_request_body_bytes as u64) {
-        return fail(ctx, call, t0, ProtocolError::BodyTooLarge { limit: limits.max_request_body_bytes });
+/// Read the agent's request body, refusing more than `limits.max_request_body_bytes`.
+pub(crate) async fn read_request_body(
+    ctx: &L7Context,
+    headers: &http::HeaderMap,
+    body: Incoming,
+) -> Result<Bytes, ProtocolError> {
+    let max = ctx.config.limits.max_request_body_bytes;
+    let declared = headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(ProtocolError::BodyTooLarge { limit: max });
     }
-    let bytes = match Limited::new(body, limits.max_request_body_bytes).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(e) if e.is::<LengthLimitError>() => {
-            return fail(ctx, call, t0, ProtocolError::BodyTooLarge { limit: limits.max_request_body_bytes })
-        }
-        Err(e) => return fail(ctx, call, t0, ProtocolError::ClientBody(e.to_string())),
-    };
+    match Limited::new(body, max).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<LengthLimitError>() => Err(ProtocolError::BodyTooLarge { limit: max }),
+        Err(e) => Err(ProtocolError::ClientBody(e.to_string())),
+    }
+}
 
-    let (body, injected) = rewrite(&bytes, &mut call);
+/// Pass one recognised LLM call through to the original destination (or the route's
+/// `upstream`) and return the observed response.
+pub(crate) async fn observe_call(ctx: &L7Context, det: Detected, req: Request<Incoming>) -> Response<ProxyBody> {
+    let t0 = Instant::now();
+    let shape = det.api.shape();
+    let (mut parts, body) = req.into_parts();
+    let mut call = Box::new(LlmCall::new(ctx.agent.clone(), ctx.route.clone(), ctx.provider, det.api.operation()));
+    call.server_address = Some(ctx.target.server_address.clone());
+    call.server_port = Some(ctx.target.server_port);
+    call.method = parts.method.as_str().to_string();
+    call.path = parts.uri.path().to_string();
+    call.traceparent = parts.headers.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_string);
+
+    let bytes = match read_request_body(ctx, &parts.headers, body).await {
+        Ok(b) => b,
+        Err(e) => return report_failure(ctx, shape, call, t0, e),
+    };
+    let api = det.api;
+    let (body, injected) = rewrite(det, &bytes, &mut call, ctx.include_usage);
     // Identity encoding, so usage can be read from the response.
     parts.headers.remove(ACCEPT_ENCODING);
     parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
     prepare(ctx, &mut parts);
     if let Err(e) = prepare_uri(ctx, &mut parts) {
-        return fail(ctx, call, t0, e);
+        return report_failure(ctx, shape, call, t0, e);
     }
     let resp = match send(ctx, Request::from_parts(parts, Either::Right(Full::new(body)))).await {
         Ok(r) => r,
-        Err(e) => return fail(ctx, call, t0, e),
+        Err(e) => return report_failure(ctx, shape, call, t0, e),
     };
 
     let (mut rparts, rbody) = resp.into_parts();
@@ -106,30 +112,43 @@ pub(crate) async fn chat_completions(ctx: &L7Context, req: Request<Incoming>) ->
         .headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/event-stream"));
+        .is_some_and(|v| v.trim_start().get(..17).is_some_and(|p| p.eq_ignore_ascii_case("text/event-stream")));
     let drop_usage = injected && is_sse;
     if drop_usage {
         // Bytes will be removed: let hyper frame the body itself.
         rparts.headers.remove(CONTENT_LENGTH);
     }
+    let limits = &ctx.config.limits;
     let mode =
         if is_sse { Mode::sse(limits.max_sse_event_bytes, drop_usage) } else { Mode::json(limits.max_inspect_bytes) };
-    let observed = ObservedBody::new(rbody, mode, call, t0, ctx.reporter.clone());
+    let observer = Observer::new(api, bytes, ctx.provider == ProviderKind::OpenaiCompatible);
+    let observed = ObservedBody::new(rbody, mode, call, t0, ctx.reporter.clone(), Observation::plain(observer));
     Response::from_parts(rparts, ProxyBody::Observed(Box::new(observed)))
 }
 
-/// Read request fields into `call`; add `include_usage` to streams that lack it. Returns the
-/// body to send and whether it was rewritten.
-fn rewrite(bytes: &Bytes, call: &mut LlmCall) -> (Bytes, bool) {
-    let Some(info) = openai::inspect_request(bytes) else {
+/// Read request fields into `call`; add `include_usage` to OpenAI-shaped streams that lack it
+/// (when the route allows). Returns the body to send and whether it was rewritten.
+fn rewrite(det: Detected, bytes: &Bytes, call: &mut LlmCall, include_usage: bool) -> (Bytes, bool) {
+    let Some(info) = api::inspect_request(det.api, bytes) else {
+        call.request_model = det.path_model;
         return (bytes.clone(), false);
     };
-    call.stream = info.stream;
-    call.request_model = info.model.clone();
-    if !openai::needs_usage_injection(&info) {
+    call.stream = info.stream || det.api == Api::GeminiStreamGenerate;
+    call.request_model = info.model.clone().or(det.path_model);
+    let wants = include_usage
+        && matches!(det.api, Api::OpenAiChat | Api::OpenAiCompletions)
+        && info.stream
+        && !info.include_usage;
+    if !wants {
         return (bytes.clone(), false);
     }
-    match openai::inject_include_usage(bytes, &info) {
+    let oi = openai::RequestInfo {
+        model: None,
+        stream: true,
+        include_usage: false,
+        has_stream_options: info.has_stream_options,
+    };
+    match openai::inject_include_usage(bytes, &oi) {
         Ok(b) => (b, true),
         Err(e) => {
             tracing::debug!(error = %e, "not adding stream_options.include_usage");
@@ -138,9 +157,15 @@ fn rewrite(bytes: &Bytes, call: &mut LlmCall) -> (Bytes, bool) {
     }
 }
 
-/// Report a call that ended in a tollgate-side failure and answer the client.
-fn fail(ctx: &L7Context, mut call: Box<LlmCall>, t0: Instant, e: ProtocolError) -> Response<ProxyBody> {
-    let resp = error_response(&e);
+/// Report a call that ended in a tollgate-side failure and answer the agent in its API shape.
+pub(crate) fn report_failure(
+    ctx: &L7Context,
+    shape: Shape,
+    mut call: Box<LlmCall>,
+    t0: Instant,
+    e: ProtocolError,
+) -> Response<ProxyBody> {
+    let resp = e.response(shape);
     call.status = resp.status().as_u16();
     call.error = Some(e.to_string());
     call.duration = t0.elapsed();

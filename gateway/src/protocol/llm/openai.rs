@@ -1,6 +1,7 @@
-//! OpenAI chat-completions wire format: what tollgate reads from requests (`model`, `stream`,
+//! OpenAI wire formats: what tollgate reads from requests (`model`, `stream`,
 //! `stream_options.include_usage`), the one rewrite it makes (asking for usage on streams), and
-//! what it reads from responses (id, model, finish reasons, usage).
+//! what it reads from responses (id, model, finish reasons, usage) of chat completions,
+//! completions and embeddings (one shape) and of the Responses API (`parse_responses`).
 //!
 //! Response parsing borrows from the input (`Cow<str>`) and skips everything else (message
 //! content, deltas) without allocating, since it runs once per streamed chunk. Both directions
@@ -15,6 +16,8 @@ use bytes::{Bytes, BytesMut};
 use serde::de::{Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 
+use super::api::{ErrorSeen, Seen};
+use super::estimate::{texts, Piece};
 use super::json::{Cursor, Defer, Fast};
 use crate::telemetry::Usage;
 
@@ -416,6 +419,171 @@ impl<'de: 'a, 'a> Deserialize<'de> for Choices<'a> {
         }
         d.deserialize_any(V(PhantomData))
     }
+}
+
+/// Output text of a chat-completions or completions object or chunk (message or delta content,
+/// reasoning text of compatible servers, refusals, tool-call arguments, completion `text`),
+/// appended to `out`. Used only to estimate output tokens.
+pub(crate) fn output_pieces<'a>(json: &'a [u8], out: &mut Vec<Piece<'a>>) -> Fast<()> {
+    let mut c = Cursor::new(json);
+    let mut sink = |p| out.push(p);
+    c.object(|c, key| {
+        if key != b"choices" {
+            return c.skip();
+        }
+        c.lenient_array(|c| {
+            c.lenient_object(|c, k| match k {
+                b"delta" | b"message" => texts(c, 1, &mut sink),
+                b"text" => texts(c, 1, &mut sink),
+                _ => c.skip(),
+            })
+            .map(drop)
+        })
+        .map(drop)
+    })?;
+    c.end()
+}
+
+/// Responses API `status` values that end a response; the finish reason reported for it.
+const TERMINAL: &[&str] = &["completed", "incomplete", "failed", "cancelled"];
+
+/// Fields of a Responses API `Response` object (the whole non-streamed body, or the `response`
+/// of a streaming event).
+#[derive(Default)]
+struct ResponseFields<'a> {
+    id: Option<Cow<'a, str>>,
+    model: Option<Cow<'a, str>>,
+    status: Option<Cow<'a, str>>,
+    incomplete_reason: Option<Cow<'a, str>>,
+    usage: Option<Usage>,
+    error: Option<ErrorSeen<'a>>,
+    output: Vec<Piece<'a>>,
+}
+
+/// Read `key` of a `Response` object into `f`; false when it is not one of its fields.
+fn response_member<'a>(c: &mut Cursor<'a>, key: &[u8], f: &mut ResponseFields<'a>, counting: bool) -> Fast<bool> {
+    match key {
+        b"id" => f.id = c.lenient_str()?,
+        b"model" => f.model = c.lenient_str()?,
+        b"status" => f.status = c.lenient_str()?,
+        b"incomplete_details" => {
+            c.lenient_object(|c, k| match k {
+                b"reason" => c.lenient_str().map(|r| f.incomplete_reason = r),
+                _ => c.skip(),
+            })?;
+        }
+        b"usage" => f.usage = responses_usage(c)?,
+        b"error" => f.error = error_object(c)?,
+        b"output" if counting => texts(c, 0, &mut |p| f.output.push(p))?,
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+/// Responses API `usage`: `input_tokens` (cached included), `output_tokens` (reasoning
+/// included), `total_tokens`, and their details.
+fn responses_usage(c: &mut Cursor<'_>) -> Fast<Option<Usage>> {
+    let (mut input, mut output, mut total, mut cached, mut reasoning) = (None, None, None, None, None);
+    let got = c.lenient_object(|c, k| match k {
+        b"input_tokens" => c.lenient_u64().map(|v| input = v),
+        b"output_tokens" => c.lenient_u64().map(|v| output = v),
+        b"total_tokens" => c.lenient_u64().map(|v| total = v),
+        b"input_tokens_details" => detail(c, b"cached_tokens").map(|v| cached = v),
+        b"output_tokens_details" => detail(c, b"reasoning_tokens").map(|v| reasoning = v),
+        _ => c.skip(),
+    })?;
+    Ok(got.then(|| {
+        let (input, output) = (input.unwrap_or(0), output.unwrap_or(0));
+        Usage {
+            input,
+            output,
+            total: total.unwrap_or(input + output),
+            cached_input: cached,
+            reasoning,
+            estimated: false,
+        }
+    }))
+}
+
+/// One number `field` of a details object.
+fn detail(c: &mut Cursor<'_>, field: &[u8]) -> Fast<Option<u64>> {
+    let mut v = None;
+    c.lenient_object(|c, k| if k == field { c.lenient_u64().map(|x| v = x) } else { c.skip() })?;
+    Ok(v)
+}
+
+/// An `error` object: `{"message", "code", "type", ...}` (HTTP error bodies, failed responses).
+fn error_object<'a>(c: &mut Cursor<'a>) -> Fast<Option<ErrorSeen<'a>>> {
+    let (mut code, mut kind, mut message) = (None, None, None);
+    let got = c.lenient_object(|c, k| match k {
+        b"message" => c.lenient_str().map(|v| message = v),
+        b"code" => c.lenient_str().map(|v| code = v),
+        b"type" => c.lenient_str().map(|v| kind = v),
+        _ => c.skip(),
+    })?;
+    Ok(got.then(|| ErrorSeen { kind: code.or(kind), message }))
+}
+
+/// Streaming event types whose `delta` is model output text (audio deltas are base64, shell
+/// output is a tool's).
+fn is_text_delta(kind: &str) -> bool {
+    kind.starts_with("response.")
+        && kind.ends_with(".delta")
+        && !kind.starts_with("response.audio.")
+        && kind != "response.shell_call_output_content.delta"
+}
+
+/// Read a Responses API body (a `Response` object or an error) or one streaming event
+/// (`response.created`, `response.output_text.delta`, `response.completed` with usage inside
+/// `response`, `response.failed`/`response.incomplete`, `error`, ...). The finish reason is the
+/// terminal `status`, or `incomplete_details.reason` for an incomplete response. With
+/// `counting`, output text is collected from text deltas, or from `output` of a whole body.
+pub(crate) fn parse_responses(json: &[u8], counting: bool) -> Fast<Seen<'_>> {
+    let mut c = Cursor::new(json);
+    let (mut top, mut inner) = (ResponseFields::default(), ResponseFields::default());
+    let (mut kind, mut delta, mut code, mut message) = (None, None, None, None);
+    c.object(|c, key| match key {
+        b"type" => c.lenient_str().map(|v| kind = v),
+        b"response" => c
+            .lenient_object(|c, k| match response_member(c, k, &mut inner, false)? {
+                true => Ok(()),
+                false => c.skip(),
+            })
+            .map(drop),
+        b"delta" if counting => c.lenient_str().map(|v| delta = v),
+        b"code" => c.lenient_str().map(|v| code = v),
+        b"message" => c.lenient_str().map(|v| message = v),
+        _ => match response_member(c, key, &mut top, counting)? {
+            true => Ok(()),
+            false => c.skip(),
+        },
+    })?;
+    c.end()?;
+
+    let status = inner.status.or(top.status);
+    let finish = status.filter(|s| TERMINAL.contains(&s.as_ref())).map(|s| match s.as_ref() {
+        "incomplete" => inner.incomplete_reason.or(top.incomplete_reason).unwrap_or(s),
+        _ => s,
+    });
+    let error = match kind.as_deref() {
+        // `{"type":"error","code","message"}`; some servers nest an error object instead.
+        Some("error") if code.is_some() || message.is_some() => Some(ErrorSeen { kind: code, message }),
+        Some("error") => Some(inner.error.or(top.error).unwrap_or_default()),
+        _ => inner.error.or(top.error),
+    };
+    let text = match (&kind, delta) {
+        (Some(k), Some(d)) if counting && is_text_delta(k) => vec![Piece::Text(d)],
+        (None, _) => top.output,
+        _ => Vec::new(),
+    };
+    Ok(Seen {
+        id: inner.id.or(top.id),
+        model: inner.model.or(top.model),
+        finish: finish.into_iter().collect(),
+        error,
+        usage: inner.usage.or(top.usage),
+        text,
+    })
 }
 
 #[cfg(test)]
