@@ -23,6 +23,7 @@ use tokio::task::JoinSet;
 
 use crate::capture::{identity::orig_dst, Agent, AgentResolver, FlowTable};
 use crate::config::{Config, RouteConfig};
+use crate::policy::CircuitState;
 use crate::protocol::llm::dispatch::{Gateway, GatewayError};
 use crate::protocol::llm::Reporter;
 use crate::protocol::L7Context;
@@ -78,7 +79,7 @@ struct Shared {
     tls_server: Arc<ServerConfig>,
     reporter: Arc<Reporter>,
     permits: Arc<Semaphore>,
-    gateway: Gateway,
+    gateway: Arc<Gateway>,
 }
 
 /// Serve until `shutdown` flips to true; then stop accepting and let in-flight connections finish.
@@ -95,7 +96,23 @@ pub async fn serve(
     let reporter = Arc::new(Reporter::new(deps.telemetry.clone(), deps.observer.clone()));
     let max = deps.config.limits.max_connections.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
     let permits = Arc::new(Semaphore::new(max));
-    let gateway = Gateway::new(&deps.config)?;
+    let gateway = Arc::new(Gateway::new(&deps.config)?);
+    let weak = Arc::downgrade(&gateway);
+    deps.telemetry.metrics.set_circuit_source(Box::new(move || {
+        let Some(g) = weak.upgrade() else { return Vec::new() };
+        let mut out = Vec::new();
+        for r in g.routes() {
+            for t in r.balancer.snapshot() {
+                let state = match t.circuit {
+                    CircuitState::Closed => 0,
+                    CircuitState::HalfOpen => 1,
+                    CircuitState::Open => 2,
+                };
+                out.push((r.name.to_string(), t.provider.clone(), state));
+            }
+        }
+        out
+    }));
     let mut direct = Vec::new();
     for (i, r) in deps.config.routes.iter().enumerate() {
         if let Some(addr) = r.listener {

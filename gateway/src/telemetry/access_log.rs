@@ -254,6 +254,12 @@ fn write_llm_line(buf: &mut Vec<u8>, c: &LlmCall) {
     json_str(buf, &c.route);
     buf.extend_from_slice(b",\"provider\":");
     json_str(buf, c.provider.semconv_name());
+    if let Some(t) = &c.target {
+        buf.extend_from_slice(b",\"target\":");
+        json_str(buf, t);
+        buf.extend_from_slice(b",\"attempts\":");
+        json_u64(buf, c.attempts.into());
+    }
     buf.extend_from_slice(b",\"operation\":");
     json_str(buf, c.operation);
     buf.extend_from_slice(b",\"method\":");

@@ -44,6 +44,11 @@ const TOKEN_TYPES: [&str; 5] = ["input", "output", "total", "cached_input", "rea
 /// as-is rather than incremented).
 pub type CaptureSource = Box<dyn Fn() -> Option<Vec<(&'static str, u64)>> + Send + Sync>;
 
+/// Reads every gateway target's circuit state at scrape time: `(route, target, state)` with
+/// state 0 closed, 1 half-open, 2 open. States change with time alone (an open circuit
+/// half-opens when its timeout passes), so they are read rather than pushed.
+pub type CircuitSource = Box<dyn Fn() -> Vec<(String, String, i64)> + Send + Sync>;
+
 /// All metric families.
 pub struct Metrics {
     /// The registry `/metrics` encodes.
@@ -59,6 +64,12 @@ pub struct Metrics {
     /// Dropped telemetry records (full queues), by sink.
     pub dropped: IntCounterVec,
     capture: Arc<CaptureCollector>,
+    /// Upstream attempts of gateway routes by outcome.
+    attempts: IntCounterVec,
+    /// Tokens of calls whose usage tollgate estimated.
+    estimated_tokens: IntCounterVec,
+    circuit_state: IntGaugeVec,
+    circuit_source: parking_lot::Mutex<Option<CircuitSource>>,
     models: LabelLimiter,
     snis: LabelLimiter,
     agents: LabelLimiter,
@@ -191,6 +202,30 @@ impl Metrics {
             Opts::new("tollgate_telemetry_dropped_total", "Telemetry records dropped because a queue was full"),
             &["sink"],
         )?;
+        let attempts = IntCounterVec::new(
+            Opts::new(
+                "tollgate_upstream_attempts_total",
+                "Gateway attempts by route, target provider and outcome (ok, connect, timeout, rate_limited, server_error)",
+            ),
+            &["route", "target", "outcome"],
+        )?;
+        let estimated_tokens = IntCounterVec::new(
+            Opts::new(
+                "tollgate_llm_estimated_tokens_total",
+                "Tokens counted by tollgate's tokenizer because the provider reported no usage (included in tollgate_llm_tokens_total)",
+            ),
+            &[&llm[..], &["token_type"]].concat(),
+        )?;
+        let circuit_state = IntGaugeVec::new(
+            Opts::new(
+                "tollgate_upstream_circuit_state",
+                "Circuit breaker state per gateway target: 0 closed, 1 half-open, 2 open",
+            ),
+            &["route", "target"],
+        )?;
+        registry.register(Box::new(attempts.clone()))?;
+        registry.register(Box::new(estimated_tokens.clone()))?;
+        registry.register(Box::new(circuit_state.clone()))?;
         let capture = Arc::new(CaptureCollector::new()?);
         registry.register(Box::new(llm_requests.clone()))?;
         registry.register(Box::new(llm_tokens.clone()))?;
@@ -217,6 +252,10 @@ impl Metrics {
             l4_duration,
             dropped,
             capture,
+            attempts,
+            estimated_tokens,
+            circuit_state,
+            circuit_source: parking_lot::Mutex::new(None),
             models: LabelLimiter::new(max_label_values),
             snis: LabelLimiter::new(max_label_values),
             agents: LabelLimiter::new(max_label_values),
@@ -224,6 +263,17 @@ impl Metrics {
             calls_len: Default::default(),
             hasher: RandomState::new(),
         })
+    }
+
+    /// Export gateway circuit states through `source` from now on.
+    pub fn set_circuit_source(&self, source: CircuitSource) {
+        *self.circuit_source.lock() = Some(source);
+    }
+
+    /// One gateway attempt ended with `outcome`. Route and target names come from config, so
+    /// their cardinality is bounded by it.
+    pub fn upstream_attempt(&self, route: &str, target: &str, outcome: &str) {
+        self.attempts.with_label_values(&[route, target, outcome]).inc();
     }
 
     /// Export the kernel counters through `source` from now on.
@@ -262,6 +312,11 @@ impl Metrics {
                             self.llm_tokens.with_label_values(&[&s.base_labels()[..], &[TOKEN_TYPES[i]]].concat())
                         })
                         .inc_by(v);
+                }
+            }
+            if u.estimated {
+                for (v, t) in [(u.input, "input"), (u.output, "output")] {
+                    self.estimated_tokens.with_label_values(&[&s.base_labels()[..], &[t]].concat()).inc_by(v);
                 }
             }
             for (i, (v, t)) in [(u.input, "input"), (u.output, "output")].into_iter().enumerate() {
@@ -368,6 +423,11 @@ impl Metrics {
 
     /// Prometheus text exposition of everything registered.
     pub fn encode(&self) -> String {
+        if let Some(src) = self.circuit_source.lock().as_ref() {
+            for (route, target, state) in src() {
+                self.circuit_state.with_label_values(&[&route, &target]).set(state);
+            }
+        }
         let mut buf = String::new();
         // Encoding into a String only fails on invalid UTF-8 label values, which Rust strings
         // cannot hold; an empty exposition is the safe fallback.

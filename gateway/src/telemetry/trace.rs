@@ -42,6 +42,9 @@ mod attr {
     pub const ESTIMATED: &str = "tollgate.usage.estimated";
     pub const STREAM: &str = "tollgate.stream";
     pub const ROUTE: &str = "tollgate.route";
+    pub const TARGET: &str = "tollgate.target";
+    pub const ATTEMPTS: &str = "tollgate.attempts";
+    pub const REASONING_TOKENS: &str = "gen_ai.usage.reasoning.output_tokens";
 }
 
 /// Span exporter for LLM calls.
@@ -124,7 +127,14 @@ impl Tracer {
             if let Some(v) = u.cached_input {
                 attrs.push(KeyValue::new(attr::CACHE_READ_TOKENS, v as i64));
             }
+            if let Some(v) = u.reasoning {
+                attrs.push(KeyValue::new(attr::REASONING_TOKENS, v as i64));
+            }
             attrs.push(KeyValue::new(attr::ESTIMATED, u.estimated));
+        }
+        if let Some(t) = &c.target {
+            attrs.push(KeyValue::new(attr::TARGET, t.to_string()));
+            attrs.push(KeyValue::new(attr::ATTEMPTS, i64::from(c.attempts)));
         }
         let error = match (&c.error, c.status) {
             (Some(e), _) => Some(("transport".to_string(), e.clone())),

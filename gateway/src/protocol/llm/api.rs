@@ -323,6 +323,9 @@ impl Observer {
             Shape::OpenAi => openai::parse_responses(data, counting)?,
         };
         seen.apply(call, self.counter.as_mut());
+        if call.usage.is_some() {
+            self.counter = None;
+        }
         Ok(())
     }
 
@@ -341,6 +344,10 @@ impl Observer {
             text: Vec::new(),
         };
         seen.apply(call, None);
+        if call.usage.is_some() {
+            // The provider reports usage: nothing left to estimate.
+            self.counter = None;
+        }
         if let Some(counter) = &mut self.counter {
             let mut text = Vec::new();
             let ok = openai::output_pieces(data, &mut text).is_ok();
@@ -361,7 +368,7 @@ impl Observer {
     /// the counted output. Runs once; later calls do nothing.
     pub fn finish(&mut self, call: &mut LlmCall) {
         let request = std::mem::take(&mut self.request);
-        let output = self.counter.take().map(|mut c| c.finish());
+        let counter = self.counter.take();
         if call.usage.is_some()
             || !(200..300).contains(&call.status)
             || !(self.api.is_generation() || self.api.is_embedding())
@@ -372,7 +379,8 @@ impl Observer {
         let Some(input) = estimate::prompt_tokens(self.api, &request) else {
             return;
         };
-        let output = output.unwrap_or(0);
+        // Tokenized only now that it is known the provider reported nothing.
+        let output = counter.map_or(0, |mut c| c.finish());
         call.usage =
             Some(Usage { input, output, total: input + output, cached_input: None, reasoning: None, estimated: true });
     }

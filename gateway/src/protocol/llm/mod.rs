@@ -48,6 +48,11 @@ impl Reporter {
         Reporter { telemetry, observer }
     }
 
+    /// The telemetry facade (metrics of gateway attempts).
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
+    }
+
     /// Hand one finished call to every sink.
     pub fn report(&self, call: LlmCall) {
         self.telemetry.llm_call(&call);

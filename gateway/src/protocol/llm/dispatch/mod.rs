@@ -141,7 +141,10 @@ pub(crate) async fn dispatch(
         .await;
         let (resp, slot, inflight) = match outcome {
             Err(_) => {
-                rt.balancer.record(idx, Outcome::Failure);
+                if fo.on.contains(&FailoverOn::Timeout) {
+                    rt.balancer.record(idx, Outcome::Failure);
+                }
+                ctx.reporter.telemetry().metrics.upstream_attempt(&rt.name, &prov.name, "timeout");
                 last = Some((format!("{}: no response headers within {limit:?}", prov.name), true));
                 if fo.on.contains(&FailoverOn::Timeout) {
                     continue;
@@ -149,11 +152,13 @@ pub(crate) async fn dispatch(
                 break;
             }
             Ok((Err(e), _, _)) => {
-                rt.balancer.record(idx, Outcome::Failure);
                 let timeout = e.kind() == FailureKind::Timeout;
                 last = Some((format!("{}: {e}", prov.name), timeout));
                 let class = if timeout { FailoverOn::Timeout } else { FailoverOn::Connect };
+                let outcome = if timeout { "timeout" } else { "connect" };
+                ctx.reporter.telemetry().metrics.upstream_attempt(&rt.name, &prov.name, outcome);
                 if fo.on.contains(&class) {
+                    rt.balancer.record(idx, Outcome::Failure);
                     continue;
                 }
                 break;
@@ -161,11 +166,18 @@ pub(crate) async fn dispatch(
             Ok((Ok(r), slot, inflight)) => (r, slot, inflight),
         };
         let attempt = Attempt { idx, up_api, injected_usage: prepared.injected_usage, slot, inflight, attempt_start };
-        match failure_class(resp.status()) {
+        let class = failure_class(resp.status());
+        let outcome = match class {
+            Some(FailoverOn::RateLimited) => "rate_limited",
+            Some(_) => "server_error",
+            None => "ok",
+        };
+        ctx.reporter.telemetry().metrics.upstream_attempt(&rt.name, &prov.name, outcome);
+        match class {
             Some(class) => {
-                rt.balancer.record(idx, Outcome::Failure);
                 last = Some((format!("{}: HTTP {}", prov.name, resp.status()), false));
                 if fo.on.contains(&class) {
+                    rt.balancer.record(idx, Outcome::Failure);
                     held = Some((resp, attempt));
                     continue;
                 }
