@@ -5,14 +5,17 @@
 //! Each resource is an RAII guard that puts the machine back the way it was on drop (also when a
 //! test panics), so one failing scenario does not poison the next.
 
+pub mod anthropic;
 pub mod certs;
 pub mod cgroup;
 pub mod client;
+pub mod gemini;
 pub mod mock;
 pub mod netns;
 pub mod openai;
 pub mod prom;
 pub mod tollgate;
+pub mod wire;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};

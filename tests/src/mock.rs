@@ -1,4 +1,15 @@
-//! Runs the `mock-llm` binary as a child process.
+//! Runs the `mock-llm` binary as a child process, and drives its control API.
+//!
+//! The server itself lives in the submodules (`server`, `apis`, `control`), so the binary stays a
+//! thin CLI and the tests can reuse its types.
+//!
+//! Control API (on any listener; never recorded, faulted or authenticated):
+//! * `GET /__mock/stats` → counters (`total`, per-API keys such as `openai_chat`, ...);
+//!   `DELETE` zeroes them.
+//! * `GET /__mock/requests` → the last API requests `{method, path, query, version, headers,
+//!   body_json, body_len, peer, api, fault}`; `DELETE` forgets them.
+//! * `POST /__mock/fault` `{"status"?, "delay_ms"?, "count"?, "path_contains"?}` installs a fault
+//!   (replacing any other); `GET` shows it; `DELETE` clears it.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -7,6 +18,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+pub mod apis;
+pub mod control;
+pub mod server;
 
 /// A running mock upstream; killed on drop.
 pub struct MockLlm {
@@ -68,6 +84,110 @@ impl MockLlm {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// The first plain listener (control calls go there).
+    pub fn control_addr(&self) -> Result<SocketAddr> {
+        self.http.first().copied().ok_or_else(|| anyhow!("mock has no plain listener for control calls"))
+    }
+
+    /// One control call: `(status, JSON body)`.
+    pub fn control(&self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value)> {
+        let payload = body.map(|b| b.to_string());
+        let (st, _, text) = http_call(self.control_addr()?, method, path, &[], payload.as_deref().map(str::as_bytes))?;
+        let v = serde_json::from_str(&text).with_context(|| format!("mock {method} {path}: {text:?}"))?;
+        Ok((st, v))
+    }
+
+    /// Install a fault, e.g. `json!({"status": 503, "count": 1})` or `{"delay_ms": 3000}`.
+    pub fn set_fault(&self, fault: Value) -> Result<()> {
+        let (st, v) = self.control("POST", "/__mock/fault", Some(&fault))?;
+        if st != 200 {
+            bail!("mock rejected fault {fault}: {v}");
+        }
+        Ok(())
+    }
+
+    /// Remove the fault.
+    pub fn clear_fault(&self) -> Result<()> {
+        self.control("DELETE", "/__mock/fault", None).map(|_| ())
+    }
+
+    /// The recorded API requests, oldest first.
+    pub fn requests(&self) -> Result<Vec<Value>> {
+        match self.control("GET", "/__mock/requests", None)? {
+            (200, Value::Array(a)) => Ok(a),
+            (st, v) => bail!("mock requests: HTTP {st}: {v}"),
+        }
+    }
+
+    /// Forget the recorded requests.
+    pub fn clear_requests(&self) -> Result<()> {
+        self.control("DELETE", "/__mock/requests", None).map(|_| ())
+    }
+
+    /// Counter `key` from `/__mock/stats` (e.g. `total`, `anthropic_messages`).
+    pub fn counter(&self, key: &str) -> Result<u64> {
+        self.stats(None)?[key].as_u64().ok_or_else(|| anyhow!("no counter {key:?} in mock stats"))
+    }
+}
+
+/// What [`http_call`] returns: status, headers (names lower-cased), body text.
+pub type HttpReply = (u16, Vec<(String, String)>, String);
+
+/// Minimal blocking HTTP/1.1 request (control calls, tests).
+pub fn http_call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Result<HttpReply> {
+    use std::io::{Read, Write};
+    let timeout = Duration::from_secs(10);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    let body = body.unwrap_or_default();
+    if !body.is_empty() || method == "POST" {
+        req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    s.write_all(body)?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("no HTTP header from {addr}{path}"))?;
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("bad status line from {addr}{path}: {head:?}"))?;
+    let hdrs: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = hdrs.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked { dechunk(body) } else { body.to_string() };
+    Ok((status, hdrs, body))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].strip_prefix("\r\n").unwrap_or(&rest[n..]);
+    }
+    out
 }
 
 impl Drop for MockLlm {

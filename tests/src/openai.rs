@@ -1,11 +1,78 @@
-//! The OpenAI chat-completions wire format as the mock upstream speaks it.
+//! The OpenAI chat-completions wire format as the mock upstream speaks it (also served on Azure's
+//! `/openai/deployments/{dep}/chat/completions`), with function tools; the Responses API,
+//! embeddings and legacy completions live in the submodules.
 //!
 //! Everything the mock sends is a pure function of the request's *meaning* (model, messages,
-//! `max_tokens`, stream flags), never of its bytes or of the clock, so a test that knows what it
+//! `max_tokens`, tools, stream flags), never of its bytes or of the clock, so a test that knows what it
 //! asked can compute byte-for-byte what the mock answered and compare it with what its client
 //! received through tollgate. SDK clients serialise requests their own way; that does not matter.
 
 use serde_json::{json, Value};
+
+use crate::wire::{self, Hasher};
+
+pub mod embeddings;
+pub mod responses;
+
+/// A function tool offered in a request (`tools[].function` in Chat Completions, a
+/// `type: "function"` tool in Responses).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tool {
+    /// `name`.
+    pub name: String,
+    /// `parameters` (JSON schema), from which the mock derives the call's arguments.
+    pub parameters: Option<Value>,
+}
+
+impl Tool {
+    /// The `get_weather(city, unit)` tool the SDK clients offer.
+    pub fn get_weather() -> Self {
+        Tool {
+            name: "get_weather".into(),
+            parameters: Some(json!({
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string"},
+                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}
+                },
+                "required": ["city", "unit"],
+                "additionalProperties": false
+            })),
+        }
+    }
+}
+
+/// A function call the mock makes instead of answering with text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolCall {
+    /// `call_...`.
+    pub id: String,
+    /// Name of the first offered tool.
+    pub name: String,
+    /// Compact JSON arguments derived from the tool's schema ([`wire::args_for_schema`]).
+    pub arguments: String,
+    /// `arguments` as streamed: pieces of at most 8 characters.
+    pub fragments: Vec<String>,
+}
+
+impl ToolCall {
+    /// The call for `tool` in a request hashed to `h`.
+    pub fn new(prefix: &str, tool: &Tool, h: u64) -> Self {
+        let arguments = wire::args_for_schema(tool.parameters.as_ref(), h).to_string();
+        ToolCall {
+            id: format!("{prefix}{h:016x}"),
+            name: tool.name.clone(),
+            fragments: wire::fragments(&arguments, 8),
+            arguments,
+        }
+    }
+}
+
+/// The text the mock answers after a tool result: `"The tool returned: " + result`, with
+/// whitespace runs collapsed to one space.
+pub fn tool_echo_words(result: &str) -> Vec<String> {
+    wire::split_words(&format!("The tool returned: {result}"))
+}
 
 /// The parts of a `POST /v1/chat/completions` body that decide the reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +87,8 @@ pub struct ChatRequest {
     pub include_usage: bool,
     /// `max_completion_tokens` or `max_tokens`: number of words the mock produces.
     pub max_tokens: Option<u32>,
+    /// Function tools offered (`tools`); empty when none.
+    pub tools: Vec<Tool>,
 }
 
 impl ChatRequest {
@@ -31,7 +100,13 @@ impl ChatRequest {
             stream: false,
             include_usage: false,
             max_tokens: None,
+            tools: Vec::new(),
         }
+    }
+
+    /// A non-streaming request with one user message offering [`Tool::get_weather`].
+    pub fn with_weather_tool(model: &str, user: &str) -> Self {
+        ChatRequest { tools: vec![Tool::get_weather()], ..ChatRequest::simple(model, user) }
     }
 
     /// Parse a request body; `Err` is the message of a 400 response.
@@ -45,14 +120,18 @@ impl ChatRequest {
         for m in msgs {
             let role = m.get("role").and_then(Value::as_str).ok_or("message without 'role'")?;
             let text = match m.get("content") {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Array(parts)) => {
-                    parts.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).collect::<Vec<_>>().join("\n")
-                }
+                Some(c @ (Value::String(_) | Value::Array(_))) => wire::text_of(Some(c)),
                 Some(Value::Null) | None => String::new(),
                 Some(_) => return Err("invalid message 'content'".into()),
             };
             messages.push((role.to_string(), text));
+        }
+        let mut tools = Vec::new();
+        for t in v.get("tools").and_then(Value::as_array).into_iter().flatten() {
+            if let Some(f) = t.get("function").filter(|_| t.get("type").and_then(Value::as_str) == Some("function")) {
+                let name = f.get("name").and_then(Value::as_str).ok_or("tool function without 'name'")?;
+                tools.push(Tool { name: name.into(), parameters: f.get("parameters").cloned() });
+            }
         }
         let stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false);
         let include_usage =
@@ -62,7 +141,7 @@ impl ChatRequest {
             .or_else(|| v.get("max_tokens"))
             .and_then(Value::as_u64)
             .map(|n| n.clamp(1, 8192) as u32);
-        Ok(ChatRequest { model: model.into(), messages, stream, include_usage, max_tokens })
+        Ok(ChatRequest { model: model.into(), messages, stream, include_usage, max_tokens, tools })
     }
 
     /// The request body a client would send for this request.
@@ -79,6 +158,19 @@ impl ChatRequest {
         }
         if let Some(n) = self.max_tokens {
             v["max_tokens"] = json!(n);
+        }
+        if !self.tools.is_empty() {
+            v["tools"] = self
+                .tools
+                .iter()
+                .map(|t| {
+                    let mut f = json!({"name": t.name});
+                    if let Some(p) = &t.parameters {
+                        f["parameters"] = p.clone();
+                    }
+                    json!({"type": "function", "function": f})
+                })
+                .collect();
         }
         v
     }
@@ -105,6 +197,8 @@ pub struct Reply {
     pub cached_tokens: u64,
     /// `usage.completion_tokens_details.reasoning_tokens`.
     pub reasoning_tokens: u64,
+    /// Set when the mock calls a tool instead of answering (`content` is then empty).
+    pub tool_call: Option<ToolCall>,
 }
 
 impl Reply {
@@ -112,44 +206,50 @@ impl Reply {
     pub fn total_tokens(&self) -> u64 {
         self.prompt_tokens + self.completion_tokens
     }
-}
 
-const WORDS: [&str; 32] = [
-    "gateway", "token", "kernel", "cgroup", "socket", "stream", "agent", "budget", "latency", "proxy", "model",
-    "prompt", "answer", "trace", "metric", "splice", "cipher", "route", "packet", "buffer", "replay", "signal",
-    "vector", "cache", "quota", "ledger", "beacon", "harbor", "lantern", "meadow", "orbit", "summit",
-];
-
-fn fnv1a(h: &mut u64, bytes: &[u8]) {
-    for b in bytes {
-        *h ^= u64::from(*b);
-        *h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    /// `choices[0].finish_reason`.
+    pub fn finish_reason(&self) -> &'static str {
+        if self.tool_call.is_some() {
+            "tool_calls"
+        } else {
+            "stop"
+        }
     }
 }
 
 /// Deterministic reply for a request.
+///
+/// * `h` = FNV-1a of the model, then per message `\0 role \0 text`, then (only when tools are
+///   offered) per tool `\0 "tool" \0 name`.
+/// * `prompt_tokens = 3 + Σ(4 + words(text)) + 10 × tools`, `cached_tokens = prompt / 3`.
+/// * Tool call (tools offered and the last message is `user`): call the first tool with
+///   [`wire::args_for_schema`] arguments; `completion_tokens = 10 + len(arguments) / 4`.
+/// * Tool echo (last message is `tool`): text [`tool_echo_words`]; `completion_tokens` = its words.
+/// * Otherwise: `max_tokens` (else `8 + h % 9`) words; `completion_tokens` = that count.
+/// * `reasoning_tokens = completion / 4`, `total = prompt + completion`.
 pub fn reply_for(req: &ChatRequest) -> Reply {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    fnv1a(&mut h, req.model.as_bytes());
+    let mut hasher = Hasher::default();
+    hasher.bytes(req.model.as_bytes());
     for (role, text) in &req.messages {
-        fnv1a(&mut h, &[0]);
-        fnv1a(&mut h, role.as_bytes());
-        fnv1a(&mut h, &[0]);
-        fnv1a(&mut h, text.as_bytes());
+        hasher.message(role, text);
     }
-    let n = req.max_tokens.map(u64::from).unwrap_or(8 + h % 9);
-    let mut x = h;
-    let mut words = Vec::with_capacity(n as usize);
-    for i in 0..n {
-        // xorshift64: a cheap deterministic word sequence.
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let w = WORDS[(x % WORDS.len() as u64) as usize];
-        words.push(if i == 0 { w.to_string() } else { format!(" {w}") });
+    for t in &req.tools {
+        hasher.message("tool", &t.name);
     }
+    let h = hasher.finish();
+    let last_role = req.messages.last().map(|(r, _)| r.as_str());
+    let (words, tool_call) = match (req.tools.first(), last_role) {
+        (Some(t), Some("user")) => (Vec::new(), Some(ToolCall::new("call_", t, h))),
+        (_, Some("tool")) => (tool_echo_words(&req.messages.last().expect("last").1), None),
+        _ => (wire::words(h, req.max_tokens.map(u64::from).unwrap_or(wire::natural_len(h))), None),
+    };
+    let n = match &tool_call {
+        Some(c) => wire::tool_call_tokens(&c.arguments),
+        None => words.len() as u64,
+    };
     let content: String = words.concat();
-    let prompt_tokens: u64 = 3 + req.messages.iter().map(|(_, t)| 4 + t.split_whitespace().count() as u64).sum::<u64>();
+    let prompt_tokens: u64 =
+        3 + req.messages.iter().map(|(_, t)| 4 + wire::count_words(t)).sum::<u64>() + 10 * req.tools.len() as u64;
     Reply {
         id: format!("chatcmpl-mock{h:016x}"),
         created: 1_700_000_000 + h % 10_000_000,
@@ -160,10 +260,12 @@ pub fn reply_for(req: &ChatRequest) -> Reply {
         completion_tokens: n,
         cached_tokens: prompt_tokens / 3,
         reasoning_tokens: n / 4,
+        tool_call,
     }
 }
 
-fn usage_json(r: &Reply) -> Value {
+/// `usage` object of a chat completion (also the usage chunk of a stream).
+pub fn usage_json(r: &Reply) -> Value {
     json!({
         "prompt_tokens": r.prompt_tokens,
         "completion_tokens": r.completion_tokens,
@@ -178,6 +280,19 @@ fn usage_json(r: &Reply) -> Value {
     })
 }
 
+fn message_json(r: &Reply) -> Value {
+    match &r.tool_call {
+        None => json!({"role": "assistant", "content": r.content, "refusal": null, "annotations": []}),
+        Some(c) => json!({
+            "role": "assistant",
+            "content": null,
+            "tool_calls": [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}],
+            "refusal": null,
+            "annotations": []
+        }),
+    }
+}
+
 /// Body of the non-streaming `chat.completion` response.
 pub fn completion_body(r: &Reply) -> Vec<u8> {
     let v = json!({
@@ -187,9 +302,9 @@ pub fn completion_body(r: &Reply) -> Vec<u8> {
         "model": r.model,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": r.content, "refusal": null, "annotations": []},
+            "message": message_json(r),
             "logprobs": null,
-            "finish_reason": "stop"
+            "finish_reason": r.finish_reason()
         }],
         "usage": usage_json(r),
         "service_tier": "default",
@@ -218,15 +333,38 @@ fn chunk(r: &Reply, delta: Value, finish: Option<&str>, include_usage: bool) -> 
 
 /// The server-sent events of a streaming response, each a complete `data: ...\n\n` event, in
 /// order: role chunk, one chunk per word, finish chunk, usage chunk (`choices: []`, only when
-/// `include_usage`), `[DONE]`.
+/// `include_usage`), `[DONE]`. For a tool call the role chunk also opens the call (id, name,
+/// empty arguments) and one chunk per argument fragment replaces the words.
 pub fn stream_events(r: &Reply, include_usage: bool) -> Vec<String> {
     let mut out = Vec::with_capacity(r.words.len() + 4);
     let ev = |v: &Value| format!("data: {}\n\n", serde_json::to_string(v).expect("json"));
-    out.push(ev(&chunk(r, json!({"role": "assistant", "content": "", "refusal": null}), None, include_usage)));
-    for w in &r.words {
-        out.push(ev(&chunk(r, json!({"content": w}), None, include_usage)));
+    match &r.tool_call {
+        None => {
+            out.push(ev(&chunk(r, json!({"role": "assistant", "content": "", "refusal": null}), None, include_usage)));
+            for w in &r.words {
+                out.push(ev(&chunk(r, json!({"content": w}), None, include_usage)));
+            }
+        }
+        Some(c) => {
+            let open = json!({
+                "role": "assistant",
+                "content": null,
+                "tool_calls": [{
+                    "index": 0,
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": ""}
+                }],
+                "refusal": null
+            });
+            out.push(ev(&chunk(r, open, None, include_usage)));
+            for f in &c.fragments {
+                let d = json!({"tool_calls": [{"index": 0, "function": {"arguments": f}}]});
+                out.push(ev(&chunk(r, d, None, include_usage)));
+            }
+        }
     }
-    out.push(ev(&chunk(r, json!({}), Some("stop"), include_usage)));
+    out.push(ev(&chunk(r, json!({}), Some(r.finish_reason()), include_usage)));
     if include_usage {
         let mut u = chunk(r, json!({}), None, false);
         u["choices"] = json!([]);
@@ -289,6 +427,35 @@ mod tests {
             .collect();
         assert_eq!(streamed, r.content);
         assert_eq!(stream_events(&r, false).len(), 5 + 3);
+    }
+
+    #[test]
+    fn tool_call_then_echo() {
+        let mut q = ChatRequest::with_weather_tool("m", "weather in Paris?");
+        q.stream = true;
+        q.include_usage = true;
+        assert_eq!(ChatRequest::from_json(&q.to_json()).unwrap(), q);
+        let r = reply_for(&q);
+        let c = r.tool_call.clone().expect("tool call");
+        assert_eq!(c.name, "get_weather");
+        let args: Value = serde_json::from_str(&c.arguments).unwrap();
+        assert_eq!(args["unit"], "celsius");
+        assert!(c.fragments.len() > 2);
+        assert_eq!(r.completion_tokens, wire::tool_call_tokens(&c.arguments));
+        assert_eq!(r.prompt_tokens, 3 + 4 + 3 + 10);
+        let ev = stream_events(&r, true);
+        assert_eq!(ev.len(), c.fragments.len() + 4);
+        let body: Value = serde_json::from_slice(&completion_body(&r)).unwrap();
+        assert_eq!(body["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(body["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"], json!(c.arguments));
+
+        q.messages.push(("assistant".into(), String::new()));
+        q.messages.push(("tool".into(), "{\"temp\": 21}".into()));
+        let r2 = reply_for(&q);
+        assert!(r2.tool_call.is_none());
+        assert_eq!(r2.content, "The tool returned: {\"temp\": 21}");
+        assert_eq!(r2.completion_tokens, 5);
+        assert_eq!(r2.finish_reason(), "stop");
     }
 
     #[test]

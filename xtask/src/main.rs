@@ -58,14 +58,28 @@ enum Cmd {
         #[arg(long, default_value_t = 240)]
         scenario_timeout: u64,
     },
-    /// Latency/throughput of tollgate vs direct vs nginx on loopback (release build, needs root).
+    /// Latency, TTFT and throughput of tollgate (capture and gateway) vs direct vs nginx vs the
+    /// LiteLLM proxy on loopback (release build, needs root).
     Bench {
         /// Seconds per measurement.
         #[arg(long, default_value_t = 10)]
         duration: u64,
-        /// Fixed request rate for the latency measurements.
-        #[arg(long, default_value_t = 1000)]
+        /// Common request rate for the non-streamed latency measurements (lowered to half the
+        /// slowest target's max throughput when that is below it).
+        #[arg(long, default_value_t = 200)]
         rate: u64,
+        /// Common rate of streamed requests for the TTFT measurements.
+        #[arg(long, default_value_t = 50)]
+        stream_rate: u64,
+        /// Do not install or measure the LiteLLM proxy.
+        #[arg(long)]
+        no_litellm: bool,
+        /// LiteLLM worker processes.
+        #[arg(long, default_value_t = 2)]
+        litellm_workers: u32,
+        /// LiteLLM's ASGI server: uvicorn, gunicorn or granian.
+        #[arg(long, default_value = "uvicorn")]
+        litellm_server: String,
         /// Skip `setup`.
         #[arg(long)]
         skip_setup: bool,
@@ -82,7 +96,9 @@ fn main() -> ExitCode {
         Cmd::Test { filter, skip_setup, skip_unit, scenario_timeout } => {
             test(filter.as_deref(), skip_setup, skip_unit, Duration::from_secs(scenario_timeout))
         }
-        Cmd::Bench { duration, rate, skip_setup } => bench(duration, rate, skip_setup),
+        Cmd::Bench { duration, rate, stream_rate, no_litellm, litellm_workers, litellm_server, skip_setup } => {
+            bench(&BenchOpts { duration, rate, stream_rate, no_litellm, litellm_workers, litellm_server, skip_setup })
+        }
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -340,6 +356,32 @@ fn setup_venv() -> Result<()> {
     run_cmd(Command::new(venv.join("bin/pip")).args(["install", "-q", "--disable-pip-version-check", "-r"]).arg(&req))?;
     std::fs::write(&stamp, want)?;
     Ok(())
+}
+
+/// The LiteLLM proxy for `cargo xtask bench` (only the bench installs it), in a venv of its own
+/// under target/: litellm requires openai<3, the scenarios' SDK venv pins openai 3.x. Returns the
+/// `litellm` executable.
+fn setup_bench_venv() -> Result<PathBuf> {
+    let venv = root().join("target/xtask/bench-venv");
+    let req = root().join("tests/clients/requirements-bench.txt");
+    let want = std::fs::read_to_string(&req).with_context(|| format!("read {}", req.display()))?;
+    let stamp = venv.join(".tollgate-requirements");
+    let bin = venv.join("bin/litellm");
+    if bin.is_file() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(want.as_str()) {
+        return Ok(bin);
+    }
+    step("bench: installing the LiteLLM proxy into target/xtask/bench-venv (requirements-bench.txt, about a minute)");
+    let _ = std::fs::remove_file(&stamp);
+    if !venv.join("bin/python").exists() {
+        let python = which("python3").ok_or_else(|| anyhow!("python3 not found"))?;
+        run_cmd(Command::new(&python).args(["-m", "venv"]).arg(&venv))?;
+    }
+    run_cmd(Command::new(venv.join("bin/pip")).args(["install", "-q", "--disable-pip-version-check", "-r"]).arg(&req))?;
+    if !bin.is_file() {
+        bail!("pip installed {} but there is no {}", req.display(), bin.display());
+    }
+    std::fs::write(&stamp, want)?;
+    Ok(bin)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -752,22 +794,44 @@ fn test(filter: Option<&str>, skip_setup: bool, skip_unit: bool, timeout: Durati
 // bench
 // ---------------------------------------------------------------------------------------------
 
-fn bench(duration: u64, rate: u64, skip_setup: bool) -> Result<()> {
-    if !skip_setup {
+struct BenchOpts {
+    duration: u64,
+    rate: u64,
+    stream_rate: u64,
+    no_litellm: bool,
+    litellm_workers: u32,
+    litellm_server: String,
+    skip_setup: bool,
+}
+
+fn bench(o: &BenchOpts) -> Result<()> {
+    if !o.skip_setup {
         setup()?;
+    }
+    // LiteLLM is the bench's own peer, not a build or test need: a failure to install it is
+    // reported loudly and the other targets are still measured.
+    let litellm = if o.no_litellm { Err(anyhow!("--no-litellm given")) } else { setup_bench_venv() };
+    if let Err(e) = &litellm {
+        let bar = "!".repeat(100);
+        eprintln!("\n{bar}\n!!! bench: LiteLLM is NOT available, it will not be measured: {e:#}\n{bar}\n");
     }
     build(true)?;
     let dir = profile_dir(true);
-    step("bench: direct vs tollgate vs nginx (loopback)");
-    run_cmd(
-        Command::new(dir.join("tollgate-bench"))
-            .arg("--tollgate")
-            .arg(dir.join("tollgate"))
-            .arg("--mock")
-            .arg(dir.join("mock-llm"))
-            .arg("--loadgen")
-            .arg(dir.join("loadgen"))
-            .args(["--duration", &duration.to_string(), "--rate", &rate.to_string()])
-            .current_dir(root()),
-    )
+    step("bench: direct vs tollgate (capture, gateway) vs nginx vs LiteLLM (loopback)");
+    let mut c = Command::new(dir.join("tollgate-bench"));
+    c.arg("--tollgate")
+        .arg(dir.join("tollgate"))
+        .arg("--mock")
+        .arg(dir.join("mock-llm"))
+        .arg("--loadgen")
+        .arg(dir.join("loadgen"))
+        .args(["--duration", &o.duration.to_string(), "--rate", &o.rate.to_string()])
+        .args(["--stream-rate", &o.stream_rate.to_string()])
+        .args(["--litellm-workers", &o.litellm_workers.to_string(), "--litellm-server", &o.litellm_server])
+        .current_dir(root());
+    match &litellm {
+        Ok(bin) => c.arg("--litellm").arg(bin),
+        Err(e) => c.arg("--litellm-unavailable").arg(format!("{e:#}")),
+    };
+    run_cmd(&mut c)
 }

@@ -3,7 +3,12 @@
 //! to every request it delayed: no coordinated omission), and prints one JSON line with
 //! percentiles from an HDR histogram.
 //!
-//! Used by `cargo xtask bench` for p50/p99 at a fixed rate, which wrk cannot do.
+//! With `--stream` the body is sent with `"stream": true` and the SSE response is read as it
+//! arrives: besides the total time it records the time to first token (TTFT: until the first
+//! `data:` event whose `choices[0].delta.content` is non-empty), also from the scheduled time. A
+//! stream that ends without `data: [DONE]` or without any content counts as an error.
+//!
+//! Used by `cargo xtask bench` for p50/p99 and TTFT at a fixed rate, which wrk cannot do.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -44,6 +49,16 @@ struct Args {
     /// Requests in flight beyond which new ones are dropped (and counted) instead of sent.
     #[arg(long, default_value_t = 2048)]
     max_inflight: u64,
+    /// Streamed chat completions: set `"stream": true` in the (JSON) body and measure TTFT.
+    #[arg(long)]
+    stream: bool,
+}
+
+/// What one successful request measured, in microseconds from its scheduled send time.
+struct Done {
+    total_us: u64,
+    ttft_us: Option<u64>,
+    events: u64,
 }
 
 fn main() -> Result<()> {
@@ -53,7 +68,14 @@ fn main() -> Result<()> {
 }
 
 async fn run(a: Args) -> Result<()> {
-    let body = Bytes::from(std::fs::read(&a.body_file)?);
+    let mut body = Bytes::from(std::fs::read(&a.body_file)?);
+    if a.stream {
+        let mut v: serde_json::Value = serde_json::from_slice(&body)?;
+        v.as_object_mut()
+            .ok_or_else(|| anyhow!("--stream needs a JSON object body"))?
+            .insert("stream".into(), true.into());
+        body = Bytes::from(serde_json::to_vec(&v)?);
+    }
     let uri: http::Uri = a.url.parse()?;
     let mut headers = http::HeaderMap::new();
     headers.insert(http::header::CONTENT_TYPE, "application/json".parse()?);
@@ -66,6 +88,8 @@ async fn run(a: Args) -> Result<()> {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build(conn);
 
     let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
+    let ttft = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
+    let events = Arc::new(AtomicU64::new(0));
     let ok = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let inflight = Arc::new(AtomicU64::new(0));
@@ -112,18 +136,33 @@ async fn run(a: Args) -> Result<()> {
         }
         let mut req = http::Request::post(uri.clone()).body(Full::new(body.clone()))?;
         *req.headers_mut() = headers.clone();
-        let (client, hist, ok, errors, inflight, first_error) =
-            (client.clone(), hist.clone(), ok.clone(), errors.clone(), inflight.clone(), first_error.clone());
+        let (client, hist, ttft, events, ok, errors, inflight, first_error) = (
+            client.clone(),
+            hist.clone(),
+            ttft.clone(),
+            events.clone(),
+            ok.clone(),
+            errors.clone(),
+            inflight.clone(),
+            first_error.clone(),
+        );
+        let stream = a.stream;
         inflight.fetch_add(1, Ordering::Relaxed);
         tasks.spawn(async move {
             let res = tokio::time::timeout(timeout, async {
                 let resp = client.request(req).await.map_err(|e| format!("{e:?}"))?;
                 let status = resp.status();
-                resp.into_body().collect().await.map_err(|e| e.to_string())?;
                 if !status.is_success() {
-                    return Err(format!("HTTP {status}"));
+                    let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                    let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+                    return Err(format!("HTTP {status}: {text}"));
                 }
-                Ok(())
+                if stream {
+                    read_stream(resp.into_body(), scheduled).await
+                } else {
+                    resp.into_body().collect().await.map_err(|e| e.to_string())?;
+                    Ok(Done { total_us: us_since(scheduled), ttft_us: None, events: 0 })
+                }
             })
             .await
             .unwrap_or_else(|_| Err("timeout".into()));
@@ -132,9 +171,12 @@ async fn run(a: Args) -> Result<()> {
                 return;
             }
             match res {
-                Ok(()) => {
-                    let us = scheduled.elapsed().as_micros() as u64;
-                    hist.lock().expect("lock").saturating_record(us.max(1));
+                Ok(d) => {
+                    hist.lock().expect("lock").saturating_record(d.total_us.max(1));
+                    if let Some(t) = d.ttft_us {
+                        ttft.lock().expect("lock").saturating_record(t.max(1));
+                    }
+                    events.fetch_add(d.events, Ordering::Relaxed);
                     ok.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => {
@@ -149,7 +191,10 @@ async fn run(a: Args) -> Result<()> {
     while tasks.join_next().await.is_some() {}
     let h = hist.lock().expect("lock");
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    let out = serde_json::json!({
+    let t = ttft.lock().expect("lock");
+    let tms = |q: f64| t.value_at_quantile(q) as f64 / 1000.0;
+    let n_ok = ok.load(Ordering::Relaxed);
+    let mut out = serde_json::json!({
         "rate": a.rate,
         "duration_s": a.duration,
         "sent": sent,
@@ -164,6 +209,68 @@ async fn run(a: Args) -> Result<()> {
         "max_ms": h.max() as f64 / 1000.0,
         "mean_ms": h.mean() / 1000.0,
     });
+    if a.stream {
+        merge_into(
+            &mut out,
+            serde_json::json!({
+                "stream": true,
+                "ttft_p50_ms": tms(0.50),
+                "ttft_p90_ms": tms(0.90),
+                "ttft_p99_ms": tms(0.99),
+                "ttft_max_ms": t.max() as f64 / 1000.0,
+                "ttft_mean_ms": t.mean() / 1000.0,
+                "events_per_stream": events.load(Ordering::Relaxed) as f64 / n_ok.max(1) as f64,
+            }),
+        );
+    }
     println!("{out}");
     Ok(())
+}
+
+fn merge_into(out: &mut serde_json::Value, extra: serde_json::Value) {
+    if let (Some(o), serde_json::Value::Object(e)) = (out.as_object_mut(), extra) {
+        o.extend(e);
+    }
+}
+
+fn us_since(t: Instant) -> u64 {
+    t.elapsed().as_micros() as u64
+}
+
+/// Read an SSE body as it arrives: TTFT at the first `data:` event with non-empty
+/// `choices[0].delta.content`, total at the end of the body; `[DONE]` and content are required.
+async fn read_stream(mut body: hyper::body::Incoming, scheduled: Instant) -> Result<Done, String> {
+    let mut buf: Vec<u8> = Vec::new();
+    let (mut ttft_us, mut events, mut done) = (None, 0u64, false);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        let Ok(data) = frame.into_data() else { continue };
+        buf.extend_from_slice(&data);
+        // Complete lines only; a partial line waits for the next frame.
+        let Some(last_nl) = buf.iter().rposition(|&b| b == b'\n') else { continue };
+        for line in buf[..last_nl].split(|&b| b == b'\n') {
+            let Some(payload) = line.strip_prefix(b"data:") else { continue };
+            let payload = payload.trim_ascii();
+            events += 1;
+            if payload == b"[DONE]" {
+                done = true;
+            } else if ttft_us.is_none() && has_content(payload) {
+                ttft_us = Some(us_since(scheduled));
+            }
+        }
+        buf.drain(..=last_nl);
+    }
+    let total_us = us_since(scheduled);
+    match (done, ttft_us) {
+        (true, Some(_)) => Ok(Done { total_us, ttft_us, events }),
+        (false, _) => Err(format!("stream ended without [DONE] after {events} events")),
+        (true, None) => Err(format!("stream of {events} events had no content")),
+    }
+}
+
+fn has_content(payload: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(payload)
+        .ok()
+        .and_then(|v| v["choices"][0]["delta"]["content"].as_str().map(|c| !c.is_empty()))
+        .unwrap_or(false)
 }
