@@ -4,7 +4,7 @@
 //! Setup: the mock upstream on 127.0.0.2:<port>, demanding one API key; one tollgate with two
 //! routes: `bench` captures that address:port for one cgroup (real eBPF redirect, transparent
 //! pass-through: the agent's own key goes through) and `gw` is a gateway listener on 127.0.0.1
-//! whose provider is the mock, with the key injected from a file (agents send no key); nginx on
+//! whose provider is the mock, with the key injected (agents send no key); nginx on
 //! 127.0.0.1 proxying to the mock (`proxy_buffering off`); the LiteLLM proxy (from the bench
 //! venv) with one `openai/<model>` deployment pointing at the mock.
 //!
@@ -94,6 +94,8 @@ const UPSTREAM_KEY: &str = "sk-bench-upstream-3c9e1f7a";
 /// LiteLLM's master key (it refuses to start without one); LiteLLM clients send it.
 const LITELLM_KEY: &str = "sk-litellm-bench-5d2b8e4f0a6c1973";
 const MODEL: &str = "gpt-4o-mini";
+/// Environment variable tollgate reads the gateway provider's key from.
+const KEY_ENV: &str = "TOLLGATE_BENCH_MOCK_KEY";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -144,6 +146,10 @@ struct Row {
 
 fn main() -> Result<()> {
     let a = Args::parse();
+    // The gateway provider's key comes from the environment (set before any thread starts), not
+    // from a file: a `credentials.file` watcher currently re-triggers itself on its own reads
+    // (open/close events in the watched directory) and would keep a core busy during the runs.
+    std::env::set_var(KEY_ENV, UPSTREAM_KEY);
     require_root()?;
     for tool in ["wrk", "nginx"] {
         if which(tool).is_none() {
@@ -210,8 +216,6 @@ fn main() -> Result<()> {
     )?;
 
     let tg_dir = Tollgate::scratch()?;
-    let key_file = tg_dir.path().join("mock.key");
-    std::fs::write(&key_file, format!("{UPSTREAM_KEY}\n"))?;
     let gw_port = free_port("127.0.0.1");
     let mut cfg = base_config(&cg, tg_dir.path());
     merge(
@@ -225,7 +229,7 @@ fn main() -> Result<()> {
                 "name": "mock",
                 "kind": "openai_compatible",
                 "base_url": format!("http://{mock_addr}/v1"),
-                "credentials": {"file": key_file},
+                "credentials": {"env": KEY_ENV},
             }],
             "routes": [
                 {"name": "bench", "provider": "openai", "match": {"addresses": [mock_addr.to_string()]}},

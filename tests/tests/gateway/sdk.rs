@@ -244,3 +244,79 @@ fn g4_anthropic_client_openai_target() -> crate::Result<()> {
     }
     Ok(())
 }
+
+/// An agent configured with tollgate as its base URL (route `listener`, no capture): served by
+/// the route's target with the injected key; a path that is no LLM operation gets a 404 in the
+/// agent's API shape (Anthropic here), since such a route has no original destination.
+#[test]
+#[ignore = "needs root, BPF and built binaries: run via `cargo xtask test`"]
+fn g9_explicit_listener_route() -> crate::Result<()> {
+    let gw = Gw::new("g9-agent", 8105)?;
+    let m = gw.mock("anthropic-mock", &["sk-ant-g9-real"], &[])?;
+    let key = gw.key_file("g9", "sk-ant-g9-real")?;
+    let listener = format!("127.0.0.1:{}", tollgate_e2e::free_port("127.0.0.1"));
+    let t = gw.e.tollgate(
+        json!({
+            "providers": [{"name": "claude", "kind": "anthropic", "base_url": format!("http://{}", m.http[0]), "credentials": {"file": key}}],
+            "routes": [{"name": "gw", "provider": "anthropic", "listener": listener, "targets": [{"provider": "claude"}]}],
+        }),
+        None,
+    )?;
+    let base = format!("http://{listener}");
+    let v = gw.client("anthropic_messages.py", &["--base-url", &base, "--stream"])?;
+    ensure!(v["stop_reason"] == json!("end_turn"), "{v}");
+    let (i, o, req) = expected(&m)?;
+    assert_injected(&req, "x-api-key", "sk-ant-g9-real")?;
+    let lines = llm_lines(&t, 1)?;
+    assert_line_tokens(&lines[0], i, o)?;
+    ensure!(lines[0]["agent"]["name"] == json!("direct"), "agent on an explicit listener: {}", lines[0]);
+    let r = tollgate_e2e::client::curl(None, None, &["-H", "x-api-key: placeholder", &format!("{base}/v1/models")])?;
+    ensure!(r.http_code == 404, "GET /v1/models on a listener route: {}", r.describe());
+    let body: Value = serde_json::from_slice(&r.body)?;
+    ensure!(
+        body["type"] == json!("error")
+            && body["error"]["type"] == json!("not_found_error")
+            && body["error"]["message"].as_str().is_some_and(|s| s.starts_with("tollgate: ")),
+        "404 body is not an Anthropic error: {body}"
+    );
+    Ok(())
+}
+
+/// A stream without usage (route `include_usage: false`, agent did not ask): tollgate counts
+/// with its tokenizer and marks the figures estimated, in the access log and the metrics.
+#[test]
+#[ignore = "needs root, BPF and built binaries: run via `cargo xtask test`"]
+fn g10_estimated_usage_when_provider_reports_none() -> crate::Result<()> {
+    let gw = Gw::new("g10-agent", 8106)?;
+    let m = gw.mock("vllm-mock", &["sk-g10-real"], &[])?;
+    let key = gw.key_file("g10", "sk-g10-real")?;
+    let t = gw.tollgate(
+        json!([{"name": "vllm", "kind": "openai_compatible", "base_url": format!("http://{}/v1", m.http[0]), "credentials": {"file": key}}]),
+        json!({"targets": [{"provider": "vllm"}], "include_usage": false}),
+    )?;
+    let req = json!({"model": "llama-3.1-8b", "stream": true,
+        "messages": [{"role": "user", "content": "Count the tokens of this sentence without any help from the server."}]});
+    let body = gw.e.path("g10.json");
+    std::fs::write(&body, req.to_string())?;
+    let r = tollgate_e2e::client::curl(
+        Some(&gw.g),
+        None,
+        &["-H", "content-type: application/json", "--data-binary", &format!("@{}", body.display()), &gw.url("/v1/chat/completions")],
+    )?;
+    ensure!(r.exit == 0 && r.http_code == 200, "{}", r.describe());
+    ensure!(!r.text().contains("\"usage\""), "the provider reported usage; nothing to estimate: {}", r.text());
+    let rec = last_request(&m)?;
+    ensure!(rec["body_json"].get("stream_options").is_none(), "tollgate asked for usage although the route says not to");
+    let want = oa::reply_for(&ChatRequest::from_json(&rec["body_json"]).map_err(|e| anyhow!(e))?);
+    let line = &llm_lines(&t, 1)?[0];
+    ensure!(line["tokens_estimated"] == json!(true), "not marked estimated: {line}");
+    let (ei, eo) = (line["input_tokens"].as_u64().unwrap_or(0), line["output_tokens"].as_u64().unwrap_or(0));
+    // o200k: the prompt's 15 words are about 15 tokens plus message overhead; the mock's words
+    // are one token each.
+    ensure!((12..=30).contains(&ei), "estimated input {ei} for a 15-word prompt: {line}");
+    let words = want.completion_tokens;
+    ensure!(eo.abs_diff(words) <= 2, "estimated output {eo}, the stream carried {words} words: {line}");
+    let labels = [("agent", "g10-agent"), ("route", "gw"), ("token_type", "output")];
+    wait_metric(&t, "tollgate_llm_estimated_tokens_total", &labels, eo as f64)?;
+    Ok(())
+}
