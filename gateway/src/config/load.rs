@@ -32,10 +32,13 @@ pub enum ConfigError {
         message: String,
     },
     /// Parses, but a value is unusable.
-    #[error("{file}: {field}: {message}")]
+    #[error("{file}{}: {field}: {message}", position.map(|(l, c)| format!(":{l}:{c}")).unwrap_or_default())]
     Invalid {
         /// Path as given.
         file: String,
+        /// 1-based line and column of the field (or of its nearest present parent), when the
+        /// text is at hand.
+        position: Option<(usize, usize)>,
         /// Field path.
         field: String,
         /// What is wrong.
@@ -62,8 +65,44 @@ pub fn from_str(file: &str, text: &str) -> Result<Config, ConfigError> {
             ConfigError::Parse { file: file.to_string(), line, column, message: strip_position(&e.to_string()) }
         })?
     };
-    validate(file, &cfg)?;
+    validate(file, &cfg).map_err(|e| match e {
+        ConfigError::Invalid { file, field, message, .. } => {
+            let position = locate(text, &field);
+            ConfigError::Invalid { file, position, field, message }
+        }
+        other => other,
+    })?;
     Ok(cfg)
+}
+
+/// Line and column of the value at `field` (`routes[0].targets[1].provider`) in the YAML
+/// `text`; when part of the path is absent (a missing field), the nearest present parent.
+fn locate(text: &str, field: &str) -> Option<(usize, usize)> {
+    let root = marked_yaml::parse_yaml(0, text).ok()?;
+    let mut node = &root;
+    let mut best = None;
+    let mark = |n: &marked_yaml::Node| n.span().start().map(|m| (m.line(), m.column()));
+    for seg in field.split('.') {
+        let (key, indices) = match seg.find('[') {
+            Some(i) => (&seg[..i], &seg[i..]),
+            None => (seg, ""),
+        };
+        if !key.is_empty() {
+            match node.as_mapping().and_then(|m| m.get_node(key)) {
+                Some(n) => node = n,
+                None => return best.or_else(|| mark(node)),
+            }
+            best = mark(node);
+        }
+        for idx in indices.split('[').filter_map(|p| p.strip_suffix(']')).filter_map(|p| p.parse::<usize>().ok()) {
+            match node.as_sequence().and_then(|s| s.get_node(idx)) {
+                Some(n) => node = n,
+                None => return best,
+            }
+            best = mark(node);
+        }
+    }
+    best
 }
 
 /// serde_yaml_ng appends " at line X column Y"; we print the position in front instead.
@@ -75,7 +114,8 @@ fn strip_position(msg: &str) -> String {
 }
 
 fn validate(file: &str, c: &Config) -> Result<(), ConfigError> {
-    let bad = |field: String, message: String| ConfigError::Invalid { file: file.to_string(), field, message };
+    let bad =
+        |field: String, message: String| ConfigError::Invalid { file: file.to_string(), position: None, field, message };
     if c.listen.port == 0 {
         return Err(bad("listen.port".into(), "must be 1-65535".into()));
     }
@@ -269,13 +309,13 @@ mod tests {
     #[test]
     fn semantic_error_names_field() {
         let err = from_str("c.yaml", "routes:\n- name: x\n  provider: openai\n  match: {}\n").unwrap_err().to_string();
-        assert_eq!(err, "c.yaml: routes[0].match: needs at least one of hosts, addresses (or a listener)");
+        assert_eq!(err, "c.yaml:4:10: routes[0].match: needs at least one of hosts, addresses (or a listener)");
     }
 
     #[test]
     fn missing_extra_root_is_named() {
         let err = from_str("c.yaml", "tls:\n  extra_roots: [/nonexistent/ca.pem]\n").unwrap_err().to_string();
-        assert!(err.starts_with("c.yaml: tls.extra_roots[0]: /nonexistent/ca.pem: No such file"), "{err}");
+        assert!(err.starts_with("c.yaml:2:17: tls.extra_roots[0]: /nonexistent/ca.pem: No such file"), "{err}");
     }
 
     #[test]
@@ -285,19 +325,19 @@ mod tests {
         let c = from_str("g.yaml", &ok).unwrap();
         assert_eq!(c.routes[0].targets[0].weight, 2);
         let err = from_str("g.yaml", &format!("{base}  targets: [{{provider: nope}}]\n")).unwrap_err().to_string();
-        assert_eq!(err, "g.yaml: routes[0].targets[0].provider: no provider named \"nope\"");
+        assert_eq!(err, "g.yaml:8:24: routes[0].targets[0].provider: no provider named \"nope\"");
         let err = from_str("g.yaml", base).unwrap_err().to_string();
-        assert!(err.starts_with("g.yaml: routes[0].listener: a listener route has no original destination"), "{err}");
+        assert!(err.starts_with("g.yaml:7:13: routes[0].listener: a listener route has no original destination"), "{err}");
         let err = from_str("g.yaml", "providers:\n- name: az\n  kind: azure_openai\n").unwrap_err().to_string();
-        assert_eq!(err, "g.yaml: providers[0].base_url: required for kind AzureOpenai");
+        assert_eq!(err, "g.yaml:2:7: providers[0].base_url: required for kind AzureOpenai");
         let err = from_str("g.yaml", "providers:\n- name: a\n  kind: anthropic\n  credentials: {env: A, file: /k}\n")
             .unwrap_err()
             .to_string();
-        assert_eq!(err, "g.yaml: providers[0].credentials: set exactly one of env, file");
+        assert_eq!(err, "g.yaml:4:16: providers[0].credentials: set exactly one of env, file");
         let err = from_str("g.yaml", &format!("{base}  targets: [{{provider: oa}}]\n  failover: {{max_attempts: 0}}\n"))
             .unwrap_err()
             .to_string();
-        assert_eq!(err, "g.yaml: routes[0].failover.max_attempts: must be at least 1");
+        assert_eq!(err, "g.yaml:9:28: routes[0].failover.max_attempts: must be at least 1");
         let err = from_str("g.yaml", &format!("{base}  targets: [{{provider: oa}}]\n  balance: {{strategy: fastest}}\n"))
             .unwrap_err()
             .to_string();
