@@ -147,7 +147,12 @@ pub struct BalanceConfig {
 
 impl Default for BalanceConfig {
     fn default() -> Self {
-        Self { strategy: Strategy::Weighted, latency: LatencyMetric::Ttft, decay: Duration::from_secs(10), hash_header: None }
+        Self {
+            strategy: Strategy::Weighted,
+            latency: LatencyMetric::Ttft,
+            decay: Duration::from_secs(10),
+            hash_header: None,
+        }
     }
 }
 

@@ -114,8 +114,12 @@ fn strip_position(msg: &str) -> String {
 }
 
 fn validate(file: &str, c: &Config) -> Result<(), ConfigError> {
-    let bad =
-        |field: String, message: String| ConfigError::Invalid { file: file.to_string(), position: None, field, message };
+    let bad = |field: String, message: String| ConfigError::Invalid {
+        file: file.to_string(),
+        position: None,
+        field,
+        message,
+    };
     if c.listen.port == 0 {
         return Err(bad("listen.port".into(), "must be 1-65535".into()));
     }
@@ -154,7 +158,10 @@ fn validate(file: &str, c: &Config) -> Result<(), ConfigError> {
             return Err(bad(format!("routes[{i}].name"), format!("{:?} is empty or used twice", r.name)));
         }
         if r.matcher.hosts.is_empty() && r.matcher.addresses.is_empty() && r.listener.is_none() {
-            return Err(bad(format!("routes[{i}].match"), "needs at least one of hosts, addresses (or a listener)".into()));
+            return Err(bad(
+                format!("routes[{i}].match"),
+                "needs at least one of hosts, addresses (or a listener)".into(),
+            ));
         }
         validate_route(c, r).map_err(|(f, m)| bad(format!("routes[{i}].{f}"), m))?;
         if let Some(l) = r.listener {
@@ -239,7 +246,10 @@ fn validate_route(c: &Config, r: &RouteConfig) -> Result<(), (String, String)> {
         return Err(("upstream".into(), "use either upstream or targets, not both".into()));
     }
     if r.listener.is_some() && r.upstream.is_none() && r.targets.is_empty() {
-        return Err(("listener".into(), "a listener route has no original destination: give targets or upstream".into()));
+        return Err((
+            "listener".into(),
+            "a listener route has no original destination: give targets or upstream".into(),
+        ));
     }
     for (j, p) in r.matcher.paths.iter().enumerate() {
         if !p.starts_with('/') {
@@ -327,20 +337,25 @@ mod tests {
         let err = from_str("g.yaml", &format!("{base}  targets: [{{provider: nope}}]\n")).unwrap_err().to_string();
         assert_eq!(err, "g.yaml:8:24: routes[0].targets[0].provider: no provider named \"nope\"");
         let err = from_str("g.yaml", base).unwrap_err().to_string();
-        assert!(err.starts_with("g.yaml:7:13: routes[0].listener: a listener route has no original destination"), "{err}");
+        assert!(
+            err.starts_with("g.yaml:7:13: routes[0].listener: a listener route has no original destination"),
+            "{err}"
+        );
         let err = from_str("g.yaml", "providers:\n- name: az\n  kind: azure_openai\n").unwrap_err().to_string();
         assert_eq!(err, "g.yaml:2:7: providers[0].base_url: required for kind AzureOpenai");
         let err = from_str("g.yaml", "providers:\n- name: a\n  kind: anthropic\n  credentials: {env: A, file: /k}\n")
             .unwrap_err()
             .to_string();
         assert_eq!(err, "g.yaml:4:16: providers[0].credentials: set exactly one of env, file");
-        let err = from_str("g.yaml", &format!("{base}  targets: [{{provider: oa}}]\n  failover: {{max_attempts: 0}}\n"))
-            .unwrap_err()
-            .to_string();
+        let err =
+            from_str("g.yaml", &format!("{base}  targets: [{{provider: oa}}]\n  failover: {{max_attempts: 0}}\n"))
+                .unwrap_err()
+                .to_string();
         assert_eq!(err, "g.yaml:9:28: routes[0].failover.max_attempts: must be at least 1");
-        let err = from_str("g.yaml", &format!("{base}  targets: [{{provider: oa}}]\n  balance: {{strategy: fastest}}\n"))
-            .unwrap_err()
-            .to_string();
+        let err =
+            from_str("g.yaml", &format!("{base}  targets: [{{provider: oa}}]\n  balance: {{strategy: fastest}}\n"))
+                .unwrap_err()
+                .to_string();
         assert!(err.starts_with("g.yaml:9:23: routes[0].balance.strategy: unknown variant `fastest`"), "{err}");
     }
 

@@ -116,9 +116,11 @@ pub async fn serve(
     let mut direct = Vec::new();
     for (i, r) in deps.config.routes.iter().enumerate() {
         if let Some(addr) = r.listener {
-            let l = TcpListener::bind(addr)
-                .await
-                .map_err(|source| ProxyError::Bind { route: r.name.clone(), addr, source })?;
+            let l = TcpListener::bind(addr).await.map_err(|source| ProxyError::Bind {
+                route: r.name.clone(),
+                addr,
+                source,
+            })?;
             direct.push((i, l));
         }
     }

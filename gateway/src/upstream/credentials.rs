@@ -83,12 +83,7 @@ impl Credential {
                 let v = std::env::var(var).map_err(|_| CredentialError::EnvMissing(var.clone()))?;
                 let source = format!("env {var}");
                 let secret = parse(&v).ok_or_else(|| CredentialError::Invalid(source.clone()))?;
-                Ok(Arc::new(Credential {
-                    current: RwLock::new(secret),
-                    source,
-                    file: None,
-                    watcher: Mutex::new(None),
-                }))
+                Ok(Arc::new(Credential { current: RwLock::new(secret), source, file: None, watcher: Mutex::new(None) }))
             }
             (None, Some(path)) => {
                 let secret = read_file(path)?;

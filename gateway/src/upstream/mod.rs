@@ -9,6 +9,9 @@
 //! `https://<sni>@<ip>:<port>`: the userinfo part never goes on the wire (requests are sent in
 //! origin form with an explicit `Host`), it only tells [`Connector`] which name to verify.
 
+pub mod credentials;
+pub mod provider;
+
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -30,9 +33,6 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-
-pub mod credentials;
-pub mod provider;
 
 use crate::config::{Config, RouteConfig};
 
@@ -188,27 +188,24 @@ impl Target {
     /// Target for a configured URL (route `upstream`, provider `base_url`): the host is
     /// resolved at connect time and its path becomes a prefix of every request path.
     pub fn from_url(url: &url::Url) -> Result<Target, UpstreamError> {
-        {
-            let scheme = url.scheme();
-            if scheme != "http" && scheme != "https" {
-                return Err(UpstreamError::BadTarget(format!("{url}: scheme must be http or https")));
-            }
-            let host = url.host_str().ok_or_else(|| UpstreamError::BadTarget(format!("{url}: no host")))?;
-            let port =
-                url.port_or_known_default().ok_or_else(|| UpstreamError::BadTarget(format!("{url}: no port")))?;
-            let host_header = match url.port() {
-                Some(p) => format!("{host}:{p}"),
-                None => host.to_string(),
-            };
-            return Ok(Target::with_parsed(Target {
-                base: format!("{scheme}://{host}:{port}"),
-                parsed: None,
-                prefix: url.path().trim_end_matches('/').to_string(),
-                host: Some(header_value(&host_header)?),
-                server_address: host.trim_start_matches('[').trim_end_matches(']').to_string(),
-                server_port: port,
-            }));
+        let scheme = url.scheme();
+        if scheme != "http" && scheme != "https" {
+            return Err(UpstreamError::BadTarget(format!("{url}: scheme must be http or https")));
         }
+        let host = url.host_str().ok_or_else(|| UpstreamError::BadTarget(format!("{url}: no host")))?;
+        let port = url.port_or_known_default().ok_or_else(|| UpstreamError::BadTarget(format!("{url}: no port")))?;
+        let host_header = match url.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host.to_string(),
+        };
+        Ok(Target::with_parsed(Target {
+            base: format!("{scheme}://{host}:{port}"),
+            parsed: None,
+            prefix: url.path().trim_end_matches('/').to_string(),
+            host: Some(header_value(&host_header)?),
+            server_address: host.trim_start_matches('[').trim_end_matches(']').to_string(),
+            server_port: port,
+        }))
     }
 
     /// A target that is never dialled: routes on an explicit listener without `upstream` have

@@ -82,12 +82,10 @@ impl Provider {
     pub fn new(cfg: &ProviderConfig) -> Result<Self, ProviderError> {
         let base = match &cfg.base_url {
             Some(u) => u.clone(),
-            None => default_base(cfg.kind)
-                .and_then(|s| url::Url::parse(s).ok())
-                .ok_or_else(|| ProviderError::Url {
-                    provider: cfg.name.clone(),
-                    source: UpstreamError::BadTarget("base_url is required for this kind".into()),
-                })?,
+            None => default_base(cfg.kind).and_then(|s| url::Url::parse(s).ok()).ok_or_else(|| ProviderError::Url {
+                provider: cfg.name.clone(),
+                source: UpstreamError::BadTarget("base_url is required for this kind".into()),
+            })?,
         };
         let target =
             Target::from_url(&base).map_err(|source| ProviderError::Url { provider: cfg.name.clone(), source })?;
@@ -133,14 +131,21 @@ impl Provider {
     pub fn upstream_api(&self, api: Api) -> Result<Api, ProviderError> {
         use Api::*;
         let ok = match (self.kind, api) {
-            (ProviderKind::Openai | ProviderKind::OpenaiCompatible, OpenAiChat | OpenAiResponses | OpenAiEmbeddings | OpenAiCompletions) => Some(api),
-            (ProviderKind::AzureOpenai, OpenAiChat | OpenAiResponses | OpenAiEmbeddings | OpenAiCompletions) => Some(api),
+            (
+                ProviderKind::Openai | ProviderKind::OpenaiCompatible,
+                OpenAiChat | OpenAiResponses | OpenAiEmbeddings | OpenAiCompletions,
+            ) => Some(api),
+            (ProviderKind::AzureOpenai, OpenAiChat | OpenAiResponses | OpenAiEmbeddings | OpenAiCompletions) => {
+                Some(api)
+            }
             (ProviderKind::Openai | ProviderKind::OpenaiCompatible | ProviderKind::AzureOpenai, AnthropicMessages) => {
                 Some(OpenAiChat)
             }
             (ProviderKind::Anthropic, AnthropicMessages | AnthropicCountTokens) => Some(api),
             (ProviderKind::Anthropic, OpenAiChat) => Some(AnthropicMessages),
-            (ProviderKind::Gemini, GeminiGenerate | GeminiStreamGenerate | GeminiCountTokens | GeminiEmbed) => Some(api),
+            (ProviderKind::Gemini, GeminiGenerate | GeminiStreamGenerate | GeminiCountTokens | GeminiEmbed) => {
+                Some(api)
+            }
             _ => None,
         };
         ok.ok_or(ProviderError::Unsupported { provider: self.name.to_string(), kind: self.kind, api })
@@ -307,9 +312,15 @@ mod tests {
     fn addressing_per_kind() {
         std::env::set_var("TOLLGATE_TEST_KEY_A", "sk-test-a");
         let o = provider(ProviderKind::Openai, None, None);
-        assert_eq!(o.uri(Api::OpenAiChat, "m", None).unwrap().to_string(), "https://api.openai.com:443/v1/chat/completions");
+        assert_eq!(
+            o.uri(Api::OpenAiChat, "m", None).unwrap().to_string(),
+            "https://api.openai.com:443/v1/chat/completions"
+        );
         let v = provider(ProviderKind::OpenaiCompatible, Some("http://10.0.0.5:8000/v1/"), None);
-        assert_eq!(v.uri(Api::OpenAiEmbeddings, "m", Some("x=1")).unwrap().to_string(), "http://10.0.0.5:8000/v1/embeddings?x=1");
+        assert_eq!(
+            v.uri(Api::OpenAiEmbeddings, "m", Some("x=1")).unwrap().to_string(),
+            "http://10.0.0.5:8000/v1/embeddings?x=1"
+        );
         let a = provider(ProviderKind::AzureOpenai, Some("https://r.openai.azure.com"), None);
         assert_eq!(
             a.uri(Api::OpenAiChat, "gpt 4o", Some("api-version=1&y=2")).unwrap().to_string(),

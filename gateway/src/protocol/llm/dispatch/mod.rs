@@ -98,18 +98,11 @@ pub(crate) async fn dispatch(
         if model.is_none() && matches!(prov.kind, ProviderKind::AzureOpenai | ProviderKind::Gemini) {
             return report_failure(ctx, shape, call, t0, ProtocolError::NoModel(prov.name.to_string()));
         }
-        let prepared = match request::prepare(
-            det.api,
-            up_api,
-            &bytes,
-            &facts,
-            model,
-            prov.default_max_tokens,
-            rt.include_usage,
-        ) {
-            Ok(p) => p,
-            Err(e) => return report_failure(ctx, shape, call, t0, e),
-        };
+        let prepared =
+            match request::prepare(det.api, up_api, &bytes, &facts, model, prov.default_max_tokens, rt.include_usage) {
+                Ok(p) => p,
+                Err(e) => return report_failure(ctx, shape, call, t0, e),
+            };
         let query = (up_api.shape() == shape).then(|| parts.uri.query()).flatten();
         let uri = match prov.uri(up_api, model.unwrap_or_default(), query) {
             Ok(u) => u,
@@ -266,7 +259,9 @@ async fn respond(
             (true, Shape::Anthropic, Shape::OpenAi) => {
                 Some(Box::new(translate::MessagesToChatStream::new(client_model, facts.include_usage)))
             }
-            (true, Shape::OpenAi, Shape::Anthropic) => Some(Box::new(translate::ChatToMessagesStream::new(client_model))),
+            (true, Shape::OpenAi, Shape::Anthropic) => {
+                Some(Box::new(translate::ChatToMessagesStream::new(client_model)))
+            }
             _ => None,
         };
         let drop_usage = attempt.injected_usage && is_sse && !translating;
@@ -310,8 +305,12 @@ async fn respond(
     let converted = match (success, up_api.shape(), shape) {
         (true, Shape::Anthropic, Shape::OpenAi) => translate::messages_response_to_chat(&buf, model),
         (true, Shape::OpenAi, Shape::Anthropic) => translate::chat_response_to_messages(&buf, model),
-        (false, Shape::Anthropic, Shape::OpenAi) => Ok(translate::anthropic_error_to_openai(rparts.status.as_u16(), &buf)),
-        (false, Shape::OpenAi, Shape::Anthropic) => Ok(translate::openai_error_to_anthropic(rparts.status.as_u16(), &buf)),
+        (false, Shape::Anthropic, Shape::OpenAi) => {
+            Ok(translate::anthropic_error_to_openai(rparts.status.as_u16(), &buf))
+        }
+        (false, Shape::OpenAi, Shape::Anthropic) => {
+            Ok(translate::openai_error_to_anthropic(rparts.status.as_u16(), &buf))
+        }
         _ => Ok(buf.to_vec()),
     };
     call.duration = t0.elapsed();

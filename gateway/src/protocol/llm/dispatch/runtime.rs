@@ -82,7 +82,9 @@ fn route_runtime(r: &RouteConfig, providers: &HashMap<&str, Arc<Provider>>) -> R
     let targets = r
         .targets
         .iter()
-        .filter_map(|t| Some(RouteTarget { provider: providers.get(t.provider.as_str())?.clone(), model: t.model.clone() }))
+        .filter_map(|t| {
+            Some(RouteTarget { provider: providers.get(t.provider.as_str())?.clone(), model: t.model.clone() })
+        })
         .collect();
     RouteRuntime {
         name: Arc::from(r.name.as_str()),
