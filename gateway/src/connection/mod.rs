@@ -128,10 +128,10 @@ pub async fn serve(
 
     let mut accepts = JoinSet::new();
     for l in listeners {
-        accepts.spawn(accept_loop(shared.clone(), l, shutdown.clone()));
+        accepts.spawn(accept_loop(shared.clone(), l, Entry::Captured, shutdown.clone()));
     }
     for (i, l) in direct {
-        accepts.spawn(direct_accept_loop(shared.clone(), l, i, shutdown.clone()));
+        accepts.spawn(accept_loop(shared.clone(), l, Entry::Direct(i), shutdown.clone()));
     }
     while accepts.join_next().await.is_some() {}
     // Every connection task holds a permit: all permits back means all connections done.
@@ -151,7 +151,17 @@ async fn shutdown_requested(rx: &mut watch::Receiver<bool>) {
     }
 }
 
-async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+/// What a listener's connections are.
+#[derive(Clone, Copy)]
+enum Entry {
+    /// Captured connections (a kernel record says who and where to).
+    Captured,
+    /// A route's explicit listener (index into `config.routes`).
+    Direct(usize),
+}
+
+/// Accept until shutdown, one task per connection, bounded by `limits.max_connections`.
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, entry: Entry, mut shutdown: watch::Receiver<bool>) {
     loop {
         let permit = tokio::select! {
             biased;
@@ -175,61 +185,37 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut shutdown: w
                 continue;
             }
         };
-        let local = match stream.local_addr() {
-            Ok(a) => a,
-            Err(_) => continue,
-        };
         let shared = shared.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            handle(&shared, stream, peer, local, shutdown).await;
+            match entry {
+                Entry::Captured => {
+                    if let Ok(local) = stream.local_addr() {
+                        handle(&shared, stream, peer, local, shutdown).await;
+                    }
+                }
+                Entry::Direct(route) => handle_direct(&shared, stream, peer, route, shutdown).await,
+            }
             drop(permit);
         });
     }
 }
 
-/// Accept loop of a route's explicit listener: agents configured with tollgate as their base
+/// A connection on a route's explicit listener: agents configured with tollgate as their base
 /// URL. No kernel record exists for these connections; the caller is named `direct`.
-async fn direct_accept_loop(
-    shared: Arc<Shared>,
-    listener: TcpListener,
+async fn handle_direct(
+    shared: &Shared,
+    stream: TcpStream,
+    peer: SocketAddr,
     route: usize,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    loop {
-        let permit = tokio::select! {
-            biased;
-            _ = shutdown_requested(&mut shutdown) => return,
-            p = shared.permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
-        let accepted = tokio::select! {
-            biased;
-            _ = shutdown_requested(&mut shutdown) => return,
-            r = listener.accept() => r,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let shared = shared.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let agent = Arc::new(Agent::unknown("direct"));
-            let Some(r) = shared.deps.config.routes.get(route) else { return };
-            if let Some(ctx) = l7_context(&shared, &agent, r, peer, None, false) {
-                shared.deps.telemetry.connection(Some(&agent), ConnKind::Http);
-                serve_http(stream, ctx, shutdown).await;
-            }
-            drop(permit);
-        });
+    let _ = stream.set_nodelay(true);
+    let agent = Arc::new(Agent::unknown("direct"));
+    let Some(r) = shared.deps.config.routes.get(route) else { return };
+    if let Some(ctx) = l7_context(shared, &agent, r, peer, None, false) {
+        shared.deps.telemetry.connection(Some(&agent), ConnKind::Http);
+        serve_http(stream, ctx, shutdown).await;
     }
 }
 

@@ -272,7 +272,11 @@ impl Target {
         s.push_str(&self.base);
         s.push_str(&self.prefix);
         s.push_str(pq);
-        s.parse::<Uri>().map_err(|e| UpstreamError::BadTarget(format!("{s}: {e}")))
+        s.parse::<Uri>().map_err(|e| {
+            // The query may carry a provider key (Gemini `key=`): never echo it.
+            let shown = s.split('?').next().unwrap_or_default();
+            UpstreamError::BadTarget(format!("{shown}: {e}"))
+        })
     }
 
     /// `Host` to send upstream, when tollgate must set it (intercepted name or override).

@@ -124,31 +124,7 @@ fn g2_anthropic_sdk_through_gateway() -> crate::Result<()> {
         json!({"targets": [{"provider": "claude"}]}),
     )?;
     let base = gw.url("");
-    let mut calls = 0;
-    for stream in [false, true] {
-        let mut a = vec!["--base-url", base.as_str(), "--tools", "--roundtrip"];
-        if stream {
-            a.push("--stream");
-        }
-        let v = gw.client("anthropic_messages.py", &a)?;
-        calls += 2;
-        ensure!(v["tool_use"][0]["name"] == json!("get_weather") && v["stop_reason"] == json!("tool_use"), "{v}");
-        let fin = &v["final"];
-        ensure!(fin["stop_reason"] == json!("end_turn") && fin["text"].as_str().is_some_and(|s| !s.is_empty()), "{v}");
-        let (i, o, req) = expected(&m)?;
-        assert_injected(&req, "x-api-key", "sk-ant-g2-real")?;
-        let lines = llm_lines(&t, calls)?;
-        assert_line_tokens(&lines[calls - 1], i, o)?;
-        let u = &fin["usage"];
-        let sdk_in = u["input_tokens"].as_u64().unwrap_or(0)
-            + u["cache_read_input_tokens"].as_u64().unwrap_or(0)
-            + u["cache_creation_input_tokens"].as_u64().unwrap_or(0);
-        ensure!(sdk_in == i && u["output_tokens"] == json!(o), "SDK usage {u} vs mock input {i} output {o}");
-        if stream {
-            let ev = &v["events"];
-            ensure!(ev["message_start"] == json!(1) && ev["message_stop"] == json!(1), "stream events {ev}");
-        }
-    }
+    let mut calls = anthropic_tool_roundtrips(&gw, &m, &t, &base, ("x-api-key", "sk-ant-g2-real"), None)?;
     let v = gw.client("anthropic_messages.py", &["--base-url", &base, "--count-tokens"])?;
     calls += 2;
     let (i, _, _) = expected(&m)?;
@@ -216,10 +192,25 @@ fn g4_anthropic_client_openai_target() -> crate::Result<()> {
         json!([{"name": "vllm", "kind": "openai_compatible", "base_url": format!("http://{}/v1", m.http[0]), "credentials": {"file": key}}]),
         json!({"targets": [{"provider": "vllm", "model": "llama-3.1-8b"}]}),
     )?;
-    let base = gw.url("");
+    anthropic_tool_roundtrips(&gw, &m, &t, &gw.url(""), ("authorization", "Bearer sk-g4-real"), Some("llama-3.1-8b"))?;
+    Ok(())
+}
+
+/// The Anthropic SDK's tool round trip (tool_use, then tool_result → text), unstreamed then
+/// streamed; each call's tokens in tollgate's log and in what the SDK saw equal the provider's.
+/// `auth`: header and value the provider must have seen; `model`: the target's model override.
+/// Returns the number of calls made.
+fn anthropic_tool_roundtrips(
+    gw: &Gw,
+    m: &MockLlm,
+    t: &tollgate_e2e::tollgate::Tollgate,
+    base: &str,
+    auth: (&str, &str),
+    model: Option<&str>,
+) -> Result<usize> {
     let mut calls = 0;
     for stream in [false, true] {
-        let mut a = vec!["--base-url", base.as_str(), "--tools", "--roundtrip"];
+        let mut a = vec!["--base-url", base, "--tools", "--roundtrip"];
         if stream {
             a.push("--stream");
         }
@@ -229,20 +220,24 @@ fn g4_anthropic_client_openai_target() -> crate::Result<()> {
         ensure!(v["tool_use"][0]["input"]["city"].is_string(), "tool input {v}");
         let fin = &v["final"];
         ensure!(fin["stop_reason"] == json!("end_turn") && fin["text"].as_str().is_some_and(|s| !s.is_empty()), "{fin}");
-        let (i, o, req) = expected(&m)?;
-        ensure!(req["body_json"]["model"] == json!("llama-3.1-8b"), "upstream model {}", req["body_json"]["model"]);
-        assert_injected(&req, "authorization", "Bearer sk-g4-real")?;
-        let lines = llm_lines(&t, calls)?;
+        let (i, o, req) = expected(m)?;
+        if let Some(model) = model {
+            ensure!(req["body_json"]["model"] == json!(model), "upstream model {}", req["body_json"]["model"]);
+        }
+        assert_injected(&req, auth.0, auth.1)?;
+        let lines = llm_lines(t, calls)?;
         assert_line_tokens(&lines[calls - 1], i, o)?;
         let u = &fin["usage"];
-        let sdk_in = u["input_tokens"].as_u64().unwrap_or(0) + u["cache_read_input_tokens"].as_u64().unwrap_or(0);
-        ensure!(sdk_in == i && u["output_tokens"] == json!(o), "translated usage {u}, provider input {i} output {o}");
+        let sdk_in = u["input_tokens"].as_u64().unwrap_or(0)
+            + u["cache_read_input_tokens"].as_u64().unwrap_or(0)
+            + u["cache_creation_input_tokens"].as_u64().unwrap_or(0);
+        ensure!(sdk_in == i && u["output_tokens"] == json!(o), "SDK usage {u}, provider input {i} output {o}");
         if stream {
             let ev = &v["events"];
             ensure!(ev["message_start"] == json!(1) && ev["message_stop"] == json!(1), "stream events {ev}");
         }
     }
-    Ok(())
+    Ok(calls)
 }
 
 /// An agent configured with tollgate as its base URL (route `listener`, no capture): served by

@@ -86,12 +86,9 @@ pub(crate) async fn observe_call(ctx: &L7Context, det: Detected, req: Request<In
     let t0 = Instant::now();
     let shape = det.api.shape();
     let (mut parts, body) = req.into_parts();
-    let mut call = Box::new(LlmCall::new(ctx.agent.clone(), ctx.route.clone(), ctx.provider, det.api.operation()));
+    let mut call = new_call(ctx, det.api, &parts);
     call.server_address = Some(ctx.target.server_address.clone());
     call.server_port = Some(ctx.target.server_port);
-    call.method = parts.method.as_str().to_string();
-    call.path = parts.uri.path().to_string();
-    call.traceparent = parts.headers.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_string);
 
     let bytes = match read_request_body(ctx, &parts.headers, body).await {
         Ok(b) => b,
@@ -160,6 +157,16 @@ fn rewrite(det: Detected, bytes: &Bytes, call: &mut LlmCall, include_usage: bool
             (bytes.clone(), false)
         }
     }
+}
+
+/// The call record for a request on this connection: who, which route, which operation, and
+/// the request line and trace parent (the rest is filled as the call proceeds).
+pub(crate) fn new_call(ctx: &L7Context, api: Api, parts: &http::request::Parts) -> Box<LlmCall> {
+    let mut call = Box::new(LlmCall::new(ctx.agent.clone(), ctx.route.clone(), ctx.provider, api.operation()));
+    call.method = parts.method.as_str().to_string();
+    call.path = parts.uri.path().to_string();
+    call.traceparent = parts.headers.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_string);
+    call
 }
 
 /// Report a call that ended in a tollgate-side failure and answer the agent in its API shape.

@@ -22,7 +22,7 @@ use hyper::body::Incoming;
 use super::api::{self, Api, Detected, Observer, RequestFacts, Shape};
 use super::body::{Mode, Observation, ObservedBody};
 use super::translate::{self, StreamTranslator};
-use super::{read_request_body, report_failure};
+use super::{new_call, read_request_body, report_failure};
 use crate::config::{FailoverOn, ProviderKind};
 use crate::policy::{InFlight, Outcome};
 use crate::protocol::http::{strip_hop_by_hop, L7Context, ProxyBody};
@@ -40,10 +40,7 @@ pub(crate) async fn dispatch(
     let t0 = Instant::now();
     let shape = det.api.shape();
     let (parts, body) = req.into_parts();
-    let mut call = Box::new(LlmCall::new(ctx.agent.clone(), ctx.route.clone(), ctx.provider, det.api.operation()));
-    call.method = parts.method.as_str().to_string();
-    call.path = parts.uri.path().to_string();
-    call.traceparent = parts.headers.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let mut call = new_call(ctx, det.api, &parts);
 
     let bytes = match read_request_body(ctx, &parts.headers, body).await {
         Ok(b) => b,
