@@ -85,11 +85,6 @@ impl Gw {
         let out = python(Some(&self.g), None, script, args, &[])?;
         parse_client(script, &out)
     }
-
-    /// Run a client script that is expected to fail; its raw output.
-    pub fn client_raw(&self, script: &str, args: &[&str]) -> Result<Output> {
-        python(Some(&self.g), None, script, args, &[])
-    }
 }
 
 /// The client's JSON output line, or an error showing its stdout and stderr.

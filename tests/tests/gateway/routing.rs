@@ -338,6 +338,8 @@ fn g5_failover_on_503_429_timeout_and_circuit() -> Result<()> {
     // within fail_timeout): the first two fail over and open A's circuit, the third skips A.
     a.set_fault(json!({"status": 503}))?;
     let r = burst(&gw, &["--mode", "sdk", "--base-url", &base, "--count", "3", "--prompt", "A is down"])?;
+    // First, while well within fail_timeout of the opening.
+    expect_circuit(&t, "gw", "a", 2)?;
     ca = assert_delta("a", &a, ca, (2, 0))?;
     cb = assert_delta("b", &b, cb, (3, 3))?;
     let calls = r["calls"].as_array().cloned().unwrap_or_default();
@@ -358,7 +360,6 @@ fn g5_failover_on_503_429_timeout_and_circuit() -> Result<()> {
         lines += 1;
         assert_served(&nth_line(&t, "gw", lines)?, "b", attempts, 200)?;
     }
-    expect_circuit(&t, "gw", "a", 2)?;
     // A recovers; after fail_timeout the circuit half-opens and one probe is served by A.
     a.clear_fault()?;
     std::thread::sleep(Duration::from_millis(2100));
@@ -407,6 +408,7 @@ fn g5_failover_on_503_429_timeout_and_circuit() -> Result<()> {
             && err["class"] == json!("InternalServerError"),
         "want the SDK to raise APIStatusError 502 for an unreachable target, got {r}"
     );
+    ensure!(r["served_by"] == json!({"none": 1}), "a provider answered for an unreachable target: {r}");
     // The SDK hands over `error`'s content as `body`.
     assert_tollgate_error(&json!({"error": err["body"]}), "upstream_error", "all_targets_failed")?;
     let raw = curl_post(
@@ -496,6 +498,15 @@ fn g6_weighted_split_and_model_alias() -> Result<()> {
         r["served_by"]
     );
     expect_attempts(&t, "gw", &[("a", "ok", na), ("b", "ok", nb)])?;
+    let logged = route_lines(&t, "gw", N as usize)?;
+    let by = |target: &str| logged.iter().filter(|l| l["target"] == json!(target) && l["status"] == json!(200)).count();
+    ensure!(
+        (logged.len(), by("a") as u64, by("b") as u64) == (N as usize, na, nb),
+        "access log: {} lines, {} by a, {} by b; the mocks served {na}/{nb}",
+        logged.len(),
+        by("a"),
+        by("b")
+    );
     let m = t.metrics()?;
     let failed: f64 =
         m.select(ATTEMPTS, &[("route", "gw")]).filter(|s| s.labels["outcome"] != "ok").map(|s| s.value).sum();
