@@ -57,8 +57,14 @@ pub struct L7Context {
 impl L7Context {
     /// Whether `path` is handled by the route (else it is passed through untouched).
     fn path_matches(&self, path: &str) -> bool {
-        self.paths.is_empty() || self.paths.iter().any(|p| path.starts_with(p.as_str()))
+        path_matches(&self.paths, path)
     }
+}
+
+/// Route `match.paths`: empty matches every path; otherwise a path matches a prefix (an exact
+/// path is its own prefix).
+fn path_matches(paths: &[String], path: &str) -> bool {
+    paths.is_empty() || paths.iter().any(|p| path.starts_with(p.as_str()))
 }
 
 /// The error shape of a route's configured API, for failures outside a recognised call.
@@ -252,6 +258,16 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn route_paths_narrow_what_is_handled() {
+        assert!(path_matches(&[], "/anything"));
+        let p = vec!["/v1/chat/".to_string(), "/v1/messages".to_string()];
+        assert!(path_matches(&p, "/v1/chat/completions"));
+        assert!(path_matches(&p, "/v1/messages"));
+        assert!(!path_matches(&p, "/v1/embeddings"));
+        assert!(!path_matches(&p, "/v2/chat/completions"));
+    }
 
     #[test]
     fn hop_by_hop_headers_removed() {

@@ -1,6 +1,6 @@
 //! Gateway routing scenarios: failover by failure class and the circuit breaker, weighted
 //! balancing and model aliases, provider-key rotation without leaks, and the Gemini and Azure
-//! OpenAI providers over HTTP/2 with TLS.
+//! OpenAI providers over HTTP/2 with TLS (in `providers.rs`).
 //!
 //! Agents in the scenario's cgroup call virtual addresses `127.0.0.2:81xx` (captured, nothing
 //! listens there) with a placeholder key; mock providers accept only the keys tollgate holds.
@@ -15,9 +15,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tollgate_e2e::certs::TestCa;
 use tollgate_e2e::client::{curl, CurlOut};
-use tollgate_e2e::gemini::{self, GenerateRequest};
 use tollgate_e2e::mock::MockLlm;
 use tollgate_e2e::openai::{self, ChatRequest, Reply};
 use tollgate_e2e::tollgate::Tollgate;
@@ -26,22 +24,27 @@ use tollgate_e2e::{anyhow, ensure, merge, wait_for, Result};
 use super::{assert_line_tokens, last_request, Gw};
 use crate::support::wait_metric;
 
-const ATTEMPTS: &str = "tollgate_upstream_attempts_total";
-const CIRCUIT: &str = "tollgate_upstream_circuit_state";
+pub(super) const ATTEMPTS: &str = "tollgate_upstream_attempts_total";
+pub(super) const CIRCUIT: &str = "tollgate_upstream_circuit_state";
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
 /// `127.0.0.2:<port>`: a captured virtual address nothing listens on.
-fn vip(port: u16) -> SocketAddr {
+pub(super) fn vip(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 2], port))
 }
 
 /// tollgate capturing each route's virtual address for `gw`'s cgroup, with `providers` and one
 /// gateway route per `(name, vip, fields)` (fields merged in: `targets`, `failover`, ...), plus
 /// `extra` merged into the config (e.g. `tls`).
-fn gateway(gw: &Gw, providers: Value, routes: &[(&str, SocketAddr, Value)], extra: Value) -> Result<Tollgate> {
+pub(super) fn gateway(
+    gw: &Gw,
+    providers: Value,
+    routes: &[(&str, SocketAddr, Value)],
+    extra: Value,
+) -> Result<Tollgate> {
     let destinations: Vec<Value> =
         routes.iter().map(|(_, a, _)| json!({"cidr": format!("{}/32", a.ip()), "port": a.port()})).collect();
     let routes: Vec<Value> = routes
@@ -63,17 +66,17 @@ fn gateway(gw: &Gw, providers: Value, routes: &[(&str, SocketAddr, Value)], extr
 }
 
 /// An `openai` provider named `name` at the plain mock `m`, keyed from `key`.
-fn openai_provider(name: &str, m: &MockLlm, key: &Path) -> Value {
+pub(super) fn openai_provider(name: &str, m: &MockLlm, key: &Path) -> Value {
     json!({"name": name, "kind": "openai", "base_url": format!("http://{}/v1", m.http[0]), "credentials": {"file": key}})
 }
 
 /// A `http://127.0.0.1:<port>` nothing listens on (bound a moment ago, then released).
-fn closed_base() -> String {
+pub(super) fn closed_base() -> String {
     format!("http://127.0.0.1:{}/v1", tollgate_e2e::free_port("127.0.0.1"))
 }
 
 /// The LLM access-log lines of `route`, waiting until there are at least `n`.
-fn route_lines(t: &Tollgate, route: &str, n: usize) -> Result<Vec<Value>> {
+pub(super) fn route_lines(t: &Tollgate, route: &str, n: usize) -> Result<Vec<Value>> {
     let got = wait_for(Duration::from_secs(5), Duration::from_millis(50), || {
         let v: Vec<Value> = t.access_log().into_iter().filter(|l| l["kind"] == "llm" && l["route"] == route).collect();
         (v.len() >= n).then_some(v)
@@ -84,12 +87,12 @@ fn route_lines(t: &Tollgate, route: &str, n: usize) -> Result<Vec<Value>> {
 }
 
 /// The `n`-th (1-based) LLM access-log line of `route`.
-fn nth_line(t: &Tollgate, route: &str, n: usize) -> Result<Value> {
+pub(super) fn nth_line(t: &Tollgate, route: &str, n: usize) -> Result<Value> {
     Ok(route_lines(t, route, n)?[n - 1].clone())
 }
 
 /// Assert an access-log line's `target`, `attempts` and `status`.
-fn assert_served(line: &Value, target: &str, attempts: u64, status: u64) -> Result<()> {
+pub(super) fn assert_served(line: &Value, target: &str, attempts: u64, status: u64) -> Result<()> {
     ensure!(
         line["target"] == json!(target) && line["attempts"] == json!(attempts) && line["status"] == json!(status),
         "access log: want target={target} attempts={attempts} status={status}, got target={} attempts={} status={}: {line}",
@@ -102,7 +105,7 @@ fn assert_served(line: &Value, target: &str, attempts: u64, status: u64) -> Resu
 
 /// Wait until `tollgate_upstream_attempts_total{route}` has exactly these `(target, outcome,
 /// count)` values.
-fn expect_attempts(t: &Tollgate, route: &str, want: &[(&str, &str, u64)]) -> Result<()> {
+pub(super) fn expect_attempts(t: &Tollgate, route: &str, want: &[(&str, &str, u64)]) -> Result<()> {
     for (target, outcome, n) in want {
         wait_metric(t, ATTEMPTS, &[("route", route), ("target", target), ("outcome", outcome)], *n as f64)?;
     }
@@ -111,13 +114,13 @@ fn expect_attempts(t: &Tollgate, route: &str, want: &[(&str, &str, u64)]) -> Res
 
 /// Wait until the circuit gauge of `target` on `route` reads `state` (0 closed, 1 half-open,
 /// 2 open).
-fn expect_circuit(t: &Tollgate, route: &str, target: &str, state: u8) -> Result<()> {
+pub(super) fn expect_circuit(t: &Tollgate, route: &str, target: &str, state: u8) -> Result<()> {
     wait_metric(t, CIRCUIT, &[("route", route), ("target", target)], f64::from(state))
 }
 
 /// One chat completion through the unmodified openai SDK (`openai_tools.py --no-tools`) with a
 /// placeholder key; its JSON output.
-fn sdk_chat(gw: &Gw, base: &str, model: &str, prompt: &str) -> Result<Value> {
+pub(super) fn sdk_chat(gw: &Gw, base: &str, model: &str, prompt: &str) -> Result<Value> {
     gw.client(
         "openai_tools.py",
         &["--no-tools", "--base-url", base, "--api-key", "placeholder", "--model", model, "--prompt", prompt],
@@ -125,19 +128,19 @@ fn sdk_chat(gw: &Gw, base: &str, model: &str, prompt: &str) -> Result<Value> {
 }
 
 /// `burst.py` with `args`; its JSON output.
-fn burst(gw: &Gw, args: &[&str]) -> Result<Value> {
+pub(super) fn burst(gw: &Gw, args: &[&str]) -> Result<Value> {
     gw.client("burst.py", args)
 }
 
 /// Requests a mock received (`total`, faulted ones included) and chat completions it served.
-fn seen(m: &MockLlm) -> Result<(u64, u64)> {
+pub(super) fn seen(m: &MockLlm) -> Result<(u64, u64)> {
     let s = m.stats(None)?;
     let get = |k: &str| s[k].as_u64().ok_or_else(|| anyhow!("no counter {k:?} in mock stats: {s}"));
     Ok((get("total")?, get("openai_chat")?))
 }
 
 /// Assert a mock's counters moved by exactly `(received, served)` since `before`.
-fn assert_delta(name: &str, m: &MockLlm, before: (u64, u64), want: (u64, u64)) -> Result<(u64, u64)> {
+pub(super) fn assert_delta(name: &str, m: &MockLlm, before: (u64, u64), want: (u64, u64)) -> Result<(u64, u64)> {
     let now = seen(m)?;
     let got = (now.0 - before.0, now.1 - before.1);
     ensure!(
@@ -153,7 +156,7 @@ fn assert_delta(name: &str, m: &MockLlm, before: (u64, u64), want: (u64, u64)) -
 
 /// The mock's last recorded request: a chat completion carrying exactly `Bearer <key>` (the
 /// agent's placeholder gone); returns the reply the mock computed for it.
-fn recorded_chat(m: &MockLlm, key: &str) -> Result<(Value, Reply)> {
+pub(super) fn recorded_chat(m: &MockLlm, key: &str) -> Result<(Value, Reply)> {
     let rec = last_request(m)?;
     let auth = &rec["headers"]["authorization"];
     ensure!(*auth == json!(format!("Bearer {key}")), "provider saw authorization {auth}, not tollgate's key");
@@ -163,7 +166,7 @@ fn recorded_chat(m: &MockLlm, key: &str) -> Result<(Value, Reply)> {
 }
 
 /// The SDK's output matches `reply` (id, content, exact usage).
-fn assert_sdk_reply(v: &Value, reply: &Reply) -> Result<()> {
+pub(super) fn assert_sdk_reply(v: &Value, reply: &Reply) -> Result<()> {
     ensure!(v["id"] == json!(reply.id), "SDK got id {}, the mock sent {}", v["id"], reply.id);
     ensure!(
         v["content"] == json!(reply.content),
@@ -182,13 +185,13 @@ fn assert_sdk_reply(v: &Value, reply: &Reply) -> Result<()> {
 }
 
 /// A random lower-case hex tag (for keys nobody could guess or have in a log by chance).
-fn random_hex() -> String {
+pub(super) fn random_hex() -> String {
     let s = RandomState::new();
     format!("{:016x}{:016x}", s.hash_one(std::process::id()), s.hash_one(Instant::now()))
 }
 
 /// POST `body` (JSON) with curl from the agent's cgroup, with extra `headers`.
-fn curl_post(gw: &Gw, url: &str, headers: &[&str], body: &Value) -> Result<CurlOut> {
+pub(super) fn curl_post(gw: &Gw, url: &str, headers: &[&str], body: &Value) -> Result<CurlOut> {
     let file = gw.e.path(&format!("body-{}.json", random_hex()));
     std::fs::write(&file, serde_json::to_vec(body)?)?;
     let data = format!("@{}", file.display());
@@ -204,7 +207,7 @@ fn curl_post(gw: &Gw, url: &str, headers: &[&str], body: &Value) -> Result<CurlO
 
 /// The body of a tollgate-made OpenAI error: `{"error": {"message": "tollgate: ...", "type",
 /// "code"}}` with this type and code.
-fn assert_tollgate_error(body: &Value, kind: &str, code: &str) -> Result<()> {
+pub(super) fn assert_tollgate_error(body: &Value, kind: &str, code: &str) -> Result<()> {
     let e = &body["error"];
     ensure!(e["type"] == json!(kind) && e["code"] == json!(code), "want error type {kind:?} code {code:?}, got {body}");
     let msg = e["message"].as_str().unwrap_or("");
@@ -647,177 +650,3 @@ fn g7_key_rotation_and_no_key_leak() -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // g8: Gemini and Azure OpenAI providers over HTTP/2 (TLS)
 // ---------------------------------------------------------------------------------------------
-
-/// The `usageMetadata` of a Gemini response body as the client received it: the JSON object,
-/// or the last `data:` chunk of an SSE stream (usage is cumulative); and the number of chunks.
-fn gemini_usage(body: &str, sse: bool) -> Result<(Value, usize)> {
-    if !sse {
-        let v: Value = serde_json::from_str(body).map_err(|e| anyhow!("Gemini body is not JSON ({e}): {body}"))?;
-        return Ok((v["usageMetadata"].clone(), 1));
-    }
-    let chunks: Vec<Value> = body
-        .split("\r\n\r\n")
-        .flat_map(|ev| ev.split("\n\n"))
-        .filter_map(|ev| ev.trim().strip_prefix("data:"))
-        .map(|d| serde_json::from_str(d.trim()))
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|e| anyhow!("Gemini SSE chunk is not JSON ({e}): {body}"))?;
-    let last = chunks.last().ok_or_else(|| anyhow!("no SSE chunk in {body:?}"))?;
-    Ok((last["usageMetadata"].clone(), chunks.len()))
-}
-
-/// Gemini (`kind: gemini`) and Azure OpenAI (`kind: azure_openai`) providers behind TLS mocks
-/// that tollgate trusts through `tls.extra_roots`, reached over HTTP/2. With curl from the
-/// agent's cgroup and placeholder credentials:
-/// * Gemini `generateContent` and `streamGenerateContent?alt=sse`: the provider sees HTTP/2.0,
-///   tollgate's key as `?key=` (no placeholder, no `x-goog-api-key`), and the access log's tokens
-///   equal the `usageMetadata` the client received (prompt; candidates + thoughts) and the
-///   mock's formula for the recorded request;
-/// * Azure chat completions at `/openai/deployments/whatever/...`: the provider sees the target's
-///   deployment `prod-deploy`, `api-key` = tollgate's key, `api-version`, HTTP/2.0, and the
-///   usage is exact.
-///
-/// Neither key appears in tollgate's stdout, stderr or `/metrics` (the Gemini key travels in a
-/// URL, where it is easily logged).
-#[test]
-#[ignore = "needs root, BPF and built binaries: run via `cargo xtask test`"]
-fn g8_gemini_azure_over_http2() -> Result<()> {
-    let gw = Gw::new("g8-agent", 8117)?;
-    let az_vip = vip(8118);
-    let tag = random_hex();
-    let (gem_key, az_key) = (format!("AIza-g8-{tag}"), format!("az-g8-{tag}"));
-    let ca = TestCa::new(gw.e.scratch.path(), "g8", "tollgate e2e g8 provider CA")?;
-    let cert = ca.issue(gw.e.scratch.path(), "g8-provider", &["localhost", "127.0.0.1"])?;
-    let (cert_path, key_path) = (cert.cert_path.to_string_lossy(), cert.key_path.to_string_lossy());
-    let tls = |name: &str, key: &str| {
-        gw.mock(name, &[key], &["--tls-listen", "127.0.0.1:0", "--cert", &cert_path, "--key", &key_path])
-    };
-    let gm = tls("gemini", &gem_key)?;
-    let am = tls("azure", &az_key)?;
-    let (kg, ka) = (gw.key_file("gemini", &gem_key)?, gw.key_file("azure", &az_key)?);
-    let t = gateway(
-        &gw,
-        json!([
-            {"name": "gemini", "kind": "gemini", "base_url": format!("https://127.0.0.1:{}", gm.https[0].port()),
-             "credentials": {"file": kg}},
-            {"name": "azure", "kind": "azure_openai", "base_url": format!("https://127.0.0.1:{}", am.https[0].port()),
-             "credentials": {"file": ka}},
-        ]),
-        &[
-            ("gem", gw.vip, json!({"targets": [{"provider": "gemini"}]})),
-            ("az", az_vip, json!({"targets": [{"provider": "azure", "model": "prod-deploy"}]})),
-        ],
-        json!({"tls": {"extra_roots": [ca.cert_path]}}),
-    )?;
-
-    // --- Gemini, whole and streamed.
-    let model = "gemini-2.0-flash";
-    let req = json!({
-        "systemInstruction": {"parts": [{"text": "You answer briefly."}]},
-        "contents": [{"role": "user", "parts": [{"text": "Name three rivers of Europe."}]}],
-        "generationConfig": {"maxOutputTokens": 64},
-    });
-    for (i, (method, query, sse)) in
-        [("generateContent", "", false), ("streamGenerateContent", "?alt=sse", true)].into_iter().enumerate()
-    {
-        let url = gw.url(&format!("/v1beta/models/{model}:{method}{query}"));
-        let r = curl_post(&gw, &url, &["x-goog-api-key: placeholder"], &req)?;
-        ensure!(r.exit == 0 && r.http_code == 200, "Gemini {method}: {}", r.describe());
-        let rec = last_request(&gm)?;
-        ensure!(
-            rec["path"] == json!(format!("/v1beta/models/{model}:{method}")),
-            "Gemini {method}: provider path {rec}"
-        );
-        ensure!(rec["version"] == json!("HTTP/2.0"), "Gemini {method}: provider saw {}, want HTTP/2.0", rec["version"]);
-        let q = rec["query"].as_str().unwrap_or("");
-        let params: Vec<&str> = q.split('&').collect();
-        ensure!(
-            params.contains(&format!("key={gem_key}").as_str()),
-            "Gemini {method}: query {q:?} lacks tollgate's key"
-        );
-        ensure!(!sse || params.contains(&"alt=sse"), "Gemini {method}: query {q:?} lost alt=sse");
-        ensure!(
-            !rec.to_string().contains("placeholder") && rec["headers"].get("x-goog-api-key").is_none(),
-            "Gemini {method}: the agent's placeholder reached the provider: {rec}"
-        );
-        let parsed = GenerateRequest::from_json(model, &rec["body_json"]).map_err(|e| anyhow!("{e}: {rec}"))?;
-        let reply = gemini::reply_for(&parsed);
-        let (usage, chunks) = gemini_usage(&r.text(), sse)?;
-        let (prompt, candidates, thoughts) = (
-            usage["promptTokenCount"].as_u64().unwrap_or(u64::MAX),
-            usage["candidatesTokenCount"].as_u64().unwrap_or(u64::MAX),
-            usage["thoughtsTokenCount"].as_u64().unwrap_or(u64::MAX),
-        );
-        ensure!(
-            (prompt, candidates, thoughts) == (reply.prompt_tokens, reply.candidates_tokens, reply.thoughts_tokens),
-            "Gemini {method}: client got usageMetadata {usage}, the mock's formula gives prompt={} candidates={} thoughts={}",
-            reply.prompt_tokens,
-            reply.candidates_tokens,
-            reply.thoughts_tokens
-        );
-        if sse {
-            ensure!(
-                chunks == reply.words.len(),
-                "Gemini stream: client got {chunks} chunks, the mock sent {}",
-                reply.words.len()
-            );
-        }
-        let line = nth_line(&t, "gem", i + 1)?;
-        assert_served(&line, "gemini", 1, 200)?;
-        assert_line_tokens(&line, prompt, candidates + thoughts)?;
-        ensure!(line["stream"] == json!(sse), "Gemini {method}: access log stream flag: {line}");
-    }
-    ensure!(
-        (gm.counter("gemini_generate")?, gm.counter("gemini_stream")?, gm.counter("http2_requests")?) == (1, 1, 2),
-        "Gemini mock stats: {}",
-        gm.stats(None)?
-    );
-
-    // --- Azure OpenAI: the deployment is the target's model.
-    let body =
-        json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello Azure"}]});
-    let url = format!("http://{az_vip}/openai/deployments/whatever/chat/completions?api-version=2024-10-21");
-    let r = curl_post(&gw, &url, &["api-key: placeholder"], &body)?;
-    ensure!(r.exit == 0 && r.http_code == 200, "Azure chat: {}", r.describe());
-    let rec = last_request(&am)?;
-    ensure!(
-        rec["path"] == json!("/openai/deployments/prod-deploy/chat/completions"),
-        "Azure: provider path {}, want the target's deployment prod-deploy",
-        rec["path"]
-    );
-    ensure!(rec["version"] == json!("HTTP/2.0"), "Azure: provider saw {}, want HTTP/2.0", rec["version"]);
-    ensure!(rec["headers"]["api-key"] == json!(az_key), "Azure: provider saw api-key {}", rec["headers"]["api-key"]);
-    ensure!(!rec.to_string().contains("placeholder"), "Azure: the agent's placeholder reached the provider: {rec}");
-    let q = rec["query"].as_str().unwrap_or("");
-    ensure!(q.split('&').any(|p| p == "api-version=2024-10-21"), "Azure: query {q:?} lacks api-version");
-    let mut sent = rec["body_json"].clone();
-    if sent.get("model").is_none() {
-        // The mock answers for the deployment when the body names no model.
-        sent["model"] = json!("prod-deploy");
-    }
-    let reply = openai::reply_for(&ChatRequest::from_json(&sent).map_err(|e| anyhow!("{e}: {rec}"))?);
-    let got: Value =
-        serde_json::from_slice(&r.body).map_err(|e| anyhow!("Azure body is not JSON ({e}): {}", r.text()))?;
-    ensure!(
-        got["usage"]["prompt_tokens"] == json!(reply.prompt_tokens)
-            && got["usage"]["completion_tokens"] == json!(reply.completion_tokens)
-            && got["choices"][0]["message"]["content"] == json!(reply.content),
-        "Azure: client got {got}, the mock's formula gives prompt={} completion={}",
-        reply.prompt_tokens,
-        reply.completion_tokens
-    );
-    let line = nth_line(&t, "az", 1)?;
-    assert_served(&line, "azure", 1, 200)?;
-    assert_line_tokens(&line, reply.prompt_tokens, reply.completion_tokens)?;
-    ensure!(am.counter("azure_chat")? == 1, "Azure mock stats: {}", am.stats(None)?);
-
-    // --- No key in what tollgate writes.
-    let (st, metrics) = tollgate_e2e::http_get(t.admin, "/metrics", Duration::from_secs(5))?;
-    ensure!(st == 200, "/metrics: HTTP {st}");
-    for (what, text) in
-        [("stdout", t.stdout_lines().join("\n")), ("stderr", t.stderr_tail(1_000_000)), ("/metrics", metrics)]
-    {
-        ensure!(!text.contains(&tag), "tollgate's {what} contains a provider key:\n{text}");
-    }
-    Ok(())
-}

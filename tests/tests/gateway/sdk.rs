@@ -95,7 +95,8 @@ fn g1_openai_sdk_all_apis_through_gateway() -> crate::Result<()> {
         if args.contains(&"chat") {
             ensure!(v["tool_calls"][0]["name"] == json!("get_weather"), "{args:?}: no tool call: {v}");
             ensure!(v["finish_reason"] == json!("tool_calls"), "{args:?}: {v}");
-            let a: Value = serde_json::from_str(v["tool_calls"][0]["arguments"].as_str().unwrap_or("")).unwrap_or_default();
+            let a: Value =
+                serde_json::from_str(v["tool_calls"][0]["arguments"].as_str().unwrap_or("")).unwrap_or_default();
             ensure!(a["city"].is_string() && a["unit"].is_string(), "{args:?}: tool arguments {v}");
             ensure!(last["content"].as_str().is_some_and(|c| c.contains("The tool returned")), "{args:?}: {last}");
         }
@@ -107,7 +108,12 @@ fn g1_openai_sdk_all_apis_through_gateway() -> crate::Result<()> {
     let who = [("agent", "g1-agent"), ("route", "gw")];
     wait_metric(&t, "tollgate_llm_tokens_total", &[&who[..], &[("token_type", "input")]].concat(), input_sum as f64)?;
     wait_metric(&t, "tollgate_llm_tokens_total", &[&who[..], &[("token_type", "output")]].concat(), output_sum as f64)?;
-    wait_metric(&t, "tollgate_upstream_attempts_total", &[("route", "gw"), ("target", "openai"), ("outcome", "ok")], calls as f64)?;
+    wait_metric(
+        &t,
+        "tollgate_upstream_attempts_total",
+        &[("route", "gw"), ("target", "openai"), ("outcome", "ok")],
+        calls as f64,
+    )?;
     Ok(())
 }
 
@@ -157,13 +163,18 @@ fn g3_openai_client_anthropic_target() -> crate::Result<()> {
         let v = gw.client("openai_tools.py", &a)?;
         calls += 2;
         ensure!(v["finish_reason"] == json!("tool_calls") && v["tool_calls"][0]["name"] == json!("get_weather"), "{v}");
-        let args: Value = serde_json::from_str(v["tool_calls"][0]["arguments"].as_str().unwrap_or("")).unwrap_or_default();
+        let args: Value =
+            serde_json::from_str(v["tool_calls"][0]["arguments"].as_str().unwrap_or("")).unwrap_or_default();
         ensure!(args["city"].is_string(), "tool arguments did not survive translation: {v}");
         let fin = &v["final"];
         ensure!(fin["finish_reason"] == json!("stop"), "{fin}");
         ensure!(fin["content"].as_str().is_some_and(|c| c.contains("The tool returned")), "{fin}");
         let (i, o, req) = expected(&m)?;
-        ensure!(req["body_json"]["model"] == json!("claude-sonnet-4-5"), "upstream model {}", req["body_json"]["model"]);
+        ensure!(
+            req["body_json"]["model"] == json!("claude-sonnet-4-5"),
+            "upstream model {}",
+            req["body_json"]["model"]
+        );
         ensure!(req["body_json"]["messages"][1]["content"][0]["type"] == json!("tool_use"), "tool history: {req}");
         assert_injected(&req, "x-api-key", "sk-ant-g3-real")?;
         let lines = llm_lines(&t, calls)?;
@@ -219,7 +230,10 @@ fn anthropic_tool_roundtrips(
         ensure!(v["stop_reason"] == json!("tool_use") && v["tool_use"][0]["name"] == json!("get_weather"), "{v}");
         ensure!(v["tool_use"][0]["input"]["city"].is_string(), "tool input {v}");
         let fin = &v["final"];
-        ensure!(fin["stop_reason"] == json!("end_turn") && fin["text"].as_str().is_some_and(|s| !s.is_empty()), "{fin}");
+        ensure!(
+            fin["stop_reason"] == json!("end_turn") && fin["text"].as_str().is_some_and(|s| !s.is_empty()),
+            "{fin}"
+        );
         let (i, o, req) = expected(m)?;
         if let Some(model) = model {
             ensure!(req["body_json"]["model"] == json!(model), "upstream model {}", req["body_json"]["model"]);
@@ -296,12 +310,21 @@ fn g10_estimated_usage_when_provider_reports_none() -> crate::Result<()> {
     let r = tollgate_e2e::client::curl(
         Some(&gw.g),
         None,
-        &["-H", "content-type: application/json", "--data-binary", &format!("@{}", body.display()), &gw.url("/v1/chat/completions")],
+        &[
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            &format!("@{}", body.display()),
+            &gw.url("/v1/chat/completions"),
+        ],
     )?;
     ensure!(r.exit == 0 && r.http_code == 200, "{}", r.describe());
     ensure!(!r.text().contains("\"usage\""), "the provider reported usage; nothing to estimate: {}", r.text());
     let rec = last_request(&m)?;
-    ensure!(rec["body_json"].get("stream_options").is_none(), "tollgate asked for usage although the route says not to");
+    ensure!(
+        rec["body_json"].get("stream_options").is_none(),
+        "tollgate asked for usage although the route says not to"
+    );
     let want = oa::reply_for(&ChatRequest::from_json(&rec["body_json"]).map_err(|e| anyhow!(e))?);
     let line = &llm_lines(&t, 1)?[0];
     ensure!(line["tokens_estimated"] == json!(true), "not marked estimated: {line}");
