@@ -11,4 +11,5 @@ pub mod connection;
 pub mod policy;
 pub mod protocol;
 pub mod telemetry;
+pub mod top;
 pub mod upstream;

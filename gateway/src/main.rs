@@ -1,4 +1,5 @@
-//! `tollgate` command line: run the node agent, check a config, print the interception CA.
+//! `tollgate` command line: run the node agent, check a config, print the interception CA,
+//! watch a running agent (`top`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -49,6 +50,23 @@ enum Cmd {
     },
     /// Print the config's JSON schema.
     Schema,
+    /// Live per-agent view read from a running tollgate's admin API (`/metrics`): requests/s,
+    /// tokens/min, cost (total and per minute), errors/s (status >= 400 or transport errors) and
+    /// limit headroom, busiest agent first.
+    ///
+    /// COST shows "-" while tollgate exports no `tollgate_llm_cost_usd_total`; HEADROOM shows "-"
+    /// until per-agent limits are implemented.
+    Top {
+        /// Admin listener of the tollgate to watch (`admin.listen`), HOST:PORT.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: String,
+        /// Time between scrapes: the window rates are averaged over (e.g. 2s, 500ms).
+        #[arg(long, default_value = "2s", value_parser = tollgate::top::parse_interval)]
+        interval: Duration,
+        /// Take two samples `interval` apart, print one plain-text table and exit.
+        #[arg(long)]
+        once: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -59,6 +77,9 @@ fn main() -> ExitCode {
         Cmd::Schema => schema(),
         Cmd::Ca { config } => ca(config.as_deref()),
         Cmd::Run { config } => run(config.as_deref()),
+        Cmd::Top { admin, interval, once } => {
+            tollgate::top::run(&tollgate::top::Options { admin, interval, once }).map_err(Into::into)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -124,7 +145,7 @@ fn run(path: Option<&Path>) -> Result<()> {
 }
 
 async fn serve(mut cfg: Arc<Config>) -> Result<()> {
-    let telemetry = Arc::new(Telemetry::new(&cfg.telemetry)?);
+    let telemetry = Arc::new(Telemetry::from_config(&cfg)?);
     let ca = Arc::new(
         CertAuthority::load_or_create(&cfg.tls.ca_dir, cfg.tls.leaf_validity, cfg.limits.cert_cache_size)
             .context("interception CA")?,

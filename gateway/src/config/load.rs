@@ -201,6 +201,39 @@ fn validate(file: &str, c: &Config) -> Result<(), ConfigError> {
     if c.telemetry.max_label_values == 0 {
         return Err(bad("telemetry.max_label_values".into(), "must be positive".into()));
     }
+    validate_otlp_and_pricing(c).map_err(|(f, m)| bad(f, m))?;
+    Ok(())
+}
+
+/// OTLP metric push timing and the price table: globs compile, prices are finite and not
+/// negative (a negative price would make the cost counter decrease).
+fn validate_otlp_and_pricing(c: &Config) -> Result<(), (String, String)> {
+    if let Some(o) = &c.telemetry.otlp {
+        let m = &o.metrics;
+        if m.interval < std::time::Duration::from_secs(1) {
+            return Err(("telemetry.otlp.metrics.interval".into(), "must be at least 1s".into()));
+        }
+        if m.timeout.is_zero() {
+            return Err(("telemetry.otlp.metrics.timeout".into(), "must be positive".into()));
+        }
+    }
+    for (i, p) in c.pricing.iter().enumerate() {
+        let f = |s: &str| format!("pricing[{i}].{s}");
+        if p.model.is_empty() {
+            return Err((f("model"), "must not be empty".into()));
+        }
+        glob::Pattern::new(&p.model).map_err(|e| (f("model"), e.to_string()))?;
+        let prices = [
+            ("input_per_mtok", Some(p.input_per_mtok)),
+            ("output_per_mtok", Some(p.output_per_mtok)),
+            ("cached_input_per_mtok", p.cached_input_per_mtok),
+        ];
+        for (name, v) in prices {
+            if let Some(v) = v.filter(|v| !v.is_finite() || *v < 0.0) {
+                return Err((f(name), format!("{v} is not a price (finite, at least 0)")));
+            }
+        }
+    }
     Ok(())
 }
 
@@ -357,6 +390,53 @@ mod tests {
                 .unwrap_err()
                 .to_string();
         assert!(err.starts_with("g.yaml:9:23: routes[0].balance.strategy: unknown variant `fastest`"), "{err}");
+    }
+
+    #[test]
+    fn pricing_and_otlp_metrics_parse_and_validate() {
+        let text = "pricing:\n- {model: 'gpt-4o-mini*', input_per_mtok: 0.15, output_per_mtok: 0.6, cached_input_per_mtok: 0.075}\n- {model: 'claude-*', input_per_mtok: 3, output_per_mtok: 15}\ntelemetry:\n  otlp:\n    endpoint: http://127.0.0.1:4318\n    protocol: http_protobuf\n    metrics: {enabled: true, interval: 30s}\n";
+        let c = from_str("p.yaml", text).unwrap();
+        assert_eq!(c.pricing.len(), 2);
+        assert_eq!(c.pricing[0].cached_input_per_mtok, Some(0.075));
+        assert_eq!(c.pricing[1].cached_input_per_mtok, None);
+        let o = c.telemetry.otlp.unwrap();
+        assert!(o.traces && o.metrics.enabled);
+        assert_eq!(o.metrics.interval, std::time::Duration::from_secs(30));
+        assert_eq!(o.metrics.timeout, std::time::Duration::from_secs(10));
+        assert!(
+            !from_str("d.yaml", "telemetry: {otlp: {endpoint: 'http://c:4317'}}\n")
+                .unwrap()
+                .telemetry
+                .otlp
+                .unwrap()
+                .metrics
+                .enabled
+        );
+
+        let err = from_str("p.yaml", "pricing:\n- {model: m, input_per_mtok: 1, output_per_mtok: -2}\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "p.yaml:2:50: pricing[0].output_per_mtok: -2 is not a price (finite, at least 0)");
+        let err = from_str("p.yaml", "pricing:\n- {model: 'a[', input_per_mtok: 1, output_per_mtok: 2}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("p.yaml:2:11: pricing[0].model: "), "{err}");
+        let err = from_str("p.yaml", "pricing:\n- {model: m, input: 1, output_per_mtok: 2}\n").unwrap_err().to_string();
+        assert!(err.contains("unknown field `input`"), "{err}");
+        let err = from_str("p.yaml", "pricing:\n- {model: m, output_per_mtok: 2}\n").unwrap_err().to_string();
+        assert!(err.contains("missing field `input_per_mtok`"), "{err}");
+        let err = from_str(
+            "p.yaml",
+            "telemetry:\n  otlp:\n    endpoint: http://c:4317\n    metrics: {enabled: true, interval: 10ms}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(err, "p.yaml:4:40: telemetry.otlp.metrics.interval: must be at least 1s");
+        let err =
+            from_str("p.yaml", "telemetry:\n  otlp:\n    endpoint: http://c:4317\n    metrics: {intervall: 1s}\n")
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("unknown field `intervall`"), "{err}");
     }
 
     #[test]

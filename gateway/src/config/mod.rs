@@ -3,12 +3,14 @@
 
 mod gateway;
 mod load;
+mod telemetry;
 
 pub use gateway::{
     BalanceConfig, CircuitConfig, CredentialSource, FailoverConfig, FailoverOn, LatencyMetric, ProviderConfig,
     ProviderOptions, Strategy, TargetConfig,
 };
 pub use load::{from_path, from_str, ConfigError, DEFAULT_CONFIG_YAML};
+pub use telemetry::{ModelPrice, OtlpMetricsConfig};
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
@@ -38,6 +40,9 @@ pub struct Config {
     pub agents: Vec<AgentConfig>,
     /// Metrics, traces, access log.
     pub telemetry: TelemetryConfig,
+    /// Model prices for `tollgate_llm_cost_usd_total`; first matching entry wins, empty: no
+    /// cost metric.
+    pub pricing: Vec<ModelPrice>,
     /// Bounds on memory and work per connection.
     pub limits: LimitsConfig,
 }
@@ -343,6 +348,12 @@ pub struct OtlpConfig {
     /// Spans buffered before new ones are dropped (export never blocks traffic).
     #[serde(default = "default_otlp_queue")]
     pub max_queue: usize,
+    /// Export one span per LLM call (off: only metrics, when `metrics.enabled`).
+    #[serde(default = "yes")]
+    pub traces: bool,
+    /// Periodic push of the metrics to the same collector.
+    #[serde(default)]
+    pub metrics: OtlpMetricsConfig,
 }
 
 fn default_otlp_queue() -> usize {

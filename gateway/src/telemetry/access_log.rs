@@ -7,11 +7,11 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use parking_lot::{Condvar, Mutex};
+use prometheus::IntCounter;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
@@ -44,7 +44,8 @@ struct State {
 /// Access-log sink; `off` makes every call a no-op.
 pub struct AccessLog {
     shared: Option<Arc<Shared>>,
-    dropped: AtomicU64,
+    /// `tollgate_telemetry_dropped_total{sink="access_log"}` when built by `Telemetry`.
+    dropped: IntCounter,
 }
 
 #[derive(Serialize)]
@@ -89,8 +90,13 @@ struct L4Line<'a> {
 impl AccessLog {
     /// `target`: `stdout`, `off`, or a file path (appended, created mode 0640).
     pub fn new(target: &str) -> Result<Self, TelemetryError> {
+        Self::with_dropped_counter(target, IntCounter::new("access_log_dropped", "Access-log lines dropped")?)
+    }
+
+    /// [`AccessLog::new`] counting dropped lines in `dropped` (a metric series).
+    pub fn with_dropped_counter(target: &str, dropped: IntCounter) -> Result<Self, TelemetryError> {
         let file = match target {
-            "off" => return Ok(AccessLog { shared: None, dropped: AtomicU64::new(0) }),
+            "off" => return Ok(AccessLog { shared: None, dropped }),
             "stdout" => {
                 use std::os::fd::AsFd;
                 // A private handle on fd 1: batches are written whole, bypassing std's
@@ -119,12 +125,12 @@ impl AccessLog {
             .name("tollgate-access-log".into())
             .spawn(move || write_loop(&writer, file))
             .map_err(|source| TelemetryError::AccessLog { path: target.into(), source })?;
-        Ok(AccessLog { shared: Some(shared), dropped: AtomicU64::new(0) })
+        Ok(AccessLog { shared: Some(shared), dropped })
     }
 
     /// Lines dropped because the queue was full.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.dropped.get()
     }
 
     /// Append one line, written by `write` (false: nothing usable was written).
@@ -133,7 +139,7 @@ impl AccessLog {
         let mut st = shared.state.lock();
         if st.lines >= QUEUE {
             drop(st);
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.dropped.inc();
             return;
         }
         let start = st.buf.len();

@@ -11,12 +11,16 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::sync::{Arc, OnceLock};
+use std::time::SystemTime;
 
 use parking_lot::RwLock;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Counter, CounterVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
 
+use super::cost::{Price, PriceTable};
 use super::labels::LabelLimiter;
 use super::{ConnKind, L4Conn, LlmCall};
 use crate::capture::Agent;
@@ -33,10 +37,14 @@ const DURATION_BUCKETS: &[f64] =
 /// TTFT buckets from the GenAI semconv advice for `gen_ai.server.time_to_first_token`.
 const TTFT_BUCKETS: &[f64] =
     &[0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0];
+/// TPOT buckets from the GenAI semconv advice for `gen_ai.server.time_per_output_token`.
+const TPOT_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5];
 
 /// Most cached label combinations of LLM calls. Label values are bounded, but raw model strings
 /// folded into `other` are not, so past this calls take the uncached path.
 const MAX_CACHED_SERIES: usize = 1024;
+/// `sink` values of `tollgate_telemetry_dropped_total`.
+const DROP_SINKS: [&str; 3] = ["access_log", "otlp_spans", "otlp_metrics"];
 /// `tollgate_llm_tokens_total` token types, in [`CallSeries::tokens`] order.
 const TOKEN_TYPES: [&str; 5] = ["input", "output", "total", "cached_input", "reasoning"];
 
@@ -49,15 +57,46 @@ pub type CaptureSource = Box<dyn Fn() -> Option<Vec<(&'static str, u64)>> + Send
 /// half-opens when its timeout passes), so they are read rather than pushed.
 pub type CircuitSource = Box<dyn Fn() -> Vec<(String, String, i64)> + Send + Sync>;
 
+/// Takes consistent snapshots of every family, for `/metrics` and the OTLP push alike: the
+/// registry plus the families that are read at gather time rather than pushed.
+#[derive(Clone)]
+pub struct Gatherer {
+    registry: Registry,
+    circuit_state: IntGaugeVec,
+    circuit_source: Arc<parking_lot::Mutex<Option<CircuitSource>>>,
+    start: SystemTime,
+}
+
+impl Gatherer {
+    /// Every family with current values.
+    pub fn gather(&self) -> Vec<MetricFamily> {
+        if let Some(src) = self.circuit_source.lock().as_ref() {
+            for (route, target, state) in src() {
+                self.circuit_state.with_label_values(&[&route, &target]).set(state);
+            }
+        }
+        self.registry.gather()
+    }
+
+    /// When the cumulative counters started (the start time of OTLP cumulative points).
+    pub fn start_time(&self) -> SystemTime {
+        self.start
+    }
+}
+
 /// All metric families.
 pub struct Metrics {
     /// The registry `/metrics` encodes.
     pub registry: Registry,
+    gatherer: Gatherer,
     llm_requests: IntCounterVec,
     llm_tokens: IntCounterVec,
     token_usage: HistogramVec,
     op_duration: HistogramVec,
     ttft: HistogramVec,
+    tpot: HistogramVec,
+    cost: CounterVec,
+    prices: PriceTable,
     connections: IntCounterVec,
     l4_bytes: IntCounterVec,
     l4_duration: HistogramVec,
@@ -68,8 +107,6 @@ pub struct Metrics {
     attempts: IntCounterVec,
     /// Tokens of calls whose usage tollgate estimated.
     estimated_tokens: IntCounterVec,
-    circuit_state: IntGaugeVec,
-    circuit_source: parking_lot::Mutex<Option<CircuitSource>>,
     models: LabelLimiter,
     snis: LabelLimiter,
     agents: LabelLimiter,
@@ -121,6 +158,10 @@ struct CallSeries {
     /// `gen_ai_client_token_usage` for input, output.
     usage: [OnceLock<Histogram>; 2],
     ttft: OnceLock<Histogram>,
+    tpot: OnceLock<Histogram>,
+    /// Price of this model, resolved once per series; `None`: unpriced, no cost series.
+    price: Option<Price>,
+    cost: OnceLock<Counter>,
 }
 
 impl CallSeries {
@@ -145,8 +186,14 @@ impl CallSeries {
 }
 
 impl Metrics {
-    /// Register every family; `max_label_values` bounds each free-form label.
+    /// Register every family; `max_label_values` bounds each free-form label. No prices: the
+    /// cost family stays empty.
     pub fn new(max_label_values: usize) -> Result<Self, prometheus::Error> {
+        Self::with_pricing(max_label_values, PriceTable::default())
+    }
+
+    /// [`Metrics::new`] with a price table for `tollgate_llm_cost_usd_total`.
+    pub fn with_pricing(max_label_values: usize, prices: PriceTable) -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let llm = ["agent", "route", "provider", "model"];
         let llm_requests = IntCounterVec::new(
@@ -185,6 +232,21 @@ impl Metrics {
             .buckets(TTFT_BUCKETS.to_vec()),
             &semconv,
         )?;
+        let tpot = HistogramVec::new(
+            HistogramOpts::new(
+                "gen_ai_server_time_per_output_token_seconds",
+                "Time per output token after the first of successful streamed LLM calls with more than one output token (GenAI semconv gen_ai.server.time_per_output_token)",
+            )
+            .buckets(TPOT_BUCKETS.to_vec()),
+            &semconv,
+        )?;
+        let cost = CounterVec::new(
+            Opts::new(
+                "tollgate_llm_cost_usd_total",
+                "Cost of LLM calls in USD from the configured pricing (cached input at the cached rate; estimated usage included)",
+            ),
+            &llm,
+        )?;
         let connections = IntCounterVec::new(
             Opts::new("tollgate_connections_total", "Captured connections by agent and handling"),
             &["agent", "kind"],
@@ -199,9 +261,16 @@ impl Metrics {
             &["agent", "sni"],
         )?;
         let dropped = IntCounterVec::new(
-            Opts::new("tollgate_telemetry_dropped_total", "Telemetry records dropped because a queue was full"),
+            Opts::new(
+                "tollgate_telemetry_dropped_total",
+                "Telemetry records dropped by sink: access-log lines and spans on full queues or failed exports, failed OTLP metric pushes",
+            ),
             &["sink"],
         )?;
+        // Present at 0 from the start, so `increase()` and alerts see the first drop.
+        for sink in DROP_SINKS {
+            dropped.with_label_values(&[sink]);
+        }
         let attempts = IntCounterVec::new(
             Opts::new(
                 "tollgate_upstream_attempts_total",
@@ -232,6 +301,8 @@ impl Metrics {
         registry.register(Box::new(token_usage.clone()))?;
         registry.register(Box::new(op_duration.clone()))?;
         registry.register(Box::new(ttft.clone()))?;
+        registry.register(Box::new(tpot.clone()))?;
+        registry.register(Box::new(cost.clone()))?;
         registry.register(Box::new(connections.clone()))?;
         registry.register(Box::new(l4_bytes.clone()))?;
         registry.register(Box::new(l4_duration.clone()))?;
@@ -240,13 +311,23 @@ impl Metrics {
         let build = IntGaugeVec::new(Opts::new("tollgate_build_info", "tollgate version"), &["version"])?;
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         registry.register(Box::new(build))?;
+        let gatherer = Gatherer {
+            registry: registry.clone(),
+            circuit_state,
+            circuit_source: Arc::new(parking_lot::Mutex::new(None)),
+            start: SystemTime::now(),
+        };
         Ok(Metrics {
             registry,
+            gatherer,
             llm_requests,
             llm_tokens,
             token_usage,
             op_duration,
             ttft,
+            tpot,
+            cost,
+            prices,
             connections,
             l4_bytes,
             l4_duration,
@@ -254,8 +335,6 @@ impl Metrics {
             capture,
             attempts,
             estimated_tokens,
-            circuit_state,
-            circuit_source: parking_lot::Mutex::new(None),
             models: LabelLimiter::new(max_label_values),
             snis: LabelLimiter::new(max_label_values),
             agents: LabelLimiter::new(max_label_values),
@@ -267,7 +346,12 @@ impl Metrics {
 
     /// Export gateway circuit states through `source` from now on.
     pub fn set_circuit_source(&self, source: CircuitSource) {
-        *self.circuit_source.lock() = Some(source);
+        *self.gatherer.circuit_source.lock() = Some(source);
+    }
+
+    /// A snapshot source that outlives borrows of `self` (the OTLP push task holds one).
+    pub fn gatherer(&self) -> Gatherer {
+        self.gatherer.clone()
     }
 
     /// One gateway attempt ended with `outcome`. Route and target names come from config, so
@@ -324,12 +408,23 @@ impl Metrics {
                     .get_or_init(|| self.token_usage.with_label_values(&[&s.sem()[..], &[t]].concat()))
                     .observe(v as f64);
             }
+            if let Some(p) = &s.price {
+                let usd = p.cost_usd(u);
+                // Prices are validated finite and non-negative; the guard keeps a bad table
+                // from panicking the counter.
+                if usd.is_finite() && usd >= 0.0 {
+                    s.cost.get_or_init(|| self.cost.with_label_values(&s.base_labels())).inc_by(usd);
+                }
+            }
         }
         s.duration.observe(c.duration.as_secs_f64());
         if c.stream {
             if let Some(t) = c.ttft {
                 s.ttft.get_or_init(|| self.ttft.with_label_values(&s.sem())).observe(t.as_secs_f64());
             }
+        }
+        if let Some(v) = time_per_output_token(c) {
+            s.tpot.get_or_init(|| self.tpot.with_label_values(&s.sem())).observe(v);
         }
     }
 
@@ -418,24 +513,37 @@ impl Metrics {
             tokens: Default::default(),
             usage: Default::default(),
             ttft: OnceLock::new(),
+            tpot: OnceLock::new(),
+            price: self.prices.price(c.response_model.as_deref(), c.request_model.as_deref()),
+            cost: OnceLock::new(),
         }
     }
 
     /// Prometheus text exposition of everything registered.
     pub fn encode(&self) -> String {
-        if let Some(src) = self.circuit_source.lock().as_ref() {
-            for (route, target, state) in src() {
-                self.circuit_state.with_label_values(&[&route, &target]).set(state);
-            }
-        }
         let mut buf = String::new();
         // Encoding into a String only fails on invalid UTF-8 label values, which Rust strings
         // cannot hold; an empty exposition is the safe fallback.
-        if prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut buf).is_err() {
+        if prometheus::TextEncoder::new().encode_utf8(&self.gatherer.gather(), &mut buf).is_err() {
             buf.clear();
         }
         buf
     }
+}
+
+/// `gen_ai.server.time_per_output_token` of a call, in seconds: the time after the first
+/// token spread over the remaining tokens. Only successful streams with more than one output
+/// token have it; a non-streamed body arrives at once, so its first byte says nothing about
+/// generation speed.
+fn time_per_output_token(c: &LlmCall) -> Option<f64> {
+    if !c.stream || c.error.is_some() || c.status >= 400 {
+        return None;
+    }
+    let (ttft, output) = (c.ttft?, c.usage?.output);
+    if output <= 1 {
+        return None;
+    }
+    Some(c.duration.saturating_sub(ttft).as_secs_f64() / (output - 1) as f64)
 }
 
 fn status_class(s: u16) -> &'static str {
@@ -486,169 +594,5 @@ impl Collector for SharedCollector {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-    use crate::config::ProviderKind;
-    use crate::telemetry::Usage;
-    use std::time::{Duration, SystemTime};
-
-    pub(crate) fn call(agent: &str, model: &str) -> LlmCall {
-        LlmCall {
-            agent: Arc::new(Agent::unknown(agent)),
-            route: Arc::from("openai"),
-            provider: ProviderKind::Openai,
-            operation: "chat",
-            request_model: Some(model.into()),
-            response_model: Some(format!("{model}-2024")),
-            response_id: Some("chatcmpl-1".into()),
-            stream: true,
-            status: 200,
-            usage: Some(Usage {
-                input: 12,
-                output: 5,
-                total: 17,
-                cached_input: Some(2),
-                reasoning: None,
-                estimated: false,
-            }),
-            finish_reasons: vec!["stop".into()],
-            server_address: Some("api.openai.com".into()),
-            server_port: Some(443),
-            method: "POST".into(),
-            path: "/v1/chat/completions".into(),
-            start: SystemTime::now(),
-            ttft: Some(Duration::from_millis(30)),
-            duration: Duration::from_millis(120),
-            error: None,
-            traceparent: None,
-            target: None,
-            attempts: 1,
-        }
-    }
-
-    #[test]
-    fn llm_call_counts_tokens_per_agent() {
-        let m = Metrics::new(8).unwrap();
-        m.llm_call(&call("billing", "gpt-4o"));
-        m.llm_call(&call("billing", "gpt-4o"));
-        let text = m.encode();
-        assert!(text.contains(r#"tollgate_llm_tokens_total{agent="billing",model="gpt-4o-2024",provider="openai",route="openai",token_type="input"} 24"#), "{text}");
-        assert!(text.contains(r#"token_type="cached_input"} 4"#));
-        assert!(text.contains(r#"tollgate_llm_requests_total{agent="billing",model="gpt-4o-2024",provider="openai",route="openai",status="200"} 2"#));
-        assert!(text.contains(r#"gen_ai_client_token_usage_sum{agent="billing",gen_ai_operation_name="chat",gen_ai_provider_name="openai",gen_ai_request_model="gpt-4o",gen_ai_token_type="output"} 10"#));
-        assert!(text.contains("gen_ai_server_time_to_first_token_seconds_count"));
-    }
-
-    #[test]
-    fn model_labels_are_bounded() {
-        let m = Metrics::new(2).unwrap();
-        for i in 0..5 {
-            m.llm_call(&call("a", &format!("m{i}")));
-        }
-        let text = m.encode();
-        assert!(text.contains(r#"model="other""#));
-        assert_eq!(text.matches("tollgate_llm_requests_total{").count(), 2, "{text}");
-    }
-
-    #[test]
-    fn cached_series_appear_as_calls_need_them() {
-        let m = Metrics::new(4096).unwrap();
-        let mut c = call("a", "m");
-        c.usage = Some(Usage { input: 1, output: 2, total: 3, cached_input: None, reasoning: None, estimated: false });
-        m.llm_call(&c);
-        let text = m.encode();
-        assert!(
-            !text.contains(r#"token_type="cached_input""#) && !text.contains(r#"token_type="reasoning""#),
-            "{text}"
-        );
-        c.usage = c.usage.map(|u| Usage { reasoning: Some(5), ..u });
-        m.llm_call(&c);
-        assert!(m.encode().contains(r#"route="openai",token_type="reasoning"} 5"#));
-        c.status = 429;
-        c.usage = None;
-        m.llm_call(&c);
-        c.error = Some("boom".into());
-        m.llm_call(&c);
-        let text = m.encode();
-        assert!(text.contains(r#"duration_seconds_count{agent="a",error_type="429","#), "{text}");
-        assert!(text.contains(r#"duration_seconds_count{agent="a",error_type="transport","#), "{text}");
-        assert!(text.contains(r#"status="429"} 2"#), "{text}");
-        // Past the cache bound, calls are still counted.
-        for i in 0..MAX_CACHED_SERIES + 10 {
-            m.llm_call(&call("b", &format!("x{i}")));
-        }
-        let last = format!("x{}", MAX_CACHED_SERIES + 9);
-        m.llm_call(&call("b", &last));
-        let want = format!(
-            r#"tollgate_llm_requests_total{{agent="b",model="{last}-2024",provider="openai",route="openai",status="200"}} 2"#
-        );
-        assert!(m.encode().contains(&want));
-    }
-
-    #[test]
-    fn capture_counters_exported_from_source() {
-        let m = Metrics::new(8).unwrap();
-        assert!(!m.encode().contains("tollgate_capture_total"));
-        m.set_capture_source(Box::new(|| Some(vec![("seen", 7), ("redirected", 3)])));
-        let text = m.encode();
-        assert!(text.contains(r#"tollgate_capture_total{event="redirected"} 3"#), "{text}");
-    }
-
-    /// Every metric a bundled dashboard queries must be one tollgate emits; a panel over a
-    /// metric that does not exist is a broken product.
-    #[test]
-    fn dashboards_query_only_emitted_metrics() {
-        let m = Metrics::new(8).unwrap();
-        m.llm_call(&call("a", "m"));
-        m.connection(None, ConnKind::Spliced);
-        m.l4_done(&L4Conn {
-            agent: Arc::new(Agent::unknown("a")),
-            sni: Some("x".into()),
-            dst: "127.0.0.1:1".parse().unwrap(),
-            bytes_up: 1,
-            bytes_down: 1,
-            duration: Duration::from_millis(1),
-            error: None,
-        });
-        m.set_capture_source(Box::new(|| Some(vec![("seen", 1)])));
-        let exposed = m.encode();
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards");
-        let mut checked = 0;
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_none_or(|e| e != "json") {
-                continue;
-            }
-            let text = std::fs::read_to_string(&path).unwrap();
-            for name in metric_names_in(&text) {
-                assert!(
-                    exposed.contains(&format!("\n{name}")),
-                    "{}: queries {name}, which tollgate does not emit",
-                    path.display()
-                );
-                checked += 1;
-            }
-        }
-        assert!(checked >= 5, "no dashboard queries found in {}", dir.display());
-    }
-
-    /// Metric identifiers in PromQL expressions: `tollgate_*` and `gen_ai_*` names.
-    fn metric_names_in(json: &str) -> Vec<String> {
-        let mut out = Vec::new();
-        for prefix in ["tollgate_", "gen_ai_"] {
-            let mut rest = json;
-            while let Some(i) = rest.find(prefix) {
-                let tail = &rest[i..];
-                let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
-                let name = &tail[..end];
-                // A series name is followed by a selector or a range; label names (in `by (...)`
-                // or matchers) are followed by `,`, `)` or `=`.
-                if matches!(tail[end..].chars().next(), Some('{') | Some('[')) {
-                    out.push(name.to_string());
-                }
-                rest = &tail[end..];
-            }
-        }
-        out
-    }
-}
+#[path = "metrics_tests.rs"]
+pub(crate) mod tests;

@@ -3,8 +3,11 @@
 //! ignorant of sinks means adding a sink never touches the request path.
 
 pub mod access_log;
+pub mod cost;
 pub mod labels;
 pub mod metrics;
+pub mod otlp_metrics;
+pub mod resource;
 pub mod trace;
 
 use std::net::SocketAddr;
@@ -12,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::capture::Agent;
-use crate::config::{ProviderKind, TelemetryConfig};
+use crate::config::{Config, ModelPrice, ProviderKind, TelemetryConfig};
 
 pub use metrics::Metrics;
 
@@ -166,6 +169,7 @@ pub struct Telemetry {
     pub metrics: Metrics,
     access: access_log::AccessLog,
     tracer: Option<trace::Tracer>,
+    pusher: Option<otlp_metrics::MetricsPusher>,
 }
 
 /// Why telemetry could not start.
@@ -185,17 +189,47 @@ pub enum TelemetryError {
     /// OTLP exporter could not be built.
     #[error("otlp exporter: {0}")]
     Otlp(String),
+    /// OTLP metric push could not be set up.
+    #[error("otlp metrics: {0}")]
+    OtlpMetrics(#[from] otlp_metrics::OtlpMetricsError),
+    /// The price table is unusable.
+    #[error(transparent)]
+    Pricing(#[from] cost::CostError),
 }
 
 impl Telemetry {
-    /// Build every configured sink. Must be called inside a tokio runtime (OTLP and the access
-    /// log writer run as tasks).
+    /// Build every configured sink, without prices (no cost metric). Must be called inside a
+    /// tokio runtime (OTLP and the access log writer run as tasks).
     pub fn new(cfg: &TelemetryConfig) -> Result<Self, TelemetryError> {
-        Ok(Telemetry {
-            metrics: Metrics::new(cfg.max_label_values)?,
-            access: access_log::AccessLog::new(&cfg.access_log)?,
-            tracer: cfg.otlp.as_ref().map(trace::Tracer::new).transpose()?,
-        })
+        Self::with_pricing(cfg, &[])
+    }
+
+    /// Build every sink of a full config: telemetry settings plus the `pricing` table.
+    pub fn from_config(cfg: &Config) -> Result<Self, TelemetryError> {
+        Self::with_pricing(&cfg.telemetry, &cfg.pricing)
+    }
+
+    /// [`Telemetry::new`] with model prices for `tollgate_llm_cost_usd_total`.
+    pub fn with_pricing(cfg: &TelemetryConfig, pricing: &[ModelPrice]) -> Result<Self, TelemetryError> {
+        let metrics = Metrics::with_pricing(cfg.max_label_values, cost::PriceTable::new(pricing)?)?;
+        let otlp = cfg.otlp.as_ref();
+        let tracer = match otlp.filter(|o| o.traces) {
+            Some(o) => Some(trace::Tracer::new(o, metrics.dropped.with_label_values(&["otlp_spans"]))?),
+            None => None,
+        };
+        let pusher = match otlp.filter(|o| o.metrics.enabled) {
+            Some(o) => Some(otlp_metrics::MetricsPusher::spawn(
+                o,
+                metrics.gatherer(),
+                metrics.dropped.with_label_values(&["otlp_metrics"]),
+            )?),
+            None => None,
+        };
+        let access = access_log::AccessLog::with_dropped_counter(
+            &cfg.access_log,
+            metrics.dropped.with_label_values(&["access_log"]),
+        )?;
+        Ok(Telemetry { access, metrics, tracer, pusher })
     }
 
     /// A captured connection was accepted and classified.
@@ -218,10 +252,13 @@ impl Telemetry {
         self.access.llm(c);
     }
 
-    /// Flush spans and log lines (shutdown).
+    /// Flush spans, push the final metrics and flush log lines (shutdown).
     pub async fn shutdown(&self) {
         if let Some(t) = &self.tracer {
             t.shutdown().await;
+        }
+        if let Some(p) = &self.pusher {
+            p.shutdown().await;
         }
         self.access.flush().await;
     }

@@ -2,18 +2,30 @@
 //! so the request path holds no live span object; the incoming W3C `traceparent` becomes the
 //! parent, which keeps one agent's work in one trace. Export is batched on the SDK's own thread
 //! with a bounded queue: a slow or dead collector drops spans, never stalls traffic.
+//!
+//! Every lost span is counted in `tollgate_telemetry_dropped_total{sink="otlp_spans"}`. The
+//! SDK's batch processor drops silently when its queue is full, so [`QueueGuard`] keeps its own
+//! count of spans handed over and not yet exported and refuses (and counts) a span before the
+//! SDK queue could overflow; [`CountingExporter`] counts the spans of failed exports.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{Span, SpanKind, Status, Tracer as _, TracerProvider as _};
 use opentelemetry::{Context, KeyValue, StringValue, Value};
 use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, SdkTracer, SdkTracerProvider, SpanData, SpanExporter, SpanProcessor,
+};
 use opentelemetry_sdk::Resource;
+use prometheus::IntCounter;
 
-use super::{LlmCall, TelemetryError};
+use super::{resource, LlmCall, TelemetryError};
 use crate::config::{OtlpConfig, OtlpProtocol};
 
 /// Attribute names from the OpenTelemetry GenAI semantic conventions (current names; the 0.31
@@ -54,8 +66,9 @@ pub struct Tracer {
 }
 
 impl Tracer {
-    /// Build the exporter. gRPC needs a tokio runtime at construction (tonic's channel).
-    pub fn new(cfg: &OtlpConfig) -> Result<Self, TelemetryError> {
+    /// Build the exporter; spans lost to a full queue or a failed export are counted in
+    /// `dropped`. gRPC needs a tokio runtime at construction (tonic's channel).
+    pub fn new(cfg: &OtlpConfig, dropped: IntCounter) -> Result<Self, TelemetryError> {
         let exporter = match cfg.protocol {
             OtlpProtocol::Grpc => {
                 opentelemetry_otlp::SpanExporter::builder().with_tonic().with_endpoint(cfg.endpoint.clone()).build()
@@ -72,16 +85,17 @@ impl Tracer {
             }
         }
         .map_err(|e| TelemetryError::Otlp(e.to_string()))?;
-        let processor = BatchSpanProcessor::builder(exporter)
-            .with_batch_config(BatchConfigBuilder::default().with_max_queue_size(cfg.max_queue.max(1)).build())
+        let max = cfg.max_queue.max(1);
+        let pending = Arc::new(AtomicUsize::new(0));
+        let exporter = CountingExporter { inner: exporter, pending: pending.clone(), dropped: dropped.clone() };
+        let batch = BatchSpanProcessor::builder(exporter)
+            .with_batch_config(BatchConfigBuilder::default().with_max_queue_size(max).build())
             .build();
-        let host = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default();
+        let processor = QueueGuard { inner: batch, pending, max, dropped };
+        let attrs = resource::attributes().into_iter().filter(|(k, _)| *k != "service.name");
         let resource = Resource::builder()
-            .with_service_name("tollgate")
-            .with_attributes([
-                KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
-                KeyValue::new("host.name", host),
-            ])
+            .with_service_name(resource::SERVICE_NAME)
+            .with_attributes(attrs.map(|(k, v)| KeyValue::new(k, v)))
             .build();
         let provider = SdkTracerProvider::builder().with_span_processor(processor).with_resource(resource).build();
         let tracer = provider.tracer("tollgate");
@@ -169,6 +183,78 @@ impl Tracer {
     }
 }
 
+/// Span processor in front of the SDK's batch processor: admits a span only while fewer than
+/// `max` spans are between here and the end of their export. The batch queue holds at most
+/// that many, so it never overflows unseen: every span refused here is counted.
+#[derive(Debug)]
+struct QueueGuard {
+    inner: BatchSpanProcessor,
+    /// Spans admitted and not yet through an export (shared with [`CountingExporter`]).
+    pending: Arc<AtomicUsize>,
+    max: usize,
+    dropped: IntCounter,
+}
+
+impl SpanProcessor for QueueGuard {
+    fn on_start(&self, span: &mut opentelemetry_sdk::trace::Span, cx: &Context) {
+        self.inner.on_start(span, cx);
+    }
+
+    fn on_end(&self, span: SpanData) {
+        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.max {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            self.dropped.inc();
+            return;
+        }
+        self.inner.on_end(span);
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+/// Exporter wrapper: releases the exported spans from [`QueueGuard`]'s count and counts the
+/// spans of a failed export (collector down, timeout, rejected) as dropped.
+#[derive(Debug)]
+struct CountingExporter<E> {
+    inner: E,
+    pending: Arc<AtomicUsize>,
+    dropped: IntCounter,
+}
+
+impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let n = batch.len();
+        let result = self.inner.export(batch).await;
+        self.pending.fetch_sub(n, Ordering::AcqRel);
+        if result.is_err() {
+            self.dropped.inc_by(n as u64);
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&mut self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&mut self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
 /// Parent context from a W3C `traceparent` header value (invalid values give a root span).
 fn parent_context(traceparent: Option<&str>) -> Context {
     let Some(tp) = traceparent else { return Context::new() };
@@ -224,12 +310,8 @@ mod tests {
                 });
             }
         });
-        let t = Tracer::new(&OtlpConfig {
-            endpoint: format!("http://{addr}"),
-            protocol: OtlpProtocol::HttpProtobuf,
-            max_queue: 16,
-        })
-        .unwrap();
+        let dropped = IntCounter::new("d", "d").unwrap();
+        let t = Tracer::new(&otlp(format!("http://{addr}"), 16), dropped.clone()).unwrap();
         let mut call = crate::telemetry::metrics::tests::call("billing", "gpt-4o");
         call.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
         t.llm_call(&call);
@@ -250,6 +332,38 @@ mod tests {
         assert!(get("gen_ai.agent.name").unwrap().contains("billing"));
         assert!(get("gen_ai.response.finish_reasons").unwrap().contains("stop"));
         assert_eq!(span.end_time_unix_nano - span.start_time_unix_nano, 120_000_000);
+        assert_eq!(dropped.get(), 0);
+    }
+
+    fn otlp(endpoint: String, max_queue: usize) -> OtlpConfig {
+        OtlpConfig {
+            endpoint,
+            protocol: OtlpProtocol::HttpProtobuf,
+            max_queue,
+            traces: true,
+            metrics: Default::default(),
+        }
+    }
+
+    /// Collector down: recording stays fast (the queue is bounded, export runs elsewhere) and
+    /// every span is accounted for as dropped, whether refused at the queue or lost in a
+    /// failed export.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dead_collector_counts_drops_and_never_blocks() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let dropped = IntCounter::new("d", "d").unwrap();
+        let t = Tracer::new(&otlp(format!("http://{closed}"), 8), dropped.clone()).unwrap();
+        let call = crate::telemetry::metrics::tests::call("billing", "gpt-4o");
+        const N: u64 = 2000;
+        let start = std::time::Instant::now();
+        for _ in 0..N {
+            t.llm_call(&call);
+        }
+        let elapsed = start.elapsed();
+        assert!(elapsed < std::time::Duration::from_secs(2), "recording {N} spans took {elapsed:?}");
+        assert!(dropped.get() >= N - 8 - 8, "queue-full drops not counted: {}", dropped.get());
+        t.shutdown().await;
+        assert_eq!(dropped.get(), N, "every span is dropped somewhere and counted once");
     }
 
     fn hex(b: &[u8]) -> String {
