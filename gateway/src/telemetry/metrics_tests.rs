@@ -39,6 +39,7 @@ pub(crate) fn call(agent: &str, model: &str) -> LlmCall {
         traceparent: None,
         target: None,
         attempts: 1,
+        span_ids: None,
     }
 }
 

@@ -112,6 +112,68 @@ pub struct LlmCall {
     pub target: Option<Arc<str>>,
     /// Upstream attempts made (failover retries included); 1 for pass-through.
     pub attempts: u32,
+    /// Ids of this call's span, fixed on arrival so the upstream request carries them in its
+    /// `traceparent` (set only when spans are exported).
+    pub span_ids: Option<SpanIds>,
+}
+
+/// W3C trace context of one call's span: the agent's trace (or a new one) and tollgate's own
+/// span id, so the provider-side work hangs below tollgate's span in the same trace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpanIds {
+    /// Trace id: the incoming one, else random.
+    pub trace_id: [u8; 16],
+    /// tollgate's span id (random).
+    pub span_id: [u8; 8],
+    /// Sampled flag of the incoming context (new traces are sampled).
+    pub sampled: bool,
+}
+
+impl SpanIds {
+    /// Ids for a call whose request carried `incoming` (`traceparent` value, may be invalid).
+    pub fn new(incoming: Option<&str>) -> Self {
+        let parsed = incoming.and_then(parse_traceparent);
+        let (trace_id, sampled) = parsed.unwrap_or_else(|| (nonzero(rand::random()), true));
+        SpanIds { trace_id, span_id: nonzero(rand::random()), sampled }
+    }
+
+    /// `traceparent` value naming tollgate's span as the parent.
+    pub fn traceparent(&self) -> String {
+        let mut s = String::with_capacity(55);
+        s.push_str("00-");
+        for b in self.trace_id.iter().chain(self.span_id.iter()) {
+            if s.len() == 35 {
+                s.push('-');
+            }
+            s.push_str(&format!("{b:02x}"));
+        }
+        s.push_str(if self.sampled { "-01" } else { "-00" });
+        s
+    }
+}
+
+/// An all-zero id is invalid in W3C trace context.
+fn nonzero<const N: usize>(mut id: [u8; N]) -> [u8; N] {
+    if id.iter().all(|b| *b == 0) {
+        id[N - 1] = 1;
+    }
+    id
+}
+
+/// Trace id and sampled flag of a version-00 `traceparent`.
+fn parse_traceparent(v: &str) -> Option<([u8; 16], bool)> {
+    let mut parts = v.trim().split('-');
+    let (ver, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if ver.len() != 2 || ver == "ff" || trace.len() != 32 || span.len() != 16 || flags.len() != 2 {
+        return None;
+    }
+    let mut id = [0u8; 16];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(trace.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    u64::from_str_radix(span, 16).ok().filter(|s| *s != 0)?;
+    let flags = u8::from_str_radix(flags, 16).ok()?;
+    (id != [0; 16]).then_some((id, flags & 1 == 1))
 }
 
 impl LlmCall {
@@ -140,6 +202,7 @@ impl LlmCall {
             traceparent: None,
             target: None,
             attempts: 1,
+            span_ids: None,
         }
     }
 }
@@ -243,6 +306,11 @@ impl Telemetry {
         self.access.l4(c);
     }
 
+    /// Whether spans are exported (then calls carry [`SpanIds`] and propagate them).
+    pub fn tracing(&self) -> bool {
+        self.tracer.is_some()
+    }
+
     /// An LLM call ended.
     pub fn llm_call(&self, c: &LlmCall) {
         self.metrics.llm_call(c);
@@ -261,5 +329,29 @@ impl Telemetry {
             p.shutdown().await;
         }
         self.access.flush().await;
+    }
+}
+
+#[cfg(test)]
+mod span_id_tests {
+    use super::SpanIds;
+
+    #[test]
+    fn incoming_trace_is_continued_and_bad_ones_replaced() {
+        let ids = SpanIds::new(Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"));
+        let tp = ids.traceparent();
+        assert!(tp.starts_with("00-0af7651916cd43dd8448eb211c80319c-"), "{tp}");
+        assert!(tp.ends_with("-00") && !tp.contains("b7ad6b7169203331"), "{tp}");
+        assert_eq!(tp.len(), 55);
+        for bad in [
+            "",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-xyz",
+        ] {
+            let ids = SpanIds::new(Some(bad));
+            assert!(ids.sampled && ids.trace_id != [0; 16], "{bad}");
+            assert!(!ids.traceparent().contains("0af7651916cd43dd8448eb211c80319c"), "{bad}");
+        }
     }
 }

@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::{Span, SpanKind, Status, Tracer as _, TracerProvider as _};
+use opentelemetry::trace::{
+    Span, SpanId, SpanKind, Status, TraceContextExt as _, TraceId, Tracer as _, TracerProvider as _,
+};
 use opentelemetry::{Context, KeyValue, StringValue, Value};
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::error::OTelSdkResult;
@@ -158,9 +160,15 @@ impl Tracer {
         if let Some((t, _)) = &error {
             attrs.push(KeyValue::new(attr::ERROR_TYPE, t.clone()));
         }
-        let mut span = self
-            .tracer
-            .span_builder(format!("{} {model}", c.operation))
+        let mut builder = self.tracer.span_builder(format!("{} {model}", c.operation));
+        if let Some(ids) = &c.span_ids {
+            // The ids the upstream request already carries in its `traceparent`.
+            builder = builder.with_span_id(SpanId::from_bytes(ids.span_id));
+            if !parent.span().span_context().is_valid() {
+                builder = builder.with_trace_id(TraceId::from_bytes(ids.trace_id));
+            }
+        }
+        let mut span = builder
             .with_kind(SpanKind::Client)
             .with_start_time(c.start)
             .with_attributes(attrs)
@@ -314,6 +322,9 @@ mod tests {
         let t = Tracer::new(&otlp(format!("http://{addr}"), 16), dropped.clone()).unwrap();
         let mut call = crate::telemetry::metrics::tests::call("billing", "gpt-4o");
         call.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+        let ids = crate::telemetry::SpanIds::new(call.traceparent.as_deref());
+        assert_eq!(ids.traceparent()[..36], *"00-0af7651916cd43dd8448eb211c80319c-");
+        call.span_ids = Some(ids);
         t.llm_call(&call);
         t.shutdown().await;
         let (path, body) = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
@@ -326,6 +337,8 @@ mod tests {
         assert_eq!(span.name, "chat gpt-4o");
         assert_eq!(hex(&span.trace_id), "0af7651916cd43dd8448eb211c80319c");
         assert_eq!(hex(&span.parent_span_id), "b7ad6b7169203331");
+        // The span id is the one propagated upstream.
+        assert_eq!(hex(&span.span_id), ids.traceparent()[36..52]);
         let get = |k: &str| span.attributes.iter().find(|kv| kv.key == k).map(|kv| format!("{:?}", kv.value));
         assert!(get("gen_ai.usage.input_tokens").unwrap().contains("IntValue(12)"));
         assert!(get("gen_ai.usage.output_tokens").unwrap().contains("IntValue(5)"));

@@ -455,6 +455,7 @@ mod tests {
             traceparent: None,
             target: None,
             attempts: 1,
+            span_ids: None,
         }
     }
 

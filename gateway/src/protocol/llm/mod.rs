@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use super::http::{prepare, prepare_uri, send, L7Context, ProxyBody};
 use super::ProtocolError;
 use crate::config::ProviderKind;
-use crate::telemetry::{LlmCall, Telemetry};
+use crate::telemetry::{LlmCall, SpanIds, Telemetry};
 use api::{Api, Detected, Observer, Shape};
 use body::{Mode, Observation};
 
@@ -99,6 +99,7 @@ pub(crate) async fn observe_call(ctx: &L7Context, det: Detected, req: Request<In
     // Identity encoding, so usage can be read from the response.
     parts.headers.remove(ACCEPT_ENCODING);
     parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    propagate(&call, &mut parts.headers);
     prepare(ctx, &mut parts);
     if let Err(e) = prepare_uri(ctx, &mut parts) {
         return report_failure(ctx, shape, call, t0, e);
@@ -166,7 +167,20 @@ pub(crate) fn new_call(ctx: &L7Context, api: Api, parts: &http::request::Parts) 
     call.method = parts.method.as_str().to_string();
     call.path = parts.uri.path().to_string();
     call.traceparent = parts.headers.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_string);
+    if ctx.reporter.telemetry().tracing() {
+        call.span_ids = Some(SpanIds::new(call.traceparent.as_deref()));
+    }
     call
+}
+
+/// Name tollgate's span as the parent of the upstream request (W3C `traceparent`), so the
+/// provider's work joins the agent's trace below tollgate.
+pub(crate) fn propagate(call: &LlmCall, headers: &mut http::HeaderMap) {
+    if let Some(ids) = &call.span_ids {
+        if let Ok(v) = HeaderValue::from_str(&ids.traceparent()) {
+            headers.insert("traceparent", v);
+        }
+    }
 }
 
 /// Report a call that ended in a tollgate-side failure and answer the agent in its API shape.

@@ -22,7 +22,7 @@ use hyper::body::Incoming;
 use super::api::{self, Api, Detected, Observer, RequestFacts, Shape};
 use super::body::{Mode, Observation, ObservedBody};
 use super::translate::{self, StreamTranslator};
-use super::{new_call, read_request_body, report_failure};
+use super::{new_call, propagate, read_request_body, report_failure};
 use crate::config::{FailoverOn, ProviderKind};
 use crate::policy::{InFlight, Outcome};
 use crate::protocol::http::{strip_hop_by_hop, L7Context, ProxyBody};
@@ -115,6 +115,7 @@ pub(crate) async fn dispatch(
             headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         }
         prov.authorize(&mut headers);
+        propagate(&call, &mut headers);
         let mut up_req = Request::new(Either::Right(Full::new(prepared.body.clone())));
         *up_req.method_mut() = parts.method.clone();
         *up_req.uri_mut() = uri;
