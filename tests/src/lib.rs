@@ -14,6 +14,7 @@ pub mod mock;
 pub mod netns;
 pub mod openai;
 pub mod prom;
+pub mod prometheus;
 pub mod tollgate;
 pub mod wire;
 

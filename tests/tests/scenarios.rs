@@ -10,6 +10,7 @@
 //! global lock keeps them serial even without that flag.
 
 mod gateway;
+mod observe;
 mod support;
 
 use std::io::{Read, Write};

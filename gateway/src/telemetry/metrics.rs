@@ -490,9 +490,11 @@ impl Metrics {
         let base_ref = [&*base[0], &*base[1], &*base[2], &*base[3]];
         let status = c.status.to_string();
         let requests = self.llm_requests.with_label_values(&[&base_ref[..], &[status.as_str()]].concat());
+        // An HTTP error status names the class even when a message was read from its body;
+        // "transport" is for failures without one (broken stream, client gone).
         let error_type = match (&c.error, c.status) {
+            (_, s) if s >= 400 => status_class(s),
             (Some(_), _) => "transport",
-            (None, s) if s >= 400 => status_class(s),
             _ => "",
         };
         let sem = [base_ref[0], c.operation, provider, &*req_model];

@@ -80,13 +80,15 @@ fn cached_series_appear_as_calls_need_them() {
     assert!(m.encode().contains(r#"route="openai",token_type="reasoning"} 5"#));
     c.status = 429;
     c.usage = None;
+    c.error = Some("rate limited".into());
     m.llm_call(&c);
+    c.status = 200;
     c.error = Some("boom".into());
     m.llm_call(&c);
     let text = m.encode();
     assert!(text.contains(r#"duration_seconds_count{agent="a",error_type="429","#), "{text}");
     assert!(text.contains(r#"duration_seconds_count{agent="a",error_type="transport","#), "{text}");
-    assert!(text.contains(r#"status="429"} 2"#), "{text}");
+    assert!(text.contains(r#"status="429"} 1"#), "{text}");
     // Past the cache bound, calls are still counted.
     for i in 0..MAX_CACHED_SERIES + 10 {
         m.llm_call(&call("b", &format!("x{i}")));

@@ -153,8 +153,8 @@ impl Tracer {
             attrs.push(KeyValue::new(attr::ATTEMPTS, i64::from(c.attempts)));
         }
         let error = match (&c.error, c.status) {
+            (e, s) if s >= 400 => Some((s.to_string(), e.clone().unwrap_or_else(|| format!("HTTP {s}")))),
             (Some(e), _) => Some(("transport".to_string(), e.clone())),
-            (None, s) if s >= 400 => Some((s.to_string(), format!("HTTP {s}"))),
             _ => None,
         };
         if let Some((t, _)) = &error {
