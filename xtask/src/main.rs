@@ -811,7 +811,7 @@ fn bench(o: &BenchOpts) -> Result<()> {
     }
     // LiteLLM is the bench's own peer, not a build or test need: a failure to install it is
     // reported loudly and the other targets are still measured.
-    let litellm = if o.no_litellm { Err(anyhow!("--no-litellm given")) } else { setup_bench_venv() };
+    let litellm = if o.no_litellm { Err(anyhow!("skipped on request (--no-litellm)")) } else { setup_bench_venv() };
     if let Err(e) = &litellm {
         let bar = "!".repeat(100);
         eprintln!("\n{bar}\n!!! bench: LiteLLM is NOT available, it will not be measured: {e:#}\n{bar}\n");
@@ -832,7 +832,8 @@ fn bench(o: &BenchOpts) -> Result<()> {
         .current_dir(root());
     match &litellm {
         Ok(bin) => c.arg("--litellm").arg(bin),
-        Err(e) => c.arg("--litellm-unavailable").arg(format!("{e:#}")),
+        // `=`: the reason is the value even if it starts with a dash.
+        Err(e) => c.arg(format!("--litellm-unavailable={e:#}")),
     };
     run_cmd(&mut c)
 }

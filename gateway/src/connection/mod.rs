@@ -227,6 +227,8 @@ async fn handle(
     shutdown: watch::Receiver<bool>,
 ) {
     let deps = &shared.deps;
+    // Streamed events are small writes: without this, Nagle + delayed ACK hold them ~40 ms.
+    let _ = stream.set_nodelay(true);
     let Some(rec) = deps.flows.take(peer, local) else {
         tracing::debug!(%peer, %local, "no capture record; closing");
         deps.telemetry.connection(None, ConnKind::NoRecord);

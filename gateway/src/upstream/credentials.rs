@@ -10,7 +10,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use http::HeaderValue;
-use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use parking_lot::{Mutex, RwLock};
 
 use crate::config::CredentialSource;
@@ -66,6 +66,8 @@ pub struct Credential {
     file: Option<PathBuf>,
     /// Keeps the file watcher alive for as long as the credential is used.
     watcher: Mutex<Option<RecommendedWatcher>>,
+    /// File reads so far (a watcher feeding on its own reads would show here).
+    reads: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Credential {
@@ -83,7 +85,13 @@ impl Credential {
                 let v = std::env::var(var).map_err(|_| CredentialError::EnvMissing(var.clone()))?;
                 let source = format!("env {var}");
                 let secret = parse(&v).ok_or_else(|| CredentialError::Invalid(source.clone()))?;
-                Ok(Arc::new(Credential { current: RwLock::new(secret), source, file: None, watcher: Mutex::new(None) }))
+                Ok(Arc::new(Credential {
+                    current: RwLock::new(secret),
+                    source,
+                    file: None,
+                    watcher: Mutex::new(None),
+                    reads: Default::default(),
+                }))
             }
             (None, Some(path)) => {
                 let secret = read_file(path)?;
@@ -92,6 +100,7 @@ impl Credential {
                     source: path.display().to_string(),
                     file: Some(path.clone()),
                     watcher: Mutex::new(None),
+                    reads: Default::default(),
                 });
                 cred.watch(poll)?;
                 Ok(cred)
@@ -126,6 +135,7 @@ impl Credential {
     /// half-written file must not take the provider down).
     pub fn reload(&self) {
         let Some(path) = &self.file else { return };
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match read_file(path) {
             Ok(s) => {
                 let changed = *self.current.read().0 != *s.0;
@@ -145,7 +155,11 @@ impl Credential {
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
         let weak: Weak<Credential> = Arc::downgrade(self);
         let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if res.is_ok() {
+            // Only changes: reading the key ourselves raises open/close (access) events in this
+            // directory, which must not trigger another read.
+            let changed = res
+                .is_ok_and(|ev| matches!(ev.kind, EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)));
+            if changed {
                 if let Some(c) = weak.upgrade() {
                     c.reload();
                 }
@@ -211,6 +225,11 @@ mod tests {
         c.reload();
         assert_eq!(c.get().expose(), "sk-new");
         assert!(!format!("{:?} {:?}", c.get(), c).contains("sk-"));
+        // Reading the key (open/close events) must not make the watcher re-read in a loop.
+        let before = c.reads.load(std::sync::atomic::Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let after = c.reads.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(after - before <= 1, "key file re-read {} times while unchanged", after - before);
     }
 
     #[test]

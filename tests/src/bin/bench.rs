@@ -12,7 +12,8 @@
 //! `tollgate-gateway`, `nginx`, `litellm`. Each is measured the same way, in three phases:
 //! 1. max throughput, non-streamed: wrk (Lua POST script);
 //! 2. latency, non-streamed: `loadgen` open loop at one common rate for every target (capped at
-//!    half the slowest target's max throughput, so every target runs unsaturated);
+//!    half the slowest target's max throughput, so every target runs unsaturated); when it had to
+//!    be capped, also at the full `--rate` for the targets whose max is at least twice that;
 //! 3. streaming: `loadgen --stream` open loop at a common rate, TTFT and total time.
 //!
 //! Proof of what went where: tollgate's per-route request counters (only the two tollgate rows,
@@ -80,8 +81,10 @@ struct Args {
     /// LiteLLM worker processes.
     #[arg(long, default_value_t = 2)]
     litellm_workers: u32,
-    /// LiteLLM's ASGI server: uvicorn (its default), gunicorn or granian.
-    #[arg(long, default_value = "uvicorn")]
+    /// LiteLLM's ASGI server: granian (`--run_granian`), uvicorn (LiteLLM's own default) or
+    /// gunicorn. On 2 cores granian with 2 workers served the most requests per second and the
+    /// least CPU per request; uvicorn with 2 workers less than with 1.
+    #[arg(long, default_value = "granian")]
     litellm_server: String,
     /// Seconds to wait for LiteLLM to become ready.
     #[arg(long, default_value_t = 300)]
@@ -137,6 +140,9 @@ struct Row {
     wrk_errors: String,
     cpu_us_per_req: Option<f64>,
     lat: Lat,
+    /// Latency at the full `--rate`, when the common rate had to be lower and this target
+    /// sustains it.
+    full: Option<Lat>,
     st: Lat,
     /// tollgate requests counted during this target's runs, by route.
     via: BTreeMap<&'static str, f64>,
@@ -388,7 +394,7 @@ fn main() -> Result<()> {
     }
     let slowest = rows.iter().map(|r| r.rps).fold(f64::INFINITY, f64::min);
     let rate = capped_rate(a.rate, slowest);
-    let stream_rate = a.stream_rate.min(rate);
+    let mut stream_rate = a.stream_rate.min(rate);
     if rate < a.rate {
         loud(&format!(
             "latency rate lowered from {} to {rate} req/s: the slowest target's max is {slowest:.0} req/s, and \
@@ -405,16 +411,58 @@ fn main() -> Result<()> {
             Ok(())
         })?;
     }
-    // Phase 3: streaming at a common rate.
-    for (i, t) in targets.iter().enumerate() {
-        account(&mut rows, i, &mut |row| {
-            row.st = loadgen(&a, &stream_body_path, t, stream_rate, true)?;
+    // Phase 2b: when the common rate had to be lowered, the full rate too, for the targets whose
+    // max is at least twice it (so direct, tollgate and nginx are compared under real load).
+    if rate < a.rate {
+        for (i, t) in targets.iter().enumerate() {
+            if rows[i].rps < 2.0 * a.rate as f64 {
+                eprintln!("bench: {}: not run at {} req/s (max {:.0} req/s)", t.name, a.rate, rows[i].rps);
+                continue;
+            }
+            account(&mut rows, i, &mut |row| {
+                let l = loadgen(&a, &body_path, t, a.rate, false)?;
+                eprintln!("bench: {}: at {} req/s p50 {:.3} ms, p99 {:.3} ms", t.name, a.rate, l.p50, l.p99);
+                row.full = Some(l);
+                Ok(())
+            })?;
+        }
+    }
+    // Phase 3: streaming at a common rate. Streams cost a proxy per event, so the rate every
+    // target sustains is found on the slowest one (by max throughput) first: halved while it
+    // falls behind (see `behind`), with direct re-measured at each rate as the reference.
+    let stream_run = |rows: &mut Vec<Row>, i: usize, r: u64| -> Result<Lat> {
+        let t = &targets[i];
+        account(rows, i, &mut |row| {
+            row.st = loadgen(&a, &stream_body_path, t, r, true)?;
             eprintln!(
-                "bench: {}: {stream_rate} streams/s TTFT p50 {:.3} ms, p99 {:.3} ms; total p50 {:.3} ms",
+                "bench: {}: {r} streams/s TTFT p50 {:.3} ms, p99 {:.3} ms; total p50 {:.3} ms",
                 t.name, row.st.ttft_p50, row.st.ttft_p99, row.st.p50
             );
             Ok(())
         })?;
+        Ok(rows[i].st.clone())
+    };
+    let slowest_i = (0..rows.len()).min_by(|x, y| rows[*x].rps.total_cmp(&rows[*y].rps)).unwrap_or(0);
+    let mut d = stream_run(&mut rows, 0, stream_rate)?;
+    if slowest_i != 0 {
+        for attempt in 1.. {
+            let sl = stream_run(&mut rows, slowest_i, stream_rate)?;
+            let Some(why) = behind(&sl, &d) else { break };
+            if stream_rate <= 1 || attempt >= 5 {
+                loud(&format!("{} falls behind even at {stream_rate} streams/s: {why}", targets[slowest_i].name));
+                break;
+            }
+            let lower = (stream_rate / 2).max(1);
+            loud(&format!(
+                "streaming rate lowered from {stream_rate} to {lower}/s: {} falls behind at {stream_rate}/s ({why})",
+                targets[slowest_i].name
+            ));
+            stream_rate = lower;
+            d = stream_run(&mut rows, 0, stream_rate)?;
+        }
+    }
+    for i in (1..rows.len()).filter(|i| *i != slowest_i) {
+        stream_run(&mut rows, i, stream_rate)?;
     }
     stop.store(true, Ordering::Relaxed);
     let _ = sampler.join();
@@ -424,7 +472,8 @@ fn main() -> Result<()> {
     // Validity: which runs went through tollgate, and which reached the mock.
     let mut problems: Vec<(Kind, String)> = Vec::new();
     for (t, r) in targets.iter().zip(&rows) {
-        let done = r.wrk_requests + r.lat.ok + r.st.ok;
+        let full = r.full.as_ref();
+        let done = r.wrk_requests + r.lat.ok + r.st.ok + full.map(|l| l.ok).unwrap_or(0);
         let want = match t.kind {
             Kind::Capture => Some("bench"),
             Kind::Gateway => Some("gw"),
@@ -444,6 +493,9 @@ fn main() -> Result<()> {
         }
         if r.at_mock < done {
             problems.push((t.kind, format!("{}: the mock served {} completions, {done} completed", t.name, r.at_mock)));
+        }
+        if let Some(l) = full.filter(|l| l.errors > 0) {
+            problems.push((t.kind, format!("{}: {} errors at {} req/s: {}", t.name, l.errors, a.rate, l.first_error)));
         }
         if !r.wrk_errors.is_empty() || r.lat.errors > 0 || r.st.errors > 0 {
             problems.push((
@@ -479,7 +531,13 @@ fn main() -> Result<()> {
     }
     println!(
         "{}",
-        summary(&rows, idle_rss_mb, load_rss_mb, litellm_idle_rss_mb, litellm_load_rss_mb, rate, stream_rate)
+        summary(
+            &rows,
+            &Mem { idle_rss_mb, load_rss_mb, litellm_idle: litellm_idle_rss_mb, litellm_load: litellm_load_rss_mb },
+            rate,
+            a.rate,
+            stream_rate
+        )
     );
     drop(litellm);
     drop(tg);
@@ -489,6 +547,20 @@ fn main() -> Result<()> {
         bail!("benchmark runs were not valid: {}", fatal.join("; "));
     }
     Ok(())
+}
+
+/// Why a streaming run `s` did not keep up with its rate, judged against direct's `d` at the same
+/// rate: errors or drops, a median stream 1.5 times as long, or a TTFT p99 a second later.
+fn behind(s: &Lat, d: &Lat) -> Option<String> {
+    if s.errors > 0 {
+        Some(format!("{} errors: {}", s.errors, s.first_error))
+    } else if s.p50 > 1.5 * d.p50 {
+        Some(format!("median stream {:.0} ms vs {:.0} ms direct", s.p50, d.p50))
+    } else if s.ttft_p99 > d.ttft_p99 + 1000.0 {
+        Some(format!("TTFT p99 {:.0} ms vs {:.0} ms direct", s.ttft_p99, d.ttft_p99))
+    } else {
+        None
+    }
 }
 
 /// Half the slowest target's max throughput (to a round number), when that is below `wanted`.
@@ -553,6 +625,32 @@ fn print_tables(a: &Args, rows: &[Row], rate: u64, stream_rate: u64, req_len: us
             r.lat.errors
         );
     }
+    if rows.iter().any(|r| r.full.is_some()) {
+        println!();
+        println!(
+            "Latency, non-streamed, at the full {} req/s (targets whose max is at least twice that, {} s)",
+            a.rate, a.duration
+        );
+        println!(
+            "{:<17} {:>10} {:>10} {:>12} {:>12} {:>10} {:>8}",
+            "target", "p50 ms", "p99 ms", "p50 added", "p99 added", "ok", "errors"
+        );
+        let d = direct.full.clone().unwrap_or_default();
+        for r in rows {
+            if let Some(l) = &r.full {
+                println!(
+                    "{:<17} {:>10.3} {:>10.3} {:>12.3} {:>12.3} {:>10} {:>8}",
+                    r.name,
+                    l.p50,
+                    l.p99,
+                    l.p50 - d.p50,
+                    l.p99 - d.p99,
+                    l.ok,
+                    l.errors
+                );
+            }
+        }
+    }
     println!();
     println!(
         "Streaming (open loop at {stream_rate} streams/s, {} s; {} tokens, mock event every {} ms; TTFT = first non-empty delta)",
@@ -580,16 +678,18 @@ fn print_tables(a: &Args, rows: &[Row], rate: u64, stream_rate: u64, req_len: us
     println!("(all times in ms from each request's scheduled send time; 2 cores shared by clients, proxy and mock)");
 }
 
-/// The machine-readable last line. Unprefixed ratios are tollgate-gateway's (LiteLLM's peer).
-fn summary(
-    rows: &[Row],
+/// Resident memory, MB.
+#[derive(Clone, Copy)]
+struct Mem {
     idle_rss_mb: f64,
     load_rss_mb: f64,
     litellm_idle: Option<f64>,
     litellm_load: f64,
-    rate: u64,
-    stream_rate: u64,
-) -> String {
+}
+
+/// The machine-readable last line. Unprefixed ratios are tollgate-gateway's (LiteLLM's peer).
+fn summary(rows: &[Row], mem: &Mem, rate: u64, full_rate: u64, stream_rate: u64) -> String {
+    let Mem { idle_rss_mb, load_rss_mb, litellm_idle, litellm_load } = *mem;
     let get = |n: &str| rows.iter().find(|r| r.name == n);
     let d = &rows[0];
     let f = |v: Option<f64>| v.filter(|v| v.is_finite()).map(|v| format!("{v:.3}")).unwrap_or_else(|| "na".into());
@@ -616,6 +716,16 @@ fn summary(
             f(r.map(|r| r.st.ttft_p99 - d.st.ttft_p99)),
         ));
     }
+    let full = |r: Option<&Row>, q: fn(&Lat) -> f64| {
+        f(r.and_then(|r| r.full.as_ref()).zip(d.full.as_ref()).map(|(l, dl)| q(l) - q(dl)))
+    };
+    for (key, name) in [("gateway", "tollgate-gateway"), ("capture", "tollgate-capture"), ("nginx", "nginx")] {
+        s.push_str(&format!(
+            " {key}_p50_added_ms_full={} {key}_p99_added_ms_full={}",
+            full(get(name), |l| l.p50),
+            full(get(name), |l| l.p99)
+        ));
+    }
     s.push_str(&format!(
         " max_rps_direct={:.0} max_rps_gateway={:.0} max_rps_capture={:.0} max_rps_nginx={:.0} max_rps_litellm={}",
         d.rps,
@@ -626,9 +736,10 @@ fn summary(
     ));
     s.push_str(&format!(
         " idle_rss_mb={idle_rss_mb:.1} load_rss_mb={load_rss_mb:.1} litellm_idle_rss_mb={} litellm_load_rss_mb={} \
-         rate={rate} stream_rate={stream_rate}",
+         rate={rate} full_rate={} stream_rate={stream_rate}",
         litellm_idle.map(|v| format!("{v:.1}")).unwrap_or_else(|| "na".into()),
         litellm_idle.map(|_| format!("{litellm_load:.1}")).unwrap_or_else(|| "na".into()),
+        if d.full.is_some() { full_rate.to_string() } else { "na".into() },
     ));
     s
 }
