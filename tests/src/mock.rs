@@ -131,10 +131,9 @@ impl MockLlm {
     }
 }
 
-/// What [`http_call`] returns: status, headers (names lower-cased), body text.
-pub type HttpReply = (u16, Vec<(String, String)>, String);
+pub use crate::HttpReply;
 
-/// Minimal blocking HTTP/1.1 request (control calls, tests).
+/// One request to a mock (control calls, tests), 10 s timeout.
 pub fn http_call(
     addr: SocketAddr,
     method: &str,
@@ -142,52 +141,7 @@ pub fn http_call(
     headers: &[(&str, &str)],
     body: Option<&[u8]>,
 ) -> Result<HttpReply> {
-    use std::io::{Read, Write};
-    let timeout = Duration::from_secs(10);
-    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    let body = body.unwrap_or_default();
-    if !body.is_empty() || method == "POST" {
-        req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes())?;
-    s.write_all(body)?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("no HTTP header from {addr}{path}"))?;
-    let mut lines = head.lines();
-    let status: u16 = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("bad status line from {addr}{path}: {head:?}"))?;
-    let hdrs: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let chunked = hdrs.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
-    let body = if chunked { dechunk(body) } else { body.to_string() };
-    Ok((status, hdrs, body))
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].strip_prefix("\r\n").unwrap_or(&rest[n..]);
-    }
-    out
+    crate::http_request(addr, method, path, headers, body, Duration::from_secs(10))
 }
 
 impl Drop for MockLlm {
