@@ -13,6 +13,7 @@ pub mod gemini;
 pub mod mock;
 pub mod netns;
 pub mod openai;
+pub mod otlp;
 pub mod prom;
 pub mod prometheus;
 pub mod tollgate;

@@ -8,6 +8,8 @@
 //! (template variables included) is evaluated through Prometheus' HTTP API, as Grafana would,
 //! and must return series with finite values.
 
+mod spans;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::PathBuf;
