@@ -250,6 +250,26 @@ pub struct RouteConfig {
     /// not, and strip the extra chunk from what the agent sees; off: such streams are estimated.
     #[serde(default = "yes")]
     pub include_usage: bool,
+    /// Copy request and response bodies of LLM calls into the access log (off by default:
+    /// prompts are sensitive).
+    #[serde(default)]
+    pub log_payloads: PayloadLogConfig,
+}
+
+/// Opt-in payload logging of one route.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct PayloadLogConfig {
+    /// Log bodies for this route.
+    pub enabled: bool,
+    /// Bytes kept of each body (request, response); the rest is cut and the line says so.
+    pub max_bytes: usize,
+}
+
+impl Default for PayloadLogConfig {
+    fn default() -> Self {
+        Self { enabled: false, max_bytes: 4096 }
+    }
 }
 
 fn yes() -> bool {

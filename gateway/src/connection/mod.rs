@@ -320,6 +320,7 @@ fn l7_context(
             reporter: shared.reporter.clone(),
             gateway: shared.gateway.route(&route.name),
             include_usage: route.include_usage,
+            log_payloads: route.log_payloads.enabled.then_some(route.log_payloads.max_bytes),
             paths: Arc::from(route.matcher.paths.as_slice()),
             has_origin,
         })),

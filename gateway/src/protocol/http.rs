@@ -47,6 +47,8 @@ pub struct L7Context {
     pub gateway: Option<Arc<RouteRuntime>>,
     /// Route `include_usage`.
     pub include_usage: bool,
+    /// Route `log_payloads.max_bytes` when payload logging is on.
+    pub log_payloads: Option<usize>,
     /// Route `match.paths` (empty: all).
     pub paths: Arc<[String]>,
     /// Requests that are not LLM calls can go to the original destination (false on explicit

@@ -298,6 +298,17 @@ fn write_llm_line(buf: &mut Vec<u8>, c: &LlmCall) {
         buf.extend_from_slice(b",\"error\":");
         json_str(buf, e);
     }
+    if let Some(p) = &c.payload {
+        buf.extend_from_slice(b",\"request_body\":");
+        json_str(buf, &String::from_utf8_lossy(&p.request));
+        buf.extend_from_slice(b",\"response_body\":");
+        json_str(buf, &String::from_utf8_lossy(&p.response));
+        buf.extend_from_slice(if p.truncated {
+            b",\"payload_truncated\":true"
+        } else {
+            b",\"payload_truncated\":false"
+        });
+    }
     buf.push(b'}');
 }
 

@@ -40,6 +40,7 @@ pub(crate) fn call(agent: &str, model: &str) -> LlmCall {
         target: None,
         attempts: 1,
         span_ids: None,
+        payload: None,
     }
 }
 

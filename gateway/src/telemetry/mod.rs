@@ -115,6 +115,40 @@ pub struct LlmCall {
     /// Ids of this call's span, fixed on arrival so the upstream request carries them in its
     /// `traceparent` (set only when spans are exported).
     pub span_ids: Option<SpanIds>,
+    /// Body prefixes for the access log, when the route opted in (`log_payloads`).
+    pub payload: Option<Box<Payload>>,
+}
+
+/// Capped copies of a call's bodies, kept only for routes with `log_payloads.enabled`.
+#[derive(Debug, Clone, Default)]
+pub struct Payload {
+    /// Cap per body.
+    pub max: usize,
+    /// Request body prefix.
+    pub request: Vec<u8>,
+    /// Response body prefix, as the agent received it.
+    pub response: Vec<u8>,
+    /// A body was longer than `max`.
+    pub truncated: bool,
+}
+
+impl Payload {
+    /// Keep the first `max` bytes of `request`.
+    pub fn new(max: usize, request: &[u8]) -> Self {
+        let mut p = Payload { max, ..Default::default() };
+        p.request.extend_from_slice(&request[..request.len().min(max)]);
+        p.truncated = request.len() > max;
+        p
+    }
+
+    /// Append response bytes up to the cap.
+    pub fn push_response(&mut self, chunk: &[u8]) {
+        let room = self.max.saturating_sub(self.response.len());
+        self.response.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if chunk.len() > room {
+            self.truncated = true;
+        }
+    }
 }
 
 /// W3C trace context of one call's span: the agent's trace (or a new one) and tollgate's own
@@ -203,6 +237,7 @@ impl LlmCall {
             target: None,
             attempts: 1,
             span_ids: None,
+            payload: None,
         }
     }
 }
@@ -334,7 +369,17 @@ impl Telemetry {
 
 #[cfg(test)]
 mod span_id_tests {
-    use super::SpanIds;
+    use super::{Payload, SpanIds};
+
+    #[test]
+    fn payload_prefixes_are_capped() {
+        let mut p = Payload::new(5, b"abc");
+        assert!(!p.truncated);
+        p.push_response(b"012");
+        p.push_response(b"3456");
+        assert_eq!((p.request.as_slice(), p.response.as_slice(), p.truncated), (&b"abc"[..], &b"01234"[..], true));
+        assert!(Payload::new(2, b"abc").truncated);
+    }
 
     #[test]
     fn incoming_trace_is_continued_and_bad_ones_replaced() {

@@ -545,6 +545,7 @@ mod tests {
             failover: Default::default(),
             circuit: Default::default(),
             include_usage: true,
+            log_payloads: Default::default(),
         }
     }
 

@@ -88,6 +88,7 @@ fn g1_openai_sdk_all_apis_through_gateway() -> crate::Result<()> {
         let line = &lines[calls - 1];
         assert_line_tokens(line, i, o)?;
         ensure!(line["target"] == json!("openai") && line["status"] == json!(200), "access log: {line}");
+        ensure!(line.get("request_body").is_none(), "payloads logged without opting in: {line}");
         let last = v.get("final").unwrap_or(&v);
         let u = &last["usage"];
         let sdk_in = u.get("prompt_tokens").or(u.get("input_tokens")).cloned().unwrap_or(Value::Null);
@@ -301,7 +302,7 @@ fn g10_estimated_usage_when_provider_reports_none() -> crate::Result<()> {
     let key = gw.key_file("g10", "sk-g10-real")?;
     let t = gw.tollgate(
         json!([{"name": "vllm", "kind": "openai_compatible", "base_url": format!("http://{}/v1", m.http[0]), "credentials": {"file": key}}]),
-        json!({"targets": [{"provider": "vllm"}], "include_usage": false}),
+        json!({"targets": [{"provider": "vllm"}], "include_usage": false, "log_payloads": {"enabled": true, "max_bytes": 48}}),
     )?;
     let req = json!({"model": "llama-3.1-8b", "stream": true,
         "messages": [{"role": "user", "content": "Count the tokens of this sentence without any help from the server."}]});
@@ -328,6 +329,22 @@ fn g10_estimated_usage_when_provider_reports_none() -> crate::Result<()> {
     let want = oa::reply_for(&ChatRequest::from_json(&rec["body_json"]).map_err(|e| anyhow!(e))?);
     let line = &llm_lines(&t, 1)?[0];
     ensure!(line["tokens_estimated"] == json!(true), "not marked estimated: {line}");
+    // Payload logging (opted in on this route): the first 48 bytes of each body, cut and flagged.
+    let sent = std::fs::read_to_string(&body)?;
+    ensure!(
+        line["request_body"] == json!(sent[..48]),
+        "request_body {} vs sent {:?}",
+        line["request_body"],
+        &sent[..48]
+    );
+    let got = r.text();
+    ensure!(
+        line["response_body"] == json!(got[..48]),
+        "response_body {} vs received {:?}",
+        line["response_body"],
+        &got[..48]
+    );
+    ensure!(line["payload_truncated"] == json!(true), "{line}");
     let (ei, eo) = (line["input_tokens"].as_u64().unwrap_or(0), line["output_tokens"].as_u64().unwrap_or(0));
     // o200k: the prompt's 15 words are about 15 tokens plus message overhead; the mock's words
     // are one token each.

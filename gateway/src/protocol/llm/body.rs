@@ -154,7 +154,13 @@ impl ObservedBody {
     /// Process one upstream data chunk; returns what the client gets now.
     fn on_data(&mut self, chunk: Bytes) -> Bytes {
         match self.call.as_deref_mut() {
-            Some(call) => on_data(&mut self.mode, &mut self.obs, call, self.t0, chunk),
+            Some(call) => {
+                let out = on_data(&mut self.mode, &mut self.obs, call, self.t0, chunk);
+                if let Some(p) = call.payload.as_deref_mut() {
+                    p.push_response(&out);
+                }
+                out
+            }
             None => chunk,
         }
     }
@@ -162,6 +168,14 @@ impl ObservedBody {
     /// Bytes still held back at end of stream: an unterminated final event, or what the
     /// translator emits to close the agent's stream.
     fn take_tail(&mut self) -> Bytes {
+        let tail = self.tail();
+        if let Some(p) = self.call.as_deref_mut().and_then(|c| c.payload.as_deref_mut()) {
+            p.push_response(&tail);
+        }
+        tail
+    }
+
+    fn tail(&mut self) -> Bytes {
         if let (Some(tr), Some(call), Mode::Sse { parser, .. }) =
             (self.obs.translator.as_mut(), self.call.as_deref_mut(), &mut self.mode)
         {
@@ -456,6 +470,7 @@ mod tests {
             target: None,
             attempts: 1,
             span_ids: None,
+            payload: None,
         }
     }
 

@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use super::http::{prepare, prepare_uri, send, L7Context, ProxyBody};
 use super::ProtocolError;
 use crate::config::ProviderKind;
-use crate::telemetry::{LlmCall, SpanIds, Telemetry};
+use crate::telemetry::{LlmCall, Payload, SpanIds, Telemetry};
 use api::{Api, Detected, Observer, Shape};
 use body::{Mode, Observation};
 
@@ -94,6 +94,9 @@ pub(crate) async fn observe_call(ctx: &L7Context, det: Detected, req: Request<In
         Ok(b) => b,
         Err(e) => return report_failure(ctx, shape, call, t0, e),
     };
+    if let Some(max) = ctx.log_payloads {
+        call.payload = Some(Box::new(Payload::new(max, &bytes)));
+    }
     let api = det.api;
     let (body, injected) = rewrite(det, &bytes, &mut call, ctx.include_usage);
     // Identity encoding, so usage can be read from the response.

@@ -27,7 +27,7 @@ use crate::config::{FailoverOn, ProviderKind};
 use crate::policy::{InFlight, Outcome};
 use crate::protocol::http::{strip_hop_by_hop, L7Context, ProxyBody};
 use crate::protocol::ProtocolError;
-use crate::telemetry::LlmCall;
+use crate::telemetry::{LlmCall, Payload};
 use crate::upstream::FailureKind;
 
 /// Serve one LLM call through the route's targets.
@@ -46,6 +46,9 @@ pub(crate) async fn dispatch(
         Ok(b) => b,
         Err(e) => return report_failure(ctx, shape, call, t0, e),
     };
+    if let Some(max) = ctx.log_payloads {
+        call.payload = Some(Box::new(Payload::new(max, &bytes)));
+    }
     let Some(facts) = api::inspect_request(det.api, &bytes) else {
         let e = ProtocolError::BadRequest(format!("request body of {:?} is not a JSON object", det.api));
         return report_failure(ctx, shape, call, t0, e);
@@ -315,6 +318,9 @@ async fn respond(
     hook(&call);
     match converted {
         Ok(out) => {
+            if let Some(p) = call.payload.as_deref_mut() {
+                p.push_response(&out);
+            }
             ctx.reporter.report(*call);
             rparts.headers.remove(CONTENT_LENGTH);
             rparts.headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
