@@ -4,6 +4,8 @@
 //! under a second when all is present), which `test` and `bench` run first, so `.ci/run` is just
 //! `cargo xtask test`.
 
+mod bench;
+
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
@@ -97,7 +99,15 @@ fn main() -> ExitCode {
             test(filter.as_deref(), skip_setup, skip_unit, Duration::from_secs(scenario_timeout))
         }
         Cmd::Bench { duration, rate, stream_rate, no_litellm, litellm_workers, litellm_server, skip_setup } => {
-            bench(&BenchOpts { duration, rate, stream_rate, no_litellm, litellm_workers, litellm_server, skip_setup })
+            bench::bench(&bench::BenchOpts {
+                duration,
+                rate,
+                stream_rate,
+                no_litellm,
+                litellm_workers,
+                litellm_server,
+                skip_setup,
+            })
         }
     };
     match r {
@@ -357,32 +367,6 @@ fn setup_venv() -> Result<()> {
     run_cmd(Command::new(venv.join("bin/pip")).args(["install", "-q", "--disable-pip-version-check", "-r"]).arg(&req))?;
     std::fs::write(&stamp, want)?;
     Ok(())
-}
-
-/// The LiteLLM proxy for `cargo xtask bench` (only the bench installs it), in a venv of its own
-/// under target/: litellm requires openai<3, the scenarios' SDK venv pins openai 3.x. Returns the
-/// `litellm` executable.
-fn setup_bench_venv() -> Result<PathBuf> {
-    let venv = root().join("target/xtask/bench-venv");
-    let req = root().join("tests/clients/requirements-bench.txt");
-    let want = std::fs::read_to_string(&req).with_context(|| format!("read {}", req.display()))?;
-    let stamp = venv.join(".tollgate-requirements");
-    let bin = venv.join("bin/litellm");
-    if bin.is_file() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(want.as_str()) {
-        return Ok(bin);
-    }
-    step("bench: installing the LiteLLM proxy into target/xtask/bench-venv (requirements-bench.txt, about a minute)");
-    let _ = std::fs::remove_file(&stamp);
-    if !venv.join("bin/python").exists() {
-        let python = which("python3").ok_or_else(|| anyhow!("python3 not found"))?;
-        run_cmd(Command::new(&python).args(["-m", "venv"]).arg(&venv))?;
-    }
-    run_cmd(Command::new(venv.join("bin/pip")).args(["install", "-q", "--disable-pip-version-check", "-r"]).arg(&req))?;
-    if !bin.is_file() {
-        bail!("pip installed {} but there is no {}", req.display(), bin.display());
-    }
-    std::fs::write(&stamp, want)?;
-    Ok(bin)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -789,51 +773,4 @@ fn test(filter: Option<&str>, skip_setup: bool, skip_unit: bool, timeout: Durati
         bail!("{} unit test(s) and {e2e_fail} scenario(s) failed", unit_failed);
     }
     Ok(())
-}
-
-// ---------------------------------------------------------------------------------------------
-// bench
-// ---------------------------------------------------------------------------------------------
-
-struct BenchOpts {
-    duration: u64,
-    rate: u64,
-    stream_rate: u64,
-    no_litellm: bool,
-    litellm_workers: u32,
-    litellm_server: String,
-    skip_setup: bool,
-}
-
-fn bench(o: &BenchOpts) -> Result<()> {
-    if !o.skip_setup {
-        setup()?;
-    }
-    // LiteLLM is the bench's own peer, not a build or test need: a failure to install it is
-    // reported loudly and the other targets are still measured.
-    let litellm = if o.no_litellm { Err(anyhow!("skipped on request (--no-litellm)")) } else { setup_bench_venv() };
-    if let Err(e) = &litellm {
-        let bar = "!".repeat(100);
-        eprintln!("\n{bar}\n!!! bench: LiteLLM is NOT available, it will not be measured: {e:#}\n{bar}\n");
-    }
-    build(true)?;
-    let dir = profile_dir(true);
-    step("bench: direct vs tollgate (capture, gateway) vs nginx vs LiteLLM (loopback)");
-    let mut c = Command::new(dir.join("tollgate-bench"));
-    c.arg("--tollgate")
-        .arg(dir.join("tollgate"))
-        .arg("--mock")
-        .arg(dir.join("mock-llm"))
-        .arg("--loadgen")
-        .arg(dir.join("loadgen"))
-        .args(["--duration", &o.duration.to_string(), "--rate", &o.rate.to_string()])
-        .args(["--stream-rate", &o.stream_rate.to_string()])
-        .args(["--litellm-workers", &o.litellm_workers.to_string(), "--litellm-server", &o.litellm_server])
-        .current_dir(root());
-    match &litellm {
-        Ok(bin) => c.arg("--litellm").arg(bin),
-        // `=`: the reason is the value even if it starts with a dash.
-        Err(e) => c.arg(format!("--litellm-unavailable={e:#}")),
-    };
-    run_cmd(&mut c)
 }

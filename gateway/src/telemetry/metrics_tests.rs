@@ -4,44 +4,26 @@
 use super::*;
 use crate::config::ProviderKind;
 use crate::telemetry::Usage;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 /// A streamed chat call with usage (12 input of which 2 cached, 5 output), TTFT 30ms and
 /// duration 120ms: the fixture of every telemetry test.
 pub(crate) fn call(agent: &str, model: &str) -> LlmCall {
-    LlmCall {
-        agent: Arc::new(Agent::unknown(agent)),
-        route: Arc::from("openai"),
-        provider: ProviderKind::Openai,
-        operation: "chat",
-        request_model: Some(model.into()),
-        response_model: Some(format!("{model}-2024")),
-        response_id: Some("chatcmpl-1".into()),
-        stream: true,
-        status: 200,
-        usage: Some(Usage {
-            input: 12,
-            output: 5,
-            total: 17,
-            cached_input: Some(2),
-            reasoning: None,
-            estimated: false,
-        }),
-        finish_reasons: vec!["stop".into()],
-        server_address: Some("api.openai.com".into()),
-        server_port: Some(443),
-        method: "POST".into(),
-        path: "/v1/chat/completions".into(),
-        start: SystemTime::now(),
-        ttft: Some(Duration::from_millis(30)),
-        duration: Duration::from_millis(120),
-        error: None,
-        traceparent: None,
-        target: None,
-        attempts: 1,
-        span_ids: None,
-        payload: None,
-    }
+    let mut c = LlmCall::new(Arc::new(Agent::unknown(agent)), Arc::from("openai"), ProviderKind::Openai, "chat");
+    c.request_model = Some(model.into());
+    c.response_model = Some(format!("{model}-2024"));
+    c.response_id = Some("chatcmpl-1".into());
+    c.stream = true;
+    c.status = 200;
+    c.usage = Some(Usage { input: 12, output: 5, total: 17, cached_input: Some(2), reasoning: None, estimated: false });
+    c.finish_reasons = vec!["stop".into()];
+    c.server_address = Some("api.openai.com".into());
+    c.server_port = Some(443);
+    c.method = "POST".into();
+    c.path = "/v1/chat/completions".into();
+    c.ttft = Some(Duration::from_millis(30));
+    c.duration = Duration::from_millis(120);
+    c
 }
 
 #[test]

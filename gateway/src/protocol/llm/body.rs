@@ -446,32 +446,13 @@ mod tests {
     }
 
     fn test_call() -> LlmCall {
-        LlmCall {
-            agent: Arc::new(crate::capture::Agent::unknown("t")),
-            route: Arc::from("r"),
-            provider: crate::config::ProviderKind::Openai,
-            operation: "chat",
-            request_model: None,
-            response_model: None,
-            response_id: None,
-            stream: true,
-            status: 200,
-            usage: None,
-            finish_reasons: Vec::new(),
-            server_address: None,
-            server_port: None,
-            method: "POST".into(),
-            path: "/v1/chat/completions".into(),
-            start: std::time::SystemTime::now(),
-            ttft: None,
-            duration: std::time::Duration::ZERO,
-            error: None,
-            traceparent: None,
-            target: None,
-            attempts: 1,
-            span_ids: None,
-            payload: None,
-        }
+        let agent = Arc::new(crate::capture::Agent::unknown("t"));
+        let mut c = LlmCall::new(agent, Arc::from("r"), crate::config::ProviderKind::Openai, "chat");
+        c.stream = true;
+        c.status = 200;
+        c.method = "POST".into();
+        c.path = "/v1/chat/completions".into();
+        c
     }
 
     const STREAM: &[u8] = b"data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"},\"finish_reason\":null}]}\n\n\
