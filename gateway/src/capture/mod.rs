@@ -7,6 +7,7 @@
 
 pub mod cgroup;
 pub mod identity;
+pub mod kubernetes;
 pub mod loader;
 pub mod maps;
 pub mod rules;

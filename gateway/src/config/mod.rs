@@ -2,6 +2,7 @@
 //! and column (see [`load`]) instead of a silently ignored setting on a production node.
 
 mod gateway;
+mod kubernetes;
 mod load;
 mod telemetry;
 
@@ -9,6 +10,7 @@ pub use gateway::{
     BalanceConfig, CircuitConfig, CredentialSource, FailoverConfig, FailoverOn, LatencyMetric, ProviderConfig,
     ProviderOptions, Strategy, TargetConfig,
 };
+pub use kubernetes::{KubernetesConfig, PodCaptureMode};
 pub use load::{from_path, from_str, ConfigError, DEFAULT_CONFIG_YAML};
 pub use telemetry::{ModelPrice, OtlpMetricsConfig};
 
@@ -38,6 +40,8 @@ pub struct Config {
     pub tls: TlsConfig,
     /// Named agents; the first matching selector wins.
     pub agents: Vec<AgentConfig>,
+    /// Pod identity and pod capture scope from the Kubernetes API.
+    pub kubernetes: KubernetesConfig,
     /// Metrics, traces, access log.
     pub telemetry: TelemetryConfig,
     /// Model prices for `tollgate_llm_cost_usd_total`; first matching entry wins, empty: no
