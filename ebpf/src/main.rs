@@ -34,7 +34,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use gateway_common::{
     CaptureRecord, Cidr4Key, Cidr6Key, Counter, FlowKey, RuntimeConfig, AF_INET, AF_INET6, COUNTER_SLOTS,
-    FLAG_FAIL_CLOSED, FLAG_POD_V4, FLAG_POD_V6, FLAG_SCOPE_ALL, MAX_CGROUP_DEPTH,
+    FLAG_FAIL_CLOSED, FLAG_POD_V4, FLAG_POD_V6, FLAG_SCOPE_ALL, MAX_CGROUP_DEPTH, SCOPE_EXCLUDE,
 };
 
 /// `SOCK_STREAM`.
@@ -136,7 +136,7 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         return ALLOW;
     }
 
-    if cfg.flags & FLAG_SCOPE_ALL == 0 && !in_scope() {
+    if !in_scope(cfg.flags & FLAG_SCOPE_ALL != 0) {
         count(Counter::SkipScope);
         return ALLOW;
     }
@@ -278,26 +278,34 @@ fn log_redirect(ctx: &SockAddrContext, tgid: u32, port: u16) {
     debug!(ctx, "redirected connect of tgid {} to port {}", tgid, port);
 }
 
-/// Is the calling task inside one of the scope cgroups (or below one)?
+/// Is the calling task in scope? Walks every ancestor: an [`SCOPE_EXCLUDE`] entry at any depth
+/// wins (a pod opted out below an included `kubepods` tree), otherwise an [`SCOPE_INCLUDE`]
+/// entry, otherwise `scope_all` decides.
 ///
 /// Out of line (a BPF subprogram with its own frame) so the 16 unrolled lookups do not each
 /// claim a slot in the connect programs' 512-byte stack.
 #[inline(never)]
-fn in_scope() -> bool {
+fn in_scope(scope_all: bool) -> bool {
+    let mut included = scope_all;
     let mut level = 0u32;
     while level < MAX_CGROUP_DEPTH {
         // SAFETY: helper taking a plain integer; returns 0 when `level` is deeper than the
         // task's cgroup, which ends the walk.
         let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
         if id == 0 {
-            return false;
+            break;
         }
-        if TG_SCOPE.get_ptr(&id).is_some() {
-            return true;
+        // SAFETY: the pointer is only dereferenced for a one-byte read while the entry exists;
+        // a concurrent delete leaves the old value readable (hash maps free under RCU).
+        if let Some(v) = TG_SCOPE.get_ptr(&id).map(|p| unsafe { *p }) {
+            if v == SCOPE_EXCLUDE {
+                return false;
+            }
+            included = true;
         }
         level += 1;
     }
-    false
+    included
 }
 
 /// Port rule, then the port-specific CIDR entry, then the any-port CIDR entry. Out of line for

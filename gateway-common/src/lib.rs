@@ -53,6 +53,12 @@ pub const FLAG_POD_V4: u32 = 1 << 2;
 /// `pod_proxy_v6` is set.
 pub const FLAG_POD_V6: u32 = 1 << 3;
 
+/// Scope map value: this cgroup and its descendants are in scope.
+pub const SCOPE_INCLUDE: u8 = 1;
+/// Scope map value: this cgroup and its descendants are out of scope, whatever an ancestor says
+/// (a pod opted out below an included tree).
+pub const SCOPE_EXCLUDE: u8 = 2;
+
 /// How deep the capture-scope ancestor walk goes. Kubernetes pod cgroups sit at depth 4-6; 16
 /// leaves room for nested runtimes while keeping the unrolled loop small for the verifier.
 pub const MAX_CGROUP_DEPTH: u32 = 16;

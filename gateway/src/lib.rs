@@ -10,6 +10,7 @@ pub mod config;
 pub mod connection;
 pub mod policy;
 pub mod protocol;
+pub mod reload;
 pub mod telemetry;
 pub mod top;
 pub mod upstream;

@@ -12,9 +12,12 @@ use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 
 use tollgate::admin::{self, Health};
+use tollgate::capture::kubernetes::{self, watch::KubeStats, PodStore};
+use tollgate::capture::scope::ScopeOwner;
 use tollgate::capture::{AgentResolver, Capture, FlowTable};
 use tollgate::config::{self, Config};
 use tollgate::connection::{self, tls::CertAuthority, ProxyDeps};
+use tollgate::reload::{Overrides, Reloader};
 use tollgate::telemetry::Telemetry;
 
 /// Transparent capture and governance of AI traffic on a Linux node.
@@ -33,9 +36,12 @@ enum Cmd {
     /// Load the eBPF programs and run the proxy (needs root). Without --config, runs the
     /// embedded default: capture well-known AI provider hosts, splice them, record L4 stats.
     Run {
-        /// YAML config file.
+        /// YAML config file; watched and reloaded live when it changes (also on SIGHUP).
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Override `listen.pod_ipv4` (the DaemonSet passes the node IP from the downward API).
+        #[arg(long)]
+        pod_ipv4: Option<std::net::Ipv4Addr>,
     },
     /// Validate a config file; errors are printed as `file:line:col: message`.
     Check {
@@ -47,6 +53,10 @@ enum Cmd {
         /// YAML config file (for `tls.ca_dir`).
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// CA directory instead of the config's `tls.ca_dir` (e.g. to create the cluster CA
+        /// that becomes the `tollgate-ca` Secret).
+        #[arg(long, conflicts_with = "config")]
+        dir: Option<PathBuf>,
     },
     /// Print the config's JSON schema.
     Schema,
@@ -75,8 +85,8 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Check { file } => return check(&file),
         Cmd::Schema => schema(),
-        Cmd::Ca { config } => ca(config.as_deref()),
-        Cmd::Run { config } => run(config.as_deref()),
+        Cmd::Ca { config, dir } => ca(config.as_deref(), dir),
+        Cmd::Run { config, pod_ipv4 } => run(config.as_deref(), Overrides { pod_ipv4 }),
         Cmd::Top { admin, interval, once } => {
             tollgate::top::run(&tollgate::top::Options { admin, interval, once }).map_err(Into::into)
         }
@@ -127,24 +137,29 @@ fn schema() -> Result<()> {
     Ok(())
 }
 
-fn ca(path: Option<&Path>) -> Result<()> {
-    let cfg = load(path)?;
+fn ca(path: Option<&Path>, dir: Option<PathBuf>) -> Result<()> {
+    let mut cfg = load(path)?;
+    if let Some(d) = dir {
+        cfg.tls.ca_dir = d;
+    }
     let ca = CertAuthority::load_or_create(&cfg.tls.ca_dir, cfg.tls.leaf_validity, cfg.limits.cert_cache_size)?;
     println!("{}", ca.cert_path().display());
     print!("{}", ca.cert_pem());
     Ok(())
 }
 
-fn run(path: Option<&Path>) -> Result<()> {
-    let cfg = Arc::new(load(path)?);
+fn run(path: Option<&Path>, overrides: Overrides) -> Result<()> {
+    let mut cfg = load(path)?;
+    overrides.apply(&mut cfg);
+    let cfg = Arc::new(cfg);
     if !nix::unistd::geteuid().is_root() {
         bail!("`tollgate run` needs root (it loads eBPF programs and attaches them to cgroups)");
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("tollgate").build()?;
-    rt.block_on(serve(cfg))
+    rt.block_on(serve(cfg, path.map(Path::to_path_buf), overrides))
 }
 
-async fn serve(mut cfg: Arc<Config>) -> Result<()> {
+async fn serve(mut cfg: Arc<Config>, path: Option<PathBuf>, overrides: Overrides) -> Result<()> {
     let telemetry = Arc::new(Telemetry::from_config(&cfg)?);
     let ca = Arc::new(
         CertAuthority::load_or_create(&cfg.tls.ca_dir, cfg.tls.leaf_validity, cfg.limits.cert_cache_size)
@@ -195,10 +210,30 @@ async fn serve(mut cfg: Arc<Config>) -> Result<()> {
             }
         });
     }
-    let agents = Arc::new(AgentResolver::new(&cfg.agents, cgroup_root));
+    let pods = if cfg.kubernetes.enabled {
+        Some(start_kubernetes(&cfg, &ca, &capture, &telemetry, &shutdown_rx).await?)
+    } else {
+        None
+    };
+    let agents = Arc::new(AgentResolver::new(&cfg.agents, cgroup_root.clone()).with_pods(pods.clone()));
     let deps = ProxyDeps { config: cfg.clone(), flows, agents, telemetry: telemetry.clone(), ca, observer: None };
-    let mut proxy = tokio::spawn(connection::serve(deps, listeners, shutdown_rx.clone()));
+    let proxy_server = connection::Proxy::new(deps).await?;
+    let handle = proxy_server.handle();
+    let mut proxy = tokio::spawn(proxy_server.serve(listeners, shutdown_rx.clone()));
     let admin_task = tokio::spawn(admin::serve(admin_listener, telemetry.clone(), health.clone(), shutdown_rx.clone()));
+    if let Some(path) = path {
+        let reloader = Reloader {
+            path,
+            current: cfg.clone(),
+            overrides,
+            proxy: handle.clone(),
+            capture: capture.clone(),
+            cgroup_root,
+            pods,
+            telemetry: telemetry.clone(),
+        };
+        reloader.spawn(Duration::from_secs(10), shutdown_rx.clone())?;
+    }
     health.ready.store(true, Ordering::Relaxed);
     tracing::info!(
         proxy = ?cfg.proxy_addrs(),
@@ -226,21 +261,76 @@ async fn serve(mut cfg: Arc<Config>) -> Result<()> {
         telemetry.shutdown().await;
         return Err(err);
     }
-    tracing::info!("shutting down: detaching capture, draining connections");
     health.ready.store(false, Ordering::Relaxed);
-    // Detach first so new connects go direct while in-flight ones drain.
+    // Detach first: from here new connects go direct (fail-open) instead of meeting a closed
+    // listener, while the connections already accepted drain on the proxy.
+    let draining = handle.in_flight();
+    tracing::info!(in_flight = draining, grace = ?cfg.limits.drain_timeout, "shutting down: capture detached, draining connections");
     if let Some(c) = &capture {
         c.shutdown();
     }
     let _ = shutdown_tx.send(true);
+    let started = std::time::Instant::now();
     match tokio::time::timeout(cfg.limits.drain_timeout, proxy).await {
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "proxy ended with error"),
-        Err(_) => tracing::warn!(timeout = ?cfg.limits.drain_timeout, "drain timeout: closing remaining connections"),
-        _ => {}
+        Err(_) => tracing::warn!(
+            timeout = ?cfg.limits.drain_timeout,
+            remaining = handle.in_flight(),
+            "drain timeout: closing remaining connections"
+        ),
+        _ => tracing::info!(drained = draining, took_ms = started.elapsed().as_millis() as u64, "drained"),
     }
     admin_task.abort();
     telemetry.shutdown().await;
     Ok(())
+}
+
+/// Pod identity: the pod watcher (store + CA publishing), the pod scope syncer and the pod
+/// metrics. Fails only on configuration problems (no node name, no API server config).
+async fn start_kubernetes(
+    cfg: &Config,
+    ca: &CertAuthority,
+    capture: &Option<Arc<Capture>>,
+    telemetry: &Arc<Telemetry>,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<Arc<PodStore>> {
+    let k = &cfg.kubernetes;
+    let store = Arc::new(PodStore::new(k.max_pods));
+    let stats = Arc::new(KubeStats::default());
+    kubernetes::watch::start(k, store.clone(), Some(ca.cert_pem().to_string()), stats.clone(), shutdown.clone())
+        .await
+        .context("kubernetes")?;
+    if let Some(c) = capture {
+        let c = c.clone();
+        let sink: kubernetes::scope::ScopeSink = Arc::new(move |e| c.scope().set(ScopeOwner::Pods, e));
+        kubernetes::scope::spawn(c_root(capture), k.capture, k.resync_interval, store.clone(), sink, shutdown.clone());
+    }
+    let src = store.clone();
+    telemetry.node.set_pod_source(Box::new(move || {
+        let rows = src
+            .snapshot()
+            .iter()
+            .map(|p| {
+                let wl = format!("{}/{}", p.workload.kind, p.workload.name);
+                (p.namespace.clone(), p.name.clone(), wl, p.agent.to_string(), p.capture)
+            })
+            .collect();
+        let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let events = vec![
+            ("watch_errors", n(&stats.watch_errors)),
+            ("relists", n(&stats.relists)),
+            ("pods_over_limit", n(&stats.pods_over_limit)),
+            ("ca_published", n(&stats.ca_publish_ok)),
+            ("ca_publish_errors", n(&stats.ca_publish_errors)),
+            ("owner_lookups_failed", n(&stats.owner_lookups_failed)),
+        ];
+        (rows, events)
+    }));
+    Ok(store)
+}
+
+fn c_root(capture: &Option<Arc<Capture>>) -> PathBuf {
+    capture.as_ref().map(|c| c.cgroup_root().to_path_buf()).unwrap_or_default()
 }
 
 /// A proxy listener with a deep backlog; IPv6 sockets are v6-only so the IPv4 listener on the

@@ -176,8 +176,49 @@ fn drain_and_remove(root: &Path, dir: &Path) -> Result<()> {
     bail!("rmdir {}: {:?}", dir.display(), last)
 }
 
+/// Every directory below `dir`, deepest first (so each can be removed in order).
+fn subdirs_deepest_first(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                out.push(e.path());
+                stack.push(e.path());
+            }
+        }
+    }
+    out.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    out
+}
+
+impl Group {
+    /// Create nested cgroups `rel` (e.g. kubelet-style `kubepods.slice/.../cri-containerd-ID.scope`)
+    /// below this group; removed with it. Returns the directory.
+    pub fn mkdirs(&self, rel: &str) -> Result<PathBuf> {
+        let dir = self.dir.join(rel.trim_start_matches('/'));
+        std::fs::create_dir_all(&dir).with_context(|| format!("mkdir -p {}", dir.display()))?;
+        Ok(dir)
+    }
+
+    /// Remove a nested cgroup made by [`Group::mkdirs`] (and anything below it), moving its
+    /// processes to the root first.
+    pub fn remove_nested(&self, dir: &Path) -> Result<()> {
+        for d in subdirs_deepest_first(dir) {
+            drain_and_remove(&self.mount.dir, &d)?;
+        }
+        drain_and_remove(&self.mount.dir, dir)
+    }
+}
+
 impl Drop for Group {
     fn drop(&mut self) {
+        for d in subdirs_deepest_first(&self.dir) {
+            if let Err(e) = drain_and_remove(&self.mount.dir, &d) {
+                eprintln!("cleanup: {e:#}");
+            }
+        }
         if let Err(e) = drain_and_remove(&self.mount.dir, &self.dir) {
             eprintln!("cleanup: {e:#}");
         }

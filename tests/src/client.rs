@@ -64,10 +64,20 @@ impl CurlOut {
 
 /// Run curl with `args` (URL included) inside `group`/`netns`.
 pub fn curl(group: Option<&Group>, netns: Option<&Netns>, args: &[&str]) -> Result<CurlOut> {
+    run_curl(command_in(group, netns, "curl"), args)
+}
+
+/// Run curl with `args` inside the cgroup directory `cgroup` (any depth, e.g. a kubelet-style
+/// container cgroup) and `netns`.
+pub fn curl_in(cgroup: &std::path::Path, netns: Option<&Netns>, args: &[&str]) -> Result<CurlOut> {
+    let procs = cgroup.join("cgroup.procs");
+    run_curl(crate::cgroup::command_with_procs(Some(&procs), netns.map(Netns::name), "curl"), args)
+}
+
+fn run_curl(mut cmd: std::process::Command, args: &[&str]) -> Result<CurlOut> {
     let dir = tempfile::tempdir()?;
     let hfile = dir.path().join("headers");
     let bfile = dir.path().join("body");
-    let mut cmd = command_in(group, netns, "curl");
     cmd.args(["-sS", "--noproxy", "*", "--max-time", "15", "-H", "Expect:"])
         .arg("-D")
         .arg(&hfile)

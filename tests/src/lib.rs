@@ -10,6 +10,7 @@ pub mod certs;
 pub mod cgroup;
 pub mod client;
 pub mod gemini;
+pub mod kube;
 pub mod mock;
 pub mod netns;
 pub mod openai;

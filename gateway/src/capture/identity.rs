@@ -14,15 +14,16 @@ use parking_lot::Mutex;
 
 use crate::config::AgentConfig;
 
-/// Kubernetes facts about the agent's pod, filled by the node-agent layer when it exists.
+/// Kubernetes facts about the agent's pod: from the kubelet cgroup path (pod UID, container)
+/// and, when the pod is in the store, from the API (names, workload, service account).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct K8sIdentity {
-    /// Pod namespace.
-    pub namespace: String,
-    /// Pod name.
-    pub pod: String,
-    /// Owner workload (`Deployment/x`), when known.
-    pub workload: Option<String>,
+    /// Pod UID from the cgroup path.
+    pub pod_uid: String,
+    /// Container ID from the cgroup path, when the process is in a container cgroup.
+    pub container_id: Option<String>,
+    /// The pod as the API describes it; `None` until the watcher has seen it.
+    pub pod: Option<Arc<crate::capture::kubernetes::PodInfo>>,
 }
 
 /// The identity of the process behind one captured connection.
@@ -92,6 +93,7 @@ pub fn comm_str(rec: &CaptureRecord) -> String {
 /// results are cached (bounded LRU).
 pub struct AgentResolver {
     selectors: Vec<CompiledSelector>,
+    pods: Option<Arc<crate::capture::kubernetes::PodStore>>,
     cgroup_root: Option<PathBuf>,
     proc_root: PathBuf,
     cgroup_paths: Mutex<lru::LruCache<u64, Option<String>>>,
@@ -103,6 +105,10 @@ struct CompiledSelector {
     comm: Option<String>,
     exe: Option<glob::Pattern>,
     uid: Option<u32>,
+    namespace: Option<String>,
+    workload: Option<String>,
+    service_account: Option<String>,
+    labels: Vec<(String, String)>,
 }
 
 /// Cgroup id → path cache size: one entry per live container is plenty.
@@ -120,14 +126,25 @@ impl AgentResolver {
                 comm: a.selector.comm.clone(),
                 exe: a.selector.exe.as_deref().and_then(|p| glob::Pattern::new(p).ok()),
                 uid: a.selector.uid,
+                namespace: a.selector.namespace.clone(),
+                workload: a.selector.workload.clone(),
+                service_account: a.selector.service_account.clone(),
+                labels: a.selector.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             })
             .collect();
         AgentResolver {
             selectors,
+            pods: None,
             cgroup_root,
             proc_root: PathBuf::from("/proc"),
             cgroup_paths: Mutex::new(lru::LruCache::new(NonZeroUsize::new(CGROUP_CACHE).unwrap_or(NonZeroUsize::MIN))),
         }
+    }
+
+    /// Name callers in pods from the Kubernetes pod store.
+    pub fn with_pods(mut self, pods: Option<Arc<crate::capture::kubernetes::PodStore>>) -> Self {
+        self.pods = pods;
+        self
     }
 
     /// Identity of the caller behind `rec`. Does blocking filesystem reads (small, cached): call
@@ -151,21 +168,39 @@ impl AgentResolver {
             netns_cookie: rec.netns_cookie,
             k8s: None,
         };
+        agent.k8s = self.k8s_identity(agent.cgroup_path.as_deref());
         agent.name = self.name_for(&agent);
         agent
     }
 
-    /// First matching selector, else the cgroup leaf (a container or service name), else comm.
-    /// Never the pid: names are metric labels and must stay bounded.
+    /// Pod identity from a kubelet cgroup path, enriched from the store when the pod is known.
+    fn k8s_identity(&self, cgroup_path: Option<&str>) -> Option<K8sIdentity> {
+        let parsed = crate::capture::kubernetes::cgroup_path::parse(cgroup_path?)?;
+        let pod = self.pods.as_ref().and_then(|s| s.get(&parsed.pod_uid));
+        Some(K8sIdentity { pod_uid: parsed.pod_uid, container_id: parsed.container_id, pod })
+    }
+
+    /// First matching selector, else the pod's agent name (annotation or namespace/workload),
+    /// else the cgroup leaf (a container or service name), else comm. Never the pid: names are
+    /// metric labels and must stay bounded.
     pub fn name_for(&self, a: &Agent) -> Arc<str> {
+        let pod = a.k8s.as_ref().and_then(|k| k.pod.as_deref());
         for s in &self.selectors {
             let cg_ok = s.cgroup.as_ref().is_none_or(|p| a.cgroup_path.as_deref().is_some_and(|c| p.matches(c)));
             let comm_ok = s.comm.as_ref().is_none_or(|c| *c == a.comm);
             let exe_ok = s.exe.as_ref().is_none_or(|p| a.exe.as_deref().is_some_and(|e| p.matches(e)));
             let uid_ok = s.uid.is_none_or(|u| u == a.uid);
-            if cg_ok && comm_ok && exe_ok && uid_ok {
+            let ns_ok = s.namespace.as_ref().is_none_or(|n| pod.is_some_and(|p| p.namespace == *n));
+            let wl_ok = s.workload.as_ref().is_none_or(|w| pod.is_some_and(|p| p.workload.name == *w));
+            let sa_ok =
+                s.service_account.as_ref().is_none_or(|w| pod.is_some_and(|p| p.service_account.as_ref() == Some(w)));
+            let labels_ok = s.labels.iter().all(|(k, v)| pod.is_some_and(|p| p.labels.get(k) == Some(v)));
+            if cg_ok && comm_ok && exe_ok && uid_ok && ns_ok && wl_ok && sa_ok && labels_ok {
                 return s.name.clone();
             }
+        }
+        if let Some(p) = pod {
+            return p.agent.clone();
         }
         let leaf = a.cgroup_path.as_deref().and_then(|p| p.rsplit('/').find(|s| !s.is_empty()));
         match leaf {

@@ -176,7 +176,9 @@ pub fn runtime_config(cfg: &Config, host_netns_cookie: u64) -> RuntimeConfig {
     if c.fail_closed {
         flags |= FLAG_FAIL_CLOSED;
     }
-    if c.scope.is_empty() {
+    // With Kubernetes on, pods are scoped by the pod syncer: an empty `capture.scope` then means
+    // "no host cgroups", not "everything".
+    if c.scope.is_empty() && !cfg.kubernetes.enabled {
         flags |= FLAG_SCOPE_ALL;
     }
     if l.pod_ipv4.is_some() {

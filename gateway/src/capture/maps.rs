@@ -56,10 +56,10 @@ pub struct RuleMaps {
 /// Every map userspace touches. `TG_BY_COOKIE` stays inside the `Ebpf` object: only the kernel
 /// uses it.
 pub struct Maps {
-    /// `TG_CONFIG`, written once at start.
-    pub config: Array<MapData, RuntimeConfig>,
-    /// `TG_SCOPE`, written once at start.
-    pub scope: HashMap<MapData, u64, u8>,
+    /// `TG_CONFIG`, written at start and on reload; locked because aya's writes take `&mut`.
+    pub config: Mutex<Array<MapData, RuntimeConfig>>,
+    /// `TG_SCOPE`: config and pod entries, kept in sync by their owners.
+    pub scope: super::scope::ScopeTable,
     /// `TG_HEARTBEAT`; behind a lock because aya's writes take `&mut`.
     pub heartbeat: Mutex<Array<MapData, u64>>,
     /// `TG_BY_FLOW`; locked for the get-then-delete in `FlowTable::take`.
@@ -74,8 +74,8 @@ impl Maps {
     /// Take every map out of a freshly loaded object.
     pub fn take(ebpf: &mut Ebpf) -> Result<Maps, MapsError> {
         Ok(Maps {
-            config: take(ebpf, maps::CONFIG)?,
-            scope: take(ebpf, maps::SCOPE)?,
+            config: Mutex::new(take(ebpf, maps::CONFIG)?),
+            scope: super::scope::ScopeTable::new(take(ebpf, maps::SCOPE)?),
             heartbeat: Mutex::new(take(ebpf, maps::HEARTBEAT)?),
             by_flow: Mutex::new(take(ebpf, maps::BY_FLOW)?),
             counters: take(ebpf, maps::COUNTERS)?,
@@ -87,20 +87,11 @@ impl Maps {
         })
     }
 
-    /// Write the singleton runtime config.
-    pub fn set_config(&mut self, cfg: &RuntimeConfig) -> Result<(), MapsError> {
-        self.config.set(0, cfg, 0).map_err(|source| MapsError::Op {
+    /// Write the singleton runtime config (at start, and on reload when it changed).
+    pub fn set_config(&self, cfg: &RuntimeConfig) -> Result<(), MapsError> {
+        self.config.lock().set(0, cfg, 0).map_err(|source| MapsError::Op {
             name: maps::CONFIG,
             op: "update",
-            source: Box::new(source),
-        })
-    }
-
-    /// Put a cgroup id in scope.
-    pub fn add_scope(&mut self, cgroup_id: u64) -> Result<(), MapsError> {
-        self.scope.insert(cgroup_id, 1, 0).map_err(|source| MapsError::Op {
-            name: maps::SCOPE,
-            op: "insert",
             source: Box::new(source),
         })
     }

@@ -11,6 +11,7 @@ pub mod kubernetes;
 pub mod loader;
 pub mod maps;
 pub mod rules;
+pub mod scope;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,7 @@ use self::cgroup::CgroupError;
 use self::loader::{LoaderError, Pinned};
 use self::maps::{Maps, MapsError};
 use self::rules::{RuleSync, RulesError};
+use self::scope::{ScopeEntry, ScopeOwner};
 
 /// Where the proxy finds the kernel's record of an accepted connection. A trait so the proxy can
 /// be exercised without BPF (unit tests) while production uses the eBPF map.
@@ -56,15 +58,13 @@ pub enum CaptureError {
     /// The static capture rules do not fit the maps.
     #[error(transparent)]
     Rules(#[from] RulesError),
-    /// A scope cgroup id could not be stored (more scope entries than `max_scope_cgroups`?).
-    #[error("cannot add capture.scope entry {entry:?} (cgroup id {id}): {source}")]
-    Scope {
-        /// The scope entry.
-        entry: String,
-        /// Its cgroup id.
-        id: u64,
-        /// Map error.
-        source: MapsError,
+    /// Scope entries did not fit the scope map.
+    #[error("{failed} capture.scope entries could not be stored (capture.max_scope_cgroups = {max})")]
+    ScopeFull {
+        /// Entries not stored.
+        failed: usize,
+        /// Map capacity.
+        max: u32,
     },
 }
 
@@ -74,6 +74,11 @@ pub enum CaptureError {
 pub struct Capture {
     cgroup_root: PathBuf,
     maps: Maps,
+    netns_cookie: u64,
+    /// What `TG_CONFIG` holds, to rewrite it only when a reload changes it.
+    runtime: parking_lot::Mutex<gateway_common::RuntimeConfig>,
+    /// New capture rules for the refresher task that owns the rule maps.
+    rules_tx: tokio::sync::mpsc::Sender<crate::config::CaptureConfig>,
     /// Owns the programs (and, in fail-open mode, their links). `None` after shutdown. Behind
     /// a mutex so shutdown works through the `Arc` the proxy and metrics share.
     ebpf: parking_lot::Mutex<Option<Ebpf>>,
@@ -121,9 +126,11 @@ impl Capture {
         };
         let mut maps = Maps::take(&mut ebpf)?;
         let netns_cookie = loader::own_netns_cookie()?;
-        maps.set_config(&loader::runtime_config(cfg, netns_cookie))?;
-        for (entry, id) in scope {
-            maps.add_scope(id).map_err(|source| CaptureError::Scope { entry, id, source })?;
+        let runtime = loader::runtime_config(cfg, netns_cookie);
+        maps.set_config(&runtime)?;
+        let failed = maps.scope.set(ScopeOwner::Config, scope_entries(&scope));
+        if failed > 0 {
+            return Err(CaptureError::ScopeFull { failed, max: c.max_scope_cgroups });
         }
 
         let rule_maps = maps.rules.take().ok_or(MapsError::Missing(gateway_common::maps::PORT_RULES))?;
@@ -145,7 +152,8 @@ impl Capture {
             "kernel capture attached"
         );
 
-        let mut tasks = vec![sync.spawn_refresher(c.resolve_interval)];
+        let (rules_tx, rules_rx) = tokio::sync::mpsc::channel(4);
+        let mut tasks = vec![sync.spawn_refresher(c.resolve_interval, rules_rx)];
         // Forward kernel log records to the `log` facade (bridged into `tracing` by the
         // subscriber) whenever the ring buffer becomes readable.
         if let Some(logger) = logger {
@@ -172,10 +180,39 @@ impl Capture {
         Ok(Capture {
             cgroup_root,
             maps,
+            netns_cookie,
+            runtime: parking_lot::Mutex::new(runtime),
+            rules_tx,
             ebpf: parking_lot::Mutex::new(Some(ebpf)),
             pinned: parking_lot::Mutex::new(pinned),
             tasks: parking_lot::Mutex::new(tasks),
         })
+    }
+
+    /// Apply a reloaded config in place: scope entries, rules (resolved again) and kernel knobs.
+    /// Settings that need a restart (cgroup root, listeners' addresses, fail-closed pinning, map
+    /// sizes) are the caller's to refuse. An unresolvable scope entry fails the reload and
+    /// leaves everything as it was.
+    pub async fn apply_config(&self, cfg: &crate::config::Config) -> Result<(), CaptureError> {
+        let scope = cgroup::resolve_scope(&self.cgroup_root, &cfg.capture.scope)?;
+        let failed = self.maps.scope.set(ScopeOwner::Config, scope_entries(&scope));
+        if failed > 0 {
+            return Err(CaptureError::ScopeFull { failed, max: cfg.capture.max_scope_cgroups });
+        }
+        let runtime = loader::runtime_config(cfg, self.netns_cookie);
+        if *self.runtime.lock() != runtime {
+            self.maps.set_config(&runtime)?;
+            *self.runtime.lock() = runtime;
+        }
+        if self.rules_tx.send(cfg.capture.clone()).await.is_err() {
+            tracing::warn!("capture rule refresher is gone; rules not updated");
+        }
+        Ok(())
+    }
+
+    /// The scope map, for the Kubernetes pod syncer.
+    pub fn scope(&self) -> &scope::ScopeTable {
+        &self.maps.scope
     }
 
     /// Stamp the heartbeat now (the lead calls it every 200 ms from the proxy runtime).
@@ -206,6 +243,10 @@ impl Capture {
         drop(self.ebpf.lock().take());
         tracing::info!(cgroup = %self.cgroup_root.display(), "kernel capture detached");
     }
+}
+
+fn scope_entries(scope: &[(String, u64)]) -> std::collections::HashMap<u64, ScopeEntry> {
+    scope.iter().map(|(_, id)| (*id, ScopeEntry::Include)).collect()
 }
 
 impl Drop for Capture {

@@ -161,6 +161,10 @@ impl RuleSync {
     /// turn capture off.
     pub async fn refresh_hosts(&mut self) {
         if self.hosts.is_empty() {
+            let want = self.wanted();
+            for e in self.apply(&want) {
+                tracing::error!(error = %e, "capture rule not installed");
+            }
             return;
         }
         let mut set = tokio::task::JoinSet::new();
@@ -291,18 +295,49 @@ impl RuleSync {
         errors
     }
 
-    /// Re-resolve hostnames forever, every `interval` (the first run is the caller's).
-    pub fn spawn_refresher(mut self, interval: Duration) -> tokio::task::JoinHandle<()> {
+    /// Take a reloaded rule config: static rules replaced, hostnames no longer listed forgotten
+    /// (their addresses leave the maps on the next sync).
+    pub fn update(&mut self, cfg: &CaptureConfig) {
+        self.static_rules = RuleSet::from_static(cfg);
+        self.hosts = cfg.hosts.clone();
+        self.retain = cfg.resolve_interval.saturating_mul(RETAIN_INTERVALS);
+        let keep: std::collections::HashSet<(String, u16)> =
+            self.hosts.iter().map(|h| (h.host.clone(), h.port)).collect();
+        self.resolved.retain(|k, _| keep.contains(k));
+    }
+
+    /// Re-resolve hostnames every `interval` (the first run is the caller's), and apply
+    /// reloaded rule configs as they arrive, until the sender is dropped.
+    pub fn spawn_refresher(
+        mut self,
+        interval: Duration,
+        mut updates: tokio::sync::mpsc::Receiver<CaptureConfig>,
+    ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
-            if self.hosts.is_empty() {
-                return;
-            }
             let mut tick = tokio::time::interval(interval.max(Duration::from_secs(1)));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await; // the immediate first tick: start() already resolved once
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if self.hosts.is_empty() {
+                            continue;
+                        }
+                    }
+                    u = updates.recv() => match u {
+                        Some(cfg) => {
+                            self.update(&cfg);
+                            let period = cfg.resolve_interval.max(Duration::from_secs(1));
+                            if period != tick.period() {
+                                tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                            }
+                        }
+                        None => return,
+                    },
+                }
                 self.refresh_hosts().await;
+                tracing::debug!(rules = self.installed.len(), "capture rules synced");
             }
         })
     }

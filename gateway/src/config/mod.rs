@@ -328,10 +328,18 @@ pub struct AgentConfig {
     pub selector: AgentSelector,
 }
 
-/// Host-side agent selector.
+/// Agent selector on host facts (cgroup, comm, exe, uid) and, for pods, Kubernetes facts.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentSelector {
+    /// Pod namespace (needs `kubernetes.enabled`).
+    pub namespace: Option<String>,
+    /// Owner workload name (Deployment, StatefulSet, DaemonSet, CronJob/Job, or bare pod).
+    pub workload: Option<String>,
+    /// Pod service account.
+    pub service_account: Option<String>,
+    /// Pod labels that must all be present with these values.
+    pub labels: std::collections::BTreeMap<String, String>,
     /// Glob on the cgroup path relative to the cgroup2 root, e.g. `/agents/billing/**`.
     pub cgroup: Option<String>,
     /// Exact `comm` (15 chars max, as the kernel truncates it).

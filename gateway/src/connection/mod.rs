@@ -21,6 +21,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
+use arc_swap::ArcSwap;
+
 use crate::capture::{identity::orig_dst, Agent, AgentResolver, FlowTable};
 use crate::config::{Config, RouteConfig};
 use crate::policy::CircuitState;
@@ -72,75 +74,152 @@ pub enum ProxyError {
     },
 }
 
-/// State shared by every connection task.
-struct Shared {
-    deps: ProxyDeps,
+/// What one config generation needs at run time. A connection takes the generation current at
+/// accept and keeps it to its end, so a reload never changes rules under an in-flight stream.
+struct Generation {
+    config: Arc<Config>,
+    agents: Arc<AgentResolver>,
     upstream: Arc<Upstream>,
-    tls_server: Arc<ServerConfig>,
-    reporter: Arc<Reporter>,
-    permits: Arc<Semaphore>,
     gateway: Arc<Gateway>,
 }
 
-/// Serve until `shutdown` flips to true; then stop accepting and let in-flight connections finish.
-/// L7 connections finish their current request and close; spliced connections run to their end,
-/// so callers wanting a hard stop bound this future with a timeout. A dropped `shutdown` sender
-/// counts as shutdown.
+impl Generation {
+    fn build(config: Arc<Config>, agents: Arc<AgentResolver>) -> Result<Generation, ProxyError> {
+        let upstream = Arc::new(Upstream::new(&config)?);
+        let gateway = Arc::new(Gateway::new(&config)?);
+        Ok(Generation { config, agents, upstream, gateway })
+    }
+}
+
+/// State shared by every connection task.
+struct Shared {
+    flows: Arc<dyn FlowTable>,
+    telemetry: Arc<Telemetry>,
+    current: ArcSwap<Generation>,
+    tls_server: Arc<ServerConfig>,
+    reporter: Arc<Reporter>,
+    permits: Arc<Semaphore>,
+    max: usize,
+}
+
+/// The proxy before it serves: generation 0 built, explicit route listeners bound.
+pub struct Proxy {
+    shared: Arc<Shared>,
+    direct: Vec<(String, TcpListener)>,
+}
+
+/// Swaps in new config generations while the proxy runs (cheap to clone).
+#[derive(Clone)]
+pub struct ProxyHandle(Arc<Shared>);
+
+/// A built but not yet serving generation: lets a reload fail on providers or keys before
+/// anything else (capture rules) changes.
+pub struct Prepared(Generation);
+
+impl ProxyHandle {
+    /// Build a generation from `config` (providers, keys, upstream client). Explicit route
+    /// listeners are bound once: a changed `routes[].listener` needs a restart (the caller
+    /// reports it).
+    pub fn prepare(&self, config: Arc<Config>, agents: Arc<AgentResolver>) -> Result<Prepared, ProxyError> {
+        Ok(Prepared(Generation::build(config, agents)?))
+    }
+
+    /// Make a prepared generation the one new connections take; connections already accepted
+    /// keep theirs.
+    pub fn commit(&self, next: Prepared) {
+        self.0.current.store(Arc::new(next.0));
+    }
+
+    /// Connections being served now.
+    pub fn in_flight(&self) -> usize {
+        self.0.max - self.0.permits.available_permits()
+    }
+}
+
+impl Proxy {
+    /// Build the first generation and bind every route's explicit listener.
+    pub async fn new(deps: ProxyDeps) -> Result<Proxy, ProxyError> {
+        let tls_server = deps.ca.server_config()?;
+        let reporter = Arc::new(Reporter::new(deps.telemetry.clone(), deps.observer.clone()));
+        let max = deps.config.limits.max_connections.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+        let permits = Arc::new(Semaphore::new(max));
+        let first = Generation::build(deps.config.clone(), deps.agents.clone())?;
+        let mut direct = Vec::new();
+        for r in &deps.config.routes {
+            if let Some(addr) = r.listener {
+                let l = TcpListener::bind(addr).await.map_err(|source| ProxyError::Bind {
+                    route: r.name.clone(),
+                    addr,
+                    source,
+                })?;
+                direct.push((r.name.clone(), l));
+            }
+        }
+        let shared = Arc::new(Shared {
+            flows: deps.flows,
+            telemetry: deps.telemetry,
+            current: ArcSwap::from_pointee(first),
+            tls_server,
+            reporter,
+            permits,
+            max,
+        });
+        let weak = Arc::downgrade(&shared);
+        shared.telemetry.metrics.set_circuit_source(Box::new(move || {
+            let Some(s) = weak.upgrade() else { return Vec::new() };
+            let g = s.current.load();
+            let mut out = Vec::new();
+            for r in g.gateway.routes() {
+                for t in r.balancer.snapshot() {
+                    let state = match t.circuit {
+                        CircuitState::Closed => 0,
+                        CircuitState::HalfOpen => 1,
+                        CircuitState::Open => 2,
+                    };
+                    out.push((r.name.to_string(), t.provider.clone(), state));
+                }
+            }
+            out
+        }));
+        Ok(Proxy { shared, direct })
+    }
+
+    /// A handle for reloads.
+    pub fn handle(&self) -> ProxyHandle {
+        ProxyHandle(self.shared.clone())
+    }
+
+    /// Serve until `shutdown` flips to true; then stop accepting and let in-flight connections
+    /// finish. L7 connections finish their current request and close; spliced connections run
+    /// to their end, so callers wanting a hard stop bound this future with a timeout. A dropped
+    /// `shutdown` sender counts as shutdown.
+    pub async fn serve(self, listeners: Vec<TcpListener>, shutdown: watch::Receiver<bool>) -> Result<(), ProxyError> {
+        let shared = self.shared;
+        let mut accepts = JoinSet::new();
+        for l in listeners {
+            accepts.spawn(accept_loop(shared.clone(), l, Entry::Captured, shutdown.clone()));
+        }
+        for (name, l) in self.direct {
+            accepts.spawn(accept_loop(shared.clone(), l, Entry::Direct(Arc::from(name)), shutdown.clone()));
+        }
+        while accepts.join_next().await.is_some() {}
+        // Every connection task holds a permit: all permits back means all connections done.
+        let _all = shared.permits.acquire_many(shared.max as u32).await;
+        Ok(())
+    }
+}
+
+/// [`Proxy::new`] then [`Proxy::serve`], for callers that never reload.
 pub async fn serve(
     deps: ProxyDeps,
     listeners: Vec<TcpListener>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ProxyError> {
-    let upstream = Arc::new(Upstream::new(&deps.config)?);
-    let tls_server = deps.ca.server_config()?;
-    let reporter = Arc::new(Reporter::new(deps.telemetry.clone(), deps.observer.clone()));
-    let max = deps.config.limits.max_connections.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
-    let permits = Arc::new(Semaphore::new(max));
-    let gateway = Arc::new(Gateway::new(&deps.config)?);
-    let weak = Arc::downgrade(&gateway);
-    deps.telemetry.metrics.set_circuit_source(Box::new(move || {
-        let Some(g) = weak.upgrade() else { return Vec::new() };
-        let mut out = Vec::new();
-        for r in g.routes() {
-            for t in r.balancer.snapshot() {
-                let state = match t.circuit {
-                    CircuitState::Closed => 0,
-                    CircuitState::HalfOpen => 1,
-                    CircuitState::Open => 2,
-                };
-                out.push((r.name.to_string(), t.provider.clone(), state));
-            }
-        }
-        out
-    }));
-    let mut direct = Vec::new();
-    for (i, r) in deps.config.routes.iter().enumerate() {
-        if let Some(addr) = r.listener {
-            let l = TcpListener::bind(addr).await.map_err(|source| ProxyError::Bind {
-                route: r.name.clone(),
-                addr,
-                source,
-            })?;
-            direct.push((i, l));
-        }
-    }
-    let shared = Arc::new(Shared { deps, upstream, tls_server, reporter, permits, gateway });
-
-    let mut accepts = JoinSet::new();
-    for l in listeners {
-        accepts.spawn(accept_loop(shared.clone(), l, Entry::Captured, shutdown.clone()));
-    }
-    for (i, l) in direct {
-        accepts.spawn(accept_loop(shared.clone(), l, Entry::Direct(i), shutdown.clone()));
-    }
-    while accepts.join_next().await.is_some() {}
-    // Every connection task holds a permit: all permits back means all connections done.
-    let _all = shared.permits.acquire_many(max as u32).await;
-    Ok(())
+    Proxy::new(deps).await?.serve(listeners, shutdown).await
 }
 
 /// Resolves once shutdown is requested (or can no longer be requested).
-async fn shutdown_requested(rx: &mut watch::Receiver<bool>) {
+pub async fn shutdown_requested(rx: &mut watch::Receiver<bool>) {
     loop {
         if *rx.borrow_and_update() {
             return;
@@ -152,12 +231,12 @@ async fn shutdown_requested(rx: &mut watch::Receiver<bool>) {
 }
 
 /// What a listener's connections are.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum Entry {
     /// Captured connections (a kernel record says who and where to).
     Captured,
-    /// A route's explicit listener (index into `config.routes`).
-    Direct(usize),
+    /// A route's explicit listener (route name, looked up in the current generation).
+    Direct(Arc<str>),
 }
 
 /// Accept until shutdown, one task per connection, bounded by `limits.max_connections`.
@@ -187,94 +266,98 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, entry: Entry, m
         };
         let shared = shared.clone();
         let shutdown = shutdown.clone();
+        let entry = entry.clone();
         tokio::spawn(async move {
+            let generation = shared.current.load_full();
+            let conn = Conn { shared: &shared, generation: &generation };
             match entry {
                 Entry::Captured => {
                     if let Ok(local) = stream.local_addr() {
-                        handle(&shared, stream, peer, local, shutdown).await;
+                        handle(&conn, stream, peer, local, shutdown).await;
                     }
                 }
-                Entry::Direct(route) => handle_direct(&shared, stream, peer, route, shutdown).await,
+                Entry::Direct(route) => handle_direct(&conn, stream, peer, &route, shutdown).await,
             }
             drop(permit);
         });
     }
 }
 
+/// One connection's view: the shared state and the generation it was accepted under.
+struct Conn<'a> {
+    shared: &'a Shared,
+    generation: &'a Generation,
+}
+
 /// A connection on a route's explicit listener: agents configured with tollgate as their base
 /// URL. No kernel record exists for these connections; the caller is named `direct`.
 async fn handle_direct(
-    shared: &Shared,
+    c: &Conn<'_>,
     stream: TcpStream,
     peer: SocketAddr,
-    route: usize,
+    route: &str,
     shutdown: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
     let agent = Arc::new(Agent::unknown("direct"));
-    let Some(r) = shared.deps.config.routes.get(route) else { return };
-    if let Some(ctx) = l7_context(shared, &agent, r, peer, None, false) {
-        shared.deps.telemetry.connection(Some(&agent), ConnKind::Http);
+    // A route removed by a reload keeps its listener until restart; its connections are closed.
+    let Some(r) = c.generation.config.routes.iter().find(|r| r.name == route) else { return };
+    if let Some(ctx) = l7_context(c, &agent, r, peer, None, false) {
+        c.shared.telemetry.connection(Some(&agent), ConnKind::Http);
         serve_http(stream, ctx, shutdown).await;
     }
 }
 
-async fn handle(
-    shared: &Shared,
-    stream: TcpStream,
-    peer: SocketAddr,
-    local: SocketAddr,
-    shutdown: watch::Receiver<bool>,
-) {
-    let deps = &shared.deps;
+async fn handle(c: &Conn<'_>, stream: TcpStream, peer: SocketAddr, local: SocketAddr, shutdown: watch::Receiver<bool>) {
+    let shared = c.shared;
     // Streamed events are small writes: without this, Nagle + delayed ACK hold them ~40 ms.
     let _ = stream.set_nodelay(true);
-    let Some(rec) = deps.flows.take(peer, local) else {
+    let Some(rec) = shared.flows.take(peer, local) else {
         tracing::debug!(%peer, %local, "no capture record; closing");
-        deps.telemetry.connection(None, ConnKind::NoRecord);
+        shared.telemetry.connection(None, ConnKind::NoRecord);
         return;
     };
     let orig = orig_dst(&rec);
-    let resolver = deps.agents.clone();
+    let resolver = c.generation.agents.clone();
     let agent = match tokio::task::spawn_blocking(move || resolver.resolve(&rec)).await {
         Ok(a) => Arc::new(a),
         Err(_) => Arc::new(Agent::unknown("unknown")),
     };
-    let cfg = &deps.config;
+    let cfg = &c.generation.config;
     let sniffed = match sniff::sniff(&stream, cfg.limits.sniff_timeout).await {
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(%peer, %orig, error = %e, "sniff failed; closing");
-            deps.telemetry.connection(Some(&agent), ConnKind::SniffFailed);
+            shared.telemetry.connection(Some(&agent), ConnKind::SniffFailed);
             return;
         }
     };
     match sniffed {
         Sniffed::Tls { sni: Some(name) } => match cfg.route_for(Some(&name), Some(orig)).filter(|r| r.intercept) {
-            Some(route) => intercept(shared, stream, agent, orig, route, name, shutdown).await,
-            None => do_splice(shared, stream, agent, orig, Some(name)).await,
+            Some(route) => intercept(c, stream, agent, orig, route, name, shutdown).await,
+            None => do_splice(c, stream, agent, orig, Some(name)).await,
         },
-        Sniffed::Tls { sni: None } | Sniffed::Other => do_splice(shared, stream, agent, orig, None).await,
+        Sniffed::Tls { sni: None } | Sniffed::Other => do_splice(c, stream, agent, orig, None).await,
         Sniffed::Http { host } => match cfg.route_for(host.as_deref(), Some(orig)) {
             Some(route) => {
-                let Some(ctx) = l7_context(shared, &agent, route, orig, host.as_deref(), false) else {
+                let Some(ctx) = l7_context(c, &agent, route, orig, host.as_deref(), false) else {
                     return;
                 };
-                deps.telemetry.connection(Some(&agent), ConnKind::Http);
+                shared.telemetry.connection(Some(&agent), ConnKind::Http);
                 serve_http(stream, ctx, shutdown).await;
             }
-            None => do_splice(shared, stream, agent, orig, None).await,
+            None => do_splice(c, stream, agent, orig, None).await,
         },
     }
 }
 
-async fn do_splice(shared: &Shared, stream: TcpStream, agent: Arc<Agent>, orig: SocketAddr, sni: Option<String>) {
-    shared.deps.telemetry.connection(Some(&agent), ConnKind::Spliced);
-    splice::splice(stream, orig, sni, agent, &shared.upstream, &shared.deps.telemetry).await;
+async fn do_splice(c: &Conn<'_>, stream: TcpStream, agent: Arc<Agent>, orig: SocketAddr, sni: Option<String>) {
+    c.shared.telemetry.connection(Some(&agent), ConnKind::Spliced);
+    splice::splice(stream, orig, sni, agent, &c.generation.upstream, &c.shared.telemetry).await;
 }
 
 async fn intercept(
-    shared: &Shared,
+    c: &Conn<'_>,
     stream: TcpStream,
     agent: Arc<Agent>,
     orig: SocketAddr,
@@ -282,12 +365,12 @@ async fn intercept(
     name: String,
     shutdown: watch::Receiver<bool>,
 ) {
-    let Some(ctx) = l7_context(shared, &agent, route, orig, Some(&name), true) else {
+    let Some(ctx) = l7_context(c, &agent, route, orig, Some(&name), true) else {
         return;
     };
-    shared.deps.telemetry.connection(Some(&agent), ConnKind::Intercepted);
-    let acceptor = tokio_rustls::TlsAcceptor::from(shared.tls_server.clone());
-    let handshake = tokio::time::timeout(shared.deps.config.limits.sniff_timeout, acceptor.accept(stream)).await;
+    c.shared.telemetry.connection(Some(&agent), ConnKind::Intercepted);
+    let acceptor = tokio_rustls::TlsAcceptor::from(c.shared.tls_server.clone());
+    let handshake = tokio::time::timeout(c.generation.config.limits.sniff_timeout, acceptor.accept(stream)).await;
     match handshake {
         Ok(Ok(tls)) => serve_http(tls, ctx, shutdown).await,
         Ok(Err(e)) => {
@@ -299,7 +382,7 @@ async fn intercept(
 }
 
 fn l7_context(
-    shared: &Shared,
+    c: &Conn<'_>,
     agent: &Arc<Agent>,
     route: &RouteConfig,
     orig: SocketAddr,
@@ -315,10 +398,10 @@ fn l7_context(
             route: Arc::from(route.name.as_str()),
             provider: route.provider,
             target,
-            upstream: shared.upstream.clone(),
-            config: shared.deps.config.clone(),
-            reporter: shared.reporter.clone(),
-            gateway: shared.gateway.route(&route.name),
+            upstream: c.generation.upstream.clone(),
+            config: c.generation.config.clone(),
+            reporter: c.shared.reporter.clone(),
+            gateway: c.generation.gateway.route(&route.name),
             include_usage: route.include_usage,
             log_payloads: route.log_payloads.enabled.then_some(route.log_payloads.max_bytes),
             paths: Arc::from(route.matcher.paths.as_slice()),

@@ -58,6 +58,36 @@ struct AgentFields<'a> {
     exe: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     cgroup: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    k8s: Option<K8sFields<'a>>,
+}
+
+/// Pod facts of an agent in a pod: `pod_uid`/`container_id` from the cgroup path, the rest
+/// once the pod watcher knows the pod.
+#[derive(Serialize)]
+struct K8sFields<'a> {
+    pod_uid: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    container_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    namespace: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pod: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    workload: Option<String>,
+}
+
+impl<'a> From<&'a crate::capture::identity::K8sIdentity> for K8sFields<'a> {
+    fn from(k: &'a crate::capture::identity::K8sIdentity) -> Self {
+        let p = k.pod.as_deref();
+        K8sFields {
+            pod_uid: &k.pod_uid,
+            container_id: k.container_id.as_deref(),
+            namespace: p.map(|p| p.namespace.as_str()),
+            pod: p.map(|p| p.name.as_str()),
+            workload: p.map(|p| format!("{}/{}", p.workload.kind, p.workload.name)),
+        }
+    }
 }
 
 impl<'a> From<&'a Agent> for AgentFields<'a> {
@@ -69,6 +99,7 @@ impl<'a> From<&'a Agent> for AgentFields<'a> {
             uid: a.uid,
             exe: a.exe.as_deref(),
             cgroup: a.cgroup_path.as_deref(),
+            k8s: a.k8s.as_ref().map(K8sFields::from),
         }
     }
 }
@@ -255,6 +286,11 @@ fn write_llm_line(buf: &mut Vec<u8>, c: &LlmCall) {
     if let Some(cg) = &a.cgroup_path {
         buf.extend_from_slice(b",\"cgroup\":");
         json_str(buf, cg);
+    }
+    if let Some(k) = &a.k8s {
+        // Rare enough (pods only, once per call) to go through serde.
+        buf.extend_from_slice(b",\"k8s\":");
+        let _ = serde_json::to_writer(&mut *buf, &K8sFields::from(k));
     }
     buf.extend_from_slice(b"},\"route\":");
     json_str(buf, &c.route);

@@ -6,6 +6,7 @@ pub mod access_log;
 pub mod cost;
 pub mod labels;
 pub mod metrics;
+pub mod node;
 pub mod otlp_metrics;
 pub mod resource;
 pub mod trace;
@@ -265,6 +266,8 @@ pub struct L4Conn {
 pub struct Telemetry {
     /// Prometheus registry and metric families.
     pub metrics: Metrics,
+    /// Config reload and Kubernetes metrics (same registry).
+    pub node: node::NodeMetrics,
     access: access_log::AccessLog,
     tracer: Option<trace::Tracer>,
     pusher: Option<otlp_metrics::MetricsPusher>,
@@ -310,6 +313,7 @@ impl Telemetry {
     /// [`Telemetry::new`] with model prices for `tollgate_llm_cost_usd_total`.
     pub fn with_pricing(cfg: &TelemetryConfig, pricing: &[ModelPrice]) -> Result<Self, TelemetryError> {
         let metrics = Metrics::with_pricing(cfg.max_label_values, cost::PriceTable::new(pricing)?)?;
+        let node = node::NodeMetrics::register(&metrics.registry)?;
         let otlp = cfg.otlp.as_ref();
         let tracer = match otlp.filter(|o| o.traces) {
             Some(o) => Some(trace::Tracer::new(o, metrics.dropped.with_label_values(&["otlp_spans"]))?),
@@ -327,7 +331,7 @@ impl Telemetry {
             &cfg.access_log,
             metrics.dropped.with_label_values(&["access_log"]),
         )?;
-        Ok(Telemetry { access, metrics, tracer, pusher })
+        Ok(Telemetry { access, metrics, node, tracer, pusher })
     }
 
     /// A captured connection was accepted and classified.

@@ -59,6 +59,10 @@ mod attr {
     pub const TARGET: &str = "tollgate.target";
     pub const ATTEMPTS: &str = "tollgate.attempts";
     pub const REASONING_TOKENS: &str = "gen_ai.usage.reasoning.output_tokens";
+    pub const K8S_NAMESPACE: &str = "k8s.namespace.name";
+    pub const K8S_POD_NAME: &str = "k8s.pod.name";
+    pub const K8S_POD_UID: &str = "k8s.pod.uid";
+    pub const CONTAINER_ID: &str = "container.id";
 }
 
 /// Span exporter for LLM calls.
@@ -132,6 +136,9 @@ impl Tracer {
         attrs.extend(opt.into_iter().filter_map(|(k, v)| v.map(|v| KeyValue::new(k, v.clone()))));
         if let Some(p) = c.server_port {
             attrs.push(KeyValue::new(attr::SERVER_PORT, i64::from(p)));
+        }
+        if let Some(k) = &a.k8s {
+            k8s_attributes(k, &mut attrs);
         }
         if !c.finish_reasons.is_empty() {
             let list: Vec<StringValue> = c.finish_reasons.iter().map(|s| s.clone().into()).collect();
@@ -381,5 +388,31 @@ mod tests {
 
     fn hex(b: &[u8]) -> String {
         b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+}
+
+/// The agent's pod as OpenTelemetry k8s resource-convention keys on the span (the span's resource
+/// is tollgate itself, so the caller's pod goes on the span): namespace, pod, UID, container, and
+/// the owner as `k8s.<kind>.name` (`k8s.deployment.name`, `k8s.statefulset.name`, ...).
+fn k8s_attributes(k: &crate::capture::identity::K8sIdentity, attrs: &mut Vec<KeyValue>) {
+    attrs.push(KeyValue::new(attr::K8S_POD_UID, k.pod_uid.clone()));
+    if let Some(id) = &k.container_id {
+        attrs.push(KeyValue::new(attr::CONTAINER_ID, id.clone()));
+    }
+    if let Some(p) = &k.pod {
+        attrs.push(KeyValue::new(attr::K8S_NAMESPACE, p.namespace.clone()));
+        attrs.push(KeyValue::new(attr::K8S_POD_NAME, p.name.clone()));
+        let key = match p.workload.kind.as_str() {
+            "Deployment" => Some("k8s.deployment.name"),
+            "StatefulSet" => Some("k8s.statefulset.name"),
+            "DaemonSet" => Some("k8s.daemonset.name"),
+            "ReplicaSet" => Some("k8s.replicaset.name"),
+            "Job" => Some("k8s.job.name"),
+            "CronJob" => Some("k8s.cronjob.name"),
+            _ => None,
+        };
+        if let Some(key) = key {
+            attrs.push(KeyValue::new(key, p.workload.name.clone()));
+        }
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod ca_publish;
 pub mod cgroup_path;
+pub mod owners;
 pub mod pods;
 pub mod scope;
 pub mod watch;
