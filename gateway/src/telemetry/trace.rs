@@ -278,6 +278,32 @@ fn parent_context(traceparent: Option<&str>) -> Context {
     TraceContextPropagator::new().extract(&carrier)
 }
 
+/// The agent's pod as OpenTelemetry k8s resource-convention keys on the span (the span's resource
+/// is tollgate itself, so the caller's pod goes on the span): namespace, pod, UID, container, and
+/// the owner as `k8s.<kind>.name` (`k8s.deployment.name`, `k8s.statefulset.name`, ...).
+fn k8s_attributes(k: &crate::capture::identity::K8sIdentity, attrs: &mut Vec<KeyValue>) {
+    attrs.push(KeyValue::new(attr::K8S_POD_UID, k.pod_uid.clone()));
+    if let Some(id) = &k.container_id {
+        attrs.push(KeyValue::new(attr::CONTAINER_ID, id.clone()));
+    }
+    if let Some(p) = &k.pod {
+        attrs.push(KeyValue::new(attr::K8S_NAMESPACE, p.namespace.clone()));
+        attrs.push(KeyValue::new(attr::K8S_POD_NAME, p.name.clone()));
+        let key = match p.workload.kind.as_str() {
+            "Deployment" => Some("k8s.deployment.name"),
+            "StatefulSet" => Some("k8s.statefulset.name"),
+            "DaemonSet" => Some("k8s.daemonset.name"),
+            "ReplicaSet" => Some("k8s.replicaset.name"),
+            "Job" => Some("k8s.job.name"),
+            "CronJob" => Some("k8s.cronjob.name"),
+            _ => None,
+        };
+        if let Some(key) = key {
+            attrs.push(KeyValue::new(key, p.workload.name.clone()));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,31 +414,5 @@ mod tests {
 
     fn hex(b: &[u8]) -> String {
         b.iter().map(|x| format!("{x:02x}")).collect()
-    }
-}
-
-/// The agent's pod as OpenTelemetry k8s resource-convention keys on the span (the span's resource
-/// is tollgate itself, so the caller's pod goes on the span): namespace, pod, UID, container, and
-/// the owner as `k8s.<kind>.name` (`k8s.deployment.name`, `k8s.statefulset.name`, ...).
-fn k8s_attributes(k: &crate::capture::identity::K8sIdentity, attrs: &mut Vec<KeyValue>) {
-    attrs.push(KeyValue::new(attr::K8S_POD_UID, k.pod_uid.clone()));
-    if let Some(id) = &k.container_id {
-        attrs.push(KeyValue::new(attr::CONTAINER_ID, id.clone()));
-    }
-    if let Some(p) = &k.pod {
-        attrs.push(KeyValue::new(attr::K8S_NAMESPACE, p.namespace.clone()));
-        attrs.push(KeyValue::new(attr::K8S_POD_NAME, p.name.clone()));
-        let key = match p.workload.kind.as_str() {
-            "Deployment" => Some("k8s.deployment.name"),
-            "StatefulSet" => Some("k8s.statefulset.name"),
-            "DaemonSet" => Some("k8s.daemonset.name"),
-            "ReplicaSet" => Some("k8s.replicaset.name"),
-            "Job" => Some("k8s.job.name"),
-            "CronJob" => Some("k8s.cronjob.name"),
-            _ => None,
-        };
-        if let Some(key) = key {
-            attrs.push(KeyValue::new(key, p.workload.name.clone()));
-        }
     }
 }

@@ -133,17 +133,15 @@ pub fn spawn(
         let mut last: Option<HashMap<u64, ScopeEntry>> = None;
         loop {
             let root = cgroup_root.clone();
-            let found = match tokio::task::spawn_blocking(move || scan(&root)).await {
-                Ok(f) => f,
-                Err(_) => KubeCgroups::default(),
-            };
-            let want = entries(mode, &found, &store);
-            if last.as_ref() != Some(&want) {
+            // A failed scan (panicked walk) keeps the installed entries rather than emptying them.
+            let found = tokio::task::spawn_blocking(move || scan(&root)).await.ok();
+            let want = found.as_ref().map(|f| entries(mode, f, &store));
+            if let Some(want) = want.filter(|w| last.as_ref() != Some(w)) {
                 let failed = scope(want.clone());
                 if failed > 0 {
                     tracing::warn!(failed, "pod scope entries did not fit capture.max_scope_cgroups");
                 } else {
-                    tracing::debug!(entries = want.len(), pods = found.pods.len(), "pod scope synced");
+                    tracing::debug!(entries = want.len(), "pod scope synced");
                     last = Some(want);
                 }
             }
