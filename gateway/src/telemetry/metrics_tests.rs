@@ -180,6 +180,12 @@ fn dashboards_query_only_emitted_metrics() {
         error: None,
     });
     m.set_capture_source(Box::new(|| Some(vec![("seen", 1)])));
+    // The node agent's families (config reloads, Kubernetes pods), which `Telemetry` registers
+    // in the same registry.
+    let node = crate::telemetry::node::NodeMetrics::register(&m.registry).unwrap();
+    node.set_pod_source(Box::new(|| {
+        (vec![("ns".into(), "pod".into(), "Deployment/w".into(), "ns/w".into(), true)], vec![("relists", 0)])
+    }));
     let exposed = m.encode();
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards");
     let mut checked = 0;

@@ -3,6 +3,7 @@
 //! drivers), and a local replay of the Kubernetes API (`MockKube`: list + watch of pods and
 //! namespaces, ReplicaSet/Job owners, ConfigMap apply) that tollgate watches.
 
+mod caps;
 mod lifecycle;
 
 use std::path::PathBuf;
@@ -22,7 +23,7 @@ use crate::support::*;
 
 const NODE: &str = "node-1";
 /// A 64-hex container ID, as containerd and CRI-O name them.
-fn container_id(seed: u8) -> String {
+pub(crate) fn container_id(seed: u8) -> String {
     format!("{:02x}", seed).repeat(32)
 }
 
@@ -36,7 +37,7 @@ struct SimPod {
 
 /// Kubelet layouts: systemd driver (UID with underscores, `cri-containerd-<id>.scope`) or
 /// cgroupfs driver (`kubepods/<qos>/pod<uid>/<id>`).
-fn kubelet_path(f: &PodFixture, systemd: bool, id: &str) -> (String, String) {
+pub(crate) fn kubelet_path(f: &PodFixture, systemd: bool, id: &str) -> (String, String) {
     let qos = f.qos.to_ascii_lowercase();
     if systemd {
         let uid = f.uid.replace('-', "_");

@@ -7,7 +7,11 @@
 //! scrapes of tollgate's admin `/metrics`) records all of it. Then every query of every board
 //! (template variables included) is evaluated through Prometheus' HTTP API, as Grafana would,
 //! and must return series with finite values.
+//!
+//! The node is also a simulated Kubernetes node ([`k8s`]): pods from an API replay, kubelet-style
+//! cgroups, one pod calling the gateway, and a config reload, for the Kubernetes board.
 
+mod k8s;
 mod spans;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -69,6 +73,7 @@ fn o1_every_dashboard_query_returns_data() -> Result<()> {
         &cert.key_path.to_string_lossy(),
     ])?;
     let origin_addr = origin.https[0];
+    let node = k8s::Node::new(&gw)?;
 
     let provider = |name: &str, m: &MockLlm, key: &PathBuf| {
         let base = format!("http://{}/v1", m.http[0]);
@@ -102,6 +107,7 @@ fn o1_every_dashboard_query_returns_data() -> Result<()> {
                 {"model": "gpt-4o-mini*", "input_per_mtok": 0.15, "output_per_mtok": 0.6},
                 {"model": "gpt-4o*", "input_per_mtok": 2.5, "output_per_mtok": 10.0},
             ],
+            "kubernetes": node.config(),
         }),
         None,
     )?;
@@ -110,6 +116,8 @@ fn o1_every_dashboard_query_returns_data() -> Result<()> {
     // rate() of a series needs two samples that differ.
     let prom = Prometheus::start(&prometheus_bin(), "tollgate", &[t.admin], Duration::from_secs(1))?;
     prom.wait_scraped_after(SystemTime::now(), Duration::from_secs(15))?;
+    node.wait_ready(&t)?;
+    k8s::reload_unchanged(&t)?;
 
     let ctx = Traffic { gw: &gw, a: &a, b: &b, origin_ca: &origin_ca, origin: origin_addr };
     for round in 1..=2u32 {
@@ -143,6 +151,8 @@ fn o1_every_dashboard_query_returns_data() -> Result<()> {
     }
     wait_metric(&t, "tollgate_llm_requests_total", &[("status", "200")], 21.0)?;
     wait_metric(&t, "tollgate_llm_requests_total", &[("status", "503")], 8.0)?;
+    // The Deployment's pod calls too (B serves: A's circuit is open).
+    node.traffic(&gw, &t, &prom)?;
     wait_synced(&t, &prom)?;
 
     // Every query of every board.
@@ -480,7 +490,7 @@ fn evaluate_board(prom: &Prometheus, b: &Board, report: &mut Report) -> Result<(
                 }
                 let (series, outcome, failed) = match prom.query(&expr) {
                     Err(e) => (0, format!("query error: {e:#}"), true),
-                    Ok(r) => judge(&r, mode),
+                    Ok(r) => judge(&r, mode, &expr),
                 };
                 report.rows.push(Row {
                     board: name.clone(),
@@ -500,7 +510,8 @@ fn evaluate_board(prom: &Prometheus, b: &Board, report: &mut Report) -> Result<(
 
 /// `(series, summary, failed)`: a query must return series, at least one with a finite value,
 /// and an `agent` filter must hold: one agent's view shows only that agent, "All" shows both.
-fn judge(r: &[Series], mode: Mode) -> (usize, String, bool) {
+/// A query over pod metadata may show only the pods' agents.
+fn judge(r: &[Series], mode: Mode, expr: &str) -> (usize, String, bool) {
     if r.is_empty() {
         return (0, "no series".into(), true);
     }
@@ -514,6 +525,7 @@ fn judge(r: &[Series], mode: Mode) -> (usize, String, bool) {
     let agents: BTreeSet<&str> = r.iter().filter_map(|s| s.labels.get("agent").map(String::as_str)).collect();
     if !agents.is_empty() {
         let ok = match mode {
+            _ if expr.contains("tollgate_k8s_pod_info") => agents.iter().all(|x| k8s::POD_AGENTS.contains(x)),
             Mode::One(a) => agents.iter().all(|x| *x == a),
             Mode::First => true,
             Mode::All => agents.contains(ALPHA) && agents.contains(BETA),
