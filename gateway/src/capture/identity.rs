@@ -298,6 +298,52 @@ mod tests {
     }
 
     #[test]
+    fn pods_are_named_by_selector_then_pod_agent() {
+        use crate::capture::kubernetes::{PodInfo, PodStore, Workload};
+        let uid = "0d5bd5f4-2b5e-4e3a-9c1f-3b2a1d0e9f87";
+        let store = Arc::new(PodStore::new(4));
+        store.upsert(PodInfo {
+            uid: uid.into(),
+            namespace: "team-a".into(),
+            name: "chat-1".into(),
+            service_account: Some("chat-sa".into()),
+            workload: Workload { kind: "Deployment".into(), name: "chat".into() },
+            labels: [("tier".to_string(), "gold".to_string())].into(),
+            annotations: Default::default(),
+            qos_class: None,
+            capture: true,
+            agent: Arc::from("team-a/chat"),
+        });
+        let sel = |name: &str, s: AgentSelector| AgentConfig { name: name.into(), selector: s };
+        let path = format!("/kubepods.slice/kubepods-pod{}.slice/cri-containerd-{}.scope", uid.replace('-', "_"), "ab".repeat(32));
+        let resolve = |agents: &[AgentConfig]| {
+            let r = AgentResolver::new(agents, None).with_pods(Some(store.clone()));
+            let mut a = agent(Some(&path), "python3");
+            a.k8s = r.k8s_identity(a.cgroup_path.as_deref());
+            (r.name_for(&a), a)
+        };
+        let (name, a) = resolve(&[]);
+        assert_eq!(&*name, "team-a/chat");
+        let k = a.k8s.unwrap();
+        assert_eq!((k.pod_uid.as_str(), k.container_id.as_deref()), (uid, Some("ab".repeat(32).as_str())));
+        let gold = AgentSelector {
+            namespace: Some("team-a".into()),
+            workload: Some("chat".into()),
+            service_account: Some("chat-sa".into()),
+            labels: [("tier".to_string(), "gold".to_string())].into(),
+            ..Default::default()
+        };
+        assert_eq!(&*resolve(&[sel("gold-chat", gold.clone())]).0, "gold-chat");
+        let other_ns = AgentSelector { namespace: Some("team-b".into()), ..gold.clone() };
+        assert_eq!(&*resolve(&[sel("x", other_ns)]).0, "team-a/chat");
+        let other_label = AgentSelector { labels: [("tier".to_string(), "free".to_string())].into(), ..gold };
+        assert_eq!(&*resolve(&[sel("x", other_label)]).0, "team-a/chat");
+        // A Kubernetes selector never matches a host process.
+        let r = AgentResolver::new(&[sel("x", AgentSelector { namespace: Some("team-a".into()), ..Default::default() })], None);
+        assert_eq!(&*r.name_for(&agent(Some("/agents/a"), "curl")), "a");
+    }
+
+    #[test]
     fn walk_finds_cgroup_by_inode() {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(d.path().join("a/b")).unwrap();

@@ -156,8 +156,19 @@ fn k1_pods_are_captured_and_named_from_the_api() -> Result<()> {
     // A pod on another node must never show up.
     kube.add_pod(PodFixture::new("team-a", "elsewhere", "node-2").json());
 
+    // The cluster CA, made once with `tollgate ca --dir` and mounted read-only like the
+    // `tollgate-ca` Secret: every node loads it instead of minting its own.
+    let ca_dir = e.path("cluster-ca");
+    let out = std::process::Command::new(&e.tg_bin).arg("ca").arg("--dir").arg(&ca_dir).output()?;
+    ensure!(out.status.success(), "tollgate ca --dir: {}", String::from_utf8_lossy(&out.stderr));
+    let pem = std::fs::read_to_string(ca_dir.join("ca.pem"))?;
+    ensure!(String::from_utf8_lossy(&out.stdout).contains(pem.trim()), "tollgate ca --dir printed another PEM");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(ca_dir.join("ca.key"), std::fs::Permissions::from_mode(0o400))?;
+    std::fs::set_permissions(&ca_dir, std::fs::Permissions::from_mode(0o500))?;
     let t = e.tollgate(
         json!({
+            "tls": {"ca_dir": ca_dir},
             "listen": {"pod_ipv4": node_ip},
             "capture": {"ports": [port]},
             "routes": [{"name": "llm", "provider": "openai", "match": {"hosts": ["llm.internal"]}}],
@@ -252,9 +263,9 @@ fn k1_pods_are_captured_and_named_from_the_api() -> Result<()> {
     for ns in ["team-a", "team-b"] {
         ensure!(cms.contains(&(ns.to_string(), "tollgate-ca".to_string())), "no CA ConfigMap in {ns}: {cms:?}");
     }
-    let pem = std::fs::read_to_string(t.dir.path().join("ca/ca.pem"))?;
+    ensure!(!t.dir.path().join("ca").exists(), "tollgate minted its own CA instead of the cluster's");
     let (_, _, cm) = kube.configmaps().into_iter().find(|(ns, _, _)| ns == "team-a").expect("checked above");
-    ensure!(cm["data"]["ca.crt"] == json!(pem), "published CA differs from tollgate's");
+    ensure!(cm["data"]["ca.crt"] == json!(pem), "published CA differs from the cluster CA");
     drop(t);
     Ok(())
 }
