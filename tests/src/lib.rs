@@ -17,6 +17,7 @@ pub mod openai;
 pub mod otlp;
 pub mod prom;
 pub mod prometheus;
+pub mod redis;
 pub mod tollgate;
 pub mod wire;
 

@@ -2,7 +2,9 @@
 //! and column (see [`load`]) instead of a silently ignored setting on a production node.
 
 mod gateway;
+pub mod guards;
 mod kubernetes;
+pub mod limits;
 mod load;
 mod telemetry;
 

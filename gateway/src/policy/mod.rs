@@ -10,6 +10,8 @@
 mod balance;
 mod budget;
 mod circuit;
+pub mod guards;
+pub mod limits;
 
 pub use balance::{Balancer, InFlight, Outcome, Plan, PlanIntoIter, PlanIter, TargetStatus};
 pub use budget::RetryBudget;
