@@ -689,7 +689,9 @@ fn servicemonitor_component_scrapes_the_admin_port() {
 #[test]
 fn docs_and_image_build_match_the_manifests() {
     let dir = k8s_dir();
-    let readme = std::fs::read_to_string(dir.join("README.md")).unwrap();
+    // The install guide is the top-level README's "Install on Kubernetes" section.
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    assert!(readme.contains("## Install on Kubernetes"), "README.md has no Install on Kubernetes section");
     for needle in [
         "tollgate ca --dir ./ca",
         "kubectl -n tollgate create secret generic tollgate-ca --from-file=ca.pem=./ca/ca.pem --from-file=ca.key=./ca/ca.key",
@@ -697,7 +699,7 @@ fn docs_and_image_build_match_the_manifests() {
         "kubectl apply -k deploy/kubernetes/",
         "deploy/observability/k8s",
     ] {
-        assert!(readme.contains(needle), "deploy/kubernetes/README.md does not mention `{needle}`");
+        assert!(readme.contains(needle), "README.md does not mention `{needle}`");
     }
     // Every key file the enforce config reads is named in the README's Secret command.
     let (_, enforce) = embedded_config(render(ENFORCE));
