@@ -2,6 +2,7 @@
 //! (SIGTERM, drain, restart) measured from the agent's side.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -29,6 +30,14 @@ fn stream_request(words: u32, text: &str) -> ChatRequest {
     req
 }
 
+/// POST the JSON file `body` to `url` with curl from the cgroup directory `cgroup`.
+fn post_json(cgroup: &Path, body: &Path, url: &str) -> Result<tollgate_e2e::client::CurlOut> {
+    let data = format!("@{}", body.display());
+    let args =
+        ["-H", "Content-Type: application/json", "-H", "Authorization: Bearer sk-e2e", "--data-binary", &data, url];
+    tollgate_e2e::client::curl_in(cgroup, None, &args)
+}
+
 /// Start a streamed chat through curl in `g` on a thread; the handle yields curl's result.
 fn spawn_stream(
     e: &Env,
@@ -38,20 +47,8 @@ fn spawn_stream(
 ) -> Result<std::thread::JoinHandle<Result<tollgate_e2e::client::CurlOut>>> {
     let body = e.path(&format!("stream-{}.json", req.max_tokens.unwrap_or(0)));
     std::fs::write(&body, serde_json::to_vec(&req.to_json())?)?;
-    let procs = g.dir().join("cgroup.procs");
-    Ok(std::thread::spawn(move || {
-        let data = format!("@{}", body.display());
-        let args = [
-            "-H",
-            "Content-Type: application/json",
-            "-H",
-            "Authorization: Bearer sk-e2e",
-            "--data-binary",
-            &data,
-            &url,
-        ];
-        tollgate_e2e::client::curl_in(procs.parent().expect("group dir"), None, &args)
-    }))
+    let dir = g.dir().to_path_buf();
+    Ok(std::thread::spawn(move || post_json(&dir, &body, &url)))
 }
 
 fn route(name: &str, addrs: &[SocketAddr]) -> Value {
@@ -171,20 +168,10 @@ fn k3_rolling_update_drains_and_fails_open() -> Result<()> {
         let (stop, procs_dir, url, body) = (stop.clone(), g.dir().to_path_buf(), url.clone(), e.path("k3-loop.json"));
         std::fs::write(&body, serde_json::to_vec(&ChatRequest::simple(MODEL, "loop").to_json())?)?;
         std::thread::spawn(move || {
-            let data = format!("@{}", body.display());
-            let args = [
-                "-H",
-                "Content-Type: application/json",
-                "-H",
-                "Authorization: Bearer sk-e2e",
-                "--data-binary",
-                &data,
-                &url,
-            ];
             let mut out = Vec::new();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let at = t0.elapsed();
-                let r = tollgate_e2e::client::curl_in(&procs_dir, None, &args);
+                let r = post_json(&procs_dir, &body, &url);
                 out.push((at, t0.elapsed(), r));
                 std::thread::sleep(Duration::from_millis(20));
             }
