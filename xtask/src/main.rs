@@ -227,16 +227,15 @@ fn is_root() -> bool {
 
 const BPF_LINKER_REQ: &str = "^0.13";
 /// Debian packages by the binary the tests or the bench need from them.
-const DEBIAN: &[(&str, &str)] =
-    &[
-        ("ip", "iproute2"),
-        ("curl", "curl"),
-        ("nginx", "nginx"),
-        ("wrk", "wrk"),
-        ("prometheus", "prometheus"),
-        ("redis-server", "redis-server"),
-        ("kubectl", "kubectl"),
-    ];
+const DEBIAN: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("curl", "curl"),
+    ("nginx", "nginx"),
+    ("wrk", "wrk"),
+    ("prometheus", "prometheus"),
+    ("redis-server", "redis-server"),
+    ("kubectl", "kubectl"),
+];
 
 fn setup() -> Result<()> {
     let t0 = Instant::now();

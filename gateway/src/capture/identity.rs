@@ -315,7 +315,11 @@ mod tests {
             agent: Arc::from("team-a/chat"),
         });
         let sel = |name: &str, s: AgentSelector| AgentConfig { name: name.into(), selector: s };
-        let path = format!("/kubepods.slice/kubepods-pod{}.slice/cri-containerd-{}.scope", uid.replace('-', "_"), "ab".repeat(32));
+        let path = format!(
+            "/kubepods.slice/kubepods-pod{}.slice/cri-containerd-{}.scope",
+            uid.replace('-', "_"),
+            "ab".repeat(32)
+        );
         let resolve = |agents: &[AgentConfig]| {
             let r = AgentResolver::new(agents, None).with_pods(Some(store.clone()));
             let mut a = agent(Some(&path), "python3");
@@ -339,7 +343,10 @@ mod tests {
         let other_label = AgentSelector { labels: [("tier".to_string(), "free".to_string())].into(), ..gold };
         assert_eq!(&*resolve(&[sel("x", other_label)]).0, "team-a/chat");
         // A Kubernetes selector never matches a host process.
-        let r = AgentResolver::new(&[sel("x", AgentSelector { namespace: Some("team-a".into()), ..Default::default() })], None);
+        let r = AgentResolver::new(
+            &[sel("x", AgentSelector { namespace: Some("team-a".into()), ..Default::default() })],
+            None,
+        );
         assert_eq!(&*r.name_for(&agent(Some("/agents/a"), "curl")), "a");
     }
 

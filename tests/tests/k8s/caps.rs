@@ -25,7 +25,8 @@ fn daemonset_caps() -> Result<Vec<String>> {
     let path = tollgate_e2e::repo_root().join("deploy/kubernetes/base/daemonset.yaml");
     let ds: Value = serde_yaml_ng::from_str(&std::fs::read_to_string(&path)?)?;
     let add = &ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"];
-    let caps: Vec<String> = add.as_array().map(|a| a.iter().filter_map(|c| c.as_str().map(str::to_string)).collect()).unwrap_or_default();
+    let caps: Vec<String> =
+        add.as_array().map(|a| a.iter().filter_map(|c| c.as_str().map(str::to_string)).collect()).unwrap_or_default();
     ensure!(!caps.is_empty(), "no capabilities.add in {}", path.display());
     Ok(caps)
 }
@@ -34,7 +35,8 @@ fn daemonset_caps() -> Result<Vec<String>> {
 fn wrapper(dir: &Path, tollgate: &Path, caps: &[&str]) -> Result<PathBuf> {
     let list: String = caps.iter().map(|c| format!(",+{}", c.to_ascii_lowercase())).collect();
     let path = dir.join(format!("tollgate-caps{}", caps.len()));
-    let script = format!("#!/bin/sh\nexec setpriv --bounding-set -all{list} --inh-caps -all -- {} \"$@\"\n", tollgate.display());
+    let script =
+        format!("#!/bin/sh\nexec setpriv --bounding-set -all{list} --inh-caps -all -- {} \"$@\"\n", tollgate.display());
     std::fs::write(&path, script)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
     Ok(path)
@@ -105,7 +107,10 @@ fn k4_daemonset_capabilities_are_enough_and_each_is_needed() -> Result<()> {
         wait_metric(&t, "tollgate_llm_requests_total", &[("agent", "k4")], 1.0)?;
         let line = llm_line(&t, 0)?;
         let a = &line["agent"];
-        ensure!(a["uid"] == 1000 && a["exe"].as_str().is_some_and(|x| x.ends_with("/curl")), "caps {caps:?}: agent facts {a}");
+        ensure!(
+            a["uid"] == 1000 && a["exe"].as_str().is_some_and(|x| x.ends_with("/curl")),
+            "caps {caps:?}: agent facts {a}"
+        );
     }
 
     // Without SYS_PTRACE: still captured, but another user's executable cannot be read.
