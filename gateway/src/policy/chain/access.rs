@@ -38,6 +38,8 @@ fn compile_all(field: &str, list: &[String]) -> Result<Vec<Pattern>, AccessError
 #[derive(Debug, Default)]
 pub struct Groups {
     groups: Vec<(String, Vec<Pattern>)>,
+    /// Shared answer for agents in no group, so connections without groups allocate nothing.
+    none: Arc<[String]>,
 }
 
 impl Groups {
@@ -48,11 +50,14 @@ impl Groups {
             .enumerate()
             .map(|(i, g)| Ok((g.name.clone(), compile_all(&format!("agent_groups[{i}].members"), &g.members)?)))
             .collect::<Result<_, AccessError>>()?;
-        Ok(Groups { groups })
+        Ok(Groups { groups, none: Arc::from(Vec::new()) })
     }
 
     /// Names of the groups `agent` is a member of, in config order.
     pub fn of(&self, agent: &str) -> Arc<[String]> {
+        if !self.groups.iter().any(|(_, m)| m.iter().any(|p| p.matches(agent))) {
+            return self.none.clone();
+        }
         self.groups.iter().filter(|(_, m)| m.iter().any(|p| p.matches(agent))).map(|(n, _)| n.clone()).collect()
     }
 }

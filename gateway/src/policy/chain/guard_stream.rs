@@ -129,7 +129,7 @@ impl GuardStream {
             return write_event(out, None, d);
         }
         let mut new = text.as_deref().map(|t| self.push(t)).unwrap_or_default();
-        if (finish || self.blocked) && !self.blocked {
+        if finish && !self.blocked {
             new.push_str(&self.take_rest());
         }
         if text.as_deref() == Some(new.as_str()) && !self.blocked {
