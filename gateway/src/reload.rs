@@ -165,7 +165,7 @@ impl Reloader {
         let pending = restart_only_changes(&self.current, &next);
         let next = Arc::new(effective(&self.current, next));
         let agents = Arc::new(AgentResolver::new(&next.agents, self.cgroup_root.clone()).with_pods(self.pods.clone()));
-        let prepared = self.proxy.prepare(next.clone(), agents)?;
+        let prepared = self.proxy.prepare(next.clone(), agents).await?;
         if let Some(c) = &self.capture {
             c.apply_config(&next).await?;
         }

@@ -10,6 +10,7 @@
 //! global lock keeps them serial even without that flag.
 
 mod gateway;
+mod governance;
 mod k8s;
 mod observe;
 mod support;

@@ -35,6 +35,10 @@ pub struct TokenLimitsConfig {
     pub redis: RedisLimitsConfig,
     /// Policies; every policy that matches a call applies (all of their limits must admit it).
     pub policies: Vec<LimitPolicyConfig>,
+    /// Completion tokens reserved for a call that names no `max_tokens` (or
+    /// `max_completion_tokens`, `max_output_tokens`); default 4096. The reservation is settled
+    /// to the real usage when the call ends, so this only bounds what one call may hold.
+    pub default_max_tokens: Option<u64>,
 }
 
 /// Counter store of the engine.

@@ -202,6 +202,16 @@ fn validate(file: &str, c: &Config) -> Result<(), ConfigError> {
         return Err(bad("telemetry.max_label_values".into(), "must be positive".into()));
     }
     validate_otlp_and_pricing(c).map_err(|(f, m)| bad(f, m))?;
+    validate_governance(c).map_err(|(f, m)| bad(f, m))?;
+    Ok(())
+}
+
+/// Agent groups, access rules, token limits and guardrails: the same checks the engines make
+/// when they are built, run here so `tollgate check` points at the line.
+fn validate_governance(c: &Config) -> Result<(), (String, String)> {
+    super::governance::validate(&c.agent_groups, &c.access)?;
+    c.rate_limits.validate().map_err(|(f, m)| (format!("rate_limits.{f}"), m))?;
+    crate::policy::guards::Guardrails::compile(&c.guardrails).map_err(|e| (e.field, e.message))?;
     Ok(())
 }
 
@@ -359,6 +369,23 @@ mod tests {
     fn missing_extra_root_is_named() {
         let err = from_str("c.yaml", "tls:\n  extra_roots: [/nonexistent/ca.pem]\n").unwrap_err().to_string();
         assert!(err.starts_with("c.yaml:2:17: tls.extra_roots[0]: /nonexistent/ca.pem: No such file"), "{err}");
+    }
+
+    #[test]
+    fn governance_errors_report_line_and_column() {
+        let text = "guardrails:\n- kind: regex\n  name: jb\n  deny: [\"(unclosed\"]\n";
+        let err = from_str("g.yaml", text).unwrap_err().to_string();
+        assert!(err.starts_with("g.yaml:4:10: guardrails[0].deny[0]:"), "{err}");
+        let text = "rate_limits:\n  policies:\n  - name: p\n    limits: [{limit: 1.5, window: 1m}]\n";
+        let err = from_str("g.yaml", text).unwrap_err().to_string();
+        assert!(err.starts_with("g.yaml:4:22: rate_limits.policies[0].limits[0].limit:"), "{err}");
+        let text = "access:\n- name: a\n  deny: {models: [\"[x\"]}\n";
+        let err = from_str("g.yaml", text).unwrap_err().to_string();
+        assert!(err.starts_with("g.yaml:3:19: access[0].deny.models[0]:"), "{err}");
+        let ok = "agent_groups: [{name: t, members: [\"a*\"]}]\naccess: [{name: a, match: {group: t}, allow: {models: [\"m*\"]}}]\nrate_limits: {policies: [{name: p, limits: [{limit: 10, window: 2s}]}]}\nguardrails: [{kind: pii, name: pii, entities: {email: redact}}]\n";
+        let c = from_str("g.yaml", ok).unwrap();
+        assert_eq!(c.access[0].allow.models, vec!["m*".to_string()]);
+        assert_eq!(c.rate_limits.policies[0].limits[0].limit, 10.0);
     }
 
     #[test]

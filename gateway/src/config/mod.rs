@@ -2,6 +2,7 @@
 //! and column (see [`load`]) instead of a silently ignored setting on a production node.
 
 mod gateway;
+pub mod governance;
 pub mod guards;
 mod kubernetes;
 pub mod limits;
@@ -51,6 +52,14 @@ pub struct Config {
     pub pricing: Vec<ModelPrice>,
     /// Bounds on memory and work per connection.
     pub limits: LimitsConfig,
+    /// Named groups of agents, for access rules and token limits.
+    pub agent_groups: Vec<governance::AgentGroupConfig>,
+    /// Which providers, models and routes agents and groups may use (deny wins).
+    pub access: Vec<governance::AccessRuleConfig>,
+    /// Token, request and cost limits per agent, group, namespace or globally.
+    pub rate_limits: limits::TokenLimitsConfig,
+    /// Guards run on every LLM call's request (and, for `pii`, its response), in order.
+    pub guardrails: Vec<guards::GuardConfig>,
 }
 
 /// Proxy listener addresses. The eBPF programs rewrite captured connects to these.
@@ -197,6 +206,18 @@ pub enum ProviderKind {
 }
 
 impl ProviderKind {
+    /// The config spelling (`openai`, `openai_compatible`, `azure_openai`, `anthropic`,
+    /// `gemini`): what access rules and token limits match as the provider of a call.
+    pub fn config_name(self) -> &'static str {
+        match self {
+            ProviderKind::Openai => "openai",
+            ProviderKind::OpenaiCompatible => "openai_compatible",
+            ProviderKind::AzureOpenai => "azure_openai",
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::Gemini => "gemini",
+        }
+    }
+
     /// `gen_ai.provider.name` value (OpenTelemetry GenAI semantic conventions).
     pub fn semconv_name(self) -> &'static str {
         match self {

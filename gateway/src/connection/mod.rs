@@ -25,6 +25,8 @@ use arc_swap::ArcSwap;
 
 use crate::capture::{identity::orig_dst, Agent, AgentResolver, FlowTable};
 use crate::config::{Config, RouteConfig};
+use crate::policy::chain::{Policies, PolicyError};
+use crate::policy::limits::BackendState;
 use crate::policy::CircuitState;
 use crate::protocol::llm::dispatch::{Gateway, GatewayError};
 use crate::protocol::llm::Reporter;
@@ -62,6 +64,9 @@ pub enum ProxyError {
     /// Providers could not be set up (key source, base URL).
     #[error("gateway: {0}")]
     Gateway(#[from] GatewayError),
+    /// Governance policies could not be built (limiter, guardrails).
+    #[error("policies: {0}")]
+    Policies(#[from] PolicyError),
     /// A route's explicit listener could not be bound.
     #[error("routes[{route}].listener {addr}: {source}")]
     Bind {
@@ -81,13 +86,24 @@ struct Generation {
     agents: Arc<AgentResolver>,
     upstream: Arc<Upstream>,
     gateway: Arc<Gateway>,
+    /// Access rules, guardrails and token limits of this generation (token counters live in
+    /// its limiter: a reload starts local counters afresh; Redis counters carry on).
+    policies: Arc<Policies>,
+    /// Process-unique id of this generation's limiter, for the exported error counter.
+    limiter_id: u64,
 }
 
 impl Generation {
-    fn build(config: Arc<Config>, agents: Arc<AgentResolver>) -> Result<Generation, ProxyError> {
+    async fn build(
+        config: Arc<Config>,
+        agents: Arc<AgentResolver>,
+        telemetry: &Arc<Telemetry>,
+    ) -> Result<Generation, ProxyError> {
         let upstream = Arc::new(Upstream::new(&config)?);
         let gateway = Arc::new(Gateway::new(&config)?);
-        Ok(Generation { config, agents, upstream, gateway })
+        let policies = Arc::new(Policies::build(&config, telemetry).await?);
+        let limiter_id = crate::telemetry::governance::next_limiter_id();
+        Ok(Generation { config, agents, upstream, gateway, policies, limiter_id })
     }
 }
 
@@ -120,8 +136,8 @@ impl ProxyHandle {
     /// Build a generation from `config` (providers, keys, upstream client). Explicit route
     /// listeners are bound once: a changed `routes[].listener` needs a restart (the caller
     /// reports it).
-    pub fn prepare(&self, config: Arc<Config>, agents: Arc<AgentResolver>) -> Result<Prepared, ProxyError> {
-        Ok(Prepared(Generation::build(config, agents)?))
+    pub async fn prepare(&self, config: Arc<Config>, agents: Arc<AgentResolver>) -> Result<Prepared, ProxyError> {
+        Ok(Prepared(Generation::build(config, agents, &self.0.telemetry).await?))
     }
 
     /// Make a prepared generation the one new connections take; connections already accepted
@@ -143,7 +159,7 @@ impl Proxy {
         let reporter = Arc::new(Reporter::new(deps.telemetry.clone(), deps.observer.clone()));
         let max = deps.config.limits.max_connections.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
         let permits = Arc::new(Semaphore::new(max));
-        let first = Generation::build(deps.config.clone(), deps.agents.clone())?;
+        let first = Generation::build(deps.config.clone(), deps.agents.clone(), &deps.telemetry).await?;
         let mut direct = Vec::new();
         for r in &deps.config.routes {
             if let Some(addr) = r.listener {
@@ -164,6 +180,18 @@ impl Proxy {
             permits,
             max,
         });
+        let weak = Arc::downgrade(&shared);
+        shared.telemetry.governance.set_limiter_source(Box::new(move || {
+            let s = weak.upgrade()?;
+            let g = s.current.load();
+            let l = g.policies.limiter()?;
+            let state = match l.backend_state() {
+                BackendState::Redis => 0,
+                BackendState::LocalFallback => 1,
+                BackendState::Down => 2,
+            };
+            Some((state, l.stats().redis_errors.load(std::sync::atomic::Ordering::Relaxed), g.limiter_id))
+        }));
         let weak = Arc::downgrade(&shared);
         shared.telemetry.metrics.set_circuit_source(Box::new(move || {
             let Some(s) = weak.upgrade() else { return Vec::new() };
@@ -406,6 +434,8 @@ fn l7_context(
             log_payloads: route.log_payloads.enabled.then_some(route.log_payloads.max_bytes),
             paths: Arc::from(route.matcher.paths.as_slice()),
             has_origin,
+            policies: c.generation.policies.clone(),
+            groups: c.generation.policies.groups_of(&agent.name),
         })),
         Err(e) => {
             tracing::warn!(route = %route.name, error = %e, "cannot build upstream target; closing");

@@ -9,6 +9,7 @@
 
 mod balance;
 mod budget;
+pub mod chain;
 mod circuit;
 pub mod guards;
 pub mod limits;

@@ -67,7 +67,8 @@ impl ErrorClass {
     }
 }
 
-/// An error body in `shape` with `status`; `code` is OpenAI's machine-readable `error.code`.
+/// An error response in `shape` with `status`; `code` is OpenAI's machine-readable
+/// `error.code`.
 pub fn shaped_error(
     shape: Shape,
     status: StatusCode,
@@ -75,6 +76,16 @@ pub fn shaped_error(
     code: &str,
     message: &str,
 ) -> Response<ProxyBody> {
+    let bytes = Bytes::from(error_body(shape, status, class, code, message));
+    let mut r = Response::new(ProxyBody::Full(Some(bytes)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// The JSON body of [`shaped_error`], for callers that can only replace a body (a response
+/// whose headers already went out).
+pub fn error_body(shape: Shape, status: StatusCode, class: ErrorClass, code: &str, message: &str) -> Vec<u8> {
     let message = format!("tollgate: {message}");
     let body = match shape {
         Shape::OpenAi => serde_json::json!({
@@ -88,11 +99,7 @@ pub fn shaped_error(
             "error": { "code": status.as_u16(), "message": message, "status": class.gemini_status(status) }
         }),
     };
-    let bytes = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
-    let mut r = Response::new(ProxyBody::Full(Some(bytes)));
-    *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r
+    serde_json::to_vec(&body).unwrap_or_default()
 }
 
 #[cfg(test)]

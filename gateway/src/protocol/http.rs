@@ -22,6 +22,7 @@ use super::llm::{self, ObservedBody, Reporter};
 use super::ProtocolError;
 use crate::capture::Agent;
 use crate::config::{Config, ProviderKind};
+use crate::policy::chain::Policies;
 use crate::upstream::{ReqBody, Target, Upstream};
 
 /// Boxed error of response bodies.
@@ -54,6 +55,10 @@ pub struct L7Context {
     /// Requests that are not LLM calls can go to the original destination (false on explicit
     /// listeners, which have none).
     pub has_origin: bool,
+    /// Governance policies of the connection's config generation (empty: none configured).
+    pub policies: Arc<Policies>,
+    /// The agent's groups, resolved once per connection for the policies.
+    pub groups: Arc<[String]>,
 }
 
 impl L7Context {

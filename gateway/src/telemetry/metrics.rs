@@ -365,6 +365,11 @@ impl Metrics {
         *self.capture.source.lock() = Some(source);
     }
 
+    /// The bounded `agent` label value of `name` (policy metrics share the call metrics' limit).
+    pub fn agent_label(&self, name: &str) -> Arc<str> {
+        self.agents.get(name)
+    }
+
     fn agent(&self, a: Option<&Agent>) -> Arc<str> {
         a.map_or_else(|| Arc::from("unknown"), |a| self.agents.get(&a.name))
     }

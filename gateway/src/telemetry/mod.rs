@@ -4,6 +4,7 @@
 
 pub mod access_log;
 pub mod cost;
+pub mod governance;
 pub mod labels;
 pub mod metrics;
 pub mod node;
@@ -118,6 +119,18 @@ pub struct LlmCall {
     pub span_ids: Option<SpanIds>,
     /// Body prefixes for the access log, when the route opted in (`log_payloads`).
     pub payload: Option<Box<Payload>>,
+    /// What policies did to the call (guardrail verdicts, denials), as span events.
+    pub policy_events: Vec<PolicyEvent>,
+}
+
+/// One policy action on a call, exported as a span event so a trace shows why a call was
+/// refused or rewritten.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyEvent {
+    /// Event name (`tollgate.guardrail`, `tollgate.policy.denied`).
+    pub name: &'static str,
+    /// Attributes (`tollgate.guard`, `tollgate.action`, ...).
+    pub attributes: Vec<(&'static str, String)>,
 }
 
 /// Capped copies of a call's bodies, kept only for routes with `log_payloads.enabled`.
@@ -239,6 +252,7 @@ impl LlmCall {
             attempts: 1,
             span_ids: None,
             payload: None,
+            policy_events: Vec::new(),
         }
     }
 }
@@ -268,6 +282,8 @@ pub struct Telemetry {
     pub metrics: Metrics,
     /// Config reload and Kubernetes metrics (same registry).
     pub node: node::NodeMetrics,
+    /// Policy denials, token-limit rejections and state, guardrail verdicts (same registry).
+    pub governance: governance::GovernanceMetrics,
     access: access_log::AccessLog,
     tracer: Option<trace::Tracer>,
     pusher: Option<otlp_metrics::MetricsPusher>,
@@ -314,6 +330,7 @@ impl Telemetry {
     pub fn with_pricing(cfg: &TelemetryConfig, pricing: &[ModelPrice]) -> Result<Self, TelemetryError> {
         let metrics = Metrics::with_pricing(cfg.max_label_values, cost::PriceTable::new(pricing)?)?;
         let node = node::NodeMetrics::register(&metrics.registry)?;
+        let governance = governance::GovernanceMetrics::register(&metrics.registry)?;
         let otlp = cfg.otlp.as_ref();
         let tracer = match otlp.filter(|o| o.traces) {
             Some(o) => Some(trace::Tracer::new(o, metrics.dropped.with_label_values(&["otlp_spans"]))?),
@@ -331,7 +348,7 @@ impl Telemetry {
             &cfg.access_log,
             metrics.dropped.with_label_values(&["access_log"]),
         )?;
-        Ok(Telemetry { access, metrics, node, tracer, pusher })
+        Ok(Telemetry { access, metrics, node, governance, tracer, pusher })
     }
 
     /// A captured connection was accepted and classified.

@@ -180,6 +180,10 @@ impl Tracer {
             .with_start_time(c.start)
             .with_attributes(attrs)
             .start_with_context(&self.tracer, &parent);
+        for ev in &c.policy_events {
+            let attrs = ev.attributes.iter().map(|(k, v)| KeyValue::new(*k, v.clone())).collect();
+            span.add_event(ev.name, attrs);
+        }
         if let Some((_, msg)) = error {
             span.set_status(Status::error(msg));
         }

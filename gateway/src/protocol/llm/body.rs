@@ -22,11 +22,12 @@ use super::api::Observer;
 use super::sse::{SseEvent, SseParser};
 use super::translate::StreamTranslator;
 use super::Reporter;
+use crate::policy::chain::ResponseFilter;
 use crate::telemetry::LlmCall;
 
 /// Runs once with the finished call, before it is reported: feeds the balancer (latency,
 /// tokens) and releases what the call held (in-flight count, provider slot).
-pub type FinishHook = Box<dyn FnOnce(&LlmCall) + Send>;
+pub type FinishHook = Box<dyn FnOnce(&mut LlmCall) + Send>;
 
 /// How one response is read and, when needed, converted.
 pub(crate) struct Observation {
@@ -36,12 +37,15 @@ pub(crate) struct Observation {
     pub(crate) translator: Option<Box<dyn StreamTranslator>>,
     /// See [`FinishHook`].
     pub(crate) on_finish: Option<FinishHook>,
+    /// Rewrites a held non-streamed body at its end (response guardrails; `Mode::Json` with
+    /// `hold`). Streams are filtered through `translator` instead.
+    pub(crate) filter: Option<Box<dyn ResponseFilter>>,
 }
 
 impl Observation {
     /// Observe only.
     pub(crate) fn plain(observer: Observer) -> Self {
-        Observation { observer, translator: None, on_finish: None }
+        Observation { observer, translator: None, on_finish: None, filter: None }
     }
 }
 
@@ -58,8 +62,10 @@ pub(crate) enum Mode {
         passthrough: bool,
         max: usize,
     },
-    /// Anything else: a capped copy parsed at the end.
-    Json { copy: Kept, max: usize, truncated: bool },
+    /// Anything else: a capped copy parsed at the end. With `hold`, nothing is forwarded
+    /// until the end, where the copy is filtered and sent whole (a body over `max` stops
+    /// being held and passes unfiltered).
+    Json { copy: Kept, max: usize, truncated: bool, hold: bool },
 }
 
 /// The kept copy of a non-streamed body. A body that arrives in one chunk (the usual case) is
@@ -100,6 +106,14 @@ impl Kept {
         }
     }
 
+    fn to_bytes(&self) -> Bytes {
+        match self {
+            Kept::Empty => Bytes::new(),
+            Kept::One(b) => b.clone(),
+            Kept::Joined(v) => Bytes::copy_from_slice(v),
+        }
+    }
+
     fn as_slice(&self) -> &[u8] {
         match self {
             Kept::Empty => &[],
@@ -121,7 +135,12 @@ impl Mode {
     }
 
     pub(crate) fn json(max: usize) -> Self {
-        Mode::Json { copy: Kept::Empty, max, truncated: false }
+        Mode::Json { copy: Kept::Empty, max, truncated: false, hold: false }
+    }
+
+    /// [`Mode::json`] holding the body for a response filter.
+    pub(crate) fn json_held(max: usize) -> Self {
+        Mode::Json { copy: Kept::Empty, max, truncated: false, hold: true }
     }
 }
 
@@ -192,6 +211,13 @@ impl ObservedBody {
         }
         match &mut self.mode {
             Mode::Sse { held, .. } => held.split().freeze(),
+            Mode::Json { copy, hold: true, .. } => {
+                let whole = copy.as_slice();
+                match self.obs.filter.as_mut().and_then(|f| f.body(whole)) {
+                    Some(new) => Bytes::from(new),
+                    None => copy.to_bytes(),
+                }
+            }
             Mode::Json { .. } => Bytes::new(),
         }
     }
@@ -220,7 +246,7 @@ impl ObservedBody {
             call.error = error;
         }
         if let Some(hook) = self.obs.on_finish.take() {
-            hook(&call);
+            hook(&mut call);
         }
         self.reporter.report(*call);
     }
@@ -243,7 +269,20 @@ fn on_data(mode: &mut Mode, obs: &mut Observation, call: &mut LlmCall, t0: Insta
         return Bytes::from(out);
     }
     match mode {
-        Mode::Json { copy, max, truncated } => {
+        Mode::Json { copy, max, truncated, hold: hold @ true } => {
+            if copy.len() + chunk.len() <= *max {
+                copy.push(&chunk);
+                return Bytes::new();
+            }
+            // Too big to hold: release what is held and pass the rest through unfiltered.
+            *hold = false;
+            *truncated = true;
+            let mut out = BytesMut::from(copy.as_slice());
+            out.extend_from_slice(&chunk);
+            *copy = Kept::Empty;
+            out.freeze()
+        }
+        Mode::Json { copy, max, truncated, .. } => {
             if !*truncated {
                 if copy.len() + chunk.len() <= *max {
                     copy.push(&chunk);
@@ -361,6 +400,7 @@ impl Body for ObservedBody {
     fn size_hint(&self) -> SizeHint {
         match &self.mode {
             Mode::Sse { drop_usage: true, .. } => SizeHint::default(),
+            Mode::Json { hold: true, .. } => SizeHint::default(),
             _ if self.obs.translator.is_some() => SizeHint::default(),
             _ => self.inner.size_hint(),
         }

@@ -15,7 +15,7 @@ pub mod openai;
 pub mod sse;
 pub mod translate;
 
-pub use body::ObservedBody;
+pub use body::{FinishHook, ObservedBody};
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -30,6 +30,8 @@ use tokio::sync::mpsc;
 use super::http::{prepare, prepare_uri, send, L7Context, ProxyBody};
 use super::ProtocolError;
 use crate::config::ProviderKind;
+use crate::policy::chain::{insert_headers, CallHooks, PolicyCtx};
+use crate::protocol::errors::shaped_error;
 use crate::telemetry::{LlmCall, Payload, SpanIds, Telemetry};
 use api::{Api, Detected, Observer, Shape};
 use body::{Mode, Observation};
@@ -99,6 +101,10 @@ pub(crate) async fn observe_call(ctx: &L7Context, det: Detected, req: Request<In
     }
     let api = det.api;
     let (body, injected) = rewrite(det, &bytes, &mut call, ctx.include_usage);
+    let (mut call, body, mut hooks) = match run_policies(ctx, api, call, body, t0).await {
+        Ok(admitted) => admitted,
+        Err(denied) => return denied,
+    };
     // Identity encoding, so usage can be read from the response.
     parts.headers.remove(ACCEPT_ENCODING);
     parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
@@ -114,22 +120,89 @@ pub(crate) async fn observe_call(ctx: &L7Context, det: Detected, req: Request<In
 
     let (mut rparts, rbody) = resp.into_parts();
     call.status = rparts.status.as_u16();
+    hooks.response_headers(rparts.status, &mut rparts.headers);
+    let filter = if rparts.status.is_success() { hooks.response_filter() } else { None };
     let is_sse = rparts
         .headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim_start().get(..17).is_some_and(|p| p.eq_ignore_ascii_case("text/event-stream")));
     let drop_usage = injected && is_sse;
-    if drop_usage {
+    if drop_usage || filter.is_some() {
         // Bytes will be removed: let hyper frame the body itself.
         rparts.headers.remove(CONTENT_LENGTH);
     }
     let limits = &ctx.config.limits;
-    let mode =
-        if is_sse { Mode::sse(limits.max_sse_event_bytes, drop_usage) } else { Mode::json(limits.max_inspect_bytes) };
+    let mode = match (is_sse, &filter) {
+        (true, _) => Mode::sse(limits.max_sse_event_bytes, drop_usage),
+        (false, Some(_)) => Mode::json_held(limits.max_inspect_bytes),
+        (false, None) => Mode::json(limits.max_inspect_bytes),
+    };
     let observer = Observer::new(api, bytes, ctx.provider == ProviderKind::OpenaiCompatible);
-    let observed = ObservedBody::new(rbody, mode, call, t0, ctx.reporter.clone(), Observation::plain(observer));
+    let mut obs = Observation::plain(observer);
+    match filter {
+        Some(f) if is_sse => obs.translator = Some(f.into_stream(None, drop_usage)),
+        f => obs.filter = f,
+    }
+    if !hooks.is_empty() {
+        obs.on_finish = Some(with_policy_hooks(Box::new(|_| {}), hooks));
+    }
+    let observed = ObservedBody::new(rbody, mode, call, t0, ctx.reporter.clone(), obs);
     Response::from_parts(rparts, ProxyBody::Observed(Box::new(observed)))
+}
+
+/// Run the connection's policies on a call about to be sent: `Ok` with the body to send and
+/// the call's response-phase hooks, or `Err` with the refusal already reported. An empty
+/// chain returns at once.
+pub(crate) async fn run_policies(
+    ctx: &L7Context,
+    api: Api,
+    mut call: Box<LlmCall>,
+    body: Bytes,
+    t0: Instant,
+) -> Result<(Box<LlmCall>, Bytes, CallHooks), Response<ProxyBody>> {
+    if ctx.policies.is_empty() {
+        return Ok((call, body, CallHooks::default()));
+    }
+    let pctx = PolicyCtx {
+        agent: &ctx.agent,
+        groups: &ctx.groups,
+        route: &ctx.route,
+        provider: ctx.provider.config_name(),
+        api,
+        model: call.request_model.as_deref(),
+        body,
+        events: Vec::new(),
+        telemetry: ctx.reporter.telemetry(),
+        hooks: Vec::new(),
+    };
+    match ctx.policies.on_request(pctx).await {
+        Ok(a) => {
+            call.policy_events.extend(a.events);
+            Ok((call, a.body, a.hooks))
+        }
+        Err((deny, events)) => {
+            let mut resp = shaped_error(api.shape(), deny.status, deny.class, deny.code, &deny.message);
+            insert_headers(resp.headers_mut(), &deny.headers);
+            call.policy_events.extend(events);
+            call.status = deny.status.as_u16();
+            call.error = Some(format!("denied by {} {}: {}", deny.policy, deny.rule, deny.message));
+            call.duration = t0.elapsed();
+            ctx.reporter.report(*call);
+            Err(resp)
+        }
+    }
+}
+
+/// `prev` followed by the policies' finish hooks (settling reservations, span events).
+pub(crate) fn with_policy_hooks(prev: FinishHook, hooks: CallHooks) -> FinishHook {
+    if hooks.is_empty() {
+        return prev;
+    }
+    Box::new(move |c: &mut LlmCall| {
+        prev(c);
+        hooks.finish(c);
+    })
 }
 
 /// Read request fields into `call`; add `include_usage` to OpenAI-shaped streams that lack it

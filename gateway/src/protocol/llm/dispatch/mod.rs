@@ -22,8 +22,9 @@ use hyper::body::Incoming;
 use super::api::{self, Api, Detected, Observer, RequestFacts, Shape};
 use super::body::{Mode, Observation, ObservedBody};
 use super::translate::{self, StreamTranslator};
-use super::{new_call, propagate, read_request_body, report_failure};
+use super::{new_call, propagate, read_request_body, report_failure, run_policies, with_policy_hooks};
 use crate::config::{FailoverOn, ProviderKind};
+use crate::policy::chain::CallHooks;
 use crate::policy::{InFlight, Outcome};
 use crate::protocol::http::{strip_hop_by_hop, L7Context, ProxyBody};
 use crate::protocol::ProtocolError;
@@ -56,6 +57,10 @@ pub(crate) async fn dispatch(
     call.stream = facts.stream || det.api == Api::GeminiStreamGenerate;
     let client_model = facts.model.clone().or_else(|| det.path_model.clone());
     call.request_model = client_model.clone();
+    let (mut call, bytes, hooks) = match run_policies(ctx, det.api, call, bytes, t0).await {
+        Ok(admitted) => admitted,
+        Err(denied) => return denied,
+    };
 
     let hash_key: &[u8] = rt
         .hash_header
@@ -175,15 +180,17 @@ pub(crate) async fn dispatch(
                     held = Some((resp, attempt));
                     continue;
                 }
-                return respond(ctx, rt, call, t0, shape, &facts, client_model, bytes, resp, attempt, attempts).await;
+                return respond(ctx, rt, call, t0, shape, &facts, client_model, bytes, resp, attempt, attempts, hooks)
+                    .await;
             }
             None => {
-                return respond(ctx, rt, call, t0, shape, &facts, client_model, bytes, resp, attempt, attempts).await;
+                return respond(ctx, rt, call, t0, shape, &facts, client_model, bytes, resp, attempt, attempts, hooks)
+                    .await;
             }
         }
     }
     if let Some((resp, attempt)) = held {
-        return respond(ctx, rt, call, t0, shape, &facts, client_model, bytes, resp, attempt, attempts).await;
+        return respond(ctx, rt, call, t0, shape, &facts, client_model, bytes, resp, attempt, attempts, hooks).await;
     }
     call.attempts = attempts;
     let (last, timeout) = last.unwrap_or_else(|| ("no target can serve this operation".to_string(), false));
@@ -231,12 +238,15 @@ async fn respond(
     resp: Response<Incoming>,
     attempt: Attempt,
     attempts: u32,
+    mut hooks: CallHooks,
 ) -> Response<ProxyBody> {
     let target = &rt.targets[attempt.idx];
     let prov = &target.provider;
     let (mut rparts, rbody) = resp.into_parts();
     strip_hop_by_hop(&mut rparts.headers);
     call.status = rparts.status.as_u16();
+    hooks.response_headers(rparts.status, &mut rparts.headers);
+    let filter = if rparts.status.is_success() { hooks.response_filter() } else { None };
     call.target = Some(prov.name.clone());
     call.provider = prov.kind;
     call.attempts = attempts;
@@ -254,6 +264,7 @@ async fn respond(
     let limits = &ctx.config.limits;
     let success = rparts.status.is_success();
     let hook = finish_hook(rt.clone(), attempt.idx, success, attempt.inflight, attempt.slot, attempt.attempt_start);
+    let hook = with_policy_hooks(hook, hooks);
 
     if !translating || (is_sse && success) {
         let translator: Option<Box<dyn StreamTranslator>> = match (translating, up_api.shape(), shape) {
@@ -266,15 +277,19 @@ async fn respond(
             _ => None,
         };
         let drop_usage = attempt.injected_usage && is_sse && !translating;
-        if drop_usage || translator.is_some() {
+        if drop_usage || translator.is_some() || filter.is_some() {
             rparts.headers.remove(CONTENT_LENGTH);
         }
-        let mode = if is_sse {
-            Mode::sse(limits.max_sse_event_bytes, drop_usage)
-        } else {
-            Mode::json(limits.max_inspect_bytes)
+        let (translator, filter) = match filter {
+            Some(f) if is_sse => (Some(f.into_stream(translator, drop_usage)), None),
+            f => (translator, f),
         };
-        let obs = Observation { observer, translator, on_finish: Some(hook) };
+        let mode = match (is_sse, &filter) {
+            (true, _) => Mode::sse(limits.max_sse_event_bytes, drop_usage),
+            (false, Some(_)) => Mode::json_held(limits.max_inspect_bytes),
+            (false, None) => Mode::json(limits.max_inspect_bytes),
+        };
+        let obs = Observation { observer, translator, on_finish: Some(hook), filter };
         let observed = ObservedBody::new(rbody, mode, call, t0, ctx.reporter.clone(), obs);
         return Response::from_parts(rparts, ProxyBody::Observed(Box::new(observed)));
     }
@@ -290,12 +305,12 @@ async fn respond(
     let buf = match collected {
         Ok(Ok(c)) => c.to_bytes(),
         Ok(Err(e)) => {
-            hook(&call);
+            hook(&mut call);
             let e = ProtocolError::BadRequest(format!("provider response unreadable or too large: {e}"));
             return report_failure(ctx, shape, call, t0, e);
         }
         Err(_) => {
-            hook(&call);
+            hook(&mut call);
             return report_failure(ctx, shape, call, t0, ProtocolError::Deadline(rt.failover.request_timeout));
         }
     };
@@ -314,8 +329,10 @@ async fn respond(
         }
         _ => Ok(buf.to_vec()),
     };
+    let mut filter = filter;
+    let converted = converted.map(|out| filter.as_mut().and_then(|f| f.body(&out)).unwrap_or(out));
     call.duration = t0.elapsed();
-    hook(&call);
+    hook(&mut call);
     match converted {
         Ok(out) => {
             if let Some(p) = call.payload.as_deref_mut() {
@@ -347,7 +364,7 @@ fn finish_hook(
     slot: Option<tokio::sync::OwnedSemaphorePermit>,
     attempt_start: Instant,
 ) -> super::body::FinishHook {
-    Box::new(move |c: &LlmCall| {
+    Box::new(move |c: &mut LlmCall| {
         if success && c.error.is_none() {
             let total = attempt_start.elapsed();
             rt.balancer.record(idx, Outcome::Success { ttft: c.ttft.unwrap_or(total), total, tokens: 0 });

@@ -1,0 +1,285 @@
+//! Governance policies on the LLM request path, composed one way: each policy implements
+//! [`Policy`] (a request hook that may refuse the call, rewrite its body, or attach a
+//! per-call [`CallHook`] for the response phases), and [`Policies`] runs them in order. A
+//! config generation builds one chain; a connection keeps its generation's chain, so a reload
+//! never changes policy under an in-flight call.
+//!
+//! Phases (pingora-style):
+//! 1. [`Policy::on_request`] before anything is sent upstream: access rules, guardrails on the
+//!    prompt, token reservation. The first [`Deny`] ends the call with an error in the
+//!    caller's API shape.
+//! 2. [`CallHook::on_response_headers`] on the response that goes back to the agent
+//!    (`x-ratelimit-*`).
+//! 3. [`CallHook::response_filter`]: rewrites the response body or stream (PII redaction).
+//! 4. [`CallHook::on_finish`] with the finished call (exact usage): settle the reservation.
+//!    A hook dropped without finishing (call failed before a response) cleans up in `Drop`.
+//!
+//! Adding a policy is one module implementing [`Policy`] plus one line in [`Policies::build`].
+//! An empty chain costs one branch per call: no body parse, no allocation.
+
+mod access;
+mod guard;
+mod guard_stream;
+mod rate;
+
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+use crate::capture::Agent;
+use crate::config::Config;
+use crate::protocol::errors::ErrorClass;
+use crate::protocol::llm::api::Api;
+use crate::protocol::llm::translate::StreamTranslator;
+use crate::telemetry::{LlmCall, PolicyEvent, Telemetry};
+
+pub use access::{AccessError, AccessPolicy, Groups};
+pub use guard::GuardPolicy;
+pub use rate::{RateLimitError, RateLimitPolicy};
+
+/// Boxed future of a request hook (policies are trait objects, so hooks cannot be `async fn`).
+pub type HookFuture<'a> = Pin<Box<dyn Future<Output = Result<(), Deny>> + Send + 'a>>;
+
+/// Why the chain could not be built from a (validated) config.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// Access rules or agent groups.
+    #[error(transparent)]
+    Access(#[from] AccessError),
+    /// Token limits.
+    #[error(transparent)]
+    RateLimit(#[from] RateLimitError),
+    /// Guardrails.
+    #[error(transparent)]
+    Guard(#[from] crate::policy::guards::GuardError),
+}
+
+/// A refusal: what the agent gets (status, error class and code in its API shape, extra
+/// headers) and what operators see (policy and rule in the audit log and metrics).
+#[derive(Debug, Clone)]
+pub struct Deny {
+    /// Policy kind (`access`, `rate_limit`, `guardrail`): the `policy` metric label.
+    pub policy: &'static str,
+    /// The rule, limit or guard that refused.
+    pub rule: String,
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Error class of the shaped body.
+    pub class: ErrorClass,
+    /// OpenAI `error.code`.
+    pub code: &'static str,
+    /// Message (prefixed `tollgate:` in the body).
+    pub message: String,
+    /// Headers of the refusal (`retry-after`, `x-ratelimit-*`).
+    pub headers: Vec<(String, String)>,
+}
+
+/// The call as policies see it before it is sent.
+pub struct PolicyCtx<'a> {
+    /// Who is calling.
+    pub agent: &'a Agent,
+    /// The agent's groups (resolved once per connection).
+    pub groups: &'a [String],
+    /// Route name.
+    pub route: &'a str,
+    /// Provider name the rules match (the route's API kind).
+    pub provider: &'a str,
+    /// The recognised operation.
+    pub api: Api,
+    /// Requested model.
+    pub model: Option<&'a str>,
+    /// The request body to send; a policy may replace it.
+    pub body: Bytes,
+    /// Span events of what policies did.
+    pub events: Vec<PolicyEvent>,
+    /// The chain's telemetry (metrics).
+    pub telemetry: &'a Telemetry,
+    /// Response-phase hooks attached so far (see [`PolicyCtx::attach`]).
+    pub(crate) hooks: Vec<Box<dyn CallHook>>,
+}
+
+impl PolicyCtx<'_> {
+    /// Keep `hook` for the response phases of this call.
+    pub fn attach(&mut self, hook: Box<dyn CallHook>) {
+        self.hooks.push(hook);
+    }
+
+    /// The agent's Kubernetes namespace, when known.
+    pub fn namespace(&self) -> Option<&str> {
+        self.agent.k8s.as_ref().and_then(|k| k.pod.as_ref()).map(|p| p.namespace.as_str())
+    }
+}
+
+/// One policy of the chain.
+pub trait Policy: Send + Sync {
+    /// Kind name (`access`, `rate_limit`, `guardrail`), for logs and metrics.
+    fn name(&self) -> &'static str;
+
+    /// Runs before the call is sent: refuse it, rewrite `ctx.body`, or attach a [`CallHook`].
+    fn on_request<'a>(&'a self, ctx: &'a mut PolicyCtx<'_>) -> HookFuture<'a>;
+}
+
+/// Per-call state a policy keeps for the response phases.
+pub trait CallHook: Send {
+    /// Headers of the response returned to the agent (any status).
+    fn on_response_headers(&mut self, _status: StatusCode, _headers: &mut HeaderMap) {}
+
+    /// A rewriter of the (successful) response body; taken at most once.
+    fn response_filter(&mut self) -> Option<Box<dyn ResponseFilter>> {
+        None
+    }
+
+    /// The call ended (usage final, or failed); may add span events.
+    fn on_finish(self: Box<Self>, _call: &mut LlmCall) {}
+}
+
+/// Rewrites what the agent receives (guardrails on responses).
+pub trait ResponseFilter: Send {
+    /// A whole non-streamed body in the agent's API: `Some(new bytes)` when changed.
+    fn body(&mut self, body: &[u8]) -> Option<Vec<u8>>;
+
+    /// The filter as a stream converter for the agent's events: `inner` translates provider
+    /// events first (when the APIs differ); `drop_usage` removes the usage-only chunk
+    /// tollgate asked for.
+    fn into_stream(
+        self: Box<Self>,
+        inner: Option<Box<dyn StreamTranslator>>,
+        drop_usage: bool,
+    ) -> Box<dyn StreamTranslator>;
+}
+
+/// The chain of one config generation.
+#[derive(Default)]
+pub struct Policies {
+    chain: Vec<Box<dyn Policy>>,
+    groups: Groups,
+    limiter: Option<crate::policy::limits::Limiter>,
+}
+
+impl Policies {
+    /// Build every configured policy, in order: access (cheap, no body), guardrails (may block
+    /// before anything is reserved), token limits (reserve last). Needs a Tokio runtime when a
+    /// Redis backend is configured.
+    pub async fn build(config: &Config, telemetry: &Arc<Telemetry>) -> Result<Self, PolicyError> {
+        let groups = Groups::new(&config.agent_groups)?;
+        let mut chain: Vec<Box<dyn Policy>> = Vec::new();
+        let mut limiter = None;
+        if !config.access.is_empty() {
+            chain.push(Box::new(AccessPolicy::new(&config.access)?));
+        }
+        if !config.guardrails.is_empty() {
+            chain.push(Box::new(GuardPolicy::new(&config.guardrails, telemetry.clone())?));
+        }
+        if !config.rate_limits.policies.is_empty() {
+            let p = RateLimitPolicy::new(config, telemetry.clone()).await?;
+            limiter = Some(p.limiter().clone());
+            chain.push(Box::new(p));
+        }
+        Ok(Policies { chain, groups, limiter })
+    }
+
+    /// No policy configured: the request path skips the chain.
+    pub fn is_empty(&self) -> bool {
+        self.chain.is_empty()
+    }
+
+    /// Groups of the agent named `agent` (once per connection).
+    pub fn groups_of(&self, agent: &str) -> Arc<[String]> {
+        self.groups.of(agent)
+    }
+
+    /// The token limiter, when limits are configured (its state is exported as metrics).
+    pub fn limiter(&self) -> Option<&crate::policy::limits::Limiter> {
+        self.limiter.as_ref()
+    }
+
+    /// Run every request hook in order; the first refusal ends the call (and drops the hooks
+    /// attached so far, which releases what they hold). Refusals are counted and audited here.
+    pub async fn on_request(&self, mut ctx: PolicyCtx<'_>) -> Result<Admitted, (Deny, Vec<PolicyEvent>)> {
+        for p in &self.chain {
+            if let Err(d) = p.on_request(&mut ctx).await {
+                let agent = ctx.telemetry.metrics.agent_label(&ctx.agent.name);
+                ctx.telemetry.governance.denial(&agent, d.policy, &d.rule);
+                tracing::info!(
+                    target: "audit",
+                    agent = %ctx.agent.name,
+                    route = ctx.route,
+                    model = ctx.model.unwrap_or(""),
+                    policy = d.policy,
+                    rule = %d.rule,
+                    status = d.status.as_u16(),
+                    "call denied: {}", d.message
+                );
+                let mut events = ctx.events;
+                events.push(PolicyEvent {
+                    name: "tollgate.policy.denied",
+                    attributes: vec![("tollgate.policy", d.policy.to_string()), ("tollgate.rule", d.rule.clone())],
+                });
+                return Err((d, events));
+            }
+        }
+        Ok(Admitted { body: ctx.body, events: ctx.events, hooks: CallHooks(ctx.hooks) })
+    }
+}
+
+/// What the chain lets through: the body to send, events so far, the per-call hooks.
+pub struct Admitted {
+    /// Body to send upstream (rewritten by guards, or the original bytes).
+    pub body: Bytes,
+    /// Span events of the request phase.
+    pub events: Vec<PolicyEvent>,
+    /// Response-phase hooks.
+    pub hooks: CallHooks,
+}
+
+impl std::fmt::Debug for Admitted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admitted").field("body_len", &self.body.len()).field("hooks", &self.hooks.0.len()).finish()
+    }
+}
+
+/// The response-phase hooks of one call (empty when no policy attached any).
+#[derive(Default)]
+pub struct CallHooks(Vec<Box<dyn CallHook>>);
+
+impl CallHooks {
+    /// No hook: nothing to do on the response.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Add each hook's headers to the agent's response.
+    pub fn response_headers(&mut self, status: StatusCode, headers: &mut HeaderMap) {
+        for h in &mut self.0 {
+            h.on_response_headers(status, headers);
+        }
+    }
+
+    /// The first response filter any hook offers.
+    pub fn response_filter(&mut self) -> Option<Box<dyn ResponseFilter>> {
+        self.0.iter_mut().find_map(|h| h.response_filter())
+    }
+
+    /// Run every hook's finish with the call.
+    pub fn finish(self, call: &mut LlmCall) {
+        for h in self.0 {
+            h.on_finish(call);
+        }
+    }
+}
+
+/// `(name, value)` header pairs into `headers` (invalid ones skipped: they come from our own
+/// formatting, never from agents).
+pub fn insert_headers(headers: &mut HeaderMap, pairs: &[(String, String)]) {
+    for (k, v) in pairs {
+        if let (Ok(k), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+            headers.insert(k, v);
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Token limits on the request path: before forwarding, the call's prompt tokens (counted
+//! locally) plus its completion cap are reserved in every matching limit
+//! ([`Limiter::check_and_reserve`]); a refusal is a 429 with `Retry-After`. An admitted call
+//! carries `x-ratelimit-*` headers and settles its reservation with the exact usage when the
+//! response ends; a call that fails without usage releases it.
+
+use std::sync::Arc;
+
+use http::{HeaderMap, StatusCode};
+use serde::Deserialize;
+
+use super::{insert_headers, CallHook, Deny, HookFuture, Policy, PolicyCtx};
+use crate::config::Config;
+use crate::policy::limits::{
+    rate_limit_headers, Decision, Estimate, LimitError, LimitSubject, Limiter, RejectReason, Rejection, Reservation,
+    Usage,
+};
+use crate::protocol::errors::ErrorClass;
+use crate::protocol::llm::api::Api;
+use crate::protocol::llm::estimate;
+use crate::telemetry::cost::{CostError, PriceTable};
+use crate::telemetry::{LlmCall, Telemetry};
+
+/// Completion tokens reserved when neither the request nor the config names a cap.
+const DEFAULT_MAX_TOKENS: u64 = 4096;
+
+/// Why the token-limit policy could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum RateLimitError {
+    /// The limiter (rules, Redis URL).
+    #[error("rate_limits: {0}")]
+    Limiter(#[from] LimitError),
+    /// The price table cost limits use.
+    #[error(transparent)]
+    Pricing(#[from] CostError),
+}
+
+/// The token-limit policy of one generation.
+pub struct RateLimitPolicy {
+    limiter: Limiter,
+    prices: Arc<PriceTable>,
+    default_max_tokens: u64,
+    telemetry: Arc<Telemetry>,
+}
+
+impl RateLimitPolicy {
+    /// A limiter for `config.rate_limits`, costs priced by `config.pricing`.
+    pub async fn new(config: &Config, telemetry: Arc<Telemetry>) -> Result<Self, RateLimitError> {
+        Ok(RateLimitPolicy {
+            limiter: Limiter::new(&config.rate_limits).await?,
+            prices: Arc::new(PriceTable::new(&config.pricing)?),
+            default_max_tokens: config.rate_limits.default_max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+            telemetry,
+        })
+    }
+
+    /// The engine (its state is exported as metrics).
+    pub fn limiter(&self) -> &Limiter {
+        &self.limiter
+    }
+
+    fn estimate(&self, ctx: &PolicyCtx<'_>) -> Estimate {
+        let body = &ctx.body;
+        let prompt = estimate::prompt_tokens(ctx.api, body).unwrap_or(body.len() as u64 / 4);
+        let completion = completion_cap(ctx.api, body).unwrap_or(self.default_max_tokens);
+        let cost = self.prices.price(None, ctx.model).map_or(0.0, |p| {
+            let u = crate::telemetry::Usage { input: prompt, output: completion, ..Default::default() };
+            p.cost_usd(&u)
+        });
+        Estimate { prompt_tokens: prompt, max_completion_tokens: completion, cost_usd: cost }
+    }
+
+    fn refuse(&self, ctx: &PolicyCtx<'_>, r: Rejection) -> Deny {
+        let count = r.status.iter().find(|s| s.rule == r.rule).map_or("unknown", |s| s.count.as_str());
+        let policy = r.rule.split('/').next().unwrap_or(&r.rule);
+        let agent = self.telemetry.metrics.agent_label(&ctx.agent.name);
+        self.telemetry.governance.rate_rejection(&agent, policy, count);
+        let (status, class, code, message) = match r.reason {
+            RejectReason::LimitExceeded => (
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorClass::RateLimit,
+                "rate_limit_exceeded",
+                format!("token limit {} reached; retry after {} ms", r.rule, r.retry_after.as_millis()),
+            ),
+            RejectReason::TooLarge => (
+                StatusCode::BAD_REQUEST,
+                ErrorClass::InvalidRequest,
+                "request_exceeds_limit",
+                format!("the request alone exceeds token limit {} (lower max_tokens or the prompt)", r.rule),
+            ),
+            RejectReason::BackendDown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorClass::Unavailable,
+                "rate_limit_unavailable",
+                "token limits cannot be checked (Redis unreachable, on_redis_error: fail_closed)".to_string(),
+            ),
+        };
+        let headers = if r.reason == RejectReason::TooLarge { rate_limit_headers(&r.status) } else { r.headers() };
+        Deny { policy: "rate_limit", rule: r.rule.to_string(), status, class, code, message, headers }
+    }
+}
+
+impl Policy for RateLimitPolicy {
+    fn name(&self) -> &'static str {
+        "rate_limit"
+    }
+
+    fn on_request<'a>(&'a self, ctx: &'a mut PolicyCtx<'_>) -> HookFuture<'a> {
+        Box::pin(async move {
+            let est = self.estimate(ctx);
+            let subject = LimitSubject {
+                agent: &ctx.agent.name,
+                groups: ctx.groups,
+                namespace: ctx.namespace(),
+                provider: ctx.provider,
+                model: ctx.model.unwrap_or(""),
+                route: ctx.route,
+            };
+            match self.limiter.check_and_reserve(&subject, est).await {
+                Decision::Admit(a) => {
+                    if !a.reservation.is_empty() {
+                        ctx.attach(Box::new(LimitHook {
+                            limiter: self.limiter.clone(),
+                            reservation: Some(a.reservation),
+                            headers: rate_limit_headers(&a.status),
+                            prices: self.prices.clone(),
+                            estimate: est,
+                        }));
+                    }
+                    Ok(())
+                }
+                Decision::Reject(r) => Err(self.refuse(ctx, r)),
+            }
+        })
+    }
+}
+
+/// One admitted call's reservation, settled when the call ends (released if dropped first).
+struct LimitHook {
+    limiter: Limiter,
+    reservation: Option<Reservation>,
+    headers: Vec<(String, String)>,
+    prices: Arc<PriceTable>,
+    estimate: Estimate,
+}
+
+impl CallHook for LimitHook {
+    fn on_response_headers(&mut self, _status: StatusCode, headers: &mut HeaderMap) {
+        insert_headers(headers, &self.headers);
+    }
+
+    fn on_finish(mut self: Box<Self>, call: &mut LlmCall) {
+        let Some(res) = self.reservation.take() else { return };
+        let usage = match (&call.usage, call.status) {
+            (Some(u), _) => {
+                let price = self.prices.price(call.response_model.as_deref(), call.request_model.as_deref());
+                Usage {
+                    prompt_tokens: u.input,
+                    completion_tokens: u.output,
+                    cost_usd: price.map_or(0.0, |p| p.cost_usd(u)),
+                }
+            }
+            // A successful call whose usage never came (stream cut): keep what was reserved.
+            (None, 200..=299) if call.error.is_none() => Usage {
+                prompt_tokens: self.estimate.prompt_tokens,
+                completion_tokens: self.estimate.max_completion_tokens,
+                cost_usd: self.estimate.cost_usd,
+            },
+            // Failed without usage: nothing was consumed; dropping the reservation releases it.
+            (None, _) => return drop(res),
+        };
+        let limiter = self.limiter.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move { limiter.settle(res, usage).await });
+            }
+            Err(_) => drop(res),
+        }
+    }
+}
+
+/// The completion cap a request names, whatever its API calls it.
+fn completion_cap(api: Api, body: &[u8]) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct GenConfig {
+        #[serde(rename = "maxOutputTokens")]
+        max_output_tokens: Option<u64>,
+    }
+    #[derive(Deserialize)]
+    struct Caps {
+        max_tokens: Option<u64>,
+        max_completion_tokens: Option<u64>,
+        max_output_tokens: Option<u64>,
+        #[serde(rename = "generationConfig")]
+        generation_config: Option<GenConfig>,
+    }
+    if matches!(api, Api::OpenAiEmbeddings | Api::AnthropicCountTokens | Api::GeminiCountTokens | Api::GeminiEmbed) {
+        return Some(0);
+    }
+    let c: Caps = serde_json::from_slice(body).ok()?;
+    c.max_completion_tokens
+        .or(c.max_tokens)
+        .or(c.max_output_tokens)
+        .or(c.generation_config.and_then(|g| g.max_output_tokens))
+}
