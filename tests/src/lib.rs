@@ -19,6 +19,7 @@ pub mod prom;
 pub mod prometheus;
 pub mod redis;
 pub mod tollgate;
+pub mod webhook;
 pub mod wire;
 
 use std::net::{SocketAddr, TcpListener};

@@ -19,7 +19,17 @@
 //!   - kind: decorate
 //!     name: house-rules
 //!     prepend: [{ role: system, content: "Answer in English." }]
+//!   - kind: webhook
+//!     name: nemo
+//!     url: http://guardrails.internal:8000/v1/check
+//!     phase: both
+//!     timeout: 500ms
+//!     on_error: fail_closed
+//!     response: { pointer: /flagged, block_if: [true], reason_pointer: /reason }
 //! ```
+
+use std::collections::BTreeMap;
+use std::time::Duration;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -37,6 +47,9 @@ pub enum GuardConfig {
     Decorate(DecorateGuardConfig),
     /// Request body size and prompt token limits.
     Limits(LimitsGuardConfig),
+    /// An external guardrail service (NeMo Guardrails, a moderation endpoint, an in-house
+    /// classifier) asked over HTTP for a verdict on the prompt and/or the response.
+    Webhook(WebhookGuardConfig),
 }
 
 impl GuardConfig {
@@ -47,6 +60,7 @@ impl GuardConfig {
             GuardConfig::Pii(c) => &c.name,
             GuardConfig::Decorate(c) => &c.name,
             GuardConfig::Limits(c) => &c.name,
+            GuardConfig::Webhook(c) => &c.name,
         }
     }
 }
@@ -371,4 +385,111 @@ pub struct LimitsGuardConfig {
     /// Most prompt tokens (`o200k_base` estimate of the request's text).
     #[serde(default)]
     pub max_prompt_tokens: Option<u64>,
+}
+
+/// A guardrail served by someone else's HTTP endpoint, so teams can plug in the checker they
+/// already run. tollgate POSTs a JSON document built from `request_template` and reads one
+/// value of the JSON answer (`response`) to decide.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookGuardConfig {
+    /// Name reported in verdicts; unique among guards.
+    pub name: String,
+    /// `http://` or `https://` endpoint (TLS trusts the same roots as upstream providers).
+    pub url: String,
+    /// What is sent for checking: the prompt, the response, or both.
+    #[serde(default)]
+    pub phase: WebhookPhase,
+    /// Deadline of one webhook call (connect included); past it `on_error` decides.
+    #[serde(default = "default_webhook_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub timeout: Duration,
+    /// What happens when the webhook cannot be asked or its answer cannot be read.
+    #[serde(default)]
+    pub on_error: WebhookFailMode,
+    /// Extra request headers (e.g. `Authorization`).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// JSON body sent to the webhook. Placeholders, each replaced by a JSON value:
+    /// `{{phase}}` (`"input"`/`"output"`), `{{agent}}`, `{{namespace}}`, `{{route}}`,
+    /// `{{model}}`, `{{text}}` (the scanned texts joined by newlines), `{{messages}}`
+    /// (`[{"role": ..., "content": ...}]`). Absent: every placeholder as one object.
+    #[serde(default)]
+    pub request_template: Option<String>,
+    /// How the webhook's JSON answer is read. Absent: `{pointer: /allowed, allow_if: [true]}`.
+    #[serde(default)]
+    pub response: WebhookRule,
+    /// Roles of the request messages sent on the input phase (responses are `assistant`).
+    #[serde(default = "all_roles")]
+    pub roles: Vec<MessageRole>,
+}
+
+fn default_webhook_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+
+/// When the webhook is asked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookPhase {
+    /// The prompt, before the call is sent (a block never reaches the provider).
+    #[default]
+    Input,
+    /// The provider's non-streamed response, before the agent sees it.
+    Output,
+    /// Both.
+    Both,
+}
+
+impl WebhookPhase {
+    /// Whether prompts are checked.
+    pub fn input(self) -> bool {
+        matches!(self, WebhookPhase::Input | WebhookPhase::Both)
+    }
+
+    /// Whether responses are checked.
+    pub fn output(self) -> bool {
+        matches!(self, WebhookPhase::Output | WebhookPhase::Both)
+    }
+}
+
+/// Behaviour when the webhook times out, is unreachable, answers non-2xx or unreadable JSON.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookFailMode {
+    /// Let the call through (the failure is still a verdict `action="error"` and a span event).
+    FailOpen,
+    /// Refuse the call: a guardrail that cannot answer is treated as a block.
+    #[default]
+    FailClosed,
+}
+
+/// Reads the verdict from the webhook's answer: the value at `pointer` (RFC 6901) blocks when
+/// it is one of `block_if`, or when `allow_if` is given and it is none of them. Exactly one of
+/// the two lists is set. A missing value is an error (`on_error`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookRule {
+    /// JSON pointer of the verdict value (`/allowed`, `/results/0/flagged`).
+    pub pointer: String,
+    /// Values that let the call through.
+    #[serde(default)]
+    pub allow_if: Vec<serde_json::Value>,
+    /// Values that block the call.
+    #[serde(default)]
+    pub block_if: Vec<serde_json::Value>,
+    /// JSON pointer of a reason string quoted in the refusal, when the webhook gives one.
+    #[serde(default)]
+    pub reason_pointer: Option<String>,
+}
+
+impl Default for WebhookRule {
+    fn default() -> Self {
+        WebhookRule {
+            pointer: "/allowed".into(),
+            allow_if: vec![serde_json::Value::Bool(true)],
+            block_if: Vec::new(),
+            reason_pointer: None,
+        }
+    }
 }

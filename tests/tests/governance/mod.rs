@@ -4,6 +4,10 @@
 //! the agent received is checked against what the mock recorded (`/__mock/requests`), so a
 //! refusal that still reached the provider, or a redaction that happened only in the response,
 //! cannot pass.
+
+mod redis;
+mod webhook;
+
 use std::time::Duration;
 
 use serde_json::{json, Value};

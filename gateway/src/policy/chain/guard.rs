@@ -33,6 +33,11 @@ impl GuardPolicy {
         Ok(GuardPolicy { guards: Arc::new(Guardrails::compile(cfg)?), telemetry })
     }
 
+    /// No local guard (only webhooks, or nothing): the chain leaves this policy out.
+    pub fn is_empty(&self) -> bool {
+        self.guards.is_empty()
+    }
+
     fn check(&self, ctx: &mut PolicyCtx<'_>) -> Result<(), Deny> {
         // A body that is not JSON is forwarded: the provider answers it with its own 400.
         let Ok(mut body) = serde_json::from_slice::<Value>(&ctx.body) else { return Ok(()) };

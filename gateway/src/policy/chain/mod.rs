@@ -10,7 +10,9 @@
 //!    caller's API shape.
 //! 2. [`CallHook::on_response_headers`] on the response that goes back to the agent
 //!    (`x-ratelimit-*`).
-//! 3. [`CallHook::response_filter`]: rewrites the response body or stream (PII redaction).
+//! 3. [`CallHook::response_filter`]: rewrites the response body or stream (PII redaction);
+//!    [`CallHook::response_check`]: an asynchronous verdict on a whole non-streamed response
+//!    before the agent sees it (webhook guardrails); a refusal replaces the response.
 //! 4. [`CallHook::on_finish`] with the finished call (exact usage): settle the reservation.
 //!    A hook dropped without finishing (call failed before a response) cleans up in `Drop`.
 //!
@@ -21,6 +23,7 @@ mod access;
 mod guard;
 mod guard_stream;
 mod rate;
+mod webhook;
 
 #[cfg(test)]
 mod tests;
@@ -42,9 +45,13 @@ use crate::telemetry::{LlmCall, PolicyEvent, Telemetry};
 pub use access::{AccessError, AccessPolicy, Groups};
 pub use guard::GuardPolicy;
 pub use rate::{RateLimitError, RateLimitPolicy};
+pub use webhook::{WebhookPolicy, WebhookPolicyError};
 
 /// Boxed future of a request hook (policies are trait objects, so hooks cannot be `async fn`).
 pub type HookFuture<'a> = Pin<Box<dyn Future<Output = Result<(), Deny>> + Send + 'a>>;
+
+/// Boxed future of a [`ResponseCheck`].
+pub type CheckFuture<'a> = Pin<Box<dyn Future<Output = Result<(), Deny>> + Send + 'a>>;
 
 /// Why the chain could not be built from a (validated) config.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +65,9 @@ pub enum PolicyError {
     /// Guardrails.
     #[error(transparent)]
     Guard(#[from] crate::policy::guards::GuardError),
+    /// Webhook guardrails.
+    #[error(transparent)]
+    Webhook(#[from] WebhookPolicyError),
 }
 
 /// A refusal: what the agent gets (status, error class and code in its API shape, extra
@@ -135,6 +145,12 @@ pub trait CallHook: Send {
         None
     }
 
+    /// An asynchronous check of the complete, successful, non-streamed response; taken at
+    /// most once. The response path holds such a response (bounded) until every check passed.
+    fn response_check(&mut self) -> Option<Box<dyn ResponseCheck>> {
+        None
+    }
+
     /// The call ended (usage final, or failed); may add span events.
     fn on_finish(self: Box<Self>, _call: &mut LlmCall) {}
 }
@@ -154,6 +170,14 @@ pub trait ResponseFilter: Send {
     ) -> Box<dyn StreamTranslator>;
 }
 
+/// Judges a whole response before it is returned (external guardrails): a [`Deny`] replaces
+/// the response with a refusal in the agent's API shape.
+pub trait ResponseCheck: Send + Sync {
+    /// Check `body`, the response as the agent would receive it (after translation and
+    /// redaction).
+    fn check<'a>(&'a self, body: &'a [u8]) -> CheckFuture<'a>;
+}
+
 /// The chain of one config generation.
 #[derive(Default)]
 pub struct Policies {
@@ -164,7 +188,8 @@ pub struct Policies {
 
 impl Policies {
     /// Build every configured policy, in order: access (cheap, no body), guardrails (may block
-    /// before anything is reserved), token limits (reserve last). Needs a Tokio runtime when a
+    /// before anything is reserved; webhook guards after the local ones, so they see redacted
+    /// prompts), token limits (reserve last). Needs a Tokio runtime when a
     /// Redis backend is configured.
     pub async fn build(config: &Config, telemetry: &Arc<Telemetry>) -> Result<Self, PolicyError> {
         let groups = Groups::new(&config.agent_groups)?;
@@ -173,8 +198,12 @@ impl Policies {
         if !config.access.is_empty() {
             chain.push(Box::new(AccessPolicy::new(&config.access)?));
         }
-        if !config.guardrails.is_empty() {
-            chain.push(Box::new(GuardPolicy::new(&config.guardrails, telemetry.clone())?));
+        let guards = GuardPolicy::new(&config.guardrails, telemetry.clone())?;
+        if !guards.is_empty() {
+            chain.push(Box::new(guards));
+        }
+        if let Some(webhooks) = WebhookPolicy::new(config, telemetry.clone())? {
+            chain.push(Box::new(webhooks));
         }
         if !config.rate_limits.policies.is_empty() {
             let p = RateLimitPolicy::new(config, telemetry.clone()).await?;
@@ -204,23 +233,9 @@ impl Policies {
     pub async fn on_request(&self, mut ctx: PolicyCtx<'_>) -> Result<Admitted, (Deny, Vec<PolicyEvent>)> {
         for p in &self.chain {
             if let Err(d) = p.on_request(&mut ctx).await {
-                let agent = ctx.telemetry.metrics.agent_label(&ctx.agent.name);
-                ctx.telemetry.governance.denial(&agent, d.policy, &d.rule);
-                tracing::info!(
-                    target: "audit",
-                    agent = %ctx.agent.name,
-                    route = ctx.route,
-                    model = ctx.model.unwrap_or(""),
-                    policy = d.policy,
-                    rule = %d.rule,
-                    status = d.status.as_u16(),
-                    "call denied: {}", d.message
-                );
+                audit_denial(ctx.telemetry, &ctx.agent.name, ctx.route, ctx.model, &d);
                 let mut events = ctx.events;
-                events.push(PolicyEvent {
-                    name: "tollgate.policy.denied",
-                    attributes: vec![("tollgate.policy", d.policy.to_string()), ("tollgate.rule", d.rule.clone())],
-                });
+                events.push(denied_event(&d));
                 return Err((d, events));
             }
         }
@@ -266,12 +281,59 @@ impl CallHooks {
         self.0.iter_mut().find_map(|h| h.response_filter())
     }
 
+    /// Every response check the hooks offer (empty when none asks to see the response).
+    pub fn response_checks(&mut self) -> Vec<Box<dyn ResponseCheck>> {
+        self.0.iter_mut().filter_map(|h| h.response_check()).collect()
+    }
+
     /// Run every hook's finish with the call.
     pub fn finish(self, call: &mut LlmCall) {
         for h in self.0 {
             h.on_finish(call);
         }
     }
+}
+
+/// Run `checks` in order over a complete response; the first refusal is counted, audited and
+/// returned. Who/what is taken from the call record.
+pub async fn check_response(
+    checks: &[Box<dyn ResponseCheck>],
+    telemetry: &Telemetry,
+    call: &mut LlmCall,
+    body: &[u8],
+) -> Result<(), Deny> {
+    for c in checks {
+        if let Err(d) = c.check(body).await {
+            audit_denial(telemetry, &call.agent.name, &call.route, call.request_model.as_deref(), &d);
+            call.policy_events.push(denied_event(&d));
+            return Err(d);
+        }
+    }
+    Ok(())
+}
+
+/// The span event of a refusal.
+fn denied_event(d: &Deny) -> PolicyEvent {
+    PolicyEvent {
+        name: "tollgate.policy.denied",
+        attributes: vec![("tollgate.policy", d.policy.to_string()), ("tollgate.rule", d.rule.clone())],
+    }
+}
+
+/// Count a refusal and write its audit line (target `audit`).
+fn audit_denial(telemetry: &Telemetry, agent: &str, route: &str, model: Option<&str>, d: &Deny) {
+    let label = telemetry.metrics.agent_label(agent);
+    telemetry.governance.denial(&label, d.policy, &d.rule);
+    tracing::info!(
+        target: "audit",
+        agent = %agent,
+        route = route,
+        model = model.unwrap_or(""),
+        policy = d.policy,
+        rule = %d.rule,
+        status = d.status.as_u16(),
+        "call denied: {}", d.message
+    );
 }
 
 /// `(name, value)` header pairs into `headers` (invalid ones skipped: they come from our own

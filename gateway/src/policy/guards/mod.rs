@@ -9,6 +9,9 @@
 //!   mask, log), over request text, response bodies and response streams ([`StreamRedactor`]).
 //! - [`Decorator`] (`kind: decorate`): messages prepended / appended to the prompt.
 //! - [`SizeLimits`] (`kind: limits`): request bytes and prompt tokens.
+//! - [`WebhookGuard`] (`kind: webhook`): an external checker asked over HTTP. Only its
+//!   rendering and judging are here (pure); the call runs in [`crate::policy::chain`], after
+//!   the guards above, so it sees the prompt already redacted.
 //!
 //! Everything is compiled once per config load ([`Guardrails::compile`]); errors name the
 //! config field (`guardrails[2].deny[0]: regex parse error ...`). On the request path a clean
@@ -21,6 +24,7 @@ mod prompt;
 mod size;
 mod stream;
 mod walk;
+mod webhook;
 
 #[cfg(test)]
 mod engine_tests;
@@ -37,6 +41,7 @@ pub use prompt::{PromptError, RegexGuard};
 pub use size::{SizeError, SizeLimits};
 pub use stream::{ResponseStream, StreamRedactor};
 pub use walk::Location;
+pub use webhook::{Judgement, WebhookError, WebhookGuard, WebhookSubject};
 
 use std::fmt;
 use std::sync::Arc;
@@ -217,10 +222,29 @@ impl Guardrails {
                     }
                     SizeError::Zero(f) => bad(f, "must be greater than 0".into()),
                 })?),
+                GuardConfig::Webhook(w) => {
+                    // Checked here so `tollgate check` names the field; run by the chain.
+                    WebhookGuard::new(w).map_err(|e| bad(&e.field, e.message))?;
+                    continue;
+                }
             };
             guards.push(guard);
         }
         Ok(Guardrails { guards })
+    }
+
+    /// The `kind: webhook` guards of `cfgs`, in order (the engine itself skips them: they are
+    /// asynchronous and run as their own policy).
+    pub fn webhooks(cfgs: &[GuardConfig]) -> Result<Vec<Arc<WebhookGuard>>, GuardError> {
+        let mut out = Vec::new();
+        for (i, c) in cfgs.iter().enumerate() {
+            if let GuardConfig::Webhook(w) = c {
+                let g = WebhookGuard::new(w)
+                    .map_err(|e| GuardError { field: format!("guardrails[{i}].{}", e.field), message: e.message })?;
+                out.push(Arc::new(g));
+            }
+        }
+        Ok(out)
     }
 
     /// No guards: callers can skip parsing bodies altogether.

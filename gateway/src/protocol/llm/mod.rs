@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use super::http::{prepare, prepare_uri, send, L7Context, ProxyBody};
 use super::ProtocolError;
 use crate::config::ProviderKind;
-use crate::policy::chain::{insert_headers, CallHooks, PolicyCtx};
+use crate::policy::chain::{check_response, insert_headers, CallHooks, Deny, PolicyCtx, ResponseCheck, ResponseFilter};
 use crate::protocol::errors::shaped_error;
 use crate::telemetry::{LlmCall, Payload, SpanIds, Telemetry};
 use api::{Api, Detected, Observer, Shape};
@@ -127,6 +127,14 @@ pub(crate) async fn observe_call(ctx: &L7Context, det: Detected, req: Request<In
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim_start().get(..17).is_some_and(|p| p.eq_ignore_ascii_case("text/event-stream")));
+    let observer = Observer::new(api, bytes, ctx.provider == ProviderKind::OpenaiCompatible);
+    if rparts.status.is_success() && !is_sse {
+        let checks = hooks.response_checks();
+        if !checks.is_empty() {
+            let held = Held { call, t0, shape, observer, filter, hooks, checks };
+            return held.respond(ctx, rparts, rbody).await;
+        }
+    }
     let drop_usage = injected && is_sse;
     if drop_usage || filter.is_some() {
         // Bytes will be removed: let hyper frame the body itself.
@@ -138,7 +146,6 @@ pub(crate) async fn observe_call(ctx: &L7Context, det: Detected, req: Request<In
         (false, Some(_)) => Mode::json_held(limits.max_inspect_bytes),
         (false, None) => Mode::json(limits.max_inspect_bytes),
     };
-    let observer = Observer::new(api, bytes, ctx.provider == ProviderKind::OpenaiCompatible);
     let mut obs = Observation::plain(observer);
     match filter {
         Some(f) if is_sse => obs.translator = Some(f.into_stream(None, drop_usage)),
@@ -182,15 +189,67 @@ pub(crate) async fn run_policies(
             Ok((call, a.body, a.hooks))
         }
         Err((deny, events)) => {
-            let mut resp = shaped_error(api.shape(), deny.status, deny.class, deny.code, &deny.message);
-            insert_headers(resp.headers_mut(), &deny.headers);
+            let resp = refusal(api.shape(), &deny, &mut call);
             call.policy_events.extend(events);
-            call.status = deny.status.as_u16();
-            call.error = Some(format!("denied by {} {}: {}", deny.policy, deny.rule, deny.message));
             call.duration = t0.elapsed();
             ctx.reporter.report(*call);
             Err(resp)
         }
+    }
+}
+
+/// The agent's answer to a call a policy refused, recorded on the call.
+pub(crate) fn refusal(shape: Shape, deny: &Deny, call: &mut LlmCall) -> Response<ProxyBody> {
+    let mut resp = shaped_error(shape, deny.status, deny.class, deny.code, &deny.message);
+    insert_headers(resp.headers_mut(), &deny.headers);
+    call.status = deny.status.as_u16();
+    call.error = Some(format!("denied by {} {}: {}", deny.policy, deny.rule, deny.message));
+    resp
+}
+
+/// A pass-through response that response checks must see whole before the agent does:
+/// read (bounded by `limits.max_inspect_bytes`), observed, redacted, checked, then returned
+/// in one piece or replaced by the refusal.
+struct Held {
+    call: Box<LlmCall>,
+    t0: Instant,
+    shape: Shape,
+    observer: Observer,
+    filter: Option<Box<dyn ResponseFilter>>,
+    hooks: CallHooks,
+    checks: Vec<Box<dyn ResponseCheck>>,
+}
+
+impl Held {
+    async fn respond(self, ctx: &L7Context, mut rparts: http::response::Parts, rbody: Incoming) -> Response<ProxyBody> {
+        let Held { mut call, t0, shape, mut observer, mut filter, hooks, checks } = self;
+        let buf = match Limited::new(rbody, ctx.config.limits.max_inspect_bytes).collect().await {
+            Ok(c) => c.to_bytes(),
+            Err(e) => {
+                hooks.finish(&mut call);
+                let e = ProtocolError::BadRequest(format!("provider response unreadable or too large to check: {e}"));
+                return report_failure(ctx, shape, call, t0, e);
+            }
+        };
+        call.ttft = Some(t0.elapsed());
+        observer.observe(&mut call, &buf);
+        observer.finish(&mut call);
+        let out = filter.as_mut().and_then(|f| f.body(&buf)).unwrap_or_else(|| buf.to_vec());
+        let verdict = check_response(&checks, ctx.reporter.telemetry(), &mut call, &out).await;
+        let resp = match verdict {
+            Err(d) => refusal(shape, &d, &mut call),
+            Ok(()) => {
+                if let Some(p) = call.payload.as_deref_mut() {
+                    p.push_response(&out);
+                }
+                rparts.headers.remove(CONTENT_LENGTH);
+                Response::from_parts(rparts, ProxyBody::Full(Some(Bytes::from(out))))
+            }
+        };
+        call.duration = t0.elapsed();
+        hooks.finish(&mut call);
+        ctx.reporter.report(*call);
+        resp
     }
 }
 

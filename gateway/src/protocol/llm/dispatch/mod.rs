@@ -22,9 +22,9 @@ use hyper::body::Incoming;
 use super::api::{self, Api, Detected, Observer, RequestFacts, Shape};
 use super::body::{Mode, Observation, ObservedBody};
 use super::translate::{self, StreamTranslator};
-use super::{new_call, propagate, read_request_body, report_failure, run_policies, with_policy_hooks};
+use super::{new_call, propagate, read_request_body, refusal, report_failure, run_policies, with_policy_hooks};
 use crate::config::{FailoverOn, ProviderKind};
-use crate::policy::chain::CallHooks;
+use crate::policy::chain::{check_response, CallHooks};
 use crate::policy::{InFlight, Outcome};
 use crate::protocol::http::{strip_hop_by_hop, L7Context, ProxyBody};
 use crate::protocol::ProtocolError;
@@ -263,10 +263,12 @@ async fn respond(
     let observer = Observer::new(up_api, request, prov.kind == ProviderKind::OpenaiCompatible);
     let limits = &ctx.config.limits;
     let success = rparts.status.is_success();
+    // Response checks (webhook guardrails) need the whole non-streamed response: held below.
+    let checks = if success && !is_sse { hooks.response_checks() } else { Vec::new() };
     let hook = finish_hook(rt.clone(), attempt.idx, success, attempt.inflight, attempt.slot, attempt.attempt_start);
     let hook = with_policy_hooks(hook, hooks);
 
-    if !translating || (is_sse && success) {
+    if (!translating || (is_sse && success)) && checks.is_empty() {
         let translator: Option<Box<dyn StreamTranslator>> = match (translating, up_api.shape(), shape) {
             (true, Shape::Anthropic, Shape::OpenAi) => {
                 Some(Box::new(translate::MessagesToChatStream::new(client_model, facts.include_usage)))
@@ -294,7 +296,8 @@ async fn respond(
         return Response::from_parts(rparts, ProxyBody::Observed(Box::new(observed)));
     }
 
-    // Non-streamed (or failed) response in another API: read it whole (bounded), then convert.
+    // Non-streamed (or failed) response in another API, or one to check: read it whole
+    // (bounded), then convert, redact and check.
     let mut observer = observer;
     let remaining = (t0 + rt.failover.request_timeout).saturating_duration_since(Instant::now());
     let collected = tokio::time::timeout(
@@ -331,6 +334,15 @@ async fn respond(
     };
     let mut filter = filter;
     let converted = converted.map(|out| filter.as_mut().and_then(|f| f.body(&out)).unwrap_or(out));
+    if let Ok(out) = &converted {
+        if let Err(d) = check_response(&checks, ctx.reporter.telemetry(), &mut call, out).await {
+            let resp = refusal(shape, &d, &mut call);
+            call.duration = t0.elapsed();
+            hook(&mut call);
+            ctx.reporter.report(*call);
+            return resp;
+        }
+    }
     call.duration = t0.elapsed();
     hook(&mut call);
     match converted {
