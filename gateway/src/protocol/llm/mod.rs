@@ -96,9 +96,6 @@ pub(crate) async fn observe_call(ctx: &L7Context, det: Detected, req: Request<In
         Ok(b) => b,
         Err(e) => return report_failure(ctx, shape, call, t0, e),
     };
-    if let Some(max) = ctx.log_payloads {
-        call.payload = Some(Box::new(Payload::new(max, &bytes)));
-    }
     let api = det.api;
     let (body, injected) = rewrite(det, &bytes, &mut call, ctx.include_usage);
     let (mut call, body, mut hooks) = match run_policies(ctx, api, call, body, t0).await {
@@ -168,7 +165,14 @@ pub(crate) async fn run_policies(
     body: Bytes,
     t0: Instant,
 ) -> Result<(Box<LlmCall>, Bytes, CallHooks), Response<ProxyBody>> {
+    // Payloads are logged as admitted: after redaction and decoration, never a refused prompt.
+    let log = |call: &mut LlmCall, body: &Bytes| {
+        if let Some(max) = ctx.log_payloads {
+            call.payload = Some(Box::new(Payload::new(max, body)));
+        }
+    };
     if ctx.policies.is_empty() {
+        log(&mut call, &body);
         return Ok((call, body, CallHooks::default()));
     }
     let pctx = PolicyCtx {
@@ -185,6 +189,7 @@ pub(crate) async fn run_policies(
     };
     match ctx.policies.on_request(pctx).await {
         Ok(a) => {
+            log(&mut call, &a.body);
             call.policy_events.extend(a.events);
             Ok((call, a.body, a.hooks))
         }

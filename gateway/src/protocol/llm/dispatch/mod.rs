@@ -28,7 +28,7 @@ use crate::policy::chain::{check_response, CallHooks};
 use crate::policy::{InFlight, Outcome};
 use crate::protocol::http::{strip_hop_by_hop, L7Context, ProxyBody};
 use crate::protocol::ProtocolError;
-use crate::telemetry::{LlmCall, Payload};
+use crate::telemetry::LlmCall;
 use crate::upstream::FailureKind;
 
 /// Serve one LLM call through the route's targets.
@@ -47,9 +47,6 @@ pub(crate) async fn dispatch(
         Ok(b) => b,
         Err(e) => return report_failure(ctx, shape, call, t0, e),
     };
-    if let Some(max) = ctx.log_payloads {
-        call.payload = Some(Box::new(Payload::new(max, &bytes)));
-    }
     let Some(facts) = api::inspect_request(det.api, &bytes) else {
         let e = ProtocolError::BadRequest(format!("request body of {:?} is not a JSON object", det.api));
         return report_failure(ctx, shape, call, t0, e);
