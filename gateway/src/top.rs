@@ -1,5 +1,6 @@
 //! `tollgate top`: a live terminal view of agents (requests/s, tokens/min, cost, errors, limit
-//! headroom) computed from two scrapes of the admin listener's `/metrics`.
+//! headroom) computed from two scrapes of the admin listener's `/metrics`. Headroom is the
+//! latest `tollgate_ratelimit_remaining_ratio` (set when a limited call arrives), not a rate.
 //!
 //! The view reads the same Prometheus exposition Prometheus does, so it needs no extra admin
 //! endpoint and shows exactly what the dashboards would. The exposition parser is written here
@@ -97,7 +98,7 @@ impl Sample {
 }
 
 /// Parse a Prometheus text exposition (format 0.0.4). Histogram and summary families are
-/// dropped: the view only reads counters, and bucket series would only cost memory.
+/// dropped: the view only reads counters and gauges, and bucket series would only cost memory.
 pub fn parse_exposition(text: &str) -> Result<Vec<Sample>, ParseError> {
     let mut skipped: HashSet<&str> = HashSet::new();
     let mut out = Vec::new();
@@ -216,6 +217,10 @@ pub struct AgentTotals {
     pub tokens: f64,
     /// Spend in USD (`tollgate_llm_cost_usd_total`); `None` while tollgate exports no cost.
     pub cost_usd: Option<f64>,
+    /// Least remaining share (0..1) over the agent's token limits
+    /// (`tollgate_ratelimit_remaining_ratio`), so the limit closest to refusing shows; `None`
+    /// while no limit has seen a call of the agent.
+    pub headroom: Option<f64>,
 }
 
 /// Per-agent counters at one instant: two of them give the rates the table shows.
@@ -248,6 +253,10 @@ impl Snapshot {
                     let t = agents.entry(entry()).or_default();
                     t.cost_usd = Some(t.cost_usd.unwrap_or(0.0) + s.value);
                 }
+                "tollgate_ratelimit_remaining_ratio" if s.value.is_finite() => {
+                    let t = agents.entry(entry()).or_default();
+                    t.headroom = Some(t.headroom.map_or(s.value, |h| h.min(s.value)));
+                }
                 _ => {}
             }
         }
@@ -278,6 +287,9 @@ pub struct Row {
     pub cost_usd: Option<f64>,
     /// Spend per minute in USD, if tollgate exports cost.
     pub cost_per_min: Option<f64>,
+    /// Least remaining share (0..1) of the agent's token limits at the latest scrape, if any
+    /// limit applies to it: a gauge, so it is read from `cur`, not differenced.
+    pub headroom: Option<f64>,
 }
 
 /// Rates of every agent in `cur`, busiest (tokens/min) first. A counter lower than before means
@@ -300,6 +312,7 @@ pub fn rates(prev: &Snapshot, cur: &Snapshot) -> Vec<Row> {
                 errors_per_s: per_s(delta(before.errors, now.errors)),
                 cost_usd: now.cost_usd,
                 cost_per_min: now.cost_usd.map(|c| per_s(delta(before.cost_usd.unwrap_or(0.0), c)) * 60.0),
+                headroom: now.headroom,
             }
         })
         .collect();
@@ -338,8 +351,7 @@ pub fn render(admin: &str, window: Duration, rows: &[Row]) -> String {
                 rate(r.errors_per_s),
                 r.cost_usd.map_or_else(|| "-".into(), usd),
                 r.cost_per_min.map_or_else(|| "-".into(), usd),
-                // Per-agent limits do not exist yet; the column is where their headroom will go.
-                "-".into(),
+                r.headroom.map_or_else(|| "-".into(), percent),
             ]
         })
         .collect();
@@ -353,7 +365,8 @@ pub fn render(admin: &str, window: Duration, rows: &[Row]) -> String {
             rate(sum(|r| r.errors_per_s)),
             sum_opt(|r| r.cost_usd).map_or_else(|| "-".into(), usd),
             sum_opt(|r| r.cost_per_min).map_or_else(|| "-".into(), usd),
-            "-".into(),
+            // The tightest limit of any agent: what is about to refuse somebody.
+            rows.iter().filter_map(|r| r.headroom).reduce(f64::min).map_or_else(|| "-".into(), percent),
         ]);
     }
     let mut widths = header.map(|h| h.chars().count());
@@ -409,6 +422,17 @@ fn rate(v: f64) -> String {
         a if a < 10.0 => format!("{v:.2}"),
         a if a < 10_000.0 => format!("{v:.1}"),
         _ => format!("{v:.0}"),
+    }
+}
+
+/// A 0..1 share as a percentage, one decimal below 10 % where it matters most; rounded down,
+/// so headroom is never shown larger than it is (99.9 % left is not "100%").
+fn percent(ratio: f64) -> String {
+    let p = ratio * 100.0;
+    if p < 10.0 {
+        format!("{:.1}%", (p * 10.0).floor() / 10.0)
+    } else {
+        format!("{:.0}%", p.floor())
     }
 }
 
@@ -535,169 +559,5 @@ async fn fetch(admin: &str) -> Result<String, TopError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const EXPOSITION: &str = r#"# HELP tollgate_llm_requests_total LLM calls
-# TYPE tollgate_llm_requests_total counter
-tollgate_llm_requests_total{agent="billing",model="gpt-4o",provider="openai",route="openai",status="200"} 10
-tollgate_llm_requests_total{agent="billing",model="gpt-4o",provider="openai",route="openai",status="429"} 2
-tollgate_llm_requests_total{agent="we\"ird\\name\n",model="m",provider="openai",route="r",status="200"} 1
-# TYPE tollgate_llm_tokens_total counter
-tollgate_llm_tokens_total{agent="billing",model="gpt-4o",provider="openai",route="openai",token_type="input"} 700
-tollgate_llm_tokens_total{agent="billing",model="gpt-4o",provider="openai",route="openai",token_type="total"} 1000
-# TYPE gen_ai_client_token_usage histogram
-gen_ai_client_token_usage_bucket{agent="billing",le="1"} 0
-gen_ai_client_token_usage_bucket{agent="billing",le="+Inf"} 12
-gen_ai_client_token_usage_sum{agent="billing"} 1000
-gen_ai_client_token_usage_count{agent="billing"} 12
-tollgate_build_info{version="0.1.0"} 1 1700000000000
-"#;
-
-    #[test]
-    fn parses_exposition_with_escapes_and_skips_histograms() {
-        let samples = parse_exposition(EXPOSITION).unwrap();
-        assert_eq!(samples.len(), 6, "{samples:#?}");
-        assert!(samples.iter().all(|s| !s.name.starts_with("gen_ai_")));
-        let weird = samples.iter().find(|s| s.label("model") == Some("m")).unwrap();
-        assert_eq!(weird.label("agent"), Some("we\"ird\\name\n"));
-        assert_eq!(weird.value, 1.0);
-        let build = samples.iter().find(|s| s.name == "tollgate_build_info").unwrap();
-        assert_eq!(build.labels, vec![("version".to_string(), "0.1.0".to_string())]);
-    }
-
-    #[test]
-    fn parse_edge_cases() {
-        let s = parse_exposition("a_b:c 1.5e3\nx{ k = \"v,}\" , } NaN\ny{} +Inf\n").unwrap();
-        assert_eq!(s[0].value, 1500.0);
-        assert_eq!(s[1].label("k"), Some("v,}"));
-        assert!(s[1].value.is_nan());
-        assert_eq!(s[2].value, f64::INFINITY);
-        for (bad, line) in [
-            ("ok 1\nx{a=\"1} 2", 2),
-            ("x{a=1} 2", 1),
-            ("x 1 2 3", 1),
-            ("9x 1", 1),
-            ("x{a=\"b\" c=\"d\"} 1", 1),
-            ("x", 1),
-        ] {
-            let e = parse_exposition(bad).unwrap_err();
-            assert_eq!(e.line, line, "{bad:?}: {e}");
-        }
-    }
-
-    fn snap(at: Instant, text: &str) -> Snapshot {
-        Snapshot::from_samples(at, &parse_exposition(text).unwrap())
-    }
-
-    #[test]
-    fn totals_per_agent() {
-        let s = snap(Instant::now(), EXPOSITION);
-        let b = &s.agents["billing"];
-        assert_eq!((b.requests, b.errors, b.tokens, b.cost_usd), (12.0, 2.0, 1000.0, None));
-        let w = &s.agents["we\"ird\\name\n"];
-        assert_eq!((w.requests, w.errors, w.tokens), (1.0, 0.0, 0.0));
-        let with_cost = snap(
-            Instant::now(),
-            "tollgate_llm_cost_usd_total{agent=\"a\",model=\"x\"} 0.5\n\
-             tollgate_llm_cost_usd_total{agent=\"a\",model=\"y\"} 0.25\n\
-             tollgate_llm_requests_total{agent=\"a\",status=\"0\"} 3\n\
-             tollgate_llm_requests_total{agent=\"a\",status=\"200\",error=\"timeout\"} 1\n",
-        );
-        let a = &with_cost.agents["a"];
-        assert_eq!((a.requests, a.errors, a.cost_usd), (4.0, 4.0, Some(0.75)));
-    }
-
-    #[test]
-    fn rates_between_samples() {
-        let t0 = Instant::now();
-        let prev = snap(
-            t0,
-            "tollgate_llm_requests_total{agent=\"a\",status=\"200\"} 10\n\
-             tollgate_llm_tokens_total{agent=\"a\",token_type=\"total\"} 1000\n\
-             tollgate_llm_requests_total{agent=\"restarted\",status=\"200\"} 100\n",
-        );
-        let cur = snap(
-            t0 + Duration::from_secs(2),
-            "tollgate_llm_requests_total{agent=\"a\",status=\"200\"} 14\n\
-             tollgate_llm_requests_total{agent=\"a\",status=\"500\"} 2\n\
-             tollgate_llm_tokens_total{agent=\"a\",token_type=\"total\"} 1100\n\
-             tollgate_llm_tokens_total{agent=\"a\",token_type=\"input\"} 99999\n\
-             tollgate_llm_requests_total{agent=\"restarted\",status=\"200\"} 4\n\
-             tollgate_llm_requests_total{agent=\"new\",status=\"200\"} 1\n\
-             tollgate_llm_tokens_total{agent=\"new\",token_type=\"total\"} 400\n\
-             tollgate_llm_cost_usd_total{agent=\"new\"} 0.02\n",
-        );
-        let rows = rates(&prev, &cur);
-        let names: Vec<_> = rows.iter().map(|r| r.agent.as_str()).collect();
-        assert_eq!(names, ["new", "a", "restarted"], "sorted by tokens/min");
-        let a = &rows[1];
-        assert_eq!((a.requests_per_s, a.tokens_per_min, a.errors_per_s), (3.0, 3000.0, 1.0));
-        assert_eq!((a.cost_usd, a.cost_per_min), (None, None));
-        let new = &rows[0];
-        assert_eq!((new.requests_per_s, new.tokens_per_min), (0.5, 12000.0));
-        assert_eq!(new.cost_usd, Some(0.02));
-        assert!((new.cost_per_min.unwrap() - 0.6).abs() < 1e-9);
-        assert_eq!(rows[2].requests_per_s, 2.0, "counter reset counts the new value");
-    }
-
-    #[test]
-    fn renders_aligned_table_with_totals() {
-        let rows = vec![
-            Row {
-                agent: "billing".into(),
-                requests_per_s: 3.0,
-                tokens_per_min: 12345.0,
-                errors_per_s: 0.5,
-                cost_usd: Some(1.5),
-                cost_per_min: Some(0.01),
-            },
-            Row {
-                agent: "a-very-long-agent-name-from-a-cgroup-leaf.scope".into(),
-                requests_per_s: 0.0,
-                tokens_per_min: 0.0,
-                errors_per_s: 0.0,
-                cost_usd: None,
-                cost_per_min: None,
-            },
-        ];
-        let text = render("127.0.0.1:15000", Duration::from_secs(2), &rows);
-        let expected = "\
-tollgate top  127.0.0.1:15000  window 2s  2 agents
-
-AGENT                             REQ/S  TOK/MIN  ERR/S  COST $   $/MIN  HEADROOM
-billing                            3.00    12345   0.50    1.50  0.0100         -
-a-very-long-agent-name-from-a-c…      0        0      0       -       -         -
----------------------------------------------------------------------------------
-TOTAL                              3.00    12345   0.50    1.50  0.0100         -
-";
-        assert_eq!(text, expected, "\n{text}");
-        let empty = render("h:1", Duration::from_millis(1500), &[]);
-        assert!(empty.contains("window 1s 500ms  0 agents") && empty.contains("no LLM calls recorded yet"), "{empty}");
-    }
-
-    #[test]
-    fn options_are_validated() {
-        assert_eq!(parse_interval("2s").unwrap(), Duration::from_secs(2));
-        assert_eq!(parse_interval("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_interval("3").unwrap(), Duration::from_secs(3));
-        for bad in ["0", "10ms", "-1", "soon", "inf"] {
-            assert!(parse_interval(bad).is_err(), "{bad}");
-        }
-        assert_eq!(normalize_admin("http://127.0.0.1:15000/").unwrap(), "127.0.0.1:15000");
-        assert_eq!(normalize_admin("[::1]:15000").unwrap(), "[::1]:15000");
-        for bad in ["127.0.0.1", ":15000", "host:99999", "http://h:1/metrics"] {
-            assert!(normalize_admin(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn unreachable_admin_names_the_address() {
-        // Bind then drop a listener: nothing listens on that port any more.
-        let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        let opts = Options { admin: addr.to_string(), interval: Duration::from_millis(100), once: true };
-        let err = run(&opts).unwrap_err();
-        assert!(matches!(err, TopError::Unreachable { .. }), "{err:?}");
-        assert!(err.to_string().contains(&addr.to_string()), "{err}");
-    }
-}
+#[path = "top_tests.rs"]
+mod tests;

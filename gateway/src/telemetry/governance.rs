@@ -1,5 +1,7 @@
 //! Metrics of the governance policies (access, token limits, guardrails), kept apart from the
-//! call metrics so the request path touches them only when a policy acts. The limiter's
+//! call metrics so the request path touches them only when a policy acts. Limit headroom
+//! (`tollgate_ratelimit_remaining_ratio`) is likewise set only when a limited call arrives, so it
+//! is the headroom seen by the agent's last call, not a live reading of the counters. The limiter's
 //! backend state and Redis error count are read at scrape time from the current generation's
 //! limiter ([`LimiterSource`]), because they change without any call passing.
 
@@ -8,7 +10,7 @@ use std::sync::Arc;
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Reads the current limiter: `(backend state 0 redis / 1 local_fallback / 2 down, Redis
 /// errors of that limiter so far, limiter id)`; `None` when no limiter is configured. The id
@@ -21,6 +23,7 @@ pub struct GovernanceMetrics {
     denials: IntCounterVec,
     rejections: IntCounterVec,
     verdicts: IntCounterVec,
+    remaining: GaugeVec,
     limiter: Arc<LimiterCollector>,
 }
 
@@ -45,12 +48,22 @@ impl GovernanceMetrics {
             ),
             &["agent", "guard", "action", "kind"],
         )?;
+        let remaining = GaugeVec::new(
+            Opts::new(
+                "tollgate_ratelimit_remaining_ratio",
+                "Remaining share (0..1) of the tightest token limit per agent, limit policy and what it \
+                 counts, after the agent's last limited call (its estimate reserved when admitted); \
+                 updated only when a call arrives, so it is stale while the agent is idle",
+            ),
+            &["agent", "policy", "count"],
+        )?;
         let limiter = Arc::new(LimiterCollector::new()?);
         registry.register(Box::new(denials.clone()))?;
         registry.register(Box::new(rejections.clone()))?;
         registry.register(Box::new(verdicts.clone()))?;
+        registry.register(Box::new(remaining.clone()))?;
         registry.register(Box::new(SharedLimiter(limiter.clone())))?;
-        Ok(GovernanceMetrics { denials, rejections, verdicts, limiter })
+        Ok(GovernanceMetrics { denials, rejections, verdicts, remaining, limiter })
     }
 
     /// A policy refused a call.
@@ -61,6 +74,15 @@ impl GovernanceMetrics {
     /// A token limit refused a call.
     pub fn rate_rejection(&self, agent: &str, policy: &str, count: &str) {
         self.rejections.with_label_values(&[agent, policy, count]).inc();
+    }
+
+    /// Headroom of one limit policy's `count` limits for `agent` as the last call saw it:
+    /// `ratio` is remaining / limit of the tightest of them, clamped to 0..1 (NaN counts as 0,
+    /// so a panel never shows a non-finite value). Dashboards and `tollgate top` read it to
+    /// warn before calls are refused.
+    pub fn remaining(&self, agent: &str, policy: &str, count: &str, ratio: f64) {
+        let ratio = if ratio.is_nan() { 0.0 } else { ratio.clamp(0.0, 1.0) };
+        self.remaining.with_label_values(&[agent, policy, count]).set(ratio);
     }
 
     /// A guard reported `n` findings.

@@ -186,6 +186,13 @@ fn dashboards_query_only_emitted_metrics() {
     node.set_pod_source(Box::new(|| {
         (vec![("ns".into(), "pod".into(), "Deployment/w".into(), "ns/w".into(), true)], vec![("relists", 0)])
     }));
+    // The governance families (access, token limits, guardrails), likewise in the same registry.
+    let gov = crate::telemetry::governance::GovernanceMetrics::register(&m.registry).unwrap();
+    gov.denial("a", "access", "no-o1");
+    gov.rate_rejection("a", "p", "total");
+    gov.remaining("a", "p", "total", 0.5);
+    gov.verdict("a", "pii", "redact", "email", 1);
+    gov.set_limiter_source(Box::new(|| Some((0, 0, 1))));
     let exposed = m.encode();
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards");
     let mut checked = 0;

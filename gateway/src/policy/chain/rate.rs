@@ -2,7 +2,9 @@
 //! locally) plus its completion cap are reserved in every matching limit
 //! ([`Limiter::check_and_reserve`]); a refusal is a 429 with `Retry-After`. An admitted call
 //! carries `x-ratelimit-*` headers and settles its reservation with the exact usage when the
-//! response ends; a call that fails without usage releases it.
+//! response ends; a call that fails without usage releases it. Either way the headroom of
+//! every matching limit is exported per agent ([`headroom`]), so dashboards and `tollgate top`
+//! show how close an agent is to being refused.
 
 use std::sync::Arc;
 
@@ -12,8 +14,8 @@ use serde::Deserialize;
 use super::{insert_headers, CallHook, Deny, HookFuture, Policy, PolicyCtx};
 use crate::config::Config;
 use crate::policy::limits::{
-    rate_limit_headers, Decision, Estimate, LimitError, LimitSubject, Limiter, RejectReason, Rejection, Reservation,
-    Usage,
+    rate_limit_headers, Decision, Estimate, LimitError, LimitStatus, LimitSubject, Limiter, RejectReason, Rejection,
+    Reservation, Usage,
 };
 use crate::protocol::errors::ErrorClass;
 use crate::protocol::llm::api::Api;
@@ -75,6 +77,11 @@ impl RateLimitPolicy {
         let policy = r.rule.split('/').next().unwrap_or(&r.rule);
         let agent = self.telemetry.metrics.agent_label(&ctx.agent.name);
         self.telemetry.governance.rate_rejection(&agent, policy, count);
+        // A request too large for a limit is refused before the counters are read: its status
+        // shows whole limits, not headroom.
+        if r.reason == RejectReason::LimitExceeded {
+            self.report_headroom(&agent, &r.status);
+        }
         let (status, class, code, message) = match r.reason {
             RejectReason::LimitExceeded => (
                 StatusCode::TOO_MANY_REQUESTS,
@@ -98,6 +105,30 @@ impl RateLimitPolicy {
         let headers = if r.reason == RejectReason::TooLarge { rate_limit_headers(&r.status) } else { r.headers() };
         Deny { policy: "rate_limit", rule: r.rule.to_string(), status, class, code, message, headers }
     }
+
+    /// Export the headroom the decision saw, per limit policy and count kind.
+    fn report_headroom(&self, agent: &str, status: &[LimitStatus]) {
+        for (policy, count, ratio) in headroom(status) {
+            self.telemetry.governance.remaining(agent, policy, count, ratio);
+        }
+    }
+}
+
+/// `(policy, count, remaining / limit)` per limit policy and count kind of `status`, the
+/// tightest limit winning when a policy has several windows for one kind: that is the one that
+/// will refuse first. A zero limit has no headroom.
+pub(crate) fn headroom(status: &[LimitStatus]) -> Vec<(&str, &'static str, f64)> {
+    let mut out: Vec<(&str, &'static str, f64)> = Vec::new();
+    for s in status {
+        let policy = s.rule.split('/').next().unwrap_or(&s.rule);
+        let ratio = if s.limit == 0 { 0.0 } else { (s.remaining as f64 / s.limit as f64).clamp(0.0, 1.0) };
+        let count = s.count.as_str();
+        match out.iter_mut().find(|(p, c, _)| *p == policy && *c == count) {
+            Some(entry) => entry.2 = entry.2.min(ratio),
+            None => out.push((policy, count, ratio)),
+        }
+    }
+    out
 }
 
 impl Policy for RateLimitPolicy {
@@ -118,6 +149,10 @@ impl Policy for RateLimitPolicy {
             };
             match self.limiter.check_and_reserve(&subject, est).await {
                 Decision::Admit(a) => {
+                    if !a.status.is_empty() {
+                        let agent = self.telemetry.metrics.agent_label(&ctx.agent.name);
+                        self.report_headroom(&agent, &a.status);
+                    }
                     if !a.reservation.is_empty() {
                         ctx.attach(Box::new(LimitHook {
                             limiter: self.limiter.clone(),
@@ -202,4 +237,76 @@ fn completion_cap(api: Api, body: &[u8]) -> Option<u64> {
         .or(c.max_tokens)
         .or(c.max_output_tokens)
         .or(c.generation_config.and_then(|g| g.max_output_tokens))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::capture::Agent;
+    use crate::config::limits::CountKind;
+    use crate::config::{self, TelemetryConfig};
+
+    fn status(rule: &str, count: CountKind, limit: u64, remaining: u64) -> LimitStatus {
+        LimitStatus { rule: Arc::from(rule), count, limit, remaining, reset_after: std::time::Duration::from_secs(1) }
+    }
+
+    #[test]
+    fn headroom_is_the_tightest_limit_per_policy_and_count() {
+        let s = [
+            status("p/total:1m", CountKind::Total, 1000, 900),
+            status("p/total:1d", CountKind::Total, 10_000, 2_500),
+            status("p/requests:1m", CountKind::Requests, 10, 10),
+            status("q/total:1m", CountKind::Total, 0, 0),
+        ];
+        assert_eq!(headroom(&s), vec![("p", "total", 0.25), ("p", "requests", 1.0), ("q", "total", 0.0)]);
+    }
+
+    /// One call of `agent` with `max_tokens` through `policy`: its status on refusal, and the
+    /// hooks (holding the reservation) on admission.
+    async fn call(
+        policy: &RateLimitPolicy,
+        t: &Telemetry,
+        max_tokens: u64,
+    ) -> (Result<(), StatusCode>, Vec<Box<dyn CallHook>>) {
+        let agent = Agent::unknown("a");
+        let body = serde_json::json!({"model": "m", "max_tokens": max_tokens, "messages": []}).to_string();
+        let mut ctx = PolicyCtx {
+            agent: &agent,
+            groups: &[],
+            route: "chat",
+            provider: "openai",
+            api: Api::OpenAiChat,
+            model: Some("m"),
+            body: Bytes::from(body),
+            events: Vec::new(),
+            telemetry: t,
+            hooks: Vec::new(),
+        };
+        let r = policy.on_request(&mut ctx).await.map_err(|d| d.status);
+        (r, ctx.hooks)
+    }
+
+    #[tokio::test]
+    async fn admitted_and_refused_calls_set_the_remaining_ratio() {
+        let yaml = "rate_limits: {policies: [{name: p, limits: [{limit: 100, window: 1h, count: completion}]}]}";
+        let cfg = config::from_str("t.yaml", yaml).expect("config");
+        let t = Arc::new(Telemetry::new(&TelemetryConfig { access_log: "off".into(), ..Default::default() }).unwrap());
+        let policy = RateLimitPolicy::new(&cfg, t.clone()).await.expect("policy");
+        let gauge = r#"tollgate_ratelimit_remaining_ratio{agent="a",count="completion",policy="p"}"#;
+        // The reservation stays held (hooks alive) while the later calls are checked.
+        let (r, _held) = call(&policy, &t, 40).await;
+        assert!(r.is_ok());
+        let text = t.metrics.encode();
+        assert!(text.contains(&format!("{gauge} 0.6\n")), "{text}");
+        let (r, _) = call(&policy, &t, 70).await;
+        assert_eq!(r.err(), Some(StatusCode::TOO_MANY_REQUESTS));
+        assert!(t.metrics.encode().contains(&format!("{gauge} 0.6\n")), "a refusal reports the same headroom");
+        let (r, _) = call(&policy, &t, 500).await;
+        assert_eq!(r.err(), Some(StatusCode::BAD_REQUEST));
+        assert!(t.metrics.encode().contains(&format!("{gauge} 0.6\n")), "too large: counters not read, gauge kept");
+    }
 }
