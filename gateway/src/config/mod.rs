@@ -1,12 +1,14 @@
 //! Typed configuration. Every section rejects unknown fields so a typo is an error with a line
 //! and column (see [`load`]) instead of a silently ignored setting on a production node.
 
+pub mod a2a;
 mod gateway;
 pub mod governance;
 pub mod guards;
 mod kubernetes;
 pub mod limits;
 mod load;
+pub mod mcp;
 mod telemetry;
 
 pub use gateway::{
@@ -60,6 +62,10 @@ pub struct Config {
     pub rate_limits: limits::TokenLimitsConfig,
     /// Guards run on every LLM call's request (and, for `pii`, its response), in order.
     pub guardrails: Vec<guards::GuardConfig>,
+    /// MCP (Model Context Protocol) traffic on `protocol: mcp` routes: tool governance.
+    pub mcp: mcp::McpConfig,
+    /// Agent-to-agent (A2A) traffic on `protocol: a2a` routes: hop policy.
+    pub a2a: a2a::A2aConfig,
 }
 
 /// Proxy listener addresses. The eBPF programs rewrite captured connects to these.
@@ -247,6 +253,10 @@ pub struct RouteConfig {
     /// `http://<listener>`); such a route needs `targets` or `upstream`.
     #[serde(default)]
     pub listener: Option<SocketAddr>,
+    /// What the destination speaks: LLM provider APIs (default), MCP, or A2A. It decides which
+    /// parser and policies see the route's requests.
+    #[serde(default)]
+    pub protocol: RouteProtocol,
     /// API agents speak on this route when the path does not tell; also the provider reported
     /// for calls passed through to the original destination.
     #[serde(default)]
@@ -281,6 +291,19 @@ pub struct RouteConfig {
     /// prompts are sensitive).
     #[serde(default)]
     pub log_payloads: PayloadLogConfig,
+}
+
+/// The protocol of a route's destination.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteProtocol {
+    /// LLM provider APIs (OpenAI, Anthropic, Gemini, ...).
+    #[default]
+    Llm,
+    /// Model Context Protocol servers (Streamable HTTP and legacy HTTP+SSE transports).
+    Mcp,
+    /// Agent-to-agent protocol (JSON-RPC over HTTP, agent cards).
+    A2a,
 }
 
 /// Opt-in payload logging of one route.

@@ -424,6 +424,7 @@ fn l7_context(
         Ok(target) => Some(Arc::new(L7Context {
             agent: agent.clone(),
             route: Arc::from(route.name.as_str()),
+            protocol: route.protocol,
             provider: route.provider,
             target,
             upstream: c.generation.upstream.clone(),

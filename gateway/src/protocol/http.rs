@@ -21,7 +21,7 @@ use super::llm::dispatch::{self, RouteRuntime};
 use super::llm::{self, ObservedBody, Reporter};
 use super::ProtocolError;
 use crate::capture::Agent;
-use crate::config::{Config, ProviderKind};
+use crate::config::{Config, ProviderKind, RouteProtocol};
 use crate::policy::chain::Policies;
 use crate::upstream::{ReqBody, Target, Upstream};
 
@@ -34,6 +34,8 @@ pub struct L7Context {
     pub agent: Arc<Agent>,
     /// Route name (metrics, logs).
     pub route: Arc<str>,
+    /// What the route's destination speaks (LLM APIs, MCP, A2A).
+    pub protocol: RouteProtocol,
     /// Route API shape: decides which requests are inspected.
     pub provider: ProviderKind,
     /// Where requests go.
@@ -125,6 +127,11 @@ impl Body for ProxyBody {
 /// Serve one request from an L7 connection. Never fails: tollgate's own failures become
 /// OpenAI-shaped error responses.
 pub async fn handle(ctx: Arc<L7Context>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+    match ctx.protocol {
+        RouteProtocol::Llm => {}
+        RouteProtocol::Mcp => return Ok(super::mcp::handle(&ctx, req).await),
+        RouteProtocol::A2a => return Ok(super::a2a::handle(&ctx, req).await),
+    }
     if ctx.path_matches(req.uri().path()) {
         if let Some(det) = api::detect(ctx.provider, req.method(), req.uri().path()) {
             return Ok(match &ctx.gateway {
@@ -133,25 +140,32 @@ pub async fn handle(ctx: Arc<L7Context>, req: Request<Incoming>) -> Result<Respo
             });
         }
     }
+    Ok(forward(&ctx, req).await)
+}
+
+/// Proxy one request to the route's destination unchanged but for hop-by-hop headers (the path
+/// of everything that is not a recognised call; also what the MCP and A2A handlers use to
+/// reach their servers).
+pub(crate) async fn forward(ctx: &L7Context, req: Request<Incoming>) -> Response<ProxyBody> {
     if !ctx.has_origin {
         let e = ProtocolError::NotFound(format!("{} {}", req.method(), req.uri().path()));
-        return Ok(e.response(shape_of(ctx.provider)));
+        return e.response(shape_of(ctx.provider));
     }
     let (mut parts, body) = req.into_parts();
     // WebSocket & co: hop-by-hop headers are dropped below, so the upgrade is re-requested
     // explicitly and the two upgraded connections are joined when the upstream agrees.
     let upgrade = upgrade_protocol(&parts.headers);
     let client_upgrade = upgrade.as_ref().and_then(|_| parts.extensions.remove::<OnUpgrade>());
-    prepare(&ctx, &mut parts);
+    prepare(ctx, &mut parts);
     if let Some(p) = &upgrade {
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, p.clone());
     }
-    let resp = match prepare_uri(&ctx, &mut parts) {
-        Ok(()) => send(&ctx, Request::from_parts(parts, Either::Left(body))).await,
+    let resp = match prepare_uri(ctx, &mut parts) {
+        Ok(()) => send(ctx, Request::from_parts(parts, Either::Left(body))).await,
         Err(e) => Err(e),
     };
-    Ok(match resp {
+    match resp {
         Ok(mut r) => {
             if r.status() == StatusCode::SWITCHING_PROTOCOLS {
                 if let (Some(p), Some(client)) = (upgrade, client_upgrade) {
@@ -168,7 +182,7 @@ pub async fn handle(ctx: Arc<L7Context>, req: Request<Incoming>) -> Result<Respo
             tracing::debug!(route = %ctx.route, error = %e, "proxied request failed");
             e.response(shape_of(ctx.provider))
         }
-    })
+    }
 }
 
 /// The `Upgrade` value of a request that asks for one (`Connection: upgrade`).

@@ -1,10 +1,13 @@
 //! L7: what tollgate does with HTTP requests on connections matched to a route. Recognised LLM
-//! operations go through [`llm`] (inspected, measured, reported); everything else is proxied
+//! operations go through [`llm`] (inspected, measured, reported); routes with `protocol: mcp`
+//! go through [`mcp`] and `protocol: a2a` through [`a2a`]; everything else is proxied
 //! transparently by [`http`].
 
+pub mod a2a;
 pub mod errors;
 pub mod http;
 pub mod llm;
+pub mod mcp;
 
 pub use self::http::{handle, L7Context, ProxyBody};
 

@@ -536,6 +536,7 @@ mod tests {
         RouteConfig {
             name: "r".into(),
             matcher: RouteMatch::default(),
+            protocol: Default::default(),
             provider: ProviderKind::Openai,
             intercept: true,
             upstream: upstream.map(|u| url::Url::parse(u).unwrap()),
