@@ -84,7 +84,10 @@ async fn token_limit_rejects_with_retry_after_and_settles() {
     assert!((390..=400).contains(&remaining), "{remaining}");
     let d = run(&p, &t, "a", "m", &chat("m", "hi", 600)).await.expect_err("no room");
     assert_eq!(d.status, StatusCode::TOO_MANY_REQUESTS);
-    assert!(d.headers.iter().any(|(k, v)| k == "retry-after" && v.parse::<u64>().is_ok_and(|s| (1..=10).contains(&s))));
+    // At most the 10 s window plus one sliding-window bucket (the engine's own tests pin a
+    // 10.1 s wait, i.e. `retry-after: 11`, for this shape), depending on where in the bucket
+    // the first call landed.
+    assert!(d.headers.iter().any(|(k, v)| k == "retry-after" && v.parse::<u64>().is_ok_and(|s| (1..=11).contains(&s))));
     assert!(d.headers.iter().any(|(k, _)| k == "retry-after-ms"));
     // Settling with the real (small) usage frees the room.
     let mut call = LlmCall::new(Arc::new(Agent::unknown("a")), Arc::from("chat"), config::ProviderKind::Openai, "chat");
