@@ -121,8 +121,11 @@ impl Shared {
     }
 }
 
-/// One chat completion to a gateway listener: `(status, headers, JSON body)`.
-fn chat(addr: SocketAddr, body: &Value) -> Result<(u16, Vec<(String, String)>, Value)> {
+/// A reply as the scenarios read it: status, headers (names lower-cased), JSON body.
+type Reply = (u16, Vec<(String, String)>, Value);
+
+/// One chat completion to a gateway listener.
+fn chat(addr: SocketAddr, body: &Value) -> Result<Reply> {
     let payload = serde_json::to_vec(body)?;
     let (st, headers, text) =
         http_request(addr, "POST", "/v1/chat/completions", &[], Some(&payload), Duration::from_secs(30))?;

@@ -4,21 +4,25 @@
 //! Setup: the mock upstream on 127.0.0.2:<port>, demanding one API key; one tollgate with two
 //! routes: `bench` captures that address:port for one cgroup (real eBPF redirect, transparent
 //! pass-through: the agent's own key goes through) and `gw` is a gateway listener on 127.0.0.1
-//! whose provider is the mock, with the key injected (agents send no key); nginx on
-//! 127.0.0.1 proxying to the mock (`proxy_buffering off`); the LiteLLM proxy (from the bench
-//! venv) with one `openai/<model>` deployment pointing at the mock.
+//! whose provider is the mock, with the key injected (agents send no key); a second tollgate
+//! (capture off) with the same gateway route `gwr` under a Redis-backed global token limit far
+//! too high to refuse, on a `redis-server` the bench starts (a second process, so the first
+//! one's routes run no policy at all); nginx on 127.0.0.1 proxying to the mock
+//! (`proxy_buffering off`); the LiteLLM proxy (from the bench venv) with one `openai/<model>`
+//! deployment pointing at the mock.
 //!
 //! Targets: `direct`, `tollgate-capture` (clients inside the captured cgroup, same URL as direct),
-//! `tollgate-gateway`, `nginx`, `litellm`. Each is measured the same way, in three phases:
+//! `tollgate-gateway`, `tollgate-gw-redis`, `nginx`, `litellm`. Each is measured the same way, in
+//! three phases:
 //! 1. max throughput, non-streamed: wrk (Lua POST script);
 //! 2. latency, non-streamed: `loadgen` open loop at one common rate for every target (capped at
 //!    half the slowest target's max throughput, so every target runs unsaturated); when it had to
 //!    be capped, also at the full `--rate` for the targets whose max is at least twice that;
 //! 3. streaming: `loadgen --stream` open loop at a common rate, TTFT and total time.
 //!
-//! Proof of what went where: tollgate's per-route request counters (only the two tollgate rows,
-//! all of their requests) and the mock's own completion counter (every target's requests reached
-//! the mock once). A LiteLLM that fails to install, start or serve is reported loudly and the
+//! Proof of what went where: tollgate's per-route request counters (only the tollgate rows, all
+//! of their requests) and the mock's own completion counter (every target's requests reached
+//! the mock once); for `tollgate-gw-redis`, counters in Redis and no Redis error or fallback. A LiteLLM that fails to install, start or serve is reported loudly and the
 //! others are still measured.
 //!
 //! Layout: this file holds the arguments and the run itself (setup, the three phases, the final
@@ -44,6 +48,7 @@ use serde_json::json;
 use tollgate_e2e::cgroup::Cgroup2;
 use tollgate_e2e::mock::MockLlm;
 use tollgate_e2e::openai::{self, ChatRequest};
+use tollgate_e2e::redis::RedisServer;
 use tollgate_e2e::tollgate::{base_config, ensure_bpffs, Tollgate};
 use tollgate_e2e::{free_port, merge, require_root};
 
@@ -115,6 +120,9 @@ const LITELLM_KEY: &str = "sk-litellm-bench-5d2b8e4f0a6c1973";
 const MODEL: &str = "gpt-4o-mini";
 /// Environment variable tollgate reads the gateway provider's key from.
 const KEY_ENV: &str = "TOLLGATE_BENCH_MOCK_KEY";
+/// Prefix of the Redis-backed limit's counters (proof the `tollgate-gw-redis` calls were counted
+/// in Redis).
+const REDIS_PREFIX: &str = "bench:";
 
 /// Sets everything up, runs the three phases on every target, prints the report, and fails when a
 /// non-LiteLLM run was not valid.
@@ -215,6 +223,36 @@ fn main() -> Result<()> {
     let tg = Tollgate::start(&a.tollgate, tg_dir, cfg, None)?;
     let tg_pid = tg.pid().ok_or_else(|| anyhow!("tollgate not running"))?;
 
+    // The same gateway route with a Redis-backed global token limit that never refuses: every
+    // call estimates its prompt, reserves in Redis (one Lua script) and settles after the
+    // response. The timeout is generous so a saturated 2-core machine measures Redis, not the
+    // local fallback (any Redis error makes the run invalid, see below).
+    let redis = RedisServer::start()?;
+    let gwr_port = free_port("127.0.0.1");
+    let tgr_dir = Tollgate::scratch()?;
+    let mut cfg = base_config(&cg, tgr_dir.path());
+    merge(
+        &mut cfg,
+        json!({
+            "capture": {"enabled": false},
+            "providers": [{
+                "name": "mock",
+                "kind": "openai_compatible",
+                "base_url": format!("http://{mock_addr}/v1"),
+                "credentials": {"env": KEY_ENV},
+            }],
+            "routes": [{"name": "gwr", "listener": format!("127.0.0.1:{gwr_port}"), "targets": [{"provider": "mock"}]}],
+            "rate_limits": {
+                "backend": "redis",
+                "redis": {"url": redis.url(), "timeout": "1s", "key_prefix": REDIS_PREFIX},
+                "policies": [{"name": "bench", "key": "global",
+                    "limits": [{"limit": 1_000_000_000_000u64, "window": "1m", "count": "total"}]}],
+            },
+        }),
+    );
+    let tgr = Tollgate::start(&a.tollgate, tgr_dir, cfg, None)?;
+    let tgr_pid = tgr.pid().ok_or_else(|| anyhow!("tollgate (redis) not running"))?;
+
     let nginx_port = free_port("127.0.0.1");
     let nginx = Nginx::start(dir, nginx_port, mock_addr)?;
     let nginx_pid = nginx.child.id();
@@ -297,6 +335,15 @@ fn main() -> Result<()> {
             proxy_pids: Box::new(move || vec![tg_pid]),
         },
         Target {
+            kind: Kind::GatewayRedis,
+            name: "tollgate-gw-redis",
+            url: format!("http://127.0.0.1:{gwr_port}/v1/chat/completions"),
+            group: None,
+            lua: lua("gateway-redis", &[])?,
+            headers: Vec::new(),
+            proxy_pids: Box::new(move || vec![tgr_pid]),
+        },
+        Target {
             kind: Kind::Nginx,
             name: "nginx",
             url: format!("http://127.0.0.1:{nginx_port}/v1/chat/completions"),
@@ -330,15 +377,22 @@ fn main() -> Result<()> {
     );
 
     let mut rows: Vec<Row> = targets.iter().map(|t| Row { name: t.name, ..Default::default() }).collect();
-    let counted = |tg: &Tollgate| -> Result<BTreeMap<&'static str, f64>> {
-        let m = tg.metrics()?;
-        Ok(["bench", "gw"].into_iter().map(|r| (r, m.sum("tollgate_llm_requests_total", &[("route", r)]))).collect())
+    // Requests each tollgate route counted (`gwr` lives in the second tollgate).
+    let counted = || -> Result<BTreeMap<&'static str, f64>> {
+        let (m, mr) = (tg.metrics()?, tgr.metrics()?);
+        Ok(["bench", "gw", "gwr"]
+            .into_iter()
+            .map(|r| {
+                let l = [("route", r)];
+                (r, m.sum("tollgate_llm_requests_total", &l) + mr.sum("tollgate_llm_requests_total", &l))
+            })
+            .collect())
     };
     // Runs `f` for target `i`, charging tollgate's and the mock's counters to its row.
     let account = |rows: &mut Vec<Row>, i: usize, f: &mut dyn FnMut(&mut Row) -> Result<()>| -> Result<()> {
-        let (before, mock_before) = (counted(&tg)?, mock.chat_requests()?);
+        let (before, mock_before) = (counted()?, mock.chat_requests()?);
         f(&mut rows[i])?;
-        let after = counted(&tg)?;
+        let after = counted()?;
         for (r, v) in after {
             *rows[i].via.entry(r).or_default() += v - before.get(r).copied().unwrap_or(0.0);
         }
@@ -437,8 +491,22 @@ fn main() -> Result<()> {
     let (load_rss_mb, litellm_load_rss_mb) = *peaks.lock().expect("lock");
     drop(nginx);
 
-    // Validity: which runs went through tollgate, and which reached the mock.
-    let problems = report::problems(&targets, &rows, a.rate);
+    // Validity: which runs went through tollgate, and which reached the mock; the Redis-backed
+    // limit decided in Redis (counters there, no error, no fallback).
+    let mut problems = report::problems(&targets, &rows, a.rate);
+    let mr = tgr.metrics()?;
+    let (redis_errors, redis_state) =
+        (mr.sum("tollgate_ratelimit_redis_errors_total", &[]), mr.sum("tollgate_ratelimit_backend_state", &[]));
+    let redis_keys = redis.command(&["KEYS", &format!("{REDIS_PREFIX}*")])?.as_strings().len();
+    if redis_errors != 0.0 || redis_state != 0.0 || redis_keys == 0 {
+        problems.push((
+            Kind::GatewayRedis,
+            format!(
+                "tollgate-gw-redis: {redis_errors} Redis errors, backend state {redis_state}, {redis_keys} counters \
+                 in Redis (want 0, 0 and some)"
+            ),
+        ));
+    }
 
     print_tables(&a, &rows, rate, stream_rate, body.len(), resp_len);
     println!();
@@ -472,6 +540,8 @@ fn main() -> Result<()> {
         )
     );
     drop(litellm);
+    drop(tgr);
+    drop(redis);
     drop(tg);
     drop(mock);
     let fatal: Vec<&str> = problems.iter().filter(|(k, _)| *k != Kind::Litellm).map(|(_, p)| p.as_str()).collect();

@@ -37,6 +37,7 @@ pub(crate) fn problems(targets: &[Target], rows: &[Row], full_rate: u64) -> Vec<
         let want = match t.kind {
             Kind::Capture => Some("bench"),
             Kind::Gateway => Some("gw"),
+            Kind::GatewayRedis => Some("gwr"),
             _ => None,
         };
         for (route, n) in &r.via {
@@ -88,12 +89,12 @@ pub(crate) fn print_tables(a: &Args, rows: &[Row], rate: u64, stream_rate: u64, 
         a.threads, a.connections, a.duration
     );
     println!(
-        "{:<17} {:>10} {:>10} {:>10} {:>16} {:>10} {:>10} {:>12}",
-        "target", "max req/s", "vs direct", "wrk reqs", "proxy CPU us/req", "via bench", "via gw", "at mock"
+        "{:<17} {:>10} {:>10} {:>10} {:>16} {:>10} {:>10} {:>10} {:>12}",
+        "target", "max req/s", "vs direct", "wrk reqs", "proxy CPU us/req", "via bench", "via gw", "via gwr", "at mock"
     );
     for r in rows {
         println!(
-            "{:<17} {:>10.0} {:>10.3} {:>10} {:>16} {:>10} {:>10} {:>12}",
+            "{:<17} {:>10.0} {:>10.3} {:>10} {:>16} {:>10} {:>10} {:>10} {:>12}",
             r.name,
             r.rps,
             r.rps / direct.rps,
@@ -101,11 +102,12 @@ pub(crate) fn print_tables(a: &Args, rows: &[Row], rate: u64, stream_rate: u64, 
             na(r.cpu_us_per_req, 0),
             r.via.get("bench").copied().unwrap_or(0.0),
             r.via.get("gw").copied().unwrap_or(0.0),
+            r.via.get("gwr").copied().unwrap_or(0.0),
             r.at_mock
         );
     }
     println!(
-        "(via bench / via gw / at mock: requests tollgate's routes counted and the mock served over all three phases)"
+        "(via bench / gw / gwr / at mock: requests tollgate's routes counted and the mock served over all three phases)"
     );
     println!();
     println!("Latency, non-streamed (open loop at {rate} req/s for every target, {} s)", a.duration);
@@ -123,6 +125,14 @@ pub(crate) fn print_tables(a: &Args, rows: &[Row], rate: u64, stream_rate: u64, 
             r.lat.p99 - direct.lat.p99,
             r.lat.ok,
             r.lat.errors
+        );
+    }
+    if let (Some(g), Some(r)) = (get(rows, "tollgate-gateway"), get(rows, "tollgate-gw-redis")) {
+        println!(
+            "Redis-backed token limit (tollgate-gw-redis minus tollgate-gateway: prompt estimate, reserve and settle \
+             in Redis): p50 {:+.3} ms, p99 {:+.3} ms",
+            r.lat.p50 - g.lat.p50,
+            r.lat.p99 - g.lat.p99
         );
     }
     if rows.iter().any(|r| r.full.is_some()) {
@@ -176,6 +186,11 @@ pub(crate) fn print_tables(a: &Args, rows: &[Row], rate: u64, stream_rate: u64, 
         );
     }
     println!("(all times in ms from each request's scheduled send time; 2 cores shared by clients, proxy and mock)");
+}
+
+/// The row of target `name`, if it was measured.
+fn get<'a>(rows: &'a [Row], name: &str) -> Option<&'a Row> {
+    rows.iter().find(|r| r.name == name)
 }
 
 /// Resident memory, MB.
@@ -240,6 +255,17 @@ pub(crate) fn summary(rows: &[Row], mem: &Mem, rate: u64, full_rate: u64, stream
         litellm_idle.map(|v| format!("{v:.1}")).unwrap_or_else(|| "na".into()),
         litellm_idle.map(|_| format!("{litellm_load:.1}")).unwrap_or_else(|| "na".into()),
         if d.full.is_some() { full_rate.to_string() } else { "na".into() },
+    ));
+    // What the Redis-backed token limit adds to the same gateway route (appended, so the keys
+    // before it keep their places).
+    let (g, r) = (get("tollgate-gateway"), get("tollgate-gw-redis"));
+    let both = g.zip(r);
+    s.push_str(&format!(
+        " redis_p50_added_ms={} redis_p99_added_ms={} redis_ttft_added_p99_ms={} max_rps_gateway_redis={}",
+        f(both.map(|(g, r)| r.lat.p50 - g.lat.p50)),
+        f(both.map(|(g, r)| r.lat.p99 - g.lat.p99)),
+        f(both.map(|(g, r)| r.st.ttft_p99 - g.st.ttft_p99)),
+        r.map(|r| format!("{:.0}", r.rps)).unwrap_or_else(|| "na".into()),
     ));
     s
 }

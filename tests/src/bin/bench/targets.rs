@@ -22,6 +22,8 @@ pub(crate) enum Kind {
     Direct,
     Capture,
     Gateway,
+    /// The gateway route of the second tollgate, under a Redis-backed token limit.
+    GatewayRedis,
     Nginx,
     Litellm,
 }
