@@ -12,6 +12,7 @@
 mod gateway;
 mod governance;
 mod k8s;
+mod mcp;
 mod observe;
 mod support;
 

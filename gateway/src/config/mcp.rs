@@ -1,10 +1,88 @@
 //! MCP configuration (`mcp:`): how tollgate governs Model Context Protocol traffic on routes
 //! with `protocol: mcp`. Kept in its own module so the MCP feature owns its settings.
+//!
+//! ```yaml
+//! mcp:
+//!   tools:
+//!     - name: support-read-only
+//!       match: { group: support }
+//!       allow: ["get_*", "search_*"]
+//!       deny: ["delete_*"]
+//! ```
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::governance::AccessMatch;
+
 /// Root of the `mcp` section.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
-pub struct McpConfig {}
+pub struct McpConfig {
+    /// Tool rules: which MCP tools an agent, group or namespace may list and call. Every rule
+    /// covering an agent applies; a deny entry wins over any allow.
+    pub tools: Vec<McpToolRule>,
+}
+
+/// One tool rule: whom it covers and which tool names (globs) they may or may not use.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct McpToolRule {
+    /// Unique name; named in the JSON-RPC error, the audit log and the denial metric.
+    pub name: String,
+    /// Whom the rule covers (agent glob, group glob, namespace glob; all must hold; empty:
+    /// every agent), like `access[].match`.
+    #[serde(default, rename = "match")]
+    pub subjects: AccessMatch,
+    /// Tool name globs; when non-empty, tools outside it are refused and hidden from
+    /// `tools/list`.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Tool name globs refused (and hidden from `tools/list`) even when allowed.
+    #[serde(default)]
+    pub deny: Vec<String>,
+}
+
+impl McpConfig {
+    /// Checks serde cannot express: unique non-empty rule names and globs that compile.
+    /// Errors are `(field path below mcp, message)` so the loader can point at the line.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let glob_ok = |field: String, p: &str| -> Result<(), (String, String)> {
+            glob::Pattern::new(p).map(|_| ()).map_err(|e| (field, format!("bad glob {p:?}: {e}")))
+        };
+        for (i, r) in self.tools.iter().enumerate() {
+            let at = |f: &str| format!("tools[{i}].{f}");
+            if r.name.trim().is_empty() || self.tools[..i].iter().any(|o| o.name == r.name) {
+                return Err((at("name"), format!("{:?} is empty or used twice", r.name)));
+            }
+            let m = &r.subjects;
+            for (f, v) in [("match.agent", &m.agent), ("match.group", &m.group), ("match.namespace", &m.namespace)] {
+                if let Some(v) = v {
+                    glob_ok(at(f), v)?;
+                }
+            }
+            for (list, items) in [("allow", &r.allow), ("deny", &r.deny)] {
+                for (j, p) in items.iter().enumerate() {
+                    glob_ok(at(&format!("{list}[{j}]")), p)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_globs_and_duplicates_name_their_field() {
+        let c: McpConfig = serde_yaml_ng::from_str("tools: [{name: a, deny: ['delete_*']}, {name: a}]").expect("parse");
+        assert_eq!(c.validate().unwrap_err().0, "tools[1].name");
+        let c: McpConfig = serde_yaml_ng::from_str("tools: [{name: a, allow: ['ok', '[']}]").expect("parse");
+        assert_eq!(c.validate().unwrap_err().0, "tools[0].allow[1]");
+        let c: McpConfig = serde_yaml_ng::from_str("tools: [{name: a, match: {group: '[x'}}]").expect("parse");
+        assert_eq!(c.validate().unwrap_err().0, "tools[0].match.group");
+        assert!(serde_yaml_ng::from_str::<McpConfig>("tools: [{name: a, typo: 1}]").is_err());
+    }
+}

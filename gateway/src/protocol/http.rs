@@ -93,6 +93,8 @@ pub enum ProxyBody {
     Upstream(Incoming),
     /// Upstream body of a recognised LLM call, observed as it streams.
     Observed(Box<ObservedBody>),
+    /// A body another protocol module observes as it streams (A2A, MCP).
+    Boxed(http_body_util::combinators::BoxBody<Bytes, BoxError>),
 }
 
 impl Body for ProxyBody {
@@ -104,6 +106,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             ProxyBody::Observed(b) => Pin::new(b.as_mut()).poll_frame(cx).map_err(Into::into),
+            ProxyBody::Boxed(b) => Pin::new(b).poll_frame(cx),
         }
     }
 
@@ -112,6 +115,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(b) => b.is_none(),
             ProxyBody::Upstream(b) => b.is_end_stream(),
             ProxyBody::Observed(b) => b.is_end_stream(),
+            ProxyBody::Boxed(b) => b.is_end_stream(),
         }
     }
 
@@ -120,6 +124,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             ProxyBody::Upstream(b) => b.size_hint(),
             ProxyBody::Observed(b) => b.size_hint(),
+            ProxyBody::Boxed(b) => b.size_hint(),
         }
     }
 }

@@ -49,7 +49,7 @@ pub struct AccessLog {
 }
 
 #[derive(Serialize)]
-struct AgentFields<'a> {
+pub(super) struct AgentFields<'a> {
     name: &'a str,
     pid: u32,
     comm: &'a str,
@@ -165,7 +165,7 @@ impl AccessLog {
     }
 
     /// Append one line, written by `write` (false: nothing usable was written).
-    fn push(&self, write: impl FnOnce(&mut Vec<u8>) -> bool) {
+    pub(super) fn push(&self, write: impl FnOnce(&mut Vec<u8>) -> bool) {
         let Some(shared) = &self.shared else { return };
         let mut st = shared.state.lock();
         if st.lines >= QUEUE {
@@ -402,7 +402,7 @@ fn json_f64(buf: &mut Vec<u8>, v: f64) {
     let _ = serde_json::to_writer(&mut *buf, &v);
 }
 
-fn epoch_secs(t: std::time::SystemTime) -> f64 {
+pub(super) fn epoch_secs(t: std::time::SystemTime) -> f64 {
     t.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 

@@ -6,6 +6,7 @@ pub mod access_log;
 pub mod cost;
 pub mod governance;
 pub mod labels;
+pub mod mcp;
 pub mod metrics;
 pub mod node;
 pub mod otlp_metrics;
@@ -284,6 +285,8 @@ pub struct Telemetry {
     pub node: node::NodeMetrics,
     /// Policy denials, token-limit rejections and state, guardrail verdicts (same registry).
     pub governance: governance::GovernanceMetrics,
+    /// MCP request and tool-call metrics (same registry).
+    pub mcp: mcp::McpMetrics,
     access: access_log::AccessLog,
     tracer: Option<trace::Tracer>,
     pusher: Option<otlp_metrics::MetricsPusher>,
@@ -331,6 +334,7 @@ impl Telemetry {
         let metrics = Metrics::with_pricing(cfg.max_label_values, cost::PriceTable::new(pricing)?)?;
         let node = node::NodeMetrics::register(&metrics.registry)?;
         let governance = governance::GovernanceMetrics::register(&metrics.registry)?;
+        let mcp = mcp::McpMetrics::register(&metrics.registry, cfg.max_label_values)?;
         let otlp = cfg.otlp.as_ref();
         let tracer = match otlp.filter(|o| o.traces) {
             Some(o) => Some(trace::Tracer::new(o, metrics.dropped.with_label_values(&["otlp_spans"]))?),
@@ -348,7 +352,7 @@ impl Telemetry {
             &cfg.access_log,
             metrics.dropped.with_label_values(&["access_log"]),
         )?;
-        Ok(Telemetry { access, metrics, node, governance, tracer, pusher })
+        Ok(Telemetry { access, metrics, node, governance, mcp, tracer, pusher })
     }
 
     /// A captured connection was accepted and classified.

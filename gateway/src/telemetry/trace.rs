@@ -32,7 +32,7 @@ use crate::config::{OtlpConfig, OtlpProtocol};
 
 /// Attribute names from the OpenTelemetry GenAI semantic conventions (current names; the 0.31
 /// semconv crate still has the older `gen_ai.system`).
-mod attr {
+pub(super) mod attr {
     pub const OPERATION: &str = "gen_ai.operation.name";
     pub const PROVIDER: &str = "gen_ai.provider.name";
     pub const REQUEST_MODEL: &str = "gen_ai.request.model";
@@ -190,6 +190,11 @@ impl Tracer {
         span.end_with_timestamp(c.start + c.duration);
     }
 
+    /// The SDK tracer, for the spans of other protocols (MCP, A2A) built in their own modules.
+    pub(super) fn sdk(&self) -> &SdkTracer {
+        &self.tracer
+    }
+
     /// Export what is queued and stop the exporter thread.
     pub async fn shutdown(&self) {
         let provider = self.provider.clone();
@@ -275,7 +280,7 @@ impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
 }
 
 /// Parent context from a W3C `traceparent` header value (invalid values give a root span).
-fn parent_context(traceparent: Option<&str>) -> Context {
+pub(super) fn parent_context(traceparent: Option<&str>) -> Context {
     let Some(tp) = traceparent else { return Context::new() };
     let mut carrier = HashMap::with_capacity(1);
     carrier.insert("traceparent".to_string(), tp.to_string());
@@ -285,7 +290,7 @@ fn parent_context(traceparent: Option<&str>) -> Context {
 /// The agent's pod as OpenTelemetry k8s resource-convention keys on the span (the span's resource
 /// is tollgate itself, so the caller's pod goes on the span): namespace, pod, UID, container, and
 /// the owner as `k8s.<kind>.name` (`k8s.deployment.name`, `k8s.statefulset.name`, ...).
-fn k8s_attributes(k: &crate::capture::identity::K8sIdentity, attrs: &mut Vec<KeyValue>) {
+pub(super) fn k8s_attributes(k: &crate::capture::identity::K8sIdentity, attrs: &mut Vec<KeyValue>) {
     attrs.push(KeyValue::new(attr::K8S_POD_UID, k.pod_uid.clone()));
     if let Some(id) = &k.container_id {
         attrs.push(KeyValue::new(attr::CONTAINER_ID, id.clone()));

@@ -1,12 +1,302 @@
 //! Model Context Protocol traffic (routes with `protocol: mcp`): JSON-RPC over the Streamable
 //! HTTP and legacy HTTP+SSE transports, observed and governed per agent.
+//!
+//! A POST carries one JSON-RPC message or a batch: it is read (bounded by
+//! `limits.max_request_body_bytes`), each message becomes an [`McpCall`], and `tools/call`
+//! requests are checked against the agent's `mcp.tools` rules. A denied call is answered by
+//! tollgate with a JSON-RPC error (HTTP 200, code [`jsonrpc::TOOL_DENIED_CODE`]) and never
+//! reaches the server. The response (`application/json` or `text/event-stream`) is observed as
+//! it streams ([`body`]): answers are matched to requests by id, and `tools/list` results are
+//! filtered to the tools the agent may call. GET streams and DELETEs pass through, observed as
+//! one call each. Bodies that are not JSON-RPC pass through untouched.
 
-use http::{Request, Response};
+pub mod body;
+pub mod jsonrpc;
+pub mod policy;
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{ACCEPT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
+use serde_json::Value;
 
-use super::http::{forward, L7Context, ProxyBody};
+use super::http::{forward, prepare, prepare_uri, send, L7Context, ProxyBody};
+use super::llm::read_request_body;
+use crate::telemetry::mcp::{McpCall, McpVerdict};
+use crate::telemetry::SpanIds;
+use body::{Exchange, McpBody, ToolFilter};
+use jsonrpc::RequestFacts;
+
+/// `Mcp-Session-Id` (Streamable HTTP session).
+const SESSION: &str = "mcp-session-id";
+/// `MCP-Protocol-Version` (negotiated version on every request after initialisation).
+const VERSION: &str = "mcp-protocol-version";
 
 /// Serve one request of an MCP route.
 pub async fn handle(ctx: &L7Context, req: Request<Incoming>) -> Response<ProxyBody> {
-    forward(ctx, req).await
+    if req.method() == Method::POST {
+        return post(ctx, req).await;
+    }
+    pass_through(ctx, req).await
+}
+
+fn header(h: &HeaderMap, name: &str) -> Option<String> {
+    h.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+}
+
+fn is_sse(h: &HeaderMap) -> bool {
+    h.get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().get(..17).is_some_and(|p| p.eq_ignore_ascii_case("text/event-stream")))
+}
+
+/// A call record for this connection's agent and route.
+fn new_call(ctx: &L7Context, http_method: &'static str, parts: &http::request::Parts, method: String) -> McpCall {
+    let mut c = McpCall::new(ctx.agent.clone(), ctx.route.clone(), http_method, parts.uri.path(), method);
+    c.session_id = header(&parts.headers, SESSION);
+    c.protocol_version = header(&parts.headers, VERSION);
+    c.traceparent = header(&parts.headers, "traceparent");
+    c.server_address = Some((ctx.target.server_address.clone(), ctx.target.server_port));
+    if ctx.reporter.telemetry().tracing() {
+        c.span_ids = Some(SpanIds::new(c.traceparent.as_deref()));
+    }
+    c
+}
+
+/// Name the first call's span as the parent of the upstream request (W3C `traceparent`).
+fn propagate(calls: &[(McpCall, bool)], headers: &mut HeaderMap) {
+    if let Some(ids) = calls.first().and_then(|(c, _)| c.span_ids) {
+        if let Ok(v) = HeaderValue::from_str(&ids.traceparent()) {
+            headers.insert("traceparent", v);
+        }
+    }
+}
+
+/// GET (server stream), DELETE (session end) and anything else: forwarded untouched; one call
+/// reported when the response (for a stream: its end) is over. Server messages on a GET
+/// stream are counted as notifications.
+async fn pass_through(ctx: &L7Context, req: Request<Incoming>) -> Response<ProxyBody> {
+    let t0 = Instant::now();
+    let http_method: &'static str = match *req.method() {
+        Method::GET => "GET",
+        Method::DELETE => "DELETE",
+        _ => "OTHER",
+    };
+    let (parts, body) = req.into_parts();
+    let mut calls = vec![(new_call(ctx, http_method, &parts, http_method.to_string()), false)];
+    let mut parts = parts;
+    propagate(&calls, &mut parts.headers);
+    let resp = forward(ctx, Request::from_parts(parts, body)).await;
+    let sse = is_sse(resp.headers());
+    if let Some((c, _)) = calls.first_mut() {
+        c.status = resp.status().as_u16();
+        if c.session_id.is_none() {
+            c.session_id = header(resp.headers(), SESSION);
+        }
+    }
+    let ex = Exchange { calls, t0, reporter: ctx.reporter.clone(), filter: None };
+    let (rparts, rbody) = resp.into_parts();
+    match rbody {
+        ProxyBody::Upstream(inc) if sse => {
+            let b = McpBody::sse(inc, ex, ctx.config.limits.max_sse_event_bytes);
+            Response::from_parts(rparts, ProxyBody::Boxed(b.boxed()))
+        }
+        other => {
+            drop(ex);
+            Response::from_parts(rparts, other)
+        }
+    }
+}
+
+/// Whether a POST belongs to the legacy HTTP+SSE transport (`POST /messages?sessionId=...`),
+/// whose answers travel on the GET stream rather than in the POST response.
+fn is_legacy(parts: &http::request::Parts) -> bool {
+    parts.uri.query().is_some_and(|q| q.contains("sessionId=") || q.contains("session_id="))
+}
+
+/// A POSTed JSON-RPC message or batch.
+async fn post(ctx: &L7Context, req: Request<Incoming>) -> Response<ProxyBody> {
+    let t0 = Instant::now();
+    let (mut parts, body) = req.into_parts();
+    let bytes = match read_request_body(ctx, &parts.headers, body).await {
+        Ok(b) => b,
+        Err(e) => {
+            let mut c = new_call(ctx, "POST", &parts, "unknown".into());
+            let resp = e.response(super::http::shape_of(ctx.provider));
+            c.status = resp.status().as_u16();
+            c.error = Some(e.to_string());
+            c.duration = t0.elapsed();
+            ctx.reporter.telemetry().mcp_call(&c);
+            return resp;
+        }
+    };
+    let msgs = match jsonrpc::parse_request(&bytes) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::debug!(route = %ctx.route, error = %e, "MCP POST body is not JSON-RPC: passed through");
+            return send_on(
+                ctx,
+                parts,
+                bytes,
+                Exchange { calls: Vec::new(), t0, reporter: ctx.reporter.clone(), filter: None },
+            )
+            .await;
+        }
+    };
+    let rules = policy::rules_for(&ctx.config);
+    let governed = rules.covers(&ctx.agent, &ctx.groups);
+    let mut calls = Vec::with_capacity(msgs.len());
+    let mut denied = Vec::new();
+    for m in &msgs {
+        let mut c = new_call(ctx, "POST", &parts, m.method.clone().unwrap_or_else(|| "response".into()));
+        fill(&mut c, m);
+        if governed && c.method == "tools/call" {
+            let tool = m.name.as_deref().unwrap_or("");
+            c.verdict = match rules.refusal(&ctx.agent, &ctx.groups, tool) {
+                Some(rule) => {
+                    denied.push((m.raw_id.clone(), tool.to_string(), rule.to_string()));
+                    McpVerdict::Denied(rule.to_string())
+                }
+                None => McpVerdict::Allowed,
+            };
+        }
+        calls.push((c, false));
+    }
+    if !denied.is_empty() {
+        return refuse(ctx, &parts, &msgs, calls, &denied, t0, jsonrpc::is_batch(&bytes));
+    }
+    let filter = governed.then(|| ToolFilter { rules, agent: ctx.agent.clone(), groups: ctx.groups.clone() });
+    propagate(&calls, &mut parts.headers);
+    let ex = Exchange { calls, t0, reporter: ctx.reporter.clone(), filter };
+    send_on(ctx, parts, bytes, ex).await
+}
+
+/// Copy a message's facts into its call.
+fn fill(c: &mut McpCall, m: &RequestFacts) {
+    c.request_id = m.id.clone();
+    if c.method == "tools/call" {
+        c.tool = m.name.clone();
+    } else if c.method == "prompts/get" {
+        c.target = m.name.clone();
+    } else if c.method.starts_with("resources/") {
+        c.target = m.uri.clone();
+    }
+    if let Some(v) = &m.protocol_version {
+        c.protocol_version = Some(v.clone());
+    }
+    c.client = m.client.as_ref().map(jsonrpc::Implementation::label);
+}
+
+/// Answer a message (or batch) with a denied `tools/call` without contacting the server: each
+/// denied call gets the error naming its rule; in a batch, the other requests get an error
+/// saying they were not sent (the batch is refused whole, so nothing runs half-governed).
+fn refuse(
+    ctx: &L7Context,
+    parts: &http::request::Parts,
+    msgs: &[RequestFacts],
+    mut calls: Vec<(McpCall, bool)>,
+    denied: &[(Option<Value>, String, String)],
+    t0: Instant,
+    batch: bool,
+) -> Response<ProxyBody> {
+    let legacy = is_legacy(parts);
+    let mut answers = Vec::new();
+    for (i, m) in msgs.iter().enumerate() {
+        let Some(id) = &m.raw_id else { continue };
+        let (message, data) = match denied.iter().find(|(d, _, _)| d.as_ref() == Some(id)) {
+            Some((_, tool, rule)) => (
+                format!("tollgate: tool {tool} denied by rule {rule}"),
+                serde_json::json!({"tool": tool, "rule": rule, "agent": &*ctx.agent.name}),
+            ),
+            None => ("tollgate: not sent: the batch contains a denied tool call".to_string(), Value::Null),
+        };
+        answers.push(jsonrpc::error_message(Some(id), jsonrpc::TOOL_DENIED_CODE, &message, data));
+        if let Some((c, answered)) = calls.get_mut(i) {
+            *answered = true;
+            c.duration = t0.elapsed();
+            c.status = if legacy { 403 } else { 200 };
+            if !matches!(c.verdict, McpVerdict::Denied(_)) {
+                c.error = Some("not sent: batch with a denied tool call".into());
+            }
+        }
+    }
+    let body = if batch { Value::Array(answers) } else { answers.pop().unwrap_or(Value::Null) };
+    let bytes = serde_json::to_vec(&body).unwrap_or_default();
+    for (c, _) in calls.iter_mut() {
+        c.duration = t0.elapsed();
+        c.status = if legacy { 403 } else { 200 };
+    }
+    let ex = Exchange { calls, t0, reporter: ctx.reporter.clone(), filter: None };
+    drop(ex);
+    // Legacy HTTP+SSE clients expect answers on their GET stream; a 403 carrying the error
+    // makes the refusal visible to them instead of leaving the request unanswered.
+    let status = if legacy { StatusCode::FORBIDDEN } else { StatusCode::OK };
+    let mut resp = Response::new(ProxyBody::Full(Some(Bytes::from(bytes))));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Some(s) = parts.headers.get(SESSION) {
+        resp.headers_mut().insert(SESSION, s.clone());
+    }
+    resp
+}
+
+/// Send the (admitted) body upstream and observe the answer.
+async fn send_on(
+    ctx: &L7Context,
+    mut parts: http::request::Parts,
+    body: Bytes,
+    mut ex: Exchange,
+) -> Response<ProxyBody> {
+    // Identity encoding, so the response can be read and filtered.
+    parts.headers.remove(ACCEPT_ENCODING);
+    parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    prepare(ctx, &mut parts);
+    let sent = match prepare_uri(ctx, &mut parts) {
+        Ok(()) => send(ctx, Request::from_parts(parts, Either::Right(Full::new(body)))).await,
+        Err(e) => Err(e),
+    };
+    let resp = match sent {
+        Ok(r) => r,
+        Err(e) => {
+            let resp = e.response(super::http::shape_of(ctx.provider));
+            for (c, _) in ex.calls.iter_mut() {
+                c.status = resp.status().as_u16();
+            }
+            ex.finish(Some(e.to_string()));
+            return resp;
+        }
+    };
+    let (mut rparts, rbody) = resp.into_parts();
+    let session = header(&rparts.headers, SESSION);
+    for (c, _) in ex.calls.iter_mut() {
+        c.status = rparts.status.as_u16();
+        if c.session_id.is_none() {
+            c.session_id = session.clone();
+        }
+    }
+    let limits = &ctx.config.limits;
+    let observed = if !rparts.status.is_success() || rparts.status == StatusCode::ACCEPTED {
+        // Notifications and client responses (202), and HTTP errors: nothing to correlate.
+        if !rparts.status.is_success() {
+            for (c, _) in ex.calls.iter_mut() {
+                c.error = Some(format!("HTTP {}", rparts.status.as_u16()));
+            }
+        }
+        for (_, answered) in ex.calls.iter_mut() {
+            *answered = true;
+        }
+        ex.finish(None);
+        return Response::from_parts(rparts, ProxyBody::Upstream(rbody));
+    } else if is_sse(&rparts.headers) {
+        McpBody::sse(rbody, ex, limits.max_sse_event_bytes)
+    } else {
+        if ex.filters() {
+            rparts.headers.remove(CONTENT_LENGTH);
+        }
+        McpBody::json(rbody, ex, limits.max_inspect_bytes)
+    };
+    Response::from_parts(rparts, ProxyBody::Boxed(observed.boxed()))
 }

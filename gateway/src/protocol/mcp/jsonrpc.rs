@@ -1,0 +1,299 @@
+//! JSON-RPC 2.0 as MCP uses it: reading the facts tollgate needs from a request body (one
+//! message or a batch) and from each response message, building the error tollgate answers a
+//! denied call with, and removing denied tools from a `tools/list` result. Only the fields
+//! read are materialised (typed structs; everything else is skipped by the parser).
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// JSON-RPC "Invalid params": what MCP servers answer for an unknown tool (MCP spec, tools,
+/// "Error Handling"), so clients treat a denied tool like one that does not exist. The SDK
+/// clients raise it as an MCP error carrying this code and the message.
+pub const TOOL_DENIED_CODE: i64 = -32602;
+
+/// Why a body is not JSON-RPC tollgate can govern.
+#[derive(Debug, thiserror::Error)]
+pub enum JsonRpcError {
+    /// Not JSON, or not JSON-RPC objects.
+    #[error("not a JSON-RPC message: {0}")]
+    Syntax(#[from] serde_json::Error),
+    /// An empty batch.
+    #[error("empty JSON-RPC batch")]
+    EmptyBatch,
+}
+
+/// `name`/`version` of an MCP implementation (`clientInfo`, `serverInfo`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+pub struct Implementation {
+    /// Implementation name.
+    #[serde(default)]
+    pub name: String,
+    /// Version.
+    #[serde(default)]
+    pub version: String,
+}
+
+impl Implementation {
+    /// `name/version` (or the name alone).
+    pub fn label(&self) -> String {
+        if self.version.is_empty() {
+            self.name.clone()
+        } else {
+            format!("{}/{}", self.name, self.version)
+        }
+    }
+}
+
+/// `_meta` keys of the 2026-07-28 protocol, where `server/discover` and every request carry
+/// the client's identity and version instead of an `initialize` handshake.
+#[derive(Debug, Default, Deserialize)]
+struct Meta {
+    #[serde(rename = "io.modelcontextprotocol/clientInfo")]
+    client_info: Option<Implementation>,
+    #[serde(rename = "io.modelcontextprotocol/serverInfo")]
+    server_info: Option<Implementation>,
+    #[serde(rename = "io.modelcontextprotocol/protocolVersion")]
+    protocol_version: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Params {
+    name: Option<String>,
+    uri: Option<String>,
+    protocol_version: Option<String>,
+    client_info: Option<Implementation>,
+    #[serde(rename = "_meta")]
+    meta: Option<Meta>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ResultFacts {
+    protocol_version: Option<String>,
+    server_info: Option<Implementation>,
+    #[serde(rename = "_meta")]
+    meta: Option<Meta>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ErrorFacts {
+    code: i64,
+    #[serde(default)]
+    message: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Wire {
+    #[serde(default)]
+    id: Option<Value>,
+    method: Option<String>,
+    #[serde(default)]
+    params: Option<Params>,
+    #[serde(default)]
+    result: Option<ResultFacts>,
+    #[serde(default)]
+    error: Option<ErrorFacts>,
+}
+
+/// What tollgate reads from one message an agent sent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestFacts {
+    /// Request id as JSON text; `None` for a notification (or a response the client sends).
+    pub id: Option<String>,
+    /// The id as sent, to echo in an error response.
+    pub raw_id: Option<Value>,
+    /// Method (`tools/call`, ...); `None` for a response to a server request.
+    pub method: Option<String>,
+    /// `params.name`: the tool of `tools/call`, the prompt of `prompts/get`.
+    pub name: Option<String>,
+    /// `params.uri` of `resources/*`.
+    pub uri: Option<String>,
+    /// Protocol version the client asks for (`initialize` params or `_meta`).
+    pub protocol_version: Option<String>,
+    /// Client implementation (`initialize` params or `_meta`).
+    pub client: Option<Implementation>,
+}
+
+/// What tollgate reads from one message the server sent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResponseFacts {
+    /// Id as JSON text of the request this answers; `None` for server notifications.
+    pub id: Option<String>,
+    /// Method, when the server sent a notification or request rather than a response.
+    pub method: Option<String>,
+    /// JSON-RPC error code and message.
+    pub error: Option<(i64, String)>,
+    /// Negotiated protocol version (`initialize` result).
+    pub protocol_version: Option<String>,
+    /// Server implementation (`initialize` result or `_meta`).
+    pub server: Option<Implementation>,
+}
+
+/// The messages of a body: a single object or a batch array.
+fn messages(body: &[u8]) -> Result<Vec<Wire>, JsonRpcError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'[') {
+        let v: Vec<Wire> = serde_json::from_slice(body)?;
+        if v.is_empty() {
+            return Err(JsonRpcError::EmptyBatch);
+        }
+        Ok(v)
+    } else {
+        Ok(vec![serde_json::from_slice(body)?])
+    }
+}
+
+/// Whether a body is a batch (an array), so answers must be one too.
+pub fn is_batch(body: &[u8]) -> bool {
+    body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[')
+}
+
+fn id_text(id: &Option<Value>) -> Option<String> {
+    id.as_ref().filter(|v| !v.is_null()).map(Value::to_string)
+}
+
+/// The messages of a POST body, in order.
+pub fn parse_request(body: &[u8]) -> Result<Vec<RequestFacts>, JsonRpcError> {
+    Ok(messages(body)?
+        .into_iter()
+        .map(|w| {
+            let p = w.params.unwrap_or_default();
+            let meta = p.meta.unwrap_or_default();
+            RequestFacts {
+                id: id_text(&w.id),
+                raw_id: w.id,
+                method: w.method,
+                name: p.name,
+                uri: p.uri,
+                protocol_version: p.protocol_version.or(meta.protocol_version),
+                client: p.client_info.or(meta.client_info),
+            }
+        })
+        .collect())
+}
+
+/// The messages of a response body or SSE event.
+pub fn parse_response(body: &[u8]) -> Result<Vec<ResponseFacts>, JsonRpcError> {
+    Ok(messages(body)?
+        .into_iter()
+        .map(|w| {
+            let r = w.result.unwrap_or_default();
+            let meta = r.meta.unwrap_or_default();
+            ResponseFacts {
+                id: if w.method.is_some() { None } else { id_text(&w.id) },
+                method: w.method,
+                error: w.error.map(|e| (e.code, e.message)),
+                protocol_version: r.protocol_version,
+                server: r.server_info.or(meta.server_info),
+            }
+        })
+        .collect())
+}
+
+/// The JSON-RPC error object answering request `id` (serialised).
+pub fn error_message(id: Option<&Value>, code: i64, message: &str, data: Value) -> Value {
+    serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": id.cloned().unwrap_or(Value::Null),
+        "error": {"code": code, "message": message, "data": data},
+    })
+}
+
+/// Remove from the `tools/list` results among `body` (one message or a batch) the tools
+/// `allowed` refuses, for responses whose id is in `ids`. Returns the rewritten body and how
+/// many tools were removed, or `None` when nothing changed (the original bytes stand).
+pub fn filter_tools_list(
+    body: &[u8],
+    ids: &[&str],
+    allowed: &dyn Fn(&str) -> bool,
+) -> Result<Option<(Vec<u8>, u32)>, JsonRpcError> {
+    let mut v: Value = serde_json::from_slice(body)?;
+    let mut removed = 0u32;
+    let mut one = |m: &mut Value| {
+        let id = m.get("id").map(Value::to_string);
+        if !id.as_deref().is_some_and(|id| ids.contains(&id)) {
+            return;
+        }
+        if let Some(tools) = m.pointer_mut("/result/tools").and_then(Value::as_array_mut) {
+            let before = tools.len();
+            tools.retain(|t| t.get("name").and_then(Value::as_str).is_some_and(allowed));
+            removed += (before - tools.len()) as u32;
+        }
+    };
+    match &mut v {
+        Value::Array(a) => a.iter_mut().for_each(&mut one),
+        m => one(m),
+    }
+    if removed == 0 {
+        return Ok(None);
+    }
+    Ok(Some((serde_json::to_vec(&v)?, removed)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_tools_call_initialize_discover_and_batches() {
+        let r = parse_request(
+            br#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"add","arguments":{"a":1}}}"#,
+        )
+        .unwrap();
+        assert_eq!(r[0].id.as_deref(), Some("3"));
+        assert_eq!((r[0].method.as_deref(), r[0].name.as_deref()), (Some("tools/call"), Some("add")));
+        let init = br#"{"jsonrpc":"2.0","id":"a","method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"cli","version":"1.0"}}}"#;
+        let r = parse_request(init).unwrap();
+        assert_eq!(r[0].id.as_deref(), Some("\"a\""));
+        assert_eq!(r[0].protocol_version.as_deref(), Some("2025-06-18"));
+        assert_eq!(r[0].client.as_ref().map(Implementation::label).as_deref(), Some("cli/1.0"));
+        let disc = br#"{"jsonrpc":"2.0","id":1,"method":"server/discover","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"mcp","version":"0.1.0"}}}}"#;
+        let r = parse_request(disc).unwrap();
+        assert_eq!(r[0].protocol_version.as_deref(), Some("2026-07-28"));
+        assert_eq!(r[0].client.as_ref().map(|c| c.name.as_str()), Some("mcp"));
+        let batch = br#" [{"jsonrpc":"2.0","method":"notifications/initialized"},{"jsonrpc":"2.0","id":2,"method":"tools/list"}]"#;
+        assert!(is_batch(batch));
+        let r = parse_request(batch).unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].id.as_deref(), r[1].id.as_deref()), (None, Some("2")));
+        assert!(parse_request(b"[]").is_err());
+        assert!(parse_request(b"not json").is_err());
+    }
+
+    #[test]
+    fn reads_results_errors_and_server_messages() {
+        let r = parse_response(br#"{"jsonrpc":"2.0","id":1,"result":{"protocolVersion":"2025-11-25","serverInfo":{"name":"s","version":"2"}}}"#).unwrap();
+        assert_eq!(r[0].server.as_ref().map(Implementation::label).as_deref(), Some("s/2"));
+        assert_eq!(r[0].protocol_version.as_deref(), Some("2025-11-25"));
+        let r = parse_response(br#"{"jsonrpc":"2.0","id":4,"error":{"code":-32601,"message":"nope"}}"#).unwrap();
+        assert_eq!(r[0].error, Some((-32601, "nope".into())));
+        let r = parse_response(br#"{"jsonrpc":"2.0","method":"notifications/progress","params":{}}"#).unwrap();
+        assert_eq!((r[0].id.as_deref(), r[0].method.as_deref()), (None, Some("notifications/progress")));
+    }
+
+    #[test]
+    fn tools_list_filtered_by_id() {
+        let body = br#"{"jsonrpc":"2.0","id":2,"result":{"tools":[{"name":"get_weather"},{"name":"delete_file"},{"name":"add"}]}}"#;
+        let deny = |t: &str| t != "delete_file";
+        let (out, n) = filter_tools_list(body, &["2"], &deny).unwrap().unwrap();
+        assert_eq!(n, 1);
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        let names: Vec<&str> =
+            v["result"]["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["get_weather", "add"]);
+        assert!(filter_tools_list(body, &["3"], &deny).unwrap().is_none(), "other ids untouched");
+        let all_ok = |_: &str| true;
+        assert!(filter_tools_list(body, &["2"], &all_ok).unwrap().is_none());
+        let batch = format!("[{}]", String::from_utf8_lossy(body));
+        assert_eq!(filter_tools_list(batch.as_bytes(), &["2"], &deny).unwrap().unwrap().1, 1);
+    }
+
+    #[test]
+    fn error_echoes_the_id() {
+        let v = error_message(Some(&Value::from("x")), TOOL_DENIED_CODE, "m", Value::Null);
+        assert_eq!(v["id"], "x");
+        assert_eq!(v["error"]["code"], -32602);
+        assert_eq!(error_message(None, 1, "m", Value::Null)["id"], Value::Null);
+    }
+}
