@@ -138,7 +138,6 @@ impl Policy for RateLimitPolicy {
 
     fn on_request<'a>(&'a self, ctx: &'a mut PolicyCtx<'_>) -> HookFuture<'a> {
         Box::pin(async move {
-            let est = self.estimate(ctx);
             let subject = LimitSubject {
                 agent: &ctx.agent.name,
                 groups: ctx.groups,
@@ -147,6 +146,10 @@ impl Policy for RateLimitPolicy {
                 model: ctx.model.unwrap_or(""),
                 route: ctx.route,
             };
+            if !self.limiter.applies(&subject) {
+                return Ok(());
+            }
+            let est = self.estimate(ctx);
             match self.limiter.check_and_reserve(&subject, est).await {
                 Decision::Admit(a) => {
                     if !a.status.is_empty() {

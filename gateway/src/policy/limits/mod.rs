@@ -301,6 +301,12 @@ impl Limiter {
         Ok(Self { inner })
     }
 
+    /// Whether some limit covers `subject`: callers skip estimating tokens (the tokenizer is
+    /// the main per-call cost of limits) for calls no policy limits.
+    pub fn applies(&self, subject: &LimitSubject<'_>) -> bool {
+        self.inner.rules.any_match(subject)
+    }
+
     /// Checks every limit matching `subject` for room for `est` and reserves it in all of them,
     /// or in none. A call no policy matches is admitted with an empty reservation.
     pub async fn check_and_reserve(&self, subject: &LimitSubject<'_>, est: Estimate) -> Decision {

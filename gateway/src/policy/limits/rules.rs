@@ -234,6 +234,11 @@ impl Rules {
     }
 
     /// The slots of every limit of every policy `subject` matches.
+    /// Whether any policy covers `subject` (cheap: glob matches, no estimate needed).
+    pub(super) fn any_match(&self, subject: &LimitSubject<'_>) -> bool {
+        self.policies.iter().any(|p| p.matches(subject).is_some())
+    }
+
     pub(super) fn slots(&self, prefix: &str, subject: &LimitSubject<'_>, est: &Estimate, now_ms: u64) -> Vec<Slot> {
         let mut out = Vec::new();
         let mut index = 0;
