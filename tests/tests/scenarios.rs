@@ -9,6 +9,7 @@
 //! `cargo xtask test` builds everything and runs them with `--ignored --test-threads=1`. A
 //! global lock keeps them serial even without that flag.
 
+mod a2a;
 mod gateway;
 mod governance;
 mod k8s;

@@ -212,6 +212,7 @@ fn validate_governance(c: &Config) -> Result<(), (String, String)> {
     super::governance::validate(&c.agent_groups, &c.access)?;
     c.rate_limits.validate().map_err(|(f, m)| (format!("rate_limits.{f}"), m))?;
     crate::policy::guards::Guardrails::compile(&c.guardrails).map_err(|e| (e.field, e.message))?;
+    super::a2a::validate(&c.a2a)?;
     c.mcp.validate().map_err(|(f, m)| (format!("mcp.{f}"), m))?;
     Ok(())
 }

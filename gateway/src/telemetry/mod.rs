@@ -2,6 +2,7 @@
 //! and this module turns each into metrics, a span and an access-log line. Keeping the proxy
 //! ignorant of sinks means adding a sink never touches the request path.
 
+pub mod a2a;
 pub mod access_log;
 pub mod cost;
 pub mod governance;
@@ -285,6 +286,8 @@ pub struct Telemetry {
     pub node: node::NodeMetrics,
     /// Policy denials, token-limit rejections and state, guardrail verdicts (same registry).
     pub governance: governance::GovernanceMetrics,
+    /// Agent-to-agent hop metrics (same registry).
+    pub a2a: a2a::A2aMetrics,
     /// MCP request and tool-call metrics (same registry).
     pub mcp: mcp::McpMetrics,
     access: access_log::AccessLog,
@@ -334,6 +337,7 @@ impl Telemetry {
         let metrics = Metrics::with_pricing(cfg.max_label_values, cost::PriceTable::new(pricing)?)?;
         let node = node::NodeMetrics::register(&metrics.registry)?;
         let governance = governance::GovernanceMetrics::register(&metrics.registry)?;
+        let a2a = a2a::A2aMetrics::register(&metrics.registry, cfg.max_label_values)?;
         let mcp = mcp::McpMetrics::register(&metrics.registry, cfg.max_label_values)?;
         let otlp = cfg.otlp.as_ref();
         let tracer = match otlp.filter(|o| o.traces) {
@@ -352,7 +356,7 @@ impl Telemetry {
             &cfg.access_log,
             metrics.dropped.with_label_values(&["access_log"]),
         )?;
-        Ok(Telemetry { access, metrics, node, governance, mcp, tracer, pusher })
+        Ok(Telemetry { access, metrics, node, governance, mcp, a2a, tracer, pusher })
     }
 
     /// A captured connection was accepted and classified.

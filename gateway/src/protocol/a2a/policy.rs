@@ -1,0 +1,217 @@
+//! Hop authorization (`a2a.rules`, config [`crate::config::a2a`]): which calling agent may
+//! reach which callee and skill. Rules are compiled once per config generation and shared by
+//! every connection of that generation; decisions need no I/O.
+
+use std::sync::{Arc, Weak};
+
+use glob::Pattern;
+use parking_lot::Mutex;
+
+use crate::capture::Agent;
+use crate::config::a2a::{A2aLists, A2aRuleConfig};
+use crate::config::Config;
+
+/// Why rules could not be compiled (load-time validation reports the same with a line).
+#[derive(Debug, thiserror::Error)]
+pub enum A2aPolicyError {
+    /// A glob does not compile.
+    #[error("{field}: bad glob {pattern:?}: {message}")]
+    Glob {
+        /// Field path.
+        field: String,
+        /// The pattern.
+        pattern: String,
+        /// Parser message.
+        message: String,
+    },
+}
+
+fn compile(field: String, p: &str) -> Result<Pattern, A2aPolicyError> {
+    Pattern::new(p).map_err(|e| A2aPolicyError::Glob { field, pattern: p.to_string(), message: e.to_string() })
+}
+
+fn compile_all(field: &str, list: &[String]) -> Result<Vec<Pattern>, A2aPolicyError> {
+    list.iter().enumerate().map(|(i, p)| compile(format!("{field}[{i}]"), p)).collect()
+}
+
+struct Lists {
+    targets: Vec<Pattern>,
+    skills: Vec<Pattern>,
+}
+
+impl Lists {
+    fn new(at: &str, l: &A2aLists) -> Result<Self, A2aPolicyError> {
+        Ok(Lists {
+            targets: compile_all(&format!("{at}.targets"), &l.targets)?,
+            skills: compile_all(&format!("{at}.skills"), &l.skills)?,
+        })
+    }
+}
+
+struct Rule {
+    name: String,
+    agent: Option<Pattern>,
+    group: Option<Pattern>,
+    namespace: Option<Pattern>,
+    allow: Lists,
+    deny: Lists,
+}
+
+/// One hop as the rules see it.
+pub struct Hop<'a> {
+    /// The calling agent (kernel identity).
+    pub agent: &'a Agent,
+    /// The agent's groups.
+    pub groups: &'a [String],
+    /// Callee name (card name or route).
+    pub target: &'a str,
+    /// The skill a message names; `None` for other methods or when it names none.
+    pub skill: Option<&'a str>,
+    /// Whether the hop sends a message (skill lists apply only then).
+    pub is_message: bool,
+}
+
+/// A refusal: the rule and a message for the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    /// The rule that refused.
+    pub rule: String,
+    /// Why, naming the rule.
+    pub message: String,
+}
+
+impl Rule {
+    fn covers(&self, h: &Hop<'_>) -> bool {
+        let ns = h.agent.k8s.as_ref().and_then(|k| k.pod.as_ref()).map(|p| p.namespace.as_str());
+        self.agent.as_ref().is_none_or(|p| p.matches(&h.agent.name))
+            && self.group.as_ref().is_none_or(|p| h.groups.iter().any(|g| p.matches(g)))
+            && self.namespace.as_ref().is_none_or(|p| ns.is_some_and(|n| p.matches(n)))
+    }
+
+    fn refusal(&self, h: &Hop<'_>) -> Option<String> {
+        let skill = if h.is_message { Some(h.skill.unwrap_or("")) } else { None };
+        let dims = |l: &'_ Lists| [("target", l.targets.len(), Some(h.target)), ("skill", l.skills.len(), skill)];
+        for ((dim, _, value), pats) in dims(&self.deny).into_iter().zip([&self.deny.targets, &self.deny.skills]) {
+            if let Some(v) = value.filter(|v| !v.is_empty()) {
+                if let Some(p) = pats.iter().find(|p| p.matches(v)) {
+                    return Some(format!("{dim} {v:?} is denied by a2a rule {:?} ({})", self.name, p.as_str()));
+                }
+            }
+        }
+        for ((dim, n, value), pats) in dims(&self.allow).into_iter().zip([&self.allow.targets, &self.allow.skills]) {
+            let Some(v) = value else { continue };
+            if n > 0 && !pats.iter().any(|p| p.matches(v)) {
+                return Some(format!("{dim} {v:?} is not allowed by a2a rule {:?}", self.name));
+            }
+        }
+        None
+    }
+}
+
+/// The compiled `a2a.rules`: every covering rule must let the hop through.
+pub struct A2aPolicy {
+    rules: Vec<Rule>,
+}
+
+impl A2aPolicy {
+    /// Compile the rules.
+    pub fn new(cfg: &[A2aRuleConfig]) -> Result<Self, A2aPolicyError> {
+        let mut rules = Vec::with_capacity(cfg.len());
+        for (i, r) in cfg.iter().enumerate() {
+            let at = format!("a2a.rules[{i}]");
+            let opt =
+                |f: &str, v: &Option<String>| v.as_deref().map(|p| compile(format!("{at}.match.{f}"), p)).transpose();
+            rules.push(Rule {
+                name: r.name.clone(),
+                agent: opt("agent", &r.subjects.agent)?,
+                group: opt("group", &r.subjects.group)?,
+                namespace: opt("namespace", &r.subjects.namespace)?,
+                allow: Lists::new(&format!("{at}.allow"), &r.allow)?,
+                deny: Lists::new(&format!("{at}.deny"), &r.deny)?,
+            });
+        }
+        Ok(A2aPolicy { rules })
+    }
+
+    /// Whether no rule is configured (then hops are only observed).
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// The first refusal of any covering rule.
+    pub fn check(&self, h: &Hop<'_>) -> Result<(), Denial> {
+        for r in self.rules.iter().filter(|r| r.covers(h)) {
+            if let Some(message) = r.refusal(h) {
+                return Err(Denial { rule: r.name.clone(), message });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The compiled rules of the config generation last asked for. Connections carry their
+/// generation's `Arc<Config>`; rules are recompiled only when a reload brings a new one, so a
+/// hop costs one pointer comparison.
+static CURRENT: Mutex<Option<(Weak<Config>, Arc<A2aPolicy>)>> = Mutex::new(None);
+
+/// The rules of `config` (compiled on first use per generation). A config that fails to
+/// compile (validation prevents it) yields no rules, logged.
+pub fn for_config(config: &Arc<Config>) -> Arc<A2aPolicy> {
+    let mut cur = CURRENT.lock();
+    if let Some((w, p)) = cur.as_ref() {
+        if std::ptr::eq(w.as_ptr(), Arc::as_ptr(config)) && w.strong_count() > 0 {
+            return p.clone();
+        }
+    }
+    let p = match A2aPolicy::new(&config.a2a.rules) {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            tracing::error!(error = %e, "a2a rules not compiled; hops are not authorized");
+            Arc::new(A2aPolicy { rules: Vec::new() })
+        }
+    };
+    *cur = Some((Arc::downgrade(config), p.clone()));
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(yaml: &str) -> A2aPolicy {
+        let c: crate::config::a2a::A2aConfig = serde_yaml_ng::from_str(yaml).expect("yaml");
+        A2aPolicy::new(&c.rules).expect("compile")
+    }
+
+    fn hop<'a>(agent: &'a Agent, target: &'a str, skill: Option<&'a str>) -> Hop<'a> {
+        Hop { agent, groups: &[], target, skill, is_message: true }
+    }
+
+    #[test]
+    fn deny_wins_and_allow_lists_narrow() {
+        let p = policy(
+            "rules:\n- {name: orch, match: {agent: 'orch*'}, allow: {targets: ['booking-*']}, deny: {skills: [refund]}}\n",
+        );
+        let orch = Agent::unknown("orchestrator");
+        let other = Agent::unknown("billing");
+        assert!(p.check(&hop(&orch, "booking-agent", Some("book-flight"))).is_ok());
+        assert!(p.check(&hop(&orch, "booking-agent", None)).is_ok());
+        let d = p.check(&hop(&orch, "booking-agent", Some("refund"))).unwrap_err();
+        assert_eq!(d.rule, "orch");
+        assert!(d.message.contains("skill \"refund\" is denied"), "{}", d.message);
+        let d = p.check(&hop(&orch, "payments", Some("x"))).unwrap_err();
+        assert!(d.message.contains("target \"payments\" is not allowed"), "{}", d.message);
+        assert!(p.check(&hop(&other, "payments", Some("refund"))).is_ok(), "rule does not cover billing");
+        // Skill lists do not apply to task queries.
+        let q = Hop { is_message: false, ..hop(&orch, "booking-agent", None) };
+        assert!(p.check(&q).is_ok());
+    }
+
+    #[test]
+    fn skill_allow_list_needs_a_named_skill() {
+        let p = policy("rules:\n- {name: s, allow: {skills: ['book-*']}}\n");
+        let a = Agent::unknown("a");
+        assert!(p.check(&hop(&a, "t", Some("book-flight"))).is_ok());
+        assert!(p.check(&hop(&a, "t", None)).is_err());
+    }
+}
