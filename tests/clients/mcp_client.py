@@ -13,6 +13,7 @@ import json
 import sys
 
 from mcp import Client
+from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
@@ -32,6 +33,10 @@ async def run(a) -> dict:
         # The agent's own trace: tollgate continues it and names its span as the server's parent.
         http = create_mcp_http_client(headers={"traceparent": a.traceparent})
         server = streamable_http_client(a.url, http_client=http)
+    if a.sse:
+        # Legacy HTTP+SSE transport: GET /sse stream, POST /messages/?session_id=...
+        headers = {"traceparent": a.traceparent} if a.traceparent else None
+        server = sse_client(a.url, headers=headers)
     async with Client(server, **kwargs) as client:
         out["protocol_version"] = client.protocol_version
         info = getattr(client, "server_info", None)
@@ -55,11 +60,13 @@ def main() -> None:
     p.add_argument("--url", required=True)
     p.add_argument("--call", nargs=2, action="append", default=[], metavar=("TOOL", "ARGS"))
     p.add_argument("--mode", default=None, help="legacy | auto | a protocol version")
+    p.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds")
+    p.add_argument("--sse", action="store_true", help="legacy HTTP+SSE transport (--url .../sse)")
     p.add_argument("--traceparent", default=None, help="W3C traceparent sent on every request")
     a = p.parse_args()
     try:
-        print(json.dumps(asyncio.run(run(a))))
-    except Exception as e:  # a transport failure must still be reported as JSON
+        print(json.dumps(asyncio.run(asyncio.wait_for(run(a), a.timeout))))
+    except BaseException as e:  # a transport failure or timeout must still be reported as JSON
         print(json.dumps({"fatal": f"{type(e).__name__}: {e}"}))
         sys.exit(1)
 

@@ -28,12 +28,12 @@ struct McpServer {
 }
 
 impl McpServer {
-    fn start(e: &Env, addr: &str, port: u16) -> Result<Self> {
-        let log = e.path("mcp-calls.jsonl");
+    fn start(e: &Env, addr: &str, port: u16, transport: &str) -> Result<Self> {
+        let log = e.path(&format!("mcp-calls-{port}.jsonl"));
         let port_s = port.to_string();
         let child = std::process::Command::new(venv_python())
             .arg(client_script("mcp_server.py"))
-            .args(["--host", addr, "--port", &port_s, "--log"])
+            .args(["--host", addr, "--port", &port_s, "--transport", transport, "--log"])
             .arg(&log)
             .env_clear()
             .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
@@ -76,7 +76,15 @@ impl Drop for McpServer {
 
 /// Run the SDK client from `group`; its JSON report.
 fn client(group: &Group, url: &str, mode: &str, calls: &[(&str, Value)], traceparent: Option<&str>) -> Result<Value> {
+    let (mode, sse) = match mode.strip_suffix("+sse") {
+        Some(m) => (m, true),
+        None => (mode, false),
+    };
     let mut args: Vec<String> = vec!["--url".into(), url.into(), "--mode".into(), mode.into()];
+    if sse {
+        // A refused POST leaves the legacy client waiting on its stream: give up sooner.
+        args.extend(["--sse".into(), "--timeout".into(), "15".into()]);
+    }
     for (tool, a) in calls {
         args.extend(["--call".into(), tool.to_string(), a.to_string()]);
     }
@@ -108,14 +116,20 @@ fn mcp_a_tool_rules_per_agent_with_the_real_sdk() -> Result<()> {
     let gb = e.cg.group("mcpb-agent")?;
     let port = free_port(SERVER_IP);
     let addr = format!("{SERVER_IP}:{port}");
-    let server = McpServer::start(&e, SERVER_IP, port)?;
+    let server = McpServer::start(&e, SERVER_IP, port, "streamable-http")?;
+    let legacy_port = free_port(SERVER_IP);
+    let legacy_addr = format!("{SERVER_IP}:{legacy_port}");
+    let legacy = McpServer::start(&e, SERVER_IP, legacy_port, "sse")?;
     let rx = OtlpReceiver::start()?;
     let cfg = json!({
         "capture": {
             "scope": [ga.rel(), gb.rel()],
-            "destinations": [{"cidr": format!("{SERVER_IP}/32"), "port": port}],
+            "destinations": [
+                {"cidr": format!("{SERVER_IP}/32"), "port": port},
+                {"cidr": format!("{SERVER_IP}/32"), "port": legacy_port},
+            ],
         },
-        "routes": [{"name": "mcp-tools", "protocol": "mcp", "match": {"addresses": [addr]}}],
+        "routes": [{"name": "mcp-tools", "protocol": "mcp", "match": {"addresses": [addr, legacy_addr]}}],
         "agents": [
             {"name": "mcp-a", "match": {"cgroup": ga.rel()}},
             {"name": "mcp-b", "match": {"cgroup": gb.rel()}},
@@ -155,19 +169,33 @@ fn mcp_a_tool_rules_per_agent_with_the_real_sdk() -> Result<()> {
     );
     ensure!(server.tool_calls("get_weather").len() == 2, "server's get_weather calls: {:?}", server.log());
 
+    // Legacy HTTP+SSE transport (GET /sse, POST /messages/?session_id=): passes through; B's
+    // call runs, A's denied call is refused at the POST (403 with the JSON-RPC error) and never
+    // reaches the server.
+    let sse_url = format!("http://{legacy_addr}/sse");
+    let b3 = client(&gb, &sse_url, "legacy+sse", &[("delete_file", json!({"path": "/tmp/b-sse"}))], None)?;
+    ensure!(b3["calls"][0]["result"] == "deleted /tmp/b-sse", "B over the legacy transport: {b3}");
+    let a3 = client(&ga, &sse_url, "legacy+sse", &[("delete_file", json!({"path": "/tmp/a-sse"}))], None);
+    let deletes = legacy.tool_calls("delete_file");
+    ensure!(
+        deletes.len() == 1 && deletes[0]["args"]["path"] == "/tmp/b-sse",
+        "legacy server's delete_file calls: {deletes:?} (A's client: {a3:?})"
+    );
+    ensure!(a3.as_ref().map_or(true, |a| a["calls"][0]["ok"] != true), "A's legacy delete must fail: {a3:?}");
+
     let calls_m = "tollgate_mcp_tool_calls_total";
-    wait_metric(&t, calls_m, &[("agent", "mcp-a"), ("tool", "delete_file"), ("verdict", "denied")], 2.0)?;
+    wait_metric(&t, calls_m, &[("agent", "mcp-a"), ("tool", "delete_file"), ("verdict", "denied")], 3.0)?;
     wait_metric(&t, calls_m, &[("agent", "mcp-a"), ("tool", "get_weather"), ("verdict", "allowed")], 2.0)?;
-    wait_metric(&t, calls_m, &[("agent", "mcp-b"), ("tool", "delete_file"), ("verdict", "allowed")], 1.0)?;
+    wait_metric(&t, calls_m, &[("agent", "mcp-b"), ("tool", "delete_file"), ("verdict", "allowed")], 2.0)?;
     wait_metric(&t, "tollgate_mcp_tools_hidden_total", &[("agent", "mcp-a")], 2.0)?;
     let denials = [("agent", "mcp-a"), ("policy", "mcp_tools"), ("rule", "no-delete")];
-    wait_metric(&t, "tollgate_policy_denials_total", &denials, 2.0)?;
+    wait_metric(&t, "tollgate_policy_denials_total", &denials, 3.0)?;
     fn req<'a>(m: &'a str, o: &'a str) -> [(&'a str, &'a str); 4] {
         [("agent", "mcp-a"), ("route", "mcp-tools"), ("method", m), ("outcome", o)]
     }
-    wait_metric(&t, "tollgate_mcp_requests_total", &req("tools/call", "denied"), 2.0)?;
-    wait_metric(&t, "tollgate_mcp_requests_total", &req("tools/list", "ok"), 2.0)?;
-    wait_metric(&t, "tollgate_mcp_requests_total", &req("initialize", "ok"), 1.0)?;
+    wait_metric(&t, "tollgate_mcp_requests_total", &req("tools/call", "denied"), 3.0)?;
+    wait_metric(&t, "tollgate_mcp_requests_total", &req("tools/list", "ok"), 3.0)?;
+    wait_metric(&t, "tollgate_mcp_requests_total", &req("initialize", "ok"), 2.0)?;
     wait_metric(&t, "tollgate_mcp_requests_total", &req("server/discover", "ok"), 1.0)?;
     let dur = [("agent", "mcp-b"), ("mcp_method_name", "tools/call"), ("gen_ai_tool_name", "add"), ("error_type", "")];
     wait_metric(&t, "mcp_client_operation_duration_seconds_count", &dur, 1.0)?;
@@ -175,7 +203,7 @@ fn mcp_a_tool_rules_per_agent_with_the_real_sdk() -> Result<()> {
     // Access log: one line per request, with the session and both implementations.
     let log = wait_for(Duration::from_secs(5), Duration::from_millis(100), || {
         let l: Vec<Value> = t.access_log().into_iter().filter(|l| l["kind"] == "mcp").collect();
-        (l.iter().filter(|l| l["verdict"] == "denied").count() == 2).then_some(l)
+        (l.iter().filter(|l| l["verdict"] == "denied").count() == 3).then_some(l)
     })
     .ok_or_else(|| anyhow!("no two denied mcp access-log lines: {:?}", t.access_log()))?;
     let denied: Vec<&Value> = log.iter().filter(|l| l["verdict"] == "denied").collect();
@@ -184,7 +212,7 @@ fn mcp_a_tool_rules_per_agent_with_the_real_sdk() -> Result<()> {
             d["agent"]["name"] == "mcp-a"
                 && d["tool"] == "delete_file"
                 && d["rule"] == "no-delete"
-                && d["status"] == 200,
+                && (d["status"] == 200 || (d["status"] == 403 && d["path"] == "/messages/")),
             "denied line: {d}"
         );
     }
