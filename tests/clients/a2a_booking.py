@@ -78,7 +78,8 @@ def main():
         ],
     )
     handler = DefaultRequestHandler(agent_executor=Booking(args), task_store=InMemoryTaskStore(), agent_card=card)
-    routes = create_agent_card_routes(card) + create_jsonrpc_routes(handler, "/")
+    # v0.3 clients (`message/send`, `tasks/get`, no A2A-Version header) are served too.
+    routes = create_agent_card_routes(card) + create_jsonrpc_routes(handler, "/", enable_v0_3_compat=True)
     app = Starlette(routes=routes)
     config = uvicorn.Config(app, host=host, port=int(port), log_level="warning")
     server = uvicorn.Server(config)

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tollgate_e2e::cgroup::Group;
-use tollgate_e2e::client::{client_script, python, venv_python};
+use tollgate_e2e::client::{client_script, curl, python, venv_python};
 use tollgate_e2e::netns::Netns;
 use tollgate_e2e::otlp::{OtlpReceiver, ReceivedSpan};
 use tollgate_e2e::{anyhow, bail, ensure, Result};
@@ -228,6 +228,38 @@ fn a1_a2a_hops_traced_counted_and_authorized() -> Result<()> {
     let denied = invokes.iter().filter(|s| s.attr("tollgate.a2a.outcome") == Some("denied")).count();
     let denied_payments = mine.iter().filter(|s| s.name == "invoke_agent payments-agent").count();
     ensure!(denied == 2 && denied_payments == 1, "denied spans (skill, other agent): {mine:#?}");
+
+    // v0.3 wire names from the same pod (curl, raw JSON-RPC): `message/stream`, then `tasks/get`
+    // of the task it created; both read to their final state.
+    let url = format!("http://{booking_addr}/");
+    let stream = json!({"jsonrpc": "2.0", "id": "s1", "method": "message/stream", "params": {"message":
+        {"messageId": "m-v03", "role": "user", "kind": "message", "parts": [{"kind": "text", "text": "Book a bus"}]}}});
+    let r =
+        curl(Some(&orch), Some(&ns), &["-N", "-H", "content-type: application/json", "-d", &stream.to_string(), &url])?;
+    ensure!(r.exit == 0 && r.http_code == 200 && r.text().contains("\"final\":true"), "v0.3 stream: {}", r.describe());
+    let task = r
+        .text()
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find_map(|v| {
+            v.pointer("/result/taskId").or_else(|| v.pointer("/result/id")).and_then(Value::as_str).map(str::to_string)
+        })
+        .ok_or_else(|| anyhow!("no task id in {}", r.text()))?;
+    let get = json!({"jsonrpc": "2.0", "id": 2, "method": "tasks/get", "params": {"id": task}});
+    let r = curl(Some(&orch), Some(&ns), &["-H", "content-type: application/json", "-d", &get.to_string(), &url])?;
+    ensure!(r.exit == 0 && r.http_code == 200 && r.text().contains("\"completed\""), "tasks/get: {}", r.describe());
+    for method in ["message/stream", "tasks/get"] {
+        wait_metric(
+            &t,
+            hops,
+            &[("source", ORCH), ("target", BOOKING_CARD), ("method", method), ("outcome", "completed")],
+            1.0,
+        )?;
+    }
+    let lines = t.access_log();
+    let got = lines.iter().find(|l| l["kind"] == "a2a" && l["method"] == "tasks/get");
+    ensure!(got.is_some_and(|l| l["task_id"] == task.as_str() && l["id"] == "2"), "tasks/get line: {got:?}");
     Ok(())
 }
 
