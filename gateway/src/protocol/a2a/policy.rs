@@ -149,20 +149,20 @@ impl A2aPolicy {
     }
 }
 
-/// The compiled rules of the config generation last asked for. Connections carry their
-/// generation's `Arc<Config>`; rules are recompiled only when a reload brings a new one, so a
-/// hop costs one pointer comparison.
-static CURRENT: Mutex<Option<(Weak<Config>, Arc<A2aPolicy>)>> = Mutex::new(None);
+/// Compiled rules of the config generations in use. Connections carry their generation's
+/// `Arc<Config>`; rules are compiled once per generation (a reload brings a new one while old
+/// connections still hold theirs), so a hop costs a short scan of pointer comparisons.
+static GENERATIONS: Mutex<Vec<(Weak<Config>, Arc<A2aPolicy>)>> = Mutex::new(Vec::new());
 
 /// The rules of `config` (compiled on first use per generation). A config that fails to
 /// compile (validation prevents it) yields no rules, logged.
 pub fn for_config(config: &Arc<Config>) -> Arc<A2aPolicy> {
-    let mut cur = CURRENT.lock();
-    if let Some((w, p)) = cur.as_ref() {
-        if std::ptr::eq(w.as_ptr(), Arc::as_ptr(config)) && w.strong_count() > 0 {
-            return p.clone();
-        }
+    let mut gens = GENERATIONS.lock();
+    if let Some((_, p)) = gens.iter().find(|(w, _)| std::ptr::eq(w.as_ptr(), Arc::as_ptr(config))) {
+        return p.clone();
     }
+    // Generations no connection holds any more are dropped (their pointer may be reused).
+    gens.retain(|(w, _)| w.strong_count() > 0);
     let p = match A2aPolicy::new(&config.a2a.rules) {
         Ok(p) => Arc::new(p),
         Err(e) => {
@@ -170,7 +170,7 @@ pub fn for_config(config: &Arc<Config>) -> Arc<A2aPolicy> {
             Arc::new(A2aPolicy { rules: Vec::new() })
         }
     };
-    *cur = Some((Arc::downgrade(config), p.clone()));
+    gens.push((Arc::downgrade(config), p.clone()));
     p
 }
 
@@ -205,6 +205,20 @@ mod tests {
         // Skill lists do not apply to task queries.
         let q = Hop { is_message: false, ..hop(&orch, "booking-agent", None) };
         assert!(p.check(&q).is_ok());
+    }
+
+    #[test]
+    fn rules_follow_the_connection_generation() {
+        let mut c = Config::default();
+        let old = Arc::new(c.clone());
+        c.a2a = serde_yaml_ng::from_str("rules: [{name: r, deny: {targets: ['*']}}]").expect("yaml");
+        let new = Arc::new(c);
+        let a = Agent::unknown("a");
+        for _ in 0..2 {
+            assert!(for_config(&old).check(&hop(&a, "t", None)).is_ok());
+            assert!(for_config(&new).check(&hop(&a, "t", None)).is_err());
+        }
+        assert!(Arc::ptr_eq(&for_config(&new), &for_config(&new)));
     }
 
     #[test]
