@@ -85,4 +85,15 @@ mod tests {
         assert_eq!(c.validate().unwrap_err().0, "tools[0].match.group");
         assert!(serde_yaml_ng::from_str::<McpConfig>("tools: [{name: a, typo: 1}]").is_err());
     }
+
+    /// `tollgate check` points at the offending glob with `file:line:col`.
+    #[test]
+    fn check_reports_line_and_column() {
+        let text = "mcp:\n  tools:\n  - name: r\n    match: {agent: bot}\n    deny: [ok, \"[x\"]\n";
+        let err = crate::config::load::from_str("m.yaml", text).unwrap_err().to_string();
+        assert!(err.starts_with("m.yaml:5:16: mcp.tools[0].deny[1]: bad glob"), "{err}");
+        let ok = "mcp: {tools: [{name: r, match: {group: g}, allow: [\"get_*\"]}]}\n";
+        let c = crate::config::load::from_str("m.yaml", ok).expect("valid");
+        assert_eq!(c.mcp.tools[0].allow, vec!["get_*".to_string()]);
+    }
 }

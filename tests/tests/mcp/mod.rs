@@ -229,8 +229,12 @@ fn mcp_a_tool_rules_per_agent_with_the_real_sdk() -> Result<()> {
     );
     let sid = init["session_id"].as_str().unwrap_or("");
     ensure!(
-        log.iter().any(|l| l["method"] == "tools/call" && l["session_id"] == sid && l["tool"] == "delete_file"),
-        "B's legacy call carries its session id {sid}: {log:?}"
+        log.iter().any(|l| l["method"] == "tools/call"
+            && l["session_id"] == sid
+            && l["tool"] == "delete_file"
+            && l["server"] == "tollgate-e2e-tools"
+            && l["client"] == init["client"]),
+        "B's legacy call carries its session id {sid} and the session's client and server: {log:?}"
     );
     let discover = log.iter().find(|l| l["method"] == "server/discover").ok_or_else(|| anyhow!("no discover line"))?;
     ensure!(discover["server"] == "tollgate-e2e-tools" && discover["protocol_version"].is_string(), "{discover}");

@@ -98,6 +98,16 @@ impl Exchange {
             if let Some(s) = m.server {
                 c.server = Some(s.label());
             }
+            if c.method == "initialize" && c.error_code.is_none() {
+                if let Some(id) = &c.session_id {
+                    let info = super::session::SessionInfo {
+                        client: c.client.clone(),
+                        server: c.server.clone(),
+                        protocol_version: c.protocol_version.clone(),
+                    };
+                    super::session::record(id, info);
+                }
+            }
         }
     }
 

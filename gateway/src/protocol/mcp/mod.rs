@@ -13,6 +13,7 @@
 pub mod body;
 pub mod jsonrpc;
 pub mod policy;
+pub mod session;
 
 use std::time::Instant;
 
@@ -86,10 +87,17 @@ async fn pass_through(ctx: &L7Context, req: Request<Incoming>) -> Response<Proxy
         _ => "OTHER",
     };
     let (parts, body) = req.into_parts();
-    let mut calls = vec![(new_call(ctx, http_method, &parts, http_method.to_string()), false)];
+    let mut call = new_call(ctx, http_method, &parts, http_method.to_string());
+    fill(&mut call, &RequestFacts::default());
+    let mut calls = vec![(call, false)];
     let mut parts = parts;
     propagate(&calls, &mut parts.headers);
     let resp = forward(ctx, Request::from_parts(parts, body)).await;
+    if http_method == "DELETE" && resp.status().is_success() {
+        if let Some(id) = calls.first().and_then(|(c, _)| c.session_id.as_deref()) {
+            session::forget(id);
+        }
+    }
     let sse = is_sse(resp.headers());
     if let Some((c, _)) = calls.first_mut() {
         c.status = resp.status().as_u16();
@@ -177,6 +185,13 @@ async fn post(ctx: &L7Context, req: Request<Incoming>) -> Response<ProxyBody> {
 /// Copy a message's facts into its call.
 fn fill(c: &mut McpCall, m: &RequestFacts) {
     c.request_id = m.id.clone();
+    if let Some(s) = c.session_id.as_deref().and_then(session::get) {
+        c.client.clone_from(&s.client);
+        c.server.clone_from(&s.server);
+        if c.protocol_version.is_none() {
+            c.protocol_version.clone_from(&s.protocol_version);
+        }
+    }
     if c.method == "tools/call" {
         c.tool = m.name.clone();
     } else if c.method == "prompts/get" {
@@ -187,7 +202,9 @@ fn fill(c: &mut McpCall, m: &RequestFacts) {
     if let Some(v) = &m.protocol_version {
         c.protocol_version = Some(v.clone());
     }
-    c.client = m.client.as_ref().map(jsonrpc::Implementation::label);
+    if let Some(client) = &m.client {
+        c.client = Some(client.label());
+    }
 }
 
 /// Answer a message (or batch) with a denied `tools/call` without contacting the server: each
