@@ -13,8 +13,10 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::sync::mpsc;
 
 use super::jsonrpc::{self, ResponseFacts};
+use super::legacy::LegacyStream;
 use super::policy::ToolRules;
 use crate::capture::Agent;
 use crate::protocol::http::BoxError;
@@ -56,24 +58,34 @@ pub struct Exchange {
     pub reporter: Arc<Reporter>,
     /// Set when tools must be hidden from `tools/list` results of this exchange.
     pub filter: Option<ToolFilter>,
+    /// A legacy-transport GET stream: its session's POSTs name `tools/list` ids to filter here.
+    pub legacy: Option<Arc<LegacyStream>>,
+    /// The session the legacy stream registered under (from its `endpoint` event).
+    pub legacy_session: Option<String>,
 }
 
 impl Exchange {
     /// Ids (JSON text) of the `tools/list` requests whose results must be filtered.
-    fn list_ids(&self) -> Vec<&str> {
+    fn list_ids(&self) -> Vec<String> {
         if self.filter.is_none() {
             return Vec::new();
         }
-        self.calls
+        let mut ids: Vec<String> = self
+            .calls
             .iter()
             .filter(|(c, _)| c.method == "tools/list")
-            .filter_map(|(c, _)| c.request_id.as_deref())
-            .collect()
+            .filter_map(|(c, _)| c.request_id.clone())
+            .collect();
+        if let Some(l) = &self.legacy {
+            ids.extend(l.list_ids.lock().iter().cloned());
+        }
+        ids
     }
 
-    /// Whether a response needs holding to be filtered.
+    /// Whether a response needs holding to be filtered (event by event for a legacy stream,
+    /// whose `tools/list` answers are announced by later POSTs).
     pub fn filters(&self) -> bool {
-        !self.list_ids().is_empty()
+        self.filter.is_some() && (self.legacy.is_some() || !self.list_ids().is_empty())
     }
 
     /// Record one server message.
@@ -116,6 +128,16 @@ impl Exchange {
         let facts = match jsonrpc::parse_response(data) {
             Ok(f) => f,
             Err(e) => {
+                if let (Some(l), None) = (&self.legacy, &self.legacy_session) {
+                    if let Some(id) = super::legacy::session_of_endpoint(data) {
+                        super::legacy::register(&id, l.clone());
+                        if let Some((c, _)) = self.calls.first_mut() {
+                            c.session_id = Some(id.clone());
+                        }
+                        self.legacy_session = Some(id);
+                        return None;
+                    }
+                }
                 tracing::debug!(error = %e, "unparsed MCP server message");
                 return None;
             }
@@ -123,15 +145,17 @@ impl Exchange {
         let mut out = None;
         if let Some(f) = &self.filter {
             let ids = self.list_ids();
+            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
             if facts.iter().any(|m| m.id.as_deref().is_some_and(|id| ids.contains(&id))) {
                 let allowed = |t: &str| f.allowed(t);
                 match jsonrpc::filter_tools_list(data, &ids, &allowed) {
                     Ok(Some((body, n))) => {
-                        for m in &facts {
-                            if let Some((c, _)) = self.calls.iter_mut().find(|(c, _)| c.request_id == m.id) {
-                                c.tools_hidden += n;
-                                break;
-                            }
+                        let own = facts.iter().find_map(|m| {
+                            self.calls.iter().position(|(c, _)| c.request_id.is_some() && c.request_id == m.id)
+                        });
+                        // On a legacy stream the list was asked by a POST: count it on the stream.
+                        if let Some((c, _)) = self.calls.get_mut(own.unwrap_or(0)) {
+                            c.tools_hidden += n;
                         }
                         out = Some(body);
                     }
@@ -163,6 +187,9 @@ impl Exchange {
 
 impl Drop for Exchange {
     fn drop(&mut self) {
+        if let Some(id) = self.legacy_session.take() {
+            super::legacy::unregister(&id);
+        }
         if !self.calls.is_empty() {
             self.finish(Some("response not completed (agent went away)".into()));
         }
@@ -182,19 +209,34 @@ pub struct McpBody<B = Incoming> {
     mode: Mode,
     ex: Exchange,
     done: bool,
+    /// tollgate's own events for a legacy stream (denials), written between server events.
+    inject: Option<mpsc::UnboundedReceiver<Bytes>>,
 }
 
 impl<B> McpBody<B> {
     /// Observe a JSON response: keep at most `max` bytes; `hold` returns it only once whole.
     pub fn json(inner: B, ex: Exchange, max: usize) -> Self {
         let hold = ex.filters();
-        McpBody { inner, mode: Mode::Json { buf: Vec::new(), max, overflow: false, hold }, ex, done: false }
+        McpBody {
+            inner,
+            mode: Mode::Json { buf: Vec::new(), max, overflow: false, hold },
+            ex,
+            done: false,
+            inject: None,
+        }
     }
 
     /// Observe an SSE response with events of at most `max` bytes.
     pub fn sse(inner: B, ex: Exchange, max: usize) -> Self {
         let held = ex.filters().then(Vec::new);
-        McpBody { inner, mode: Mode::Sse { parser: SseParser::new(max), held, max }, ex, done: false }
+        McpBody { inner, mode: Mode::Sse { parser: SseParser::new(max), held, max }, ex, done: false, inject: None }
+    }
+
+    /// Write the events `rx` yields into the stream, between the server's events (the stream
+    /// must be held event by event, see [`Exchange::filters`]).
+    pub fn with_injection(mut self, rx: mpsc::UnboundedReceiver<Bytes>) -> Self {
+        self.inject = Some(rx);
+        self
     }
 
     /// Handle one chunk: the bytes to forward now (`None`: held).
@@ -322,6 +364,13 @@ where
             return Poll::Ready(None);
         }
         loop {
+            if let Some(rx) = &mut this.inject {
+                match rx.poll_recv(cx) {
+                    Poll::Ready(Some(ev)) => return Poll::Ready(Some(Ok(Frame::data(ev)))),
+                    Poll::Ready(None) => this.inject = None,
+                    Poll::Pending => {}
+                }
+            }
             match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => match this.chunk(data) {
@@ -413,7 +462,7 @@ mod split_tests {
             let cfg = serde_yaml_ng::from_str("tools: [{name: no-delete, deny: ['delete_*']}]").expect("yaml");
             ToolFilter { rules: Arc::new(ToolRules::new(&cfg).expect("rules")), agent, groups: Arc::from(Vec::new()) }
         });
-        Exchange { calls, t0: Instant::now(), reporter: reporter.clone(), filter }
+        Exchange { calls, t0: Instant::now(), reporter: reporter.clone(), filter, legacy: None, legacy_session: None }
     }
 
     /// Feed `input` cut at `cuts`; return what the agent receives and the calls' state.

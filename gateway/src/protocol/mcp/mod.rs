@@ -12,6 +12,7 @@
 
 pub mod body;
 pub mod jsonrpc;
+pub mod legacy;
 pub mod policy;
 pub mod session;
 
@@ -52,6 +53,11 @@ fn is_sse(h: &HeaderMap) -> bool {
     h.get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim_start().get(..17).is_some_and(|p| p.eq_ignore_ascii_case("text/event-stream")))
+}
+
+/// An exchange of this connection's calls, reported through its reporter.
+fn exchange(ctx: &L7Context, calls: Vec<(McpCall, bool)>, t0: Instant, filter: Option<ToolFilter>) -> Exchange {
+    Exchange { calls, t0, reporter: ctx.reporter.clone(), filter, legacy: None, legacy_session: None }
 }
 
 /// A call record for this connection's agent and route.
@@ -105,11 +111,24 @@ async fn pass_through(ctx: &L7Context, req: Request<Incoming>) -> Response<Proxy
             c.session_id = header(resp.headers(), SESSION);
         }
     }
-    let ex = Exchange { calls, t0, reporter: ctx.reporter.clone(), filter: None };
+    let mut ex = exchange(ctx, calls, t0, None);
     let (rparts, rbody) = resp.into_parts();
     match rbody {
         ProxyBody::Upstream(inc) if sse => {
-            let b = McpBody::sse(inc, ex, ctx.config.limits.max_sse_event_bytes);
+            let rules = policy::rules_for(&ctx.config);
+            let mut inject = None;
+            if http_method == "GET" && rules.covers(&ctx.agent, &ctx.groups) {
+                // Possibly a legacy HTTP+SSE stream: it registers under the session its
+                // `endpoint` event names, so the session's POSTs can be governed on it.
+                let (stream, rx) = legacy::LegacyStream::new();
+                ex.filter = Some(ToolFilter { rules, agent: ctx.agent.clone(), groups: ctx.groups.clone() });
+                ex.legacy = Some(stream);
+                inject = Some(rx);
+            }
+            let mut b = McpBody::sse(inc, ex, ctx.config.limits.max_sse_event_bytes);
+            if let Some(rx) = inject {
+                b = b.with_injection(rx);
+            }
             Response::from_parts(rparts, ProxyBody::Boxed(b.boxed()))
         }
         other => {
@@ -145,19 +164,13 @@ async fn post(ctx: &L7Context, req: Request<Incoming>) -> Response<ProxyBody> {
         Ok(m) => m,
         Err(e) => {
             tracing::debug!(route = %ctx.route, error = %e, "MCP POST body is not JSON-RPC: passed through");
-            return send_on(
-                ctx,
-                parts,
-                bytes,
-                Exchange { calls: Vec::new(), t0, reporter: ctx.reporter.clone(), filter: None },
-            )
-            .await;
+            return send_on(ctx, parts, bytes, exchange(ctx, Vec::new(), t0, None)).await;
         }
     };
     let rules = policy::rules_for(&ctx.config);
     let governed = rules.covers(&ctx.agent, &ctx.groups);
     let mut calls = Vec::with_capacity(msgs.len());
-    let mut denied = Vec::new();
+    let mut denied = false;
     for m in &msgs {
         let mut c = new_call(ctx, "POST", &parts, m.method.clone().unwrap_or_else(|| "response".into()));
         fill(&mut c, m);
@@ -165,7 +178,7 @@ async fn post(ctx: &L7Context, req: Request<Incoming>) -> Response<ProxyBody> {
             let tool = m.name.as_deref().unwrap_or("");
             c.verdict = match rules.refusal(&ctx.agent, &ctx.groups, tool) {
                 Some(rule) => {
-                    denied.push((m.raw_id.clone(), tool.to_string(), rule.to_string()));
+                    denied = true;
                     McpVerdict::Denied(rule.to_string())
                 }
                 None => McpVerdict::Allowed,
@@ -173,12 +186,22 @@ async fn post(ctx: &L7Context, req: Request<Incoming>) -> Response<ProxyBody> {
         }
         calls.push((c, false));
     }
-    if !denied.is_empty() {
-        return refuse(ctx, &parts, &msgs, calls, &denied, t0, jsonrpc::is_batch(&bytes));
+    // Legacy transport: answers travel on the session's GET stream, governed there.
+    let stream = match (governed, parts.uri.query()) {
+        (true, Some(q)) if is_legacy(&parts) => legacy::session_of_query(q).and_then(legacy::lookup),
+        _ => None,
+    };
+    if denied {
+        let batch = jsonrpc::is_batch(&bytes);
+        return refuse(ctx, &parts, &msgs, calls, t0, batch, stream.as_deref());
+    }
+    if let Some(s) = &stream {
+        let lists = calls.iter().filter(|(c, _)| c.method == "tools/list").filter_map(|(c, _)| c.request_id.clone());
+        s.list_ids.lock().extend(lists);
     }
     let filter = governed.then(|| ToolFilter { rules, agent: ctx.agent.clone(), groups: ctx.groups.clone() });
     propagate(&calls, &mut parts.headers);
-    let ex = Exchange { calls, t0, reporter: ctx.reporter.clone(), filter };
+    let ex = exchange(ctx, calls, t0, filter);
     send_on(ctx, parts, bytes, ex).await
 }
 
@@ -215,42 +238,56 @@ fn refuse(
     parts: &http::request::Parts,
     msgs: &[RequestFacts],
     mut calls: Vec<(McpCall, bool)>,
-    denied: &[(Option<Value>, String, String)],
     t0: Instant,
     batch: bool,
+    stream: Option<&legacy::LegacyStream>,
 ) -> Response<ProxyBody> {
     let legacy = is_legacy(parts);
+    // On a legacy session with an open stream the answers go there and the POST is accepted,
+    // as the server would; without one, a 403 carries them.
+    let status = match (legacy, stream) {
+        (true, Some(_)) => StatusCode::ACCEPTED,
+        (true, None) => StatusCode::FORBIDDEN,
+        _ => StatusCode::OK,
+    };
     let mut answers = Vec::new();
     for (i, m) in msgs.iter().enumerate() {
         let Some(id) = &m.raw_id else { continue };
-        let (message, data) = match denied.iter().find(|(d, _, _)| d.as_ref() == Some(id)) {
-            Some((_, tool, rule)) => (
+        let verdict = calls.get(i).map(|(c, _)| (&c.verdict, c.tool.as_deref().unwrap_or("")));
+        let (message, data) = match verdict {
+            Some((McpVerdict::Denied(rule), tool)) => (
                 format!("tollgate: tool {tool} denied by rule {rule}"),
                 serde_json::json!({"tool": tool, "rule": rule, "agent": &*ctx.agent.name}),
             ),
-            None => ("tollgate: not sent: the batch contains a denied tool call".to_string(), Value::Null),
+            _ => ("tollgate: not sent: the batch contains a denied tool call".to_string(), Value::Null),
         };
         answers.push(jsonrpc::error_message(Some(id), jsonrpc::TOOL_DENIED_CODE, &message, data));
         if let Some((c, answered)) = calls.get_mut(i) {
             *answered = true;
             c.duration = t0.elapsed();
-            c.status = if legacy { 403 } else { 200 };
+            c.status = status.as_u16();
             if !matches!(c.verdict, McpVerdict::Denied(_)) {
                 c.error = Some("not sent: batch with a denied tool call".into());
             }
         }
     }
-    let body = if batch { Value::Array(answers) } else { answers.pop().unwrap_or(Value::Null) };
-    let bytes = serde_json::to_vec(&body).unwrap_or_default();
     for (c, _) in calls.iter_mut() {
         c.duration = t0.elapsed();
-        c.status = if legacy { 403 } else { 200 };
+        c.status = status.as_u16();
     }
-    let ex = Exchange { calls, t0, reporter: ctx.reporter.clone(), filter: None };
-    drop(ex);
-    // Legacy HTTP+SSE clients expect answers on their GET stream; a 403 carrying the error
-    // makes the refusal visible to them instead of leaving the request unanswered.
-    let status = if legacy { StatusCode::FORBIDDEN } else { StatusCode::OK };
+    drop(exchange(ctx, calls, t0, None));
+    let bytes = match stream {
+        Some(s) if legacy => {
+            for a in &answers {
+                s.send_message(&serde_json::to_vec(a).unwrap_or_default());
+            }
+            Vec::new()
+        }
+        _ => {
+            let body = if batch { Value::Array(answers) } else { answers.pop().unwrap_or(Value::Null) };
+            serde_json::to_vec(&body).unwrap_or_default()
+        }
+    };
     let mut resp = Response::new(ProxyBody::Full(Some(Bytes::from(bytes))));
     *resp.status_mut() = status;
     resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

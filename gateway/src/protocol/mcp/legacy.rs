@@ -1,0 +1,109 @@
+//! The legacy HTTP+SSE transport (protocol 2024-11-05): the agent opens `GET /sse`, the server's
+//! first event (`endpoint`) names the URL to POST messages to (`/messages?session_id=...`), and
+//! every answer travels on that GET stream while each POST gets `202 Accepted`. Governing it
+//! links the two: the GET stream registers itself under its session id, POSTs of the session
+//! tell it which `tools/list` answers to filter, and a denied call's JSON-RPC error is injected
+//! into the stream as the server would send it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+
+/// Legacy streams tracked at most (a GET stream unregisters when it ends).
+const MAX_STREAMS: usize = 4096;
+
+/// One agent's open legacy GET stream, as the POSTs of its session see it.
+pub struct LegacyStream {
+    /// Ids (JSON text) of `tools/list` requests whose answers must be filtered on the stream.
+    pub list_ids: Mutex<Vec<String>>,
+    /// Events to write into the stream (tollgate's own answers).
+    pub inject: mpsc::UnboundedSender<Bytes>,
+}
+
+impl LegacyStream {
+    /// A stream and the receiver its body polls for injected events.
+    pub fn new() -> (Arc<Self>, mpsc::UnboundedReceiver<Bytes>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Arc::new(LegacyStream { list_ids: Mutex::new(Vec::new()), inject: tx }), rx)
+    }
+
+    /// Queue one JSON-RPC message as an SSE `message` event; false when the stream is gone.
+    pub fn send_message(&self, json: &[u8]) -> bool {
+        let mut ev = Vec::with_capacity(json.len() + 24);
+        ev.extend_from_slice(b"event: message\r\ndata: ");
+        ev.extend_from_slice(json);
+        ev.extend_from_slice(b"\r\n\r\n");
+        self.inject.send(Bytes::from(ev)).is_ok()
+    }
+}
+
+fn table() -> &'static Mutex<HashMap<String, Arc<LegacyStream>>> {
+    static T: OnceLock<Mutex<HashMap<String, Arc<LegacyStream>>>> = OnceLock::new();
+    T.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// The stream of session `id` is open.
+pub fn register(id: &str, s: Arc<LegacyStream>) {
+    let mut t = table().lock();
+    if t.len() >= MAX_STREAMS && !t.contains_key(id) {
+        if let Some(k) = t.keys().next().cloned() {
+            t.remove(&k);
+        }
+    }
+    t.insert(id.to_string(), s);
+}
+
+/// The open stream of session `id`.
+pub fn lookup(id: &str) -> Option<Arc<LegacyStream>> {
+    table().lock().get(id).cloned()
+}
+
+/// The stream of session `id` ended.
+pub fn unregister(id: &str) {
+    table().lock().remove(id);
+}
+
+/// The session id in a query string (`session_id=` as the Python SDK names it, `sessionId=` as
+/// the TypeScript SDK does).
+pub fn session_of_query(q: &str) -> Option<&str> {
+    q.split('&').find_map(|kv| kv.strip_prefix("session_id=").or_else(|| kv.strip_prefix("sessionId=")))
+}
+
+/// The session id of an `endpoint` event's data (a path or URL with the session in its query).
+pub fn session_of_endpoint(data: &[u8]) -> Option<String> {
+    let s = std::str::from_utf8(data).ok()?.trim();
+    if s.starts_with('{') {
+        return None;
+    }
+    let q = s.split_once('?')?.1;
+    session_of_query(q).filter(|id| !id.is_empty()).map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ids_from_endpoint_and_query() {
+        assert_eq!(session_of_endpoint(b"/messages/?session_id=ab12").as_deref(), Some("ab12"));
+        assert_eq!(session_of_endpoint(b"http://h/m?x=1&sessionId=z").as_deref(), Some("z"));
+        assert_eq!(session_of_endpoint(b"{\"jsonrpc\":\"2.0\"}"), None);
+        assert_eq!(session_of_endpoint(b"/messages/"), None);
+        assert_eq!(session_of_query("session_id=q"), Some("q"));
+    }
+
+    #[test]
+    fn injected_events_reach_the_receiver_until_dropped() {
+        let (s, mut rx) = LegacyStream::new();
+        register("leg-1", s.clone());
+        assert!(lookup("leg-1").is_some_and(|l| l.send_message(b"{}")));
+        assert_eq!(rx.try_recv().ok().as_deref(), Some(&b"event: message\r\ndata: {}\r\n\r\n"[..]));
+        unregister("leg-1");
+        assert!(lookup("leg-1").is_none());
+        drop(rx);
+        assert!(!s.send_message(b"{}"));
+    }
+}
