@@ -238,8 +238,13 @@ impl McpMetrics {
         };
         let tool = c.tool.as_deref().map(|t| self.tools.get(t));
         let tool_label = tool.as_deref().unwrap_or("");
-        let error_type = c.error_type().unwrap_or_default();
-        self.duration.with_label_values(&[agent, &method, tool_label, &error_type]).observe(c.duration.as_secs_f64());
+        // A GET stream lives as long as the agent keeps it open: not an operation's duration.
+        if c.http_method != "GET" {
+            let error_type = c.error_type().unwrap_or_default();
+            self.duration
+                .with_label_values(&[agent, &method, tool_label, &error_type])
+                .observe(c.duration.as_secs_f64());
+        }
         self.requests.with_label_values(&[agent, &c.route, &method, c.outcome()]).inc();
         if c.method == "tools/call" {
             let verdict = match c.verdict {
