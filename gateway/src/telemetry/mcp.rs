@@ -231,7 +231,8 @@ impl McpMetrics {
         })
     }
 
-    fn record(&self, agent: &str, c: &McpCall) {
+    /// Count one finished request under the (already bounded) `agent` label.
+    pub fn record(&self, agent: &str, c: &McpCall) {
         let method: Arc<str> = match KNOWN_METHODS.iter().find(|m| **m == c.method) {
             Some(m) => Arc::from(*m),
             None => self.methods.get(&c.method),

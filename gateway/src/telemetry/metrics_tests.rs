@@ -193,6 +193,17 @@ fn dashboards_query_only_emitted_metrics() {
     gov.remaining("a", "p", "total", 0.5);
     gov.verdict("a", "pii", "redact", "email", 1);
     gov.set_limiter_source(Box::new(|| Some((0, 0, 1))));
+    // The MCP families.
+    let mcp = crate::telemetry::mcp::McpMetrics::register(&m.registry, 8).unwrap();
+    let mut c = crate::telemetry::mcp::McpCall::new(
+        Arc::new(Agent::unknown("a")),
+        "r".into(),
+        "POST",
+        "/",
+        "tools/call".into(),
+    );
+    c.tool = Some("t".into());
+    mcp.record("a", &c);
     let exposed = m.encode();
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards");
     let mut checked = 0;

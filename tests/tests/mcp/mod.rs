@@ -21,14 +21,14 @@ const SERVER_IP: &str = "127.0.0.2";
 const TRACE: &str = "4d4350000000000000000000000000c0";
 const PARENT: &str = "00000000000000aa";
 
-/// `mcp_server.py` on `addr`, outside every captured cgroup; killed on drop.
-struct McpServer {
+/// `mcp_server.py` on `addr`, outside every captured cgroup; killed on drop (also used by o1).
+pub(crate) struct McpServer {
     child: Child,
     log: std::path::PathBuf,
 }
 
 impl McpServer {
-    fn start(e: &Env, addr: &str, port: u16, transport: &str) -> Result<Self> {
+    pub(crate) fn start(e: &Env, addr: &str, port: u16, transport: &str) -> Result<Self> {
         let log = e.path(&format!("mcp-calls-{port}.jsonl"));
         let port_s = port.to_string();
         let child = std::process::Command::new(venv_python())
@@ -74,8 +74,14 @@ impl Drop for McpServer {
     }
 }
 
-/// Run the SDK client from `group`; its JSON report.
-fn client(group: &Group, url: &str, mode: &str, calls: &[(&str, Value)], traceparent: Option<&str>) -> Result<Value> {
+/// Run the SDK client from `group`; its JSON report (`mode` `auto`, `legacy`, `legacy+sse`).
+pub(crate) fn client(
+    group: &Group,
+    url: &str,
+    mode: &str,
+    calls: &[(&str, Value)],
+    traceparent: Option<&str>,
+) -> Result<Value> {
     let (mode, sse) = match mode.strip_suffix("+sse") {
         Some(m) => (m, true),
         None => (mode, false),

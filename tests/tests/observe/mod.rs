@@ -38,6 +38,8 @@ const ALPHA: &str = "obs-alpha";
 const BETA: &str = "obs-beta";
 const MODELS: [&str; 2] = ["gpt-4o-mini", "gpt-4o"];
 const ORIGIN_HOST: &str = "origin.test";
+/// Where o1's MCP server listens (captured).
+const MCP_IP: &str = "127.0.0.2";
 /// Models of the governance calls; they sort after [`MODELS`], so the Latency board's first
 /// `model` value stays a served one.
 const FORBIDDEN_MODEL: &str = "obs-forbidden";
@@ -86,6 +88,11 @@ fn o1_every_dashboard_query_returns_data() -> Result<()> {
     ])?;
     let origin_addr = origin.https[0];
     let node = k8s::Node::new(&gw)?;
+    // A real MCP server (the `mcp` SDK) for the MCP panels: both agents list and call tools,
+    // one call allowed and one denied per round.
+    let mcp_port = tollgate_e2e::free_port(MCP_IP);
+    let mcp_addr = format!("{MCP_IP}:{mcp_port}");
+    let _mcp = crate::mcp::McpServer::start(&gw.e, MCP_IP, mcp_port, "streamable-http")?;
 
     let provider = |name: &str, m: &MockLlm, key: &PathBuf| {
         let base = format!("http://{}/v1", m.http[0]);
@@ -98,6 +105,7 @@ fn o1_every_dashboard_query_returns_data() -> Result<()> {
                 "destinations": [
                     {"cidr": format!("{}/32", gw.vip.ip()), "port": gw.vip.port()},
                     {"cidr": format!("{}/32", origin_addr.ip()), "port": origin_addr.port()},
+                    {"cidr": format!("{MCP_IP}/32"), "port": mcp_port},
                 ],
             },
             "providers": [provider("a", &a, &ka), provider("b", &b, &kb)],
@@ -109,7 +117,8 @@ fn o1_every_dashboard_query_returns_data() -> Result<()> {
                 // Four consecutive failures open A's circuit: each agent's round ends with three,
                 // the last step adds the fourth. Open long enough to still be open when queried.
                 "circuit": {"max_fails": 4, "fail_timeout": "10m"},
-            }],
+            }, {"name": "obs-mcp", "protocol": "mcp", "match": {"addresses": [mcp_addr]}}],
+            "mcp": {"tools": [{"name": "obs-no-delete", "deny": ["delete_*"]}]},
             "agents": [
                 {"name": ALPHA, "match": {"cgroup": gw.g.rel()}},
                 {"name": BETA, "match": {"cgroup": beta.rel()}},
@@ -147,14 +156,19 @@ fn o1_every_dashboard_query_returns_data() -> Result<()> {
     for round in 1..=2u32 {
         for (agent, g) in [(ALPHA, &gw.g), (BETA, &beta)] {
             ctx.round(agent, g, round)?;
+            let url = format!("http://{mcp_addr}/mcp");
+            let calls = [("get_weather", json!({"city": "Oslo"})), ("delete_file", json!({"path": "/tmp/obs"}))];
+            let out = crate::mcp::client(g, &url, "auto", &calls, None)?;
+            ensure!(out["calls"][0]["ok"] == true && out["calls"][1]["ok"] == false, "{agent} MCP calls: {out}");
         }
         // Every call of the round is in tollgate's metrics, and Prometheus scraped them.
         for agent in [ALPHA, BETA] {
             let n = f64::from(round);
             wait_metric(&t, "tollgate_llm_requests_total", &[("agent", agent)], f64::from(CALLS_PER_ROUND) * n)?;
-            wait_metric(&t, "tollgate_policy_denials_total", &[("agent", agent)], 3.0 * n)?;
+            wait_metric(&t, "tollgate_policy_denials_total", &[("agent", agent)], 4.0 * n)?;
             wait_metric(&t, "tollgate_ratelimit_rejections_total", &[("agent", agent)], n)?;
             wait_metric(&t, "tollgate_guardrail_verdicts_total", &[("agent", agent), ("action", "redact")], n)?;
+            wait_metric(&t, "tollgate_mcp_tool_calls_total", &[("agent", agent)], 2.0 * n)?;
         }
         wait_synced(&t, &prom)?;
     }
