@@ -99,7 +99,7 @@ impl A2aMetrics {
         Ok(A2aMetrics { hops, duration, targets: LabelLimiter::new(max_label_values) })
     }
 
-    fn record(&self, source: &str, h: &A2aHop) {
+    pub(crate) fn record(&self, source: &str, h: &A2aHop) {
         let target = self.targets.get(&h.target);
         self.hops.with_label_values(&[source, &target, h.method, h.outcome]).inc();
         self.duration.with_label_values(&[source, &target, h.method]).observe(h.duration.as_secs_f64());

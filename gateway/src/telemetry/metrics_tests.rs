@@ -204,6 +204,33 @@ fn dashboards_query_only_emitted_metrics() {
     );
     c.tool = Some("t".into());
     mcp.record("a", &c);
+    // The A2A families.
+    let a2a = crate::telemetry::a2a::A2aMetrics::register(&m.registry, 8).unwrap();
+    a2a.record(
+        "a",
+        &crate::telemetry::a2a::A2aHop {
+            agent: Arc::new(Agent::unknown("a")),
+            route: "r".into(),
+            target: "b".into(),
+            method: "message/send",
+            request_id: None,
+            skill: None,
+            task_id: None,
+            context_id: None,
+            outcome: "completed",
+            denied_by: None,
+            error_code: None,
+            error: None,
+            status: 200,
+            stream: false,
+            events: 0,
+            start: std::time::SystemTime::now(),
+            duration: Duration::from_millis(1),
+            traceparent: None,
+            span_ids: None,
+            server_address: None,
+        },
+    );
     let exposed = m.encode();
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards");
     let mut checked = 0;

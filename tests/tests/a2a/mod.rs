@@ -27,19 +27,23 @@ const TRACE: &str = "5a2a0000000000000000000000000a2a";
 const PARENT: &str = "0a2a00000000000b";
 
 /// An `a2a_booking.py` server; killed on drop.
-struct Agent {
+pub(crate) struct Agent {
     child: Child,
 }
 
 impl Agent {
     /// Start an a2a-sdk agent named `name` on `listen` in `group`, answering with the mock LLM.
     fn start(group: &Group, name: &str, listen: &str) -> Result<Self> {
+        Self::start_with_llm(group, name, listen, &format!("http://{LLM}/v1/chat/completions"))
+    }
+
+    /// Like [`Agent::start`], answering with the chat completions endpoint at `llm`.
+    pub(crate) fn start_with_llm(group: &Group, name: &str, listen: &str, llm: &str) -> Result<Self> {
         let py = venv_python();
         let mut cmd = group.command(&py.to_string_lossy(), None);
         let url = format!("http://{listen}/");
-        let llm = format!("http://{LLM}/v1/chat/completions");
         cmd.arg(client_script("a2a_booking.py"))
-            .args(["--listen", listen, "--name", name, "--url", &url, "--llm", &llm, "--model", MODEL])
+            .args(["--listen", listen, "--name", name, "--url", &url, "--llm", llm, "--model", MODEL])
             .env_clear()
             .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
             .env("HOME", std::env::temp_dir())
@@ -71,10 +75,10 @@ impl Drop for Agent {
 }
 
 /// Run the a2a-sdk orchestrator client in the pod against `url`.
-fn orchestrate(g: &Group, ns: &Netns, url: &str, text: &str, extra: &[&str]) -> Result<Value> {
+pub(crate) fn orchestrate(g: &Group, ns: Option<&Netns>, url: &str, text: &str, extra: &[&str]) -> Result<Value> {
     let tp = format!("00-{TRACE}-{PARENT}-01");
     let args = [&["--url", url, "--text", text, "--traceparent", &tp][..], extra].concat();
-    let out = python(Some(g), Some(ns), "a2a_orchestrator.py", &args, &[])?;
+    let out = python(Some(g), ns, "a2a_orchestrator.py", &args, &[])?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(stdout.trim()).map_err(|e| {
         anyhow!("orchestrator output not JSON ({e}): {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr))
@@ -132,7 +136,7 @@ fn a1_a2a_hops_traced_counted_and_authorized() -> Result<()> {
     let mut served = 0;
     for extra in [&["--stream", "--skill", "book-flight"][..], &[][..]] {
         let started = Instant::now();
-        let v = orchestrate(&orch, &ns, &format!("http://{booking_addr}"), "Book a flight to Lisbon", extra)?;
+        let v = orchestrate(&orch, Some(&ns), &format!("http://{booking_addr}"), "Book a flight to Lisbon", extra)?;
         ensure!(v["ok"] == true, "allowed hop failed ({extra:?}): {v}\n{}", t.stderr_tail(30));
         ensure!(v["card_name"] == BOOKING_CARD, "card: {v}");
         ensure!(v["state"] == "TASK_STATE_COMPLETED" && v["answer"].is_string(), "task: {v}");
@@ -146,7 +150,7 @@ fn a1_a2a_hops_traced_counted_and_authorized() -> Result<()> {
         (format!("http://{booking_addr}"), &["--skill", "refund"][..], "skill \\\"refund\\\" is denied"),
         (format!("http://{payments_addr}"), &["--stream"][..], "target \\\"payments-agent\\\" is not allowed"),
     ] {
-        let v = orchestrate(&orch, &ns, &url, "Refund my last trip", extra)?;
+        let v = orchestrate(&orch, Some(&ns), &url, "Refund my last trip", extra)?;
         ensure!(v["ok"] == false, "denied hop succeeded: {v}");
         let err = v["error"].as_str().unwrap_or("");
         ensure!(

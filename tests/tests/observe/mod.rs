@@ -40,6 +40,8 @@ const MODELS: [&str; 2] = ["gpt-4o-mini", "gpt-4o"];
 const ORIGIN_HOST: &str = "origin.test";
 /// Where o1's MCP server listens (captured).
 const MCP_IP: &str = "127.0.0.2";
+/// Card name of the A2A agent both agents call.
+const A2A_CALLEE: &str = "obs-booking-agent";
 /// Models of the governance calls; they sort after [`MODELS`], so the Latency board's first
 /// `model` value stays a served one.
 const FORBIDDEN_MODEL: &str = "obs-forbidden";
@@ -93,6 +95,15 @@ fn o1_every_dashboard_query_returns_data() -> Result<()> {
     let mcp_port = tollgate_e2e::free_port(MCP_IP);
     let mcp_addr = format!("{MCP_IP}:{mcp_port}");
     let _mcp = crate::mcp::McpServer::start(&gw.e, MCP_IP, mcp_port, "streamable-http")?;
+    // A real a2a-sdk agent for the A2A panels: both agents call it once a round. Its own LLM
+    // calls go to a mock of its own, outside the capture scope, so they leave the LLM figures
+    // of the two agents alone.
+    let a2a_port = tollgate_e2e::free_port(MCP_IP);
+    let a2a_addr = format!("{MCP_IP}:{a2a_port}");
+    let booking_llm = gw.e.mock(&["--listen", "127.0.0.1:0"])?;
+    let booking_g = gw.e.cg.group("obs-booking")?;
+    let booking_url = format!("http://{}/v1/chat/completions", booking_llm.http[0]);
+    let _booking = crate::a2a::Agent::start_with_llm(&booking_g, A2A_CALLEE, &a2a_addr, &booking_url)?;
 
     let provider = |name: &str, m: &MockLlm, key: &PathBuf| {
         let base = format!("http://{}/v1", m.http[0]);
@@ -106,6 +117,7 @@ fn o1_every_dashboard_query_returns_data() -> Result<()> {
                     {"cidr": format!("{}/32", gw.vip.ip()), "port": gw.vip.port()},
                     {"cidr": format!("{}/32", origin_addr.ip()), "port": origin_addr.port()},
                     {"cidr": format!("{MCP_IP}/32"), "port": mcp_port},
+                    {"cidr": format!("{MCP_IP}/32"), "port": a2a_port},
                 ],
             },
             "providers": [provider("a", &a, &ka), provider("b", &b, &kb)],
@@ -117,7 +129,8 @@ fn o1_every_dashboard_query_returns_data() -> Result<()> {
                 // Four consecutive failures open A's circuit: each agent's round ends with three,
                 // the last step adds the fourth. Open long enough to still be open when queried.
                 "circuit": {"max_fails": 4, "fail_timeout": "10m"},
-            }, {"name": "obs-mcp", "protocol": "mcp", "match": {"addresses": [mcp_addr]}}],
+            }, {"name": "obs-mcp", "protocol": "mcp", "match": {"addresses": [mcp_addr]}},
+               {"name": "obs-a2a", "protocol": "a2a", "match": {"addresses": [a2a_addr]}}],
             "mcp": {"tools": [{"name": "obs-no-delete", "deny": ["delete_*"]}]},
             "agents": [
                 {"name": ALPHA, "match": {"cgroup": gw.g.rel()}},
@@ -160,6 +173,8 @@ fn o1_every_dashboard_query_returns_data() -> Result<()> {
             let calls = [("get_weather", json!({"city": "Oslo"})), ("delete_file", json!({"path": "/tmp/obs"}))];
             let out = crate::mcp::client(g, &url, "auto", &calls, None)?;
             ensure!(out["calls"][0]["ok"] == true && out["calls"][1]["ok"] == false, "{agent} MCP calls: {out}");
+            let v = crate::a2a::orchestrate(g, None, &format!("http://{a2a_addr}"), "Book a table for two", &[])?;
+            ensure!(v["ok"] == true && v["card_name"] == A2A_CALLEE, "{agent} A2A call: {v}");
         }
         // Every call of the round is in tollgate's metrics, and Prometheus scraped them.
         for agent in [ALPHA, BETA] {
@@ -169,6 +184,7 @@ fn o1_every_dashboard_query_returns_data() -> Result<()> {
             wait_metric(&t, "tollgate_ratelimit_rejections_total", &[("agent", agent)], n)?;
             wait_metric(&t, "tollgate_guardrail_verdicts_total", &[("agent", agent), ("action", "redact")], n)?;
             wait_metric(&t, "tollgate_mcp_tool_calls_total", &[("agent", agent)], 2.0 * n)?;
+            wait_metric(&t, "tollgate_a2a_hops_total", &[("source", agent), ("target", A2A_CALLEE)], n)?;
         }
         wait_synced(&t, &prom)?;
     }
