@@ -18,6 +18,8 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::governance::AccessMatch;
+
 /// Root of the `a2a` section.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -35,26 +37,13 @@ pub struct A2aRuleConfig {
     pub name: String,
     /// Whom the rule covers (all conditions must hold; empty: every agent).
     #[serde(default, rename = "match")]
-    pub subjects: A2aMatch,
+    pub subjects: AccessMatch,
     /// When a list is non-empty, hops outside it are denied.
     #[serde(default)]
     pub allow: A2aLists,
     /// Hops matching any entry are denied.
     #[serde(default)]
     pub deny: A2aLists,
-}
-
-/// Which calling agents a rule covers: agent name glob, group name glob (any of the agent's
-/// `agent_groups`), Kubernetes namespace glob (agents outside Kubernetes never match).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields, default)]
-pub struct A2aMatch {
-    /// Agent name glob.
-    pub agent: Option<String>,
-    /// Group name glob.
-    pub group: Option<String>,
-    /// Namespace glob.
-    pub namespace: Option<String>,
 }
 
 /// Glob lists over what a hop reaches.

@@ -45,7 +45,7 @@ pub struct AccessRuleConfig {
 }
 
 /// Who an access rule covers: agent name glob, group name, Kubernetes namespace glob.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct AccessMatch {
     /// Agent name glob.

@@ -7,12 +7,15 @@
 //! that are never held across an `.await`. Time comes from a [`Clock`] so circuits, decaying
 //! averages and budget windows can be tested by moving a [`ManualClock`] instead of sleeping.
 
+pub mod a2a_hops;
 mod balance;
 mod budget;
 pub mod chain;
 mod circuit;
 pub mod guards;
 pub mod limits;
+pub mod mcp_tools;
+pub mod subjects;
 
 pub use balance::{Balancer, InFlight, Outcome, Plan, PlanIntoIter, PlanIter, TargetStatus};
 pub use budget::RetryBudget;

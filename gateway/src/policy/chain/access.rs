@@ -9,29 +9,15 @@ use http::StatusCode;
 
 use super::{Deny, HookFuture, Policy, PolicyCtx};
 use crate::config::governance::{AccessLists, AccessRuleConfig, AgentGroupConfig};
+use crate::policy::subjects::{globs, GlobError, Subjects};
 use crate::protocol::errors::ErrorClass;
 
 /// Why access rules or groups could not be compiled (validation reports the same with a line).
 #[derive(Debug, thiserror::Error)]
 pub enum AccessError {
     /// A glob does not compile.
-    #[error("{field}: bad glob {pattern:?}: {message}")]
-    Glob {
-        /// Field path.
-        field: String,
-        /// The pattern.
-        pattern: String,
-        /// Parser message.
-        message: String,
-    },
-}
-
-fn compile(field: impl Fn() -> String, p: &str) -> Result<Pattern, AccessError> {
-    Pattern::new(p).map_err(|e| AccessError::Glob { field: field(), pattern: p.to_string(), message: e.to_string() })
-}
-
-fn compile_all(field: &str, list: &[String]) -> Result<Vec<Pattern>, AccessError> {
-    list.iter().enumerate().map(|(i, p)| compile(|| format!("{field}[{i}]"), p)).collect()
+    #[error(transparent)]
+    Glob(#[from] GlobError),
 }
 
 /// Agent groups compiled: which groups an agent name belongs to.
@@ -48,7 +34,7 @@ impl Groups {
         let groups = cfg
             .iter()
             .enumerate()
-            .map(|(i, g)| Ok((g.name.clone(), compile_all(&format!("agent_groups[{i}].members"), &g.members)?)))
+            .map(|(i, g)| Ok((g.name.clone(), globs(&format!("agent_groups[{i}].members"), &g.members)?)))
             .collect::<Result<_, AccessError>>()?;
         Ok(Groups { groups, none: Arc::from(Vec::new()) })
     }
@@ -71,9 +57,9 @@ struct Lists {
 impl Lists {
     fn new(at: &str, l: &AccessLists) -> Result<Self, AccessError> {
         Ok(Lists {
-            providers: compile_all(&format!("{at}.providers"), &l.providers)?,
-            models: compile_all(&format!("{at}.models"), &l.models)?,
-            routes: compile_all(&format!("{at}.routes"), &l.routes)?,
+            providers: globs(&format!("{at}.providers"), &l.providers)?,
+            models: globs(&format!("{at}.models"), &l.models)?,
+            routes: globs(&format!("{at}.routes"), &l.routes)?,
         })
     }
 
@@ -89,18 +75,14 @@ impl Lists {
 
 struct Rule {
     name: String,
-    agent: Option<Pattern>,
-    group: Option<Pattern>,
-    namespace: Option<Pattern>,
+    subjects: Subjects,
     allow: Lists,
     deny: Lists,
 }
 
 impl Rule {
     fn covers(&self, ctx: &PolicyCtx<'_>) -> bool {
-        self.agent.as_ref().is_none_or(|p| p.matches(&ctx.agent.name))
-            && self.group.as_ref().is_none_or(|p| ctx.groups.iter().any(|g| p.matches(g)))
-            && self.namespace.as_ref().is_none_or(|p| ctx.namespace().is_some_and(|n| p.matches(n)))
+        self.subjects.covers(ctx.agent, ctx.groups)
     }
 
     /// Why this rule refuses the call, if it does: deny entries first, then allow lists.
@@ -134,14 +116,9 @@ impl AccessPolicy {
         let mut rules = Vec::with_capacity(cfg.len());
         for (i, r) in cfg.iter().enumerate() {
             let at = format!("access[{i}]");
-            let opt = |f: &str, v: &Option<String>| {
-                v.as_deref().map(|p| compile(|| format!("{at}.match.{f}"), p)).transpose()
-            };
             rules.push(Rule {
                 name: r.name.clone(),
-                agent: opt("agent", &r.subjects.agent)?,
-                group: opt("group", &r.subjects.group)?,
-                namespace: opt("namespace", &r.subjects.namespace)?,
+                subjects: Subjects::compile(&at, &r.subjects)?,
                 allow: Lists::new(&format!("{at}.allow"), &r.allow)?,
                 deny: Lists::new(&format!("{at}.deny"), &r.deny)?,
             });

@@ -37,6 +37,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use crate::capture::Agent;
 use crate::config::Config;
+use crate::policy::a2a_hops::A2aPolicy;
+use crate::policy::mcp_tools::ToolRules;
 use crate::protocol::errors::ErrorClass;
 use crate::protocol::llm::api::Api;
 use crate::protocol::llm::translate::StreamTranslator;
@@ -68,6 +70,12 @@ pub enum PolicyError {
     /// Webhook guardrails.
     #[error(transparent)]
     Webhook(#[from] WebhookPolicyError),
+    /// MCP tool rules.
+    #[error(transparent)]
+    McpTools(#[from] crate::policy::mcp_tools::ToolRuleError),
+    /// A2A hop rules.
+    #[error(transparent)]
+    A2aHops(#[from] crate::policy::a2a_hops::A2aPolicyError),
 }
 
 /// A refusal: what the agent gets (status, error class and code in its API shape, extra
@@ -122,7 +130,7 @@ impl PolicyCtx<'_> {
 
     /// The agent's Kubernetes namespace, when known.
     pub fn namespace(&self) -> Option<&str> {
-        self.agent.k8s.as_ref().and_then(|k| k.pod.as_ref()).map(|p| p.namespace.as_str())
+        crate::policy::subjects::namespace(self.agent)
     }
 }
 
@@ -184,6 +192,10 @@ pub struct Policies {
     chain: Vec<Box<dyn Policy>>,
     groups: Groups,
     limiter: Option<crate::policy::limits::Limiter>,
+    /// `mcp.tools`, for the MCP handler (its calls are JSON-RPC, not LLM calls).
+    mcp_tools: Arc<ToolRules>,
+    /// `a2a.rules`, for the A2A handler.
+    a2a_rules: A2aPolicy,
 }
 
 impl Policies {
@@ -210,7 +222,19 @@ impl Policies {
             limiter = Some(p.limiter().clone());
             chain.push(Box::new(p));
         }
-        Ok(Policies { chain, groups, limiter })
+        let mcp_tools = Arc::new(ToolRules::new(&config.mcp)?);
+        let a2a_rules = A2aPolicy::new(&config.a2a.rules)?;
+        Ok(Policies { chain, groups, limiter, mcp_tools, a2a_rules })
+    }
+
+    /// The generation's MCP tool rules (shared with the `tools/list` filters of its streams).
+    pub fn mcp_tools(&self) -> &Arc<ToolRules> {
+        &self.mcp_tools
+    }
+
+    /// The generation's A2A hop rules.
+    pub fn a2a_rules(&self) -> &A2aPolicy {
+        &self.a2a_rules
     }
 
     /// No policy configured: the request path skips the chain.

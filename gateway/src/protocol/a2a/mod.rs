@@ -12,7 +12,6 @@
 //!   for the task id and final state; one [`A2aHop`] is reported when it ends.
 //! * Everything else is proxied transparently.
 
-pub mod policy;
 pub mod rpc;
 
 use std::collections::HashMap;
@@ -32,6 +31,7 @@ use parking_lot::RwLock;
 use super::http::{forward, prepare, prepare_uri, send, BoxError, L7Context, ProxyBody};
 use super::llm::read_request_body;
 use super::llm::Reporter;
+use crate::policy::a2a_hops::{Denial, Hop};
 use crate::telemetry::a2a::A2aHop;
 use crate::telemetry::SpanIds;
 use rpc::{CardInfo, ResponseReader, RpcRequest};
@@ -209,9 +209,9 @@ async fn hop(ctx: &L7Context, req: Request<Incoming>) -> Response<ProxyBody> {
     h.skill = rpc.skill.clone();
     h.task_id = rpc.task_id.clone();
 
-    let rules = policy::for_config(&ctx.config);
+    let rules = ctx.policies.a2a_rules();
     if !rules.is_empty() {
-        let check = policy::Hop {
+        let check = Hop {
             agent: &ctx.agent,
             groups: &ctx.groups,
             target: &h.target,
@@ -291,7 +291,7 @@ fn new_hop(ctx: &L7Context, parts: &http::request::Parts) -> A2aHop {
 }
 
 /// Refuse a hop: a JSON-RPC error with the caller's id, reported with the rule.
-fn deny(ctx: &L7Context, mut h: Box<A2aHop>, t0: Instant, rpc: &RpcRequest, d: policy::Denial) -> Response<ProxyBody> {
+fn deny(ctx: &L7Context, mut h: Box<A2aHop>, t0: Instant, rpc: &RpcRequest, d: Denial) -> Response<ProxyBody> {
     let message = format!("tollgate: a2a hop to {:?} denied: {}", &*h.target, d.message);
     let body = serde_json::json!({
         "jsonrpc": "2.0",

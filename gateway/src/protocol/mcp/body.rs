@@ -17,8 +17,8 @@ use tokio::sync::mpsc;
 
 use super::jsonrpc::{self, ResponseFacts};
 use super::legacy::LegacyStream;
-use super::policy::ToolRules;
 use crate::capture::Agent;
+use crate::policy::mcp_tools::ToolRules;
 use crate::protocol::http::BoxError;
 use crate::protocol::llm::sse::{SseEvent, SseParser};
 use crate::protocol::llm::Reporter;

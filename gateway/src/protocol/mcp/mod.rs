@@ -13,7 +13,6 @@
 pub mod body;
 pub mod jsonrpc;
 pub mod legacy;
-pub mod policy;
 pub mod session;
 
 use std::time::Instant;
@@ -115,7 +114,7 @@ async fn pass_through(ctx: &L7Context, req: Request<Incoming>) -> Response<Proxy
     let (rparts, rbody) = resp.into_parts();
     match rbody {
         ProxyBody::Upstream(inc) if sse => {
-            let rules = policy::rules_for(&ctx.config);
+            let rules = ctx.policies.mcp_tools().clone();
             let mut inject = None;
             if http_method == "GET" && rules.covers(&ctx.agent, &ctx.groups) {
                 // Possibly a legacy HTTP+SSE stream: it registers under the session its
@@ -167,7 +166,7 @@ async fn post(ctx: &L7Context, req: Request<Incoming>) -> Response<ProxyBody> {
             return send_on(ctx, parts, bytes, exchange(ctx, Vec::new(), t0, None)).await;
         }
     };
-    let rules = policy::rules_for(&ctx.config);
+    let rules = ctx.policies.mcp_tools().clone();
     let governed = rules.covers(&ctx.agent, &ctx.groups);
     let mut calls = Vec::with_capacity(msgs.len());
     let mut denied = false;

@@ -1,37 +1,19 @@
 //! Hop authorization (`a2a.rules`, config [`crate::config::a2a`]): which calling agent may
-//! reach which callee and skill. Rules are compiled once per config generation and shared by
-//! every connection of that generation; decisions need no I/O.
-
-use std::sync::{Arc, Weak};
+//! reach which callee and skill. Rules are compiled with the config generation's policies
+//! ([`crate::policy::chain::Policies`]) and shared by its connections; decisions need no I/O.
 
 use glob::Pattern;
-use parking_lot::Mutex;
 
 use crate::capture::Agent;
 use crate::config::a2a::{A2aLists, A2aRuleConfig};
-use crate::config::Config;
+use crate::policy::subjects::{globs, GlobError, Subjects};
 
 /// Why rules could not be compiled (load-time validation reports the same with a line).
 #[derive(Debug, thiserror::Error)]
 pub enum A2aPolicyError {
     /// A glob does not compile.
-    #[error("{field}: bad glob {pattern:?}: {message}")]
-    Glob {
-        /// Field path.
-        field: String,
-        /// The pattern.
-        pattern: String,
-        /// Parser message.
-        message: String,
-    },
-}
-
-fn compile(field: String, p: &str) -> Result<Pattern, A2aPolicyError> {
-    Pattern::new(p).map_err(|e| A2aPolicyError::Glob { field, pattern: p.to_string(), message: e.to_string() })
-}
-
-fn compile_all(field: &str, list: &[String]) -> Result<Vec<Pattern>, A2aPolicyError> {
-    list.iter().enumerate().map(|(i, p)| compile(format!("{field}[{i}]"), p)).collect()
+    #[error(transparent)]
+    Glob(#[from] GlobError),
 }
 
 struct Lists {
@@ -42,17 +24,15 @@ struct Lists {
 impl Lists {
     fn new(at: &str, l: &A2aLists) -> Result<Self, A2aPolicyError> {
         Ok(Lists {
-            targets: compile_all(&format!("{at}.targets"), &l.targets)?,
-            skills: compile_all(&format!("{at}.skills"), &l.skills)?,
+            targets: globs(&format!("{at}.targets"), &l.targets)?,
+            skills: globs(&format!("{at}.skills"), &l.skills)?,
         })
     }
 }
 
 struct Rule {
     name: String,
-    agent: Option<Pattern>,
-    group: Option<Pattern>,
-    namespace: Option<Pattern>,
+    subjects: Subjects,
     allow: Lists,
     deny: Lists,
 }
@@ -82,10 +62,7 @@ pub struct Denial {
 
 impl Rule {
     fn covers(&self, h: &Hop<'_>) -> bool {
-        let ns = h.agent.k8s.as_ref().and_then(|k| k.pod.as_ref()).map(|p| p.namespace.as_str());
-        self.agent.as_ref().is_none_or(|p| p.matches(&h.agent.name))
-            && self.group.as_ref().is_none_or(|p| h.groups.iter().any(|g| p.matches(g)))
-            && self.namespace.as_ref().is_none_or(|p| ns.is_some_and(|n| p.matches(n)))
+        self.subjects.covers(h.agent, h.groups)
     }
 
     fn refusal(&self, h: &Hop<'_>) -> Option<String> {
@@ -109,6 +86,7 @@ impl Rule {
 }
 
 /// The compiled `a2a.rules`: every covering rule must let the hop through.
+#[derive(Default)]
 pub struct A2aPolicy {
     rules: Vec<Rule>,
 }
@@ -119,13 +97,9 @@ impl A2aPolicy {
         let mut rules = Vec::with_capacity(cfg.len());
         for (i, r) in cfg.iter().enumerate() {
             let at = format!("a2a.rules[{i}]");
-            let opt =
-                |f: &str, v: &Option<String>| v.as_deref().map(|p| compile(format!("{at}.match.{f}"), p)).transpose();
             rules.push(Rule {
                 name: r.name.clone(),
-                agent: opt("agent", &r.subjects.agent)?,
-                group: opt("group", &r.subjects.group)?,
-                namespace: opt("namespace", &r.subjects.namespace)?,
+                subjects: Subjects::compile(&at, &r.subjects)?,
                 allow: Lists::new(&format!("{at}.allow"), &r.allow)?,
                 deny: Lists::new(&format!("{at}.deny"), &r.deny)?,
             });
@@ -147,31 +121,6 @@ impl A2aPolicy {
         }
         Ok(())
     }
-}
-
-/// Compiled rules of the config generations in use. Connections carry their generation's
-/// `Arc<Config>`; rules are compiled once per generation (a reload brings a new one while old
-/// connections still hold theirs), so a hop costs a short scan of pointer comparisons.
-static GENERATIONS: Mutex<Vec<(Weak<Config>, Arc<A2aPolicy>)>> = Mutex::new(Vec::new());
-
-/// The rules of `config` (compiled on first use per generation). A config that fails to
-/// compile (validation prevents it) yields no rules, logged.
-pub fn for_config(config: &Arc<Config>) -> Arc<A2aPolicy> {
-    let mut gens = GENERATIONS.lock();
-    if let Some((_, p)) = gens.iter().find(|(w, _)| std::ptr::eq(w.as_ptr(), Arc::as_ptr(config))) {
-        return p.clone();
-    }
-    // Generations no connection holds any more are dropped (their pointer may be reused).
-    gens.retain(|(w, _)| w.strong_count() > 0);
-    let p = match A2aPolicy::new(&config.a2a.rules) {
-        Ok(p) => Arc::new(p),
-        Err(e) => {
-            tracing::error!(error = %e, "a2a rules not compiled; hops are not authorized");
-            Arc::new(A2aPolicy { rules: Vec::new() })
-        }
-    };
-    gens.push((Arc::downgrade(config), p.clone()));
-    p
 }
 
 #[cfg(test)]
@@ -205,20 +154,6 @@ mod tests {
         // Skill lists do not apply to task queries.
         let q = Hop { is_message: false, ..hop(&orch, "booking-agent", None) };
         assert!(p.check(&q).is_ok());
-    }
-
-    #[test]
-    fn rules_follow_the_connection_generation() {
-        let mut c = Config::default();
-        let old = Arc::new(c.clone());
-        c.a2a = serde_yaml_ng::from_str("rules: [{name: r, deny: {targets: ['*']}}]").expect("yaml");
-        let new = Arc::new(c);
-        let a = Agent::unknown("a");
-        for _ in 0..2 {
-            assert!(for_config(&old).check(&hop(&a, "t", None)).is_ok());
-            assert!(for_config(&new).check(&hop(&a, "t", None)).is_err());
-        }
-        assert!(Arc::ptr_eq(&for_config(&new), &for_config(&new)));
     }
 
     #[test]

@@ -1,46 +1,31 @@
 //! Tool governance (`mcp.tools` rules): which tools an agent may call and see. Rules are
-//! compiled once per config generation and cached by the config's identity, so a request
-//! costs one pointer comparison before matching.
-
-use std::sync::{Arc, OnceLock};
+//! compiled with the config generation's policies ([`crate::policy::chain::Policies`]) and
+//! shared by its connections.
 
 use glob::Pattern;
-use parking_lot::Mutex;
 
 use crate::capture::Agent;
 use crate::config::mcp::McpConfig;
-use crate::config::Config;
+use crate::policy::subjects::{globs, GlobError, Subjects};
 
 /// Why tool rules could not be compiled (validation reports the same with a line).
 #[derive(Debug, thiserror::Error)]
 pub enum ToolRuleError {
     /// A glob does not compile.
-    #[error("mcp.tools[{rule}]: bad glob {pattern:?}: {message}")]
-    Glob {
-        /// Rule index.
-        rule: usize,
-        /// The pattern.
-        pattern: String,
-        /// Parser message.
-        message: String,
-    },
+    #[error(transparent)]
+    Glob(#[from] GlobError),
 }
 
 struct Rule {
     name: String,
-    agent: Option<Pattern>,
-    group: Option<Pattern>,
-    namespace: Option<Pattern>,
+    subjects: Subjects,
     allow: Vec<Pattern>,
     deny: Vec<Pattern>,
 }
 
 impl Rule {
     fn covers(&self, agent: &Agent, groups: &[String]) -> bool {
-        let ns = agent.k8s.as_ref().and_then(|k| k.pod.as_ref()).map(|p| p.namespace.as_str());
-        self.agent.as_ref().is_none_or(|p| p.matches(&agent.name))
-            && self.group.as_ref().is_none_or(|p| groups.iter().any(|g| p.matches(g)))
-            && self.namespace.as_ref().is_none_or(|p| ns.is_some_and(|n| p.matches(n)))
+        self.subjects.covers(agent, groups)
     }
 
     /// Deny entries first, then a non-empty allow list.
@@ -61,17 +46,12 @@ impl ToolRules {
     pub fn new(cfg: &McpConfig) -> Result<Self, ToolRuleError> {
         let mut rules = Vec::with_capacity(cfg.tools.len());
         for (i, r) in cfg.tools.iter().enumerate() {
-            let compile = |p: &str| {
-                Pattern::new(p).map_err(|e| ToolRuleError::Glob { rule: i, pattern: p.into(), message: e.to_string() })
-            };
-            let opt = |v: &Option<String>| v.as_deref().map(compile).transpose();
+            let at = format!("mcp.tools[{i}]");
             rules.push(Rule {
                 name: r.name.clone(),
-                agent: opt(&r.subjects.agent)?,
-                group: opt(&r.subjects.group)?,
-                namespace: opt(&r.subjects.namespace)?,
-                allow: r.allow.iter().map(|p| compile(p)).collect::<Result<_, _>>()?,
-                deny: r.deny.iter().map(|p| compile(p)).collect::<Result<_, _>>()?,
+                subjects: Subjects::compile(&at, &r.subjects)?,
+                allow: globs(&format!("{at}.allow"), &r.allow)?,
+                deny: globs(&format!("{at}.deny"), &r.deny)?,
             });
         }
         Ok(ToolRules { rules })
@@ -86,39 +66,6 @@ impl ToolRules {
     pub fn refusal(&self, agent: &Agent, groups: &[String], tool: &str) -> Option<&str> {
         self.rules.iter().find(|r| r.covers(agent, groups) && r.refuses(tool)).map(|r| r.name.as_str())
     }
-}
-
-/// The compiled rules of `config` (compiled on first use per generation).
-pub fn rules_for(config: &Arc<Config>) -> Arc<ToolRules> {
-    static EMPTY: OnceLock<Arc<ToolRules>> = OnceLock::new();
-    static CACHE: Mutex<Option<(Arc<Config>, Arc<ToolRules>)>> = Mutex::new(None);
-    if config.mcp.tools.is_empty() {
-        return EMPTY.get_or_init(Default::default).clone();
-    }
-    let mut cache = CACHE.lock();
-    if let Some((c, r)) = cache.as_ref() {
-        if Arc::ptr_eq(c, config) {
-            return r.clone();
-        }
-    }
-    let rules = match ToolRules::new(&config.mcp) {
-        Ok(r) => Arc::new(r),
-        Err(e) => {
-            // Validated at load; should this ever fail, refuse every tool rather than none.
-            tracing::error!(error = %e, "mcp tool rules do not compile: every tool refused");
-            let deny_all = McpConfig {
-                tools: vec![crate::config::mcp::McpToolRule {
-                    name: "invalid-config".into(),
-                    subjects: Default::default(),
-                    allow: Vec::new(),
-                    deny: vec!["*".into()],
-                }],
-            };
-            Arc::new(ToolRules::new(&deny_all).unwrap_or_default())
-        }
-    };
-    *cache = Some((config.clone(), rules.clone()));
-    rules
 }
 
 #[cfg(test)]
