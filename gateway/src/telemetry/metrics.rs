@@ -274,9 +274,9 @@ impl Metrics {
         let attempts = IntCounterVec::new(
             Opts::new(
                 "tollgate_upstream_attempts_total",
-                "Gateway attempts by route, target provider and outcome (ok, connect, timeout, rate_limited, server_error)",
+                "Gateway attempts by calling agent, route, target provider and outcome (ok, connect, timeout, rate_limited, server_error)",
             ),
-            &["route", "target", "outcome"],
+            &["agent", "route", "target", "outcome"],
         )?;
         let estimated_tokens = IntCounterVec::new(
             Opts::new(
@@ -354,10 +354,11 @@ impl Metrics {
         self.gatherer.clone()
     }
 
-    /// One gateway attempt ended with `outcome`. Route and target names come from config, so
-    /// their cardinality is bounded by it.
-    pub fn upstream_attempt(&self, route: &str, target: &str, outcome: &str) {
-        self.attempts.with_label_values(&[route, target, outcome]).inc();
+    /// One gateway attempt of `agent` (its bounded label, see [`Metrics::agent_label`]) ended
+    /// with `outcome`. Route and target names come from config, so their cardinality is bounded
+    /// by it.
+    pub fn upstream_attempt(&self, agent: &str, route: &str, target: &str, outcome: &str) {
+        self.attempts.with_label_values(&[agent, route, target, outcome]).inc();
     }
 
     /// Export the kernel counters through `source` from now on.

@@ -167,7 +167,7 @@ fn dashboards_query_only_emitted_metrics() {
     };
     let m = Metrics::with_pricing(8, PriceTable::new(&[any]).unwrap()).unwrap();
     m.llm_call(&call("a", "m"));
-    m.upstream_attempt("r", "t", "ok");
+    m.upstream_attempt("a", "r", "t", "ok");
     m.set_circuit_source(Box::new(|| vec![("r".into(), "t".into(), 0)]));
     m.connection(None, ConnKind::Spliced);
     m.l4_done(&L4Conn {

@@ -140,7 +140,7 @@ pub(crate) async fn dispatch(
                 if fo.on.contains(&FailoverOn::Timeout) {
                     rt.balancer.record(idx, Outcome::Failure);
                 }
-                ctx.reporter.telemetry().metrics.upstream_attempt(&rt.name, &prov.name, "timeout");
+                attempts_metric(ctx, &rt.name, &prov.name, "timeout");
                 last = Some((format!("{}: no response headers within {limit:?}", prov.name), true));
                 if fo.on.contains(&FailoverOn::Timeout) {
                     continue;
@@ -152,7 +152,7 @@ pub(crate) async fn dispatch(
                 last = Some((format!("{}: {e}", prov.name), timeout));
                 let class = if timeout { FailoverOn::Timeout } else { FailoverOn::Connect };
                 let outcome = if timeout { "timeout" } else { "connect" };
-                ctx.reporter.telemetry().metrics.upstream_attempt(&rt.name, &prov.name, outcome);
+                attempts_metric(ctx, &rt.name, &prov.name, outcome);
                 if fo.on.contains(&class) {
                     rt.balancer.record(idx, Outcome::Failure);
                     continue;
@@ -168,7 +168,7 @@ pub(crate) async fn dispatch(
             Some(_) => "server_error",
             None => "ok",
         };
-        ctx.reporter.telemetry().metrics.upstream_attempt(&rt.name, &prov.name, outcome);
+        attempts_metric(ctx, &rt.name, &prov.name, outcome);
         match class {
             Some(class) => {
                 last = Some((format!("{}: HTTP {}", prov.name, resp.status()), false));
@@ -197,6 +197,12 @@ pub(crate) async fn dispatch(
         ProtocolError::Exhausted { route: rt.name.to_string(), attempts, last, timeout }
     };
     report_failure(ctx, shape, call, t0, e)
+}
+
+/// Count one gateway attempt under the calling agent's bounded label.
+fn attempts_metric(ctx: &L7Context, route: &str, target: &str, outcome: &str) {
+    let m = &ctx.reporter.telemetry().metrics;
+    m.upstream_attempt(&m.agent_label(&ctx.agent.name), route, target, outcome);
 }
 
 /// What one attempt holds until its response ends.
