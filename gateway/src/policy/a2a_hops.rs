@@ -43,8 +43,10 @@ pub struct Hop<'a> {
     pub agent: &'a Agent,
     /// The agent's groups.
     pub groups: &'a [String],
-    /// Callee name (card name or route).
+    /// Callee name (card name, else the route name).
     pub target: &'a str,
+    /// The route's name (rules match it too: the card may not have been seen).
+    pub route: &'a str,
     /// The skill a message names; `None` for other methods or when it names none.
     pub skill: Option<&'a str>,
     /// Whether the hop sends a message (skill lists apply only then).
@@ -66,22 +68,31 @@ impl Rule {
     }
 
     fn refusal(&self, h: &Hop<'_>) -> Option<String> {
-        let skill = if h.is_message { Some(h.skill.unwrap_or("")) } else { None };
-        let dims = |l: &'_ Lists| [("target", l.targets.len(), Some(h.target)), ("skill", l.skills.len(), skill)];
-        for ((dim, _, value), pats) in dims(&self.deny).into_iter().zip([&self.deny.targets, &self.deny.skills]) {
-            if let Some(v) = value.filter(|v| !v.is_empty()) {
-                if let Some(p) = pats.iter().find(|p| p.matches(v)) {
-                    return Some(format!("{dim} {v:?} is denied by a2a rule {:?} ({})", self.name, p.as_str()));
-                }
+        // The callee answers to its card name and to the route's name: a deny on either
+        // refuses and an allow on either admits, so a rule holds whether or not this node has
+        // seen the card.
+        let names = [h.target, h.route];
+        let skill = h.is_message.then(|| h.skill.unwrap_or(""));
+        for n in names {
+            if let Some(p) = self.deny.targets.iter().find(|p| p.matches(n)) {
+                return Some(format!("target {n:?} is denied by a2a rule {:?} ({})", self.name, p.as_str()));
             }
         }
-        for ((dim, n, value), pats) in dims(&self.allow).into_iter().zip([&self.allow.targets, &self.allow.skills]) {
-            let Some(v) = value else { continue };
-            if n > 0 && !pats.iter().any(|p| p.matches(v)) {
-                return Some(format!("{dim} {v:?} is not allowed by a2a rule {:?}", self.name));
+        if let Some(s) = skill.filter(|s| !s.is_empty()) {
+            if let Some(p) = self.deny.skills.iter().find(|p| p.matches(s)) {
+                return Some(format!("skill {s:?} is denied by a2a rule {:?} ({})", self.name, p.as_str()));
             }
         }
-        None
+        let allowed = |pats: &[Pattern], v: &str| pats.iter().any(|p| p.matches(v));
+        if !self.allow.targets.is_empty() && !names.iter().any(|n| allowed(&self.allow.targets, n)) {
+            return Some(format!("target {:?} is not allowed by a2a rule {:?}", h.target, self.name));
+        }
+        match skill {
+            Some(s) if !self.allow.skills.is_empty() && !allowed(&self.allow.skills, s) => {
+                Some(format!("skill {s:?} is not allowed by a2a rule {:?}", self.name))
+            }
+            _ => None,
+        }
     }
 }
 
@@ -133,7 +144,7 @@ mod tests {
     }
 
     fn hop<'a>(agent: &'a Agent, target: &'a str, skill: Option<&'a str>) -> Hop<'a> {
-        Hop { agent, groups: &[], target, skill, is_message: true }
+        Hop { agent, groups: &[], target, route: "r", skill, is_message: true }
     }
 
     #[test]
@@ -154,6 +165,21 @@ mod tests {
         // Skill lists do not apply to task queries.
         let q = Hop { is_message: false, ..hop(&orch, "booking-agent", None) };
         assert!(p.check(&q).is_ok());
+    }
+
+    #[test]
+    fn rules_match_the_card_name_or_the_route() {
+        let p = policy("rules:\n- {name: no-pay, deny: {targets: [payments-agent, payments]}}\n- {name: only-book, allow: {targets: [booking]}}\n");
+        let a = Agent::unknown("a");
+        // Card not seen on this node: the callee is the route name, still allowed and denied.
+        let cold = Hop { route: "booking", ..hop(&a, "booking", None) };
+        assert!(p.check(&cold).is_ok());
+        let warm = Hop { route: "booking", ..hop(&a, "booking-agent", None) };
+        assert!(p.check(&warm).is_ok(), "allowed by its route name");
+        let pay = Hop { route: "payments", ..hop(&a, "payments", None) };
+        assert_eq!(p.check(&pay).unwrap_err().rule, "no-pay");
+        let pay_card = Hop { route: "booking", ..hop(&a, "payments-agent", None) };
+        assert_eq!(p.check(&pay_card).unwrap_err().rule, "no-pay", "a denied card name refuses on any route");
     }
 
     #[test]

@@ -63,6 +63,10 @@ pub enum ProtocolError {
     /// The per-call deadline passed before response headers.
     #[error("no response within the request deadline of {0:?}")]
     Deadline(Duration),
+    /// A provider response that had to be read whole (to translate or check it) broke off or
+    /// exceeded `limits.max_inspect_bytes`.
+    #[error("provider response unreadable or too large: {0}")]
+    UpstreamBody(String),
 }
 
 impl ProtocolError {
@@ -80,7 +84,7 @@ impl ProtocolError {
             ProtocolError::NoModel(_) => StatusCode::BAD_REQUEST,
             ProtocolError::NotFound(_) => StatusCode::NOT_FOUND,
             ProtocolError::Exhausted { timeout: true, .. } | ProtocolError::Deadline(_) => StatusCode::GATEWAY_TIMEOUT,
-            ProtocolError::Exhausted { .. } => StatusCode::BAD_GATEWAY,
+            ProtocolError::Exhausted { .. } | ProtocolError::UpstreamBody(_) => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -101,6 +105,7 @@ impl ProtocolError {
             ProtocolError::Exhausted { timeout: true, .. } => (ErrorClass::Timeout, "upstream_timeout"),
             ProtocolError::Exhausted { .. } => (ErrorClass::Upstream, "all_targets_failed"),
             ProtocolError::Deadline(_) => (ErrorClass::Timeout, "request_deadline"),
+            ProtocolError::UpstreamBody(_) => (ErrorClass::Upstream, "upstream_response_unreadable"),
         }
     }
 

@@ -167,6 +167,29 @@ fn mcp_a_tool_rules_per_agent_with_the_real_sdk() -> Result<()> {
     let b2 = client(&gb, &url, "auto", &[("add", json!({"a": 2, "b": 40}))], None)?;
     ensure!(b2["calls"][0]["result"] == "42", "B's add (auto): {b2}");
 
+    // A body tollgate's parser refuses but a lenient server would read (a duplicate key, the
+    // last of which Python's json keeps: `delete_file`) is refused for a governed agent, not
+    // passed through unchecked.
+    let smuggled = r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"get_weather","name":"delete_file","arguments":{"path":"/tmp/smuggled"}}}"#;
+    let r = tollgate_e2e::client::curl(
+        Some(&ga),
+        None,
+        &[
+            "-H",
+            "Content-Type: application/json",
+            "-H",
+            "Accept: application/json, text/event-stream",
+            "--data-binary",
+            smuggled,
+            &url,
+        ],
+    )?;
+    ensure!(
+        r.http_code == 400 && r.text().contains("-32700") && r.text().contains("tollgate: request is not JSON-RPC"),
+        "smuggled duplicate key: {}",
+        r.describe()
+    );
+
     // The server saw B's delete and never A's.
     let deletes = server.tool_calls("delete_file");
     ensure!(

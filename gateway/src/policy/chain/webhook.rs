@@ -83,7 +83,7 @@ impl WebhookPolicy {
                 }
             }
         }
-        if !self.output.is_empty() {
+        if !self.output.is_empty() && produces_text(ctx.api) {
             let sink = Arc::new(Mutex::new(Vec::new()));
             let check = OutputCheck {
                 guards: self.output.clone(),
@@ -108,6 +108,20 @@ impl Policy for WebhookPolicy {
     fn on_request<'a>(&'a self, ctx: &'a mut PolicyCtx<'_>) -> HookFuture<'a> {
         Box::pin(self.check(ctx))
     }
+}
+
+/// Operations whose responses carry model text for an output check (embeddings and token
+/// counts carry none: holding them would only cost time and memory).
+fn produces_text(api: Api) -> bool {
+    matches!(
+        api,
+        Api::OpenAiChat
+            | Api::OpenAiCompletions
+            | Api::OpenAiResponses
+            | Api::AnthropicMessages
+            | Api::GeminiGenerate
+            | Api::GeminiStreamGenerate
+    )
 }
 
 /// Owned copy of the template's subject (the output check outlives the request context).
@@ -191,7 +205,8 @@ fn outcome(
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 class: ErrorClass::Unavailable,
                 code: "guardrail_unavailable",
-                message: format!("guardrail {:?} could not check the {what}: {e}", &*g.name),
+                // The cause (addresses, TLS details) stays in the log and the span event.
+                message: format!("guardrail {:?} is unavailable and could not check the {what}", &*g.name),
                 headers: Vec::new(),
             };
             ("fail_closed", Some(e), Err(deny))
@@ -266,6 +281,9 @@ impl ResponseCheck for OutputCheck {
         Box::pin(async move {
             // Not JSON (an odd provider): nothing the webhook could read; passed as is.
             let Ok(v) = serde_json::from_slice::<Value>(body) else { return Ok(()) };
+            if !WebhookGuard::response_has_text(self.api, &v) {
+                return Ok(());
+            }
             for g in &self.guards {
                 let payload = g.render_response(&self.subject.view(), self.api, &v);
                 let answer = ask(&self.client, g, payload).await;

@@ -176,6 +176,13 @@ impl WebhookGuard {
         self.render_texts(subject, "output", &texts)
     }
 
+    /// Whether a complete response of `api` has any model text to check.
+    pub fn response_has_text(api: Api, body: &Value) -> bool {
+        let mut any = false;
+        walk::response(api, body, &mut |_, _, text| any |= !text.is_empty());
+        any
+    }
+
     fn render_texts(&self, s: &WebhookSubject<'_>, phase: &str, texts: &[(MessageRole, String)]) -> Vec<u8> {
         let value = |f: Field| -> Value {
             match f {

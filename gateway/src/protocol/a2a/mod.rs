@@ -186,7 +186,11 @@ fn remember_card(key: String, body: &[u8]) {
     tracing::debug!(destination = %key, card = %info.name, skills = info.skills.len(), "a2a agent card seen");
     let mut cards = CARDS.write();
     if cards.len() >= MAX_CARDS && !cards.contains_key(&key) {
-        cards.clear();
+        // Bounded: one arbitrary entry makes room (rules also match route names, so a
+        // forgotten card changes no decision).
+        if let Some(k) = cards.keys().next().cloned() {
+            cards.remove(&k);
+        }
     }
     cards.insert(key, Arc::new(info));
 }
@@ -215,8 +219,11 @@ async fn hop(ctx: &L7Context, req: Request<Incoming>) -> Response<ProxyBody> {
             agent: &ctx.agent,
             groups: &ctx.groups,
             target: &h.target,
+            route: &ctx.route,
             skill: rpc.skill.as_deref(),
-            is_message: rpc.is_message(),
+            // A body tollgate cannot read (or an unknown method) may still be a message to the
+            // callee's server: skill allow-lists refuse it rather than let it pass unchecked.
+            is_message: rpc.is_message() || matches!(rpc.method, "invalid" | "other"),
         };
         if let Err(d) = rules.check(&check) {
             return deny(ctx, h, t0, &rpc, d);

@@ -232,7 +232,7 @@ impl Held {
             Ok(c) => c.to_bytes(),
             Err(e) => {
                 hooks.finish(&mut call);
-                let e = ProtocolError::BadRequest(format!("provider response unreadable or too large to check: {e}"));
+                let e = ProtocolError::UpstreamBody(e.to_string());
                 return report_failure(ctx, shape, call, t0, e);
             }
         };

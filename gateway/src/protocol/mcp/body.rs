@@ -147,6 +147,10 @@ impl Exchange {
             let ids = self.list_ids();
             let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
             if facts.iter().any(|m| m.id.as_deref().is_some_and(|id| ids.contains(&id))) {
+                if let Some(l) = &self.legacy {
+                    // Answered: the stream stops waiting for these ids.
+                    l.list_ids.lock().retain(|x| !facts.iter().any(|m| m.id.as_deref() == Some(x.as_str())));
+                }
                 let allowed = |t: &str| f.allowed(t);
                 match jsonrpc::filter_tools_list(data, &ids, &allowed) {
                     Ok(Some((body, n))) => {
@@ -269,9 +273,15 @@ impl<B> McpBody<B> {
                 };
                 let mut out = Vec::with_capacity(data.len());
                 let mut last = 0;
+                let mut oversized = false;
                 parser.feed(&data, |end, ev| {
                     let rewritten = match ev {
                         SseEvent::Data(d) => ex.message(d),
+                        // An event too large to read cannot be filtered: refuse, never leak.
+                        SseEvent::Oversized => {
+                            oversized = true;
+                            None
+                        }
                         _ => None,
                     };
                     pending.extend_from_slice(&data[last..end]);
@@ -283,7 +293,7 @@ impl<B> McpBody<B> {
                     last = end;
                 });
                 pending.extend_from_slice(&data[last..]);
-                if pending.len() > *max {
+                if oversized || pending.len() > *max {
                     return Err(McpBodyError::TooLarge(*max));
                 }
                 Ok((!out.is_empty()).then(|| Bytes::from(out)))
@@ -331,7 +341,8 @@ impl<B> McpBody<B> {
 /// are kept in order, the `data` lines become one line (JSON has no raw newlines).
 fn rewrite_event(raw: &[u8], data: &[u8], out: &mut Vec<u8>) {
     let mut wrote = false;
-    for line in raw.split(|b| *b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l)) {
+    // Lines end in CRLF, LF or a lone CR (all valid SSE); the empty pieces are skipped.
+    for line in raw.split(|b| *b == b'\n' || *b == b'\r') {
         if line.is_empty() {
             continue;
         }

@@ -14,9 +14,13 @@ use tokio::sync::mpsc;
 
 /// Legacy streams tracked at most (a GET stream unregisters when it ends).
 const MAX_STREAMS: usize = 4096;
+/// Most `tools/list` ids a legacy stream waits for at once.
+pub(super) const MAX_PENDING_LISTS: usize = 256;
 
 /// One agent's open legacy GET stream, as the POSTs of its session see it.
 pub struct LegacyStream {
+    /// The agent that opened the stream: only its own POSTs may use it.
+    pub agent: Arc<str>,
     /// Ids (JSON text) of `tools/list` requests whose answers must be filtered on the stream.
     pub list_ids: Mutex<Vec<String>>,
     /// Events to write into the stream (tollgate's own answers).
@@ -25,9 +29,9 @@ pub struct LegacyStream {
 
 impl LegacyStream {
     /// A stream and the receiver its body polls for injected events.
-    pub fn new() -> (Arc<Self>, mpsc::UnboundedReceiver<Bytes>) {
+    pub fn new(agent: Arc<str>) -> (Arc<Self>, mpsc::UnboundedReceiver<Bytes>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Arc::new(LegacyStream { list_ids: Mutex::new(Vec::new()), inject: tx }), rx)
+        (Arc::new(LegacyStream { agent, list_ids: Mutex::new(Vec::new()), inject: tx }), rx)
     }
 
     /// Queue one JSON-RPC message as an SSE `message` event; false when the stream is gone.
@@ -49,16 +53,21 @@ fn table() -> &'static Mutex<HashMap<String, Arc<LegacyStream>>> {
 pub fn register(id: &str, s: Arc<LegacyStream>) {
     let mut t = table().lock();
     if t.len() >= MAX_STREAMS && !t.contains_key(id) {
-        if let Some(k) = t.keys().next().cloned() {
-            t.remove(&k);
+        // Streams whose body is gone first; only then an arbitrary live one.
+        t.retain(|_, s| !s.inject.is_closed());
+        if t.len() >= MAX_STREAMS {
+            if let Some(k) = t.keys().next().cloned() {
+                t.remove(&k);
+            }
         }
     }
     t.insert(id.to_string(), s);
 }
 
-/// The open stream of session `id`.
-pub fn lookup(id: &str) -> Option<Arc<LegacyStream>> {
-    table().lock().get(id).cloned()
+/// The open stream of session `id`, when `agent` opened it (a session id learnt by another
+/// agent gives no access to the stream).
+pub fn lookup(id: &str, agent: &str) -> Option<Arc<LegacyStream>> {
+    table().lock().get(id).filter(|s| &*s.agent == agent).cloned()
 }
 
 /// The stream of session `id` ended.
@@ -69,7 +78,11 @@ pub fn unregister(id: &str) {
 /// The session id in a query string (`session_id=` as the Python SDK names it, `sessionId=` as
 /// the TypeScript SDK does).
 pub fn session_of_query(q: &str) -> Option<&str> {
-    q.split('&').find_map(|kv| kv.strip_prefix("session_id=").or_else(|| kv.strip_prefix("sessionId=")))
+    let mut ids =
+        q.split('&').filter_map(|kv| kv.strip_prefix("session_id=").or_else(|| kv.strip_prefix("sessionId=")));
+    let first = ids.next()?;
+    // Servers disagree on which of repeated parameters wins: such a query names no stream.
+    ids.next().is_none().then_some(first)
 }
 
 /// The session id of an `endpoint` event's data (a path or URL with the session in its query).
@@ -93,16 +106,18 @@ mod tests {
         assert_eq!(session_of_endpoint(b"{\"jsonrpc\":\"2.0\"}"), None);
         assert_eq!(session_of_endpoint(b"/messages/"), None);
         assert_eq!(session_of_query("session_id=q"), Some("q"));
+        assert_eq!(session_of_query("session_id=bogus&session_id=q"), None, "ambiguous");
     }
 
     #[test]
     fn injected_events_reach_the_receiver_until_dropped() {
-        let (s, mut rx) = LegacyStream::new();
+        let (s, mut rx) = LegacyStream::new(Arc::from("agent-a"));
         register("leg-1", s.clone());
-        assert!(lookup("leg-1").is_some_and(|l| l.send_message(b"{}")));
+        assert!(lookup("leg-1", "agent-b").is_none(), "another agent's stream");
+        assert!(lookup("leg-1", "agent-a").is_some_and(|l| l.send_message(b"{}")));
         assert_eq!(rx.try_recv().ok().as_deref(), Some(&b"event: message\r\ndata: {}\r\n\r\n"[..]));
         unregister("leg-1");
-        assert!(lookup("leg-1").is_none());
+        assert!(lookup("leg-1", "agent-a").is_none());
         drop(rx);
         assert!(!s.send_message(b"{}"));
     }

@@ -96,6 +96,10 @@ async fn pass_through(ctx: &L7Context, req: Request<Incoming>) -> Response<Proxy
     fill(&mut call, &RequestFacts::default());
     let mut calls = vec![(call, false)];
     let mut parts = parts;
+    if http_method == "GET" {
+        // Identity encoding: a legacy stream's events are read (and may be filtered) here.
+        parts.headers.remove(ACCEPT_ENCODING);
+    }
     propagate(&calls, &mut parts.headers);
     let resp = forward(ctx, Request::from_parts(parts, body)).await;
     if http_method == "DELETE" && resp.status().is_success() {
@@ -119,10 +123,14 @@ async fn pass_through(ctx: &L7Context, req: Request<Incoming>) -> Response<Proxy
             if http_method == "GET" && rules.covers(&ctx.agent, &ctx.groups) {
                 // Possibly a legacy HTTP+SSE stream: it registers under the session its
                 // `endpoint` event names, so the session's POSTs can be governed on it.
-                let (stream, rx) = legacy::LegacyStream::new();
+                let (stream, rx) = legacy::LegacyStream::new(ctx.agent.name.clone());
                 ex.filter = Some(ToolFilter { rules, agent: ctx.agent.clone(), groups: ctx.groups.clone() });
                 ex.legacy = Some(stream);
                 inject = Some(rx);
+            }
+            let mut rparts = rparts;
+            if ex.filters() {
+                rparts.headers.remove(CONTENT_LENGTH);
             }
             let mut b = McpBody::sse(inc, ex, ctx.config.limits.max_sse_event_bytes);
             if let Some(rx) = inject {
@@ -159,15 +167,19 @@ async fn post(ctx: &L7Context, req: Request<Incoming>) -> Response<ProxyBody> {
             return resp;
         }
     };
+    let rules = ctx.policies.mcp_tools().clone();
+    let governed = rules.covers(&ctx.agent, &ctx.groups);
     let msgs = match jsonrpc::parse_request(&bytes) {
         Ok(m) => m,
+        // Servers parse more leniently than tollgate (duplicate keys, NaN, a BOM): what
+        // tollgate cannot read it cannot govern, so a governed agent's unreadable body is
+        // refused rather than passed to a server that might run a denied tool.
+        Err(e) if governed => return unreadable(ctx, &parts, t0, &e.to_string()),
         Err(e) => {
             tracing::debug!(route = %ctx.route, error = %e, "MCP POST body is not JSON-RPC: passed through");
             return send_on(ctx, parts, bytes, exchange(ctx, Vec::new(), t0, None)).await;
         }
     };
-    let rules = ctx.policies.mcp_tools().clone();
-    let governed = rules.covers(&ctx.agent, &ctx.groups);
     let mut calls = Vec::with_capacity(msgs.len());
     let mut denied = false;
     for m in &msgs {
@@ -187,7 +199,9 @@ async fn post(ctx: &L7Context, req: Request<Incoming>) -> Response<ProxyBody> {
     }
     // Legacy transport: answers travel on the session's GET stream, governed there.
     let stream = match (governed, parts.uri.query()) {
-        (true, Some(q)) if is_legacy(&parts) => legacy::session_of_query(q).and_then(legacy::lookup),
+        (true, Some(q)) if is_legacy(&parts) => {
+            legacy::session_of_query(q).and_then(|id| legacy::lookup(id, &ctx.agent.name))
+        }
         _ => None,
     };
     if denied {
@@ -196,12 +210,32 @@ async fn post(ctx: &L7Context, req: Request<Incoming>) -> Response<ProxyBody> {
     }
     if let Some(s) = &stream {
         let lists = calls.iter().filter(|(c, _)| c.method == "tools/list").filter_map(|(c, _)| c.request_id.clone());
-        s.list_ids.lock().extend(lists);
+        let mut pending = s.list_ids.lock();
+        pending.extend(lists);
+        // Bounded: a session that never gets answers cannot grow it (oldest ids dropped).
+        let excess = pending.len().saturating_sub(legacy::MAX_PENDING_LISTS);
+        pending.drain(..excess);
     }
     let filter = governed.then(|| ToolFilter { rules, agent: ctx.agent.clone(), groups: ctx.groups.clone() });
     propagate(&calls, &mut parts.headers);
     let ex = exchange(ctx, calls, t0, filter);
     send_on(ctx, parts, bytes, ex).await
+}
+
+/// Refuse a body tollgate cannot parse from an agent its tool rules cover: HTTP 400 with the
+/// JSON-RPC parse error (-32700), as a server answers malformed JSON.
+fn unreadable(ctx: &L7Context, parts: &http::request::Parts, t0: Instant, why: &str) -> Response<ProxyBody> {
+    let msg = format!("tollgate: request is not JSON-RPC tollgate can check against tool rules: {why}");
+    let body = serde_json::json!({"jsonrpc": "2.0", "id": null, "error": {"code": -32700, "message": msg}});
+    let mut c = new_call(ctx, "POST", parts, "unknown".into());
+    c.status = 400;
+    c.error = Some(msg);
+    c.duration = t0.elapsed();
+    ctx.reporter.telemetry().mcp_call(&c);
+    let mut resp = Response::new(ProxyBody::Full(Some(Bytes::from(body.to_string()))));
+    *resp.status_mut() = http::StatusCode::BAD_REQUEST;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
 }
 
 /// Copy a message's facts into its call.
@@ -344,6 +378,10 @@ async fn send_on(
         ex.finish(None);
         return Response::from_parts(rparts, ProxyBody::Upstream(rbody));
     } else if is_sse(&rparts.headers) {
+        if ex.filters() {
+            // Filtered events change length.
+            rparts.headers.remove(CONTENT_LENGTH);
+        }
         McpBody::sse(rbody, ex, limits.max_sse_event_bytes)
     } else {
         if ex.filters() {

@@ -312,7 +312,7 @@ async fn respond(
         Ok(Ok(c)) => c.to_bytes(),
         Ok(Err(e)) => {
             hook(&mut call);
-            let e = ProtocolError::BadRequest(format!("provider response unreadable or too large: {e}"));
+            let e = ProtocolError::UpstreamBody(e.to_string());
             return report_failure(ctx, shape, call, t0, e);
         }
         Err(_) => {
