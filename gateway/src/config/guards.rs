@@ -422,6 +422,22 @@ pub struct WebhookGuardConfig {
     /// Roles of the request messages sent on the input phase (responses are `assistant`).
     #[serde(default = "all_roles")]
     pub roles: Vec<MessageRole>,
+    /// Streamed responses on the output phase: a stream cannot be held for a check without
+    /// losing streaming, so either let it pass unchecked (counted) or refuse streaming calls.
+    #[serde(default)]
+    pub streams: WebhookStreams,
+}
+
+/// What an output-phase webhook does about calls that ask for a streamed response.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookStreams {
+    /// Stream it unchecked (verdict `action="unchecked"`).
+    #[default]
+    Unchecked,
+    /// Refuse the call with a 400 naming the guard, before anything is sent: agents must ask
+    /// for non-streamed responses, which are checked.
+    Refuse,
 }
 
 fn default_webhook_timeout() -> Duration {

@@ -29,10 +29,10 @@ fn checker() -> Result<Webhook> {
     })
 }
 
-fn guard(hook: &Webhook, on_error: &str) -> Value {
+fn guard(hook: &Webhook, on_error: &str, streams: &str) -> Value {
     json!({"guardrails": [{
         "kind": "webhook", "name": "checker", "url": hook.url(), "phase": "both",
-        "timeout": "400ms", "on_error": on_error,
+        "timeout": "400ms", "on_error": on_error, "streams": streams,
         "response": {"pointer": "/allowed", "allow_if": [true], "reason_pointer": "/reason"},
     }]})
 }
@@ -55,7 +55,7 @@ fn gov_f_webhook_guardrail_input_output_and_fail_modes() -> Result<()> {
     let g = e.cg.group("govf-agent")?;
     let mock = e.mock(&["--listen", "127.0.0.2:8000"])?;
     let hook = checker()?;
-    let t = e.tollgate(config(&mock, &[(&g, "govf-agent")], guard(&hook, "fail_closed")), None)?;
+    let t = e.tollgate(config(&mock, &[(&g, "govf-agent")], guard(&hook, "fail_closed", "unchecked")), None)?;
 
     // Allowed both ways: the checker saw the prompt, then the provider's exact answer.
     let (r, _) = ask(&e, &g, "Name three rivers.", false)?;
@@ -134,14 +134,25 @@ fn gov_f_webhook_guardrail_input_output_and_fail_modes() -> Result<()> {
     )?;
     drop(t);
 
-    // Same checker, fail_open: the timed-out check lets the call through after the deadline.
-    let t = e.tollgate(config(&mock, &[(&g, "govf-agent")], guard(&hook, "fail_open")), None)?;
+    // Same checker, fail_open, and streams refused: the timed-out check lets the call through
+    // after the deadline; a streaming call is refused before anything is sent.
+    let t = e.tollgate(config(&mock, &[(&g, "govf-agent")], guard(&hook, "fail_open", "refuse")), None)?;
     let before = mock.chat_requests()?;
     let (r, took) = ask(&e, &g, "Answer slow please.", false)?;
     ensure!(r.http_code == 200, "fail_open on timeout: {}", r.describe());
     ensure!(took >= Duration::from_millis(400), "answered before the checker's deadline: {took:?}");
     ensure!(mock.chat_requests()? == before + 1, "fail_open call not served");
     wait_metric(&t, "tollgate_guardrail_verdicts_total", &verdict("fail_open", "webhook_input"), 1.0)?;
+    let checks_before = hook.seen().len();
+    let served_before = mock.chat_requests()?;
+    let (r, _) = ask(&e, &g, "Stream a limerick.", true)?;
+    ensure!(r.http_code == 400 && r.mock_peer().is_none(), "streams: refuse: {}", r.describe());
+    let err = json_of(&r)?;
+    let msg = err["error"]["message"].as_str().unwrap_or("");
+    ensure!(err["error"]["code"] == "guardrail_blocked" && msg.contains("checker"), "refusal: {err}");
+    ensure!(mock.chat_requests()? == served_before, "a refused stream reached the provider");
+    ensure!(hook.seen().len() == checks_before, "a refused stream still asked the checker");
+    wait_metric(&t, "tollgate_guardrail_verdicts_total", &verdict("block", "webhook_output"), 1.0)?;
     let line = wait_for(Duration::from_secs(3), Duration::from_millis(100), || {
         t.access_log().into_iter().find(|l| l["status"] == 200 && l.to_string().contains("govf-agent"))
     });

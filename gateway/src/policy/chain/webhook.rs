@@ -20,7 +20,7 @@ use parking_lot::Mutex;
 use serde_json::Value;
 
 use super::{CallHook, CheckFuture, Deny, HookFuture, Policy, PolicyCtx, ResponseCheck};
-use crate::config::guards::{GuardConfig, WebhookFailMode};
+use crate::config::guards::{GuardConfig, WebhookFailMode, WebhookStreams};
 use crate::config::Config;
 use crate::policy::guards::{GuardError, Guardrails, Judgement, WebhookGuard, WebhookSubject};
 use crate::protocol::errors::ErrorClass;
@@ -71,6 +71,25 @@ impl WebhookPolicy {
             model: ctx.model.map(str::to_string),
         };
         let label = self.telemetry.metrics.agent_label(&ctx.agent.name);
+        if produces_text(ctx.api) {
+            let refusing = self.output.iter().find(|g| g.streams == WebhookStreams::Refuse);
+            if let Some(g) = refusing.filter(|_| is_streaming(ctx.api, &ctx.body)) {
+                let why = "a streamed response cannot be held for the output check";
+                ctx.events.push(event(&self.telemetry, &label, &g.name, "block", "output", Some(why.into())));
+                return Err(Deny {
+                    policy: "guardrail",
+                    rule: g.name.to_string(),
+                    status: StatusCode::BAD_REQUEST,
+                    class: ErrorClass::InvalidRequest,
+                    code: "guardrail_blocked",
+                    message: format!(
+                        "guardrail {:?} checks responses and {why}: ask for a non-streamed response",
+                        &*g.name
+                    ),
+                    headers: Vec::new(),
+                });
+            }
+        }
         if !self.input.is_empty() {
             // A body that is not JSON is forwarded: the provider answers it with its own 400.
             if let Ok(body) = serde_json::from_slice::<Value>(&ctx.body) {
@@ -108,6 +127,17 @@ impl Policy for WebhookPolicy {
     fn on_request<'a>(&'a self, ctx: &'a mut PolicyCtx<'_>) -> HookFuture<'a> {
         Box::pin(self.check(ctx))
     }
+}
+
+/// Whether the call asks for a streamed response (`stream: true`, or Gemini's streaming
+/// operation); a body that does not parse is not (the provider refuses it anyway).
+fn is_streaming(api: Api, body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Flag {
+        #[serde(default)]
+        stream: bool,
+    }
+    api == Api::GeminiStreamGenerate || serde_json::from_slice::<Flag>(body).is_ok_and(|f| f.stream)
 }
 
 /// Operations whose responses carry model text for an output check (embeddings and token

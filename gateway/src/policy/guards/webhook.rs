@@ -11,7 +11,9 @@ use http::{HeaderName, HeaderValue, Uri};
 use serde_json::{json, Map, Value};
 
 use super::walk;
-use crate::config::guards::{MessageRole, WebhookFailMode, WebhookGuardConfig, WebhookPhase, WebhookRule};
+use crate::config::guards::{
+    MessageRole, WebhookFailMode, WebhookGuardConfig, WebhookPhase, WebhookRule, WebhookStreams,
+};
 use crate::protocol::llm::api::Api;
 
 /// A webhook guard's config that cannot work: the field (relative to the guard) and why.
@@ -95,6 +97,8 @@ pub struct WebhookGuard {
     pub on_error: WebhookFailMode,
     /// Extra request headers.
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Streamed responses on the output phase: unchecked or refused.
+    pub streams: WebhookStreams,
     template: Option<Vec<Piece>>,
     rule: WebhookRule,
     roles: Vec<MessageRole>,
@@ -143,6 +147,7 @@ impl WebhookGuard {
             timeout: cfg.timeout,
             on_error: cfg.on_error,
             headers,
+            streams: cfg.streams,
             template,
             rule: rule.clone(),
             roles: cfg.roles.clone(),
