@@ -18,7 +18,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::governance::AccessMatch;
+use super::governance::{check_globs, check_match, check_rule_name, AccessMatch};
 
 /// Root of the `a2a` section.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -60,25 +60,13 @@ pub struct A2aLists {
 /// Checks serde cannot express: unique rule names and globs that compile. Errors are
 /// `(field path, message)` so the loader can point at the line.
 pub fn validate(c: &A2aConfig) -> Result<(), (String, String)> {
-    let glob_ok = |field: String, p: &str| -> Result<(), (String, String)> {
-        glob::Pattern::new(p).map(|_| ()).map_err(|e| (field, format!("bad glob {p:?}: {e}")))
-    };
     for (i, r) in c.rules.iter().enumerate() {
-        let at = |f: &str| format!("a2a.rules[{i}].{f}");
-        if r.name.trim().is_empty() || c.rules[..i].iter().any(|o| o.name == r.name) {
-            return Err((at("name"), format!("{:?} is empty or used twice", r.name)));
-        }
-        let m = &r.subjects;
-        for (f, v) in [("match.agent", &m.agent), ("match.group", &m.group), ("match.namespace", &m.namespace)] {
-            if let Some(v) = v {
-                glob_ok(at(f), v)?;
-            }
-        }
+        let at = format!("a2a.rules[{i}]");
+        check_rule_name(&at, &r.name, c.rules[..i].iter().map(|o| o.name.as_str()))?;
+        check_match(&at, &r.subjects)?;
         for (list, l) in [("allow", &r.allow), ("deny", &r.deny)] {
             for (f, items) in [("targets", &l.targets), ("skills", &l.skills)] {
-                for (j, p) in items.iter().enumerate() {
-                    glob_ok(at(&format!("{list}.{f}[{j}]")), p)?;
-                }
+                check_globs(&format!("{at}.{list}.{f}"), items)?;
             }
         }
     }

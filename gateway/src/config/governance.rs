@@ -68,39 +68,55 @@ pub struct AccessLists {
     pub routes: Vec<String>,
 }
 
-/// Checks serde cannot express: unique names, globs that compile, groups that exist. Errors are
+/// A glob at `field` that must compile; errors are `(field, message)` for the loader.
+pub(crate) fn check_glob(field: String, p: &str) -> Result<(), (String, String)> {
+    glob::Pattern::new(p).map(|_| ()).map_err(|e| (field, format!("bad glob {p:?}: {e}")))
+}
+
+/// A rule's name at `at` must be non-empty and unique among `earlier` rules' names.
+pub(crate) fn check_rule_name<'a>(
+    at: &str,
+    name: &str,
+    mut earlier: impl Iterator<Item = &'a str>,
+) -> Result<(), (String, String)> {
+    if name.trim().is_empty() || earlier.any(|o| o == name) {
+        return Err((format!("{at}.name"), format!("{name:?} is empty or used twice")));
+    }
+    Ok(())
+}
+
+/// The globs of a rule's `match` at `at` (shared by access, MCP tool and A2A hop rules).
+pub(crate) fn check_match(at: &str, m: &AccessMatch) -> Result<(), (String, String)> {
+    for (f, v) in [("agent", &m.agent), ("group", &m.group), ("namespace", &m.namespace)] {
+        if let Some(v) = v {
+            check_glob(format!("{at}.match.{f}"), v)?;
+        }
+    }
+    Ok(())
+}
+
+/// Every glob of the list at `field` (`field[j]` in errors).
+pub(crate) fn check_globs(field: &str, items: &[String]) -> Result<(), (String, String)> {
+    items.iter().enumerate().try_for_each(|(j, p)| check_glob(format!("{field}[{j}]"), p))
+}
+
+/// Checks serde cannot express: unique non-empty names and globs that compile. Errors are
 /// `(field path, message)` so the loader can point at the line.
 pub fn validate(groups: &[AgentGroupConfig], access: &[AccessRuleConfig]) -> Result<(), (String, String)> {
-    let glob_ok = |field: String, p: &str| -> Result<(), (String, String)> {
-        glob::Pattern::new(p).map(|_| ()).map_err(|e| (field, format!("bad glob {p:?}: {e}")))
-    };
     for (i, g) in groups.iter().enumerate() {
-        if g.name.trim().is_empty() || groups[..i].iter().any(|o| o.name == g.name) {
-            return Err((format!("agent_groups[{i}].name"), format!("{:?} is empty or used twice", g.name)));
-        }
+        check_rule_name(&format!("agent_groups[{i}]"), &g.name, groups[..i].iter().map(|o| o.name.as_str()))?;
         if g.members.is_empty() {
             return Err((format!("agent_groups[{i}].members"), "needs at least one agent name or glob".into()));
         }
-        for (j, m) in g.members.iter().enumerate() {
-            glob_ok(format!("agent_groups[{i}].members[{j}]"), m)?;
-        }
+        check_globs(&format!("agent_groups[{i}].members"), &g.members)?;
     }
     for (i, r) in access.iter().enumerate() {
-        let at = |f: &str| format!("access[{i}].{f}");
-        if r.name.trim().is_empty() || access[..i].iter().any(|o| o.name == r.name) {
-            return Err((at("name"), format!("{:?} is empty or used twice", r.name)));
-        }
-        let m = &r.subjects;
-        for (f, v) in [("match.agent", &m.agent), ("match.group", &m.group), ("match.namespace", &m.namespace)] {
-            if let Some(v) = v {
-                glob_ok(at(f), v)?;
-            }
-        }
+        let at = format!("access[{i}]");
+        check_rule_name(&at, &r.name, access[..i].iter().map(|o| o.name.as_str()))?;
+        check_match(&at, &r.subjects)?;
         for (list, l) in [("allow", &r.allow), ("deny", &r.deny)] {
             for (f, items) in [("providers", &l.providers), ("models", &l.models), ("routes", &l.routes)] {
-                for (j, p) in items.iter().enumerate() {
-                    glob_ok(at(&format!("{list}.{f}[{j}]")), p)?;
-                }
+                check_globs(&format!("{at}.{list}.{f}"), items)?;
             }
         }
     }

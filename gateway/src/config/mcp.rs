@@ -13,7 +13,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::governance::AccessMatch;
+use super::governance::{check_globs, check_match, check_rule_name, AccessMatch};
 
 /// Root of the `mcp` section.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
@@ -47,25 +47,12 @@ impl McpConfig {
     /// Checks serde cannot express: unique non-empty rule names and globs that compile.
     /// Errors are `(field path below mcp, message)` so the loader can point at the line.
     pub fn validate(&self) -> Result<(), (String, String)> {
-        let glob_ok = |field: String, p: &str| -> Result<(), (String, String)> {
-            glob::Pattern::new(p).map(|_| ()).map_err(|e| (field, format!("bad glob {p:?}: {e}")))
-        };
         for (i, r) in self.tools.iter().enumerate() {
-            let at = |f: &str| format!("tools[{i}].{f}");
-            if r.name.trim().is_empty() || self.tools[..i].iter().any(|o| o.name == r.name) {
-                return Err((at("name"), format!("{:?} is empty or used twice", r.name)));
-            }
-            let m = &r.subjects;
-            for (f, v) in [("match.agent", &m.agent), ("match.group", &m.group), ("match.namespace", &m.namespace)] {
-                if let Some(v) = v {
-                    glob_ok(at(f), v)?;
-                }
-            }
-            for (list, items) in [("allow", &r.allow), ("deny", &r.deny)] {
-                for (j, p) in items.iter().enumerate() {
-                    glob_ok(at(&format!("{list}[{j}]")), p)?;
-                }
-            }
+            let at = format!("tools[{i}]");
+            check_rule_name(&at, &r.name, self.tools[..i].iter().map(|o| o.name.as_str()))?;
+            check_match(&at, &r.subjects)?;
+            check_globs(&format!("{at}.allow"), &r.allow)?;
+            check_globs(&format!("{at}.deny"), &r.deny)?;
         }
         Ok(())
     }
