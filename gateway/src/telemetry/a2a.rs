@@ -7,14 +7,14 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use opentelemetry::trace::{Span, SpanId, SpanKind, Status, TraceContextExt as _, TraceId, Tracer as _};
+use opentelemetry::trace::{Span, Status};
 use opentelemetry::KeyValue;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use serde::Serialize;
 
 use super::access_log::{epoch_secs, AgentFields};
 use super::labels::LabelLimiter;
-use super::trace::{attr, k8s_attributes, parent_context};
+use super::trace::{attr, k8s_attributes};
 use super::{SpanIds, Telemetry};
 use crate::capture::Agent;
 
@@ -197,7 +197,6 @@ impl Telemetry {
 /// The span of one hop: `invoke_agent {callee}`, kind CLIENT, with the GenAI agent attributes,
 /// the A2A method, task and outcome, and the caller's identity as on the LLM spans.
 fn hop_span(t: &super::trace::Tracer, h: &A2aHop) {
-    let parent = parent_context(h.traceparent.as_deref());
     let a = &h.agent;
     let mut attrs = vec![
         KeyValue::new(attr::OPERATION, "invoke_agent"),
@@ -242,19 +241,13 @@ fn hop_span(t: &super::trace::Tracer, h: &A2aHop) {
     if failed {
         attrs.push(KeyValue::new(attr::ERROR_TYPE, h.outcome));
     }
-    let mut builder = t.sdk().span_builder(format!("invoke_agent {}", h.target));
-    if let Some(ids) = &h.span_ids {
-        // The ids the callee's request already carries in its `traceparent`.
-        builder = builder.with_span_id(SpanId::from_bytes(ids.span_id));
-        if !parent.span().span_context().is_valid() {
-            builder = builder.with_trace_id(TraceId::from_bytes(ids.trace_id));
-        }
-    }
-    let mut span = builder
-        .with_kind(SpanKind::Client)
-        .with_start_time(h.start)
-        .with_attributes(attrs)
-        .start_with_context(t.sdk(), &parent);
+    let mut span = t.client_span(
+        format!("invoke_agent {}", h.target),
+        h.span_ids.as_ref(),
+        h.traceparent.as_deref(),
+        h.start,
+        attrs,
+    );
     if failed {
         let msg = h.error.clone().unwrap_or_else(|| format!("a2a hop {}", h.outcome));
         span.set_status(Status::error(msg));

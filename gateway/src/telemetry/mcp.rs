@@ -7,14 +7,14 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use opentelemetry::trace::{Span, SpanId, SpanKind, Status, TraceContextExt as _, TraceId, Tracer as _};
+use opentelemetry::trace::{Span, Status};
 use opentelemetry::KeyValue;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use serde::Serialize;
 
 use super::access_log::{epoch_secs, AgentFields};
 use super::labels::LabelLimiter;
-use super::trace::{attr, k8s_attributes, parent_context};
+use super::trace::{attr, k8s_attributes};
 use super::{SpanIds, Telemetry};
 use crate::capture::Agent;
 
@@ -364,7 +364,6 @@ impl Telemetry {
 /// The span of one MCP request: `{mcp.method.name} {target}`, kind CLIENT, with the semconv
 /// MCP attributes and the same agent identity attributes as the LLM spans.
 fn mcp_span(t: &super::trace::Tracer, c: &McpCall) {
-    let parent = parent_context(c.traceparent.as_deref());
     let a = &c.agent;
     let target = c.tool.as_deref().or(c.target.as_deref());
     let name = match target {
@@ -412,19 +411,7 @@ fn mcp_span(t: &super::trace::Tracer, c: &McpCall) {
     if let Some(e) = &error {
         attrs.push(KeyValue::new(attr::ERROR_TYPE, e.clone()));
     }
-    let sdk = t.sdk();
-    let mut builder = sdk.span_builder(name);
-    if let Some(ids) = &c.span_ids {
-        builder = builder.with_span_id(SpanId::from_bytes(ids.span_id));
-        if !parent.span().span_context().is_valid() {
-            builder = builder.with_trace_id(TraceId::from_bytes(ids.trace_id));
-        }
-    }
-    let mut span = builder
-        .with_kind(SpanKind::Client)
-        .with_start_time(c.start)
-        .with_attributes(attrs)
-        .start_with_context(sdk, &parent);
+    let mut span = t.client_span(name, c.span_ids.as_ref(), c.traceparent.as_deref(), c.start, attrs);
     if let Some(e) = error {
         let msg = c.error.clone().unwrap_or(e);
         span.set_status(Status::error(msg));

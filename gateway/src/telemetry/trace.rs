@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{
@@ -110,7 +110,6 @@ impl Tracer {
 
     /// Emit the span of a finished LLM call: `{operation} {model}`, kind CLIENT.
     pub fn llm_call(&self, c: &LlmCall) {
-        let parent = parent_context(c.traceparent.as_deref());
         let model = c.request_model.as_deref().unwrap_or("unknown");
         let a = &c.agent;
         let mut attrs = vec![
@@ -167,19 +166,8 @@ impl Tracer {
         if let Some((t, _)) = &error {
             attrs.push(KeyValue::new(attr::ERROR_TYPE, t.clone()));
         }
-        let mut builder = self.tracer.span_builder(format!("{} {model}", c.operation));
-        if let Some(ids) = &c.span_ids {
-            // The ids the upstream request already carries in its `traceparent`.
-            builder = builder.with_span_id(SpanId::from_bytes(ids.span_id));
-            if !parent.span().span_context().is_valid() {
-                builder = builder.with_trace_id(TraceId::from_bytes(ids.trace_id));
-            }
-        }
-        let mut span = builder
-            .with_kind(SpanKind::Client)
-            .with_start_time(c.start)
-            .with_attributes(attrs)
-            .start_with_context(&self.tracer, &parent);
+        let name = format!("{} {model}", c.operation);
+        let mut span = self.client_span(name, c.span_ids.as_ref(), c.traceparent.as_deref(), c.start, attrs);
         for ev in &c.policy_events {
             let attrs = ev.attributes.iter().map(|(k, v)| KeyValue::new(*k, v.clone())).collect();
             span.add_event(ev.name, attrs);
@@ -190,9 +178,30 @@ impl Tracer {
         span.end_with_timestamp(c.start + c.duration);
     }
 
-    /// The SDK tracer, for the spans of other protocols (MCP, A2A) built in their own modules.
-    pub(super) fn sdk(&self) -> &SdkTracer {
-        &self.tracer
+    /// Start a CLIENT span of a finished exchange (LLM call, MCP request, A2A hop), child of
+    /// the agent's `traceparent`, with the ids fixed on arrival (`ids`: the ones the upstream
+    /// request already carries as its parent), so the provider's or callee's work joins below it.
+    pub(super) fn client_span(
+        &self,
+        name: String,
+        ids: Option<&super::SpanIds>,
+        traceparent: Option<&str>,
+        start: SystemTime,
+        attrs: Vec<KeyValue>,
+    ) -> opentelemetry_sdk::trace::Span {
+        let parent = parent_context(traceparent);
+        let mut builder = self.tracer.span_builder(name);
+        if let Some(ids) = ids {
+            builder = builder.with_span_id(SpanId::from_bytes(ids.span_id));
+            if !parent.span().span_context().is_valid() {
+                builder = builder.with_trace_id(TraceId::from_bytes(ids.trace_id));
+            }
+        }
+        builder
+            .with_kind(SpanKind::Client)
+            .with_start_time(start)
+            .with_attributes(attrs)
+            .start_with_context(&self.tracer, &parent)
     }
 
     /// Export what is queued and stop the exporter thread.
