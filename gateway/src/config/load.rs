@@ -290,7 +290,17 @@ fn validate_route(c: &Config, r: &RouteConfig) -> Result<(), (String, String)> {
     if r.upstream.is_some() && !r.targets.is_empty() {
         return Err(("upstream".into(), "use either upstream or targets, not both".into()));
     }
-    if r.listener.is_some() && r.upstream.is_none() && r.targets.is_empty() {
+    if let Some(f) = &r.federation {
+        if r.protocol != super::RouteProtocol::Mcp {
+            return Err(("federation".into(), "a federation route needs protocol: mcp".into()));
+        }
+        if r.upstream.is_some() || !r.targets.is_empty() {
+            return Err(("federation".into(), "a federation route has no upstream or targets".into()));
+        }
+        if !c.mcp.federations.iter().any(|x| &x.name == f) {
+            return Err(("federation".into(), format!("no federation named {f:?} in mcp.federations")));
+        }
+    } else if r.listener.is_some() && r.upstream.is_none() && r.targets.is_empty() {
         return Err((
             "listener".into(),
             "a listener route has no original destination: give targets or upstream".into(),

@@ -22,6 +22,8 @@ pub struct McpConfig {
     /// Tool rules: which MCP tools an agent, group or namespace may list and call. Every rule
     /// covering an agent applies; a deny entry wins over any allow.
     pub tools: Vec<McpToolRule>,
+    /// Federation endpoints: one MCP server offering the tools of several upstream servers.
+    pub federations: Vec<super::federation::FederationConfig>,
 }
 
 /// One tool rule: whom it covers and which tool names (globs) they may or may not use.
@@ -54,6 +56,7 @@ impl McpConfig {
             check_globs(&format!("{at}.allow"), &r.allow)?;
             check_globs(&format!("{at}.deny"), &r.deny)?;
         }
+        super::federation::validate(&self.federations)?;
         Ok(())
     }
 }

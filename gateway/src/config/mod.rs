@@ -5,10 +5,12 @@ pub mod a2a;
 mod gateway;
 pub mod governance;
 pub mod guards;
+pub mod federation;
 mod kubernetes;
 pub mod limits;
 mod load;
 pub mod mcp;
+pub mod mcp_auth;
 mod telemetry;
 
 pub use gateway::{
@@ -257,6 +259,11 @@ pub struct RouteConfig {
     /// parser and policies see the route's requests.
     #[serde(default)]
     pub protocol: RouteProtocol,
+    /// Serve this route with tollgate's own MCP endpoint federating the servers of
+    /// `mcp.federations[name]` (needs `protocol: mcp`; nothing is forwarded to the original
+    /// destination).
+    #[serde(default)]
+    pub federation: Option<String>,
     /// API agents speak on this route when the path does not tell; also the provider reported
     /// for calls passed through to the original destination.
     #[serde(default)]

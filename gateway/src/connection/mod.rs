@@ -30,6 +30,7 @@ use crate::policy::limits::BackendState;
 use crate::policy::CircuitState;
 use crate::protocol::llm::dispatch::{Gateway, GatewayError};
 use crate::protocol::llm::Reporter;
+use crate::protocol::mcp::federation::{FederationError, Federations};
 use crate::protocol::L7Context;
 use crate::telemetry::{ConnKind, LlmCall, Telemetry};
 use crate::upstream::{Target, Upstream, UpstreamError};
@@ -67,6 +68,9 @@ pub enum ProxyError {
     /// Governance policies could not be built (limiter, guardrails).
     #[error("policies: {0}")]
     Policies(#[from] PolicyError),
+    /// An MCP federation could not be set up.
+    #[error("federation: {0}")]
+    Federation(#[from] FederationError),
     /// A route's explicit listener could not be bound.
     #[error("routes[{route}].listener {addr}: {source}")]
     Bind {
@@ -91,6 +95,8 @@ struct Generation {
     policies: Arc<Policies>,
     /// Process-unique id of this generation's limiter, for the exported error counter.
     limiter_id: u64,
+    /// MCP federation endpoints (their stdio servers run while a generation holds them).
+    federations: Arc<Federations>,
 }
 
 impl Generation {
@@ -98,12 +104,15 @@ impl Generation {
         config: Arc<Config>,
         agents: Arc<AgentResolver>,
         telemetry: &Arc<Telemetry>,
+        previous: Option<&Generation>,
     ) -> Result<Generation, ProxyError> {
         let upstream = Arc::new(Upstream::new(&config)?);
         let gateway = Arc::new(Gateway::new(&config)?);
         let policies = Arc::new(Policies::build(&config, telemetry).await?);
         let limiter_id = crate::telemetry::governance::next_limiter_id();
-        Ok(Generation { config, agents, upstream, gateway, policies, limiter_id })
+        let kept = previous.map(|p| &*p.federations);
+        let federations = Arc::new(Federations::build(&config, &upstream, telemetry, kept)?);
+        Ok(Generation { config, agents, upstream, gateway, policies, limiter_id, federations })
     }
 }
 
@@ -137,7 +146,8 @@ impl ProxyHandle {
     /// listeners are bound once: a changed `routes[].listener` needs a restart (the caller
     /// reports it).
     pub async fn prepare(&self, config: Arc<Config>, agents: Arc<AgentResolver>) -> Result<Prepared, ProxyError> {
-        Ok(Prepared(Generation::build(config, agents, &self.0.telemetry).await?))
+        let previous = self.0.current.load_full();
+        Ok(Prepared(Generation::build(config, agents, &self.0.telemetry, Some(&previous)).await?))
     }
 
     /// Make a prepared generation the one new connections take; connections already accepted
@@ -159,7 +169,7 @@ impl Proxy {
         let reporter = Arc::new(Reporter::new(deps.telemetry.clone(), deps.observer.clone()));
         let max = deps.config.limits.max_connections.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
         let permits = Arc::new(Semaphore::new(max));
-        let first = Generation::build(deps.config.clone(), deps.agents.clone(), &deps.telemetry).await?;
+        let first = Generation::build(deps.config.clone(), deps.agents.clone(), &deps.telemetry, None).await?;
         let mut direct = Vec::new();
         for r in &deps.config.routes {
             if let Some(addr) = r.listener {
@@ -437,6 +447,7 @@ fn l7_context(
             has_origin,
             policies: c.generation.policies.clone(),
             groups: c.generation.policies.groups_of(&agent.name),
+            federation: route.federation.as_deref().and_then(|f| c.generation.federations.get(f)),
         })),
         Err(e) => {
             tracing::warn!(route = %route.name, error = %e, "cannot build upstream target; closing");

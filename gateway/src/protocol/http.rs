@@ -61,6 +61,8 @@ pub struct L7Context {
     pub policies: Arc<Policies>,
     /// The agent's groups, resolved once per connection for the policies.
     pub groups: Arc<[String]>,
+    /// The federation this route serves (`routes[].federation`), when it is one.
+    pub federation: Option<Arc<super::mcp::federation::Federation>>,
 }
 
 impl L7Context {
@@ -134,7 +136,12 @@ impl Body for ProxyBody {
 pub async fn handle(ctx: Arc<L7Context>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
     match ctx.protocol {
         RouteProtocol::Llm => {}
-        RouteProtocol::Mcp => return Ok(super::mcp::handle(&ctx, req).await),
+        RouteProtocol::Mcp => {
+            return Ok(match &ctx.federation {
+                Some(f) => super::mcp::federation::handle(&ctx, f, req).await,
+                None => super::mcp::handle(&ctx, req).await,
+            })
+        }
         RouteProtocol::A2a => return Ok(super::a2a::handle(&ctx, req).await),
     }
     if ctx.path_matches(req.uri().path()) {

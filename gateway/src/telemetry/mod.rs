@@ -7,6 +7,7 @@ pub mod access_log;
 pub mod cost;
 pub mod governance;
 pub mod labels;
+pub mod federation;
 pub mod mcp;
 pub mod metrics;
 pub mod node;
@@ -290,6 +291,8 @@ pub struct Telemetry {
     pub a2a: a2a::A2aMetrics,
     /// MCP request and tool-call metrics (same registry).
     pub mcp: mcp::McpMetrics,
+    /// MCP federation upstream health, restarts and sessions.
+    pub federation: std::sync::Arc<federation::FederationMetrics>,
     access: access_log::AccessLog,
     tracer: Option<trace::Tracer>,
     pusher: Option<otlp_metrics::MetricsPusher>,
@@ -339,6 +342,7 @@ impl Telemetry {
         let governance = governance::GovernanceMetrics::register(&metrics.registry)?;
         let a2a = a2a::A2aMetrics::register(&metrics.registry, cfg.max_label_values)?;
         let mcp = mcp::McpMetrics::register(&metrics.registry, cfg.max_label_values)?;
+        let federation = std::sync::Arc::new(federation::FederationMetrics::register(&metrics.registry)?);
         let otlp = cfg.otlp.as_ref();
         let tracer = match otlp.filter(|o| o.traces) {
             Some(o) => Some(trace::Tracer::new(o, metrics.dropped.with_label_values(&["otlp_spans"]))?),
@@ -356,7 +360,7 @@ impl Telemetry {
             &cfg.access_log,
             metrics.dropped.with_label_values(&["access_log"]),
         )?;
-        Ok(Telemetry { access, metrics, node, governance, mcp, a2a, tracer, pusher })
+        Ok(Telemetry { access, metrics, node, governance, mcp, federation, a2a, tracer, pusher })
     }
 
     /// A captured connection was accepted and classified.

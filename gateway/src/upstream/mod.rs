@@ -537,6 +537,7 @@ mod tests {
             name: "r".into(),
             matcher: RouteMatch::default(),
             protocol: Default::default(),
+            federation: None,
             provider: ProviderKind::Openai,
             intercept: true,
             upstream: upstream.map(|u| url::Url::parse(u).unwrap()),

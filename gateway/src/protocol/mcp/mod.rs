@@ -11,6 +11,7 @@
 //! one call each. Bodies that are not JSON-RPC pass through untouched.
 
 pub mod body;
+pub mod federation;
 pub mod jsonrpc;
 pub mod legacy;
 pub mod session;
@@ -48,7 +49,7 @@ fn header(h: &HeaderMap, name: &str) -> Option<String> {
     h.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
 }
 
-fn is_sse(h: &HeaderMap) -> bool {
+pub(crate) fn is_sse(h: &HeaderMap) -> bool {
     h.get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim_start().get(..17).is_some_and(|p| p.eq_ignore_ascii_case("text/event-stream")))

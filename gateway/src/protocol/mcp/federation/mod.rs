@@ -1,0 +1,263 @@
+//! MCP federation endpoint: tollgate itself is the MCP server (Streamable HTTP) for routes with
+//! `federation: <name>`, and serves the tools, prompts and resources of the federation's
+//! upstream servers as one. `initialize` opens a client session and is fanned out to every HTTP
+//! upstream (one upstream session each, carrying the client's identity); stdio upstreams are
+//! processes tollgate spawns, initialises and restarts. Lists are merged under the federation's
+//! naming rule, calls are routed back by name (or URI), and the same tool rules as on
+//! transparent MCP routes apply to the names clients see.
+//!
+//! Not served: server-to-client requests and notifications (sampling, elicitation, list
+//! changes) — the endpoint answers GET with 405, as the transport allows for servers that
+//! offer no stream.
+
+pub mod http_server;
+mod methods;
+pub mod names;
+pub mod session;
+pub mod stdio;
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{ALLOW, CONTENT_TYPE};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+
+use super::super::http::{L7Context, ProxyBody};
+use super::super::llm::read_request_body;
+use crate::config::federation::FederationConfig;
+use crate::config::Config;
+use crate::telemetry::federation::FederationMetrics;
+use crate::telemetry::Telemetry;
+use crate::upstream::Upstream;
+use http_server::{Bounds, HttpServer};
+use session::{SessionError, Sessions};
+use stdio::StdioServer;
+use upstream::Server;
+
+/// Why a federation could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum FederationError {
+    /// An HTTP server's URL cannot be addressed.
+    #[error("mcp.federations[{federation}].servers[{server}]: {message}")]
+    Server {
+        /// Federation name.
+        federation: String,
+        /// Server name.
+        server: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// One federation's runtime: its servers (stdio processes running) and client sessions.
+pub struct Federation {
+    /// Federation name.
+    pub name: Arc<str>,
+    cfg: FederationConfig,
+    servers: Vec<Server>,
+    server_names: Vec<String>,
+    sessions: Sessions,
+    metrics: Arc<FederationMetrics>,
+}
+
+impl Federation {
+    fn build(
+        cfg: &FederationConfig,
+        config: &Config,
+        client: &Arc<Upstream>,
+        metrics: &Arc<FederationMetrics>,
+    ) -> Result<Federation, FederationError> {
+        let name: Arc<str> = Arc::from(cfg.name.as_str());
+        let mut servers = Vec::with_capacity(cfg.servers.len());
+        for s in &cfg.servers {
+            let server = match &s.url {
+                Some(url) => {
+                    let bounds = Bounds {
+                        timeout: cfg.request_timeout,
+                        max_bytes: config.limits.max_inspect_bytes,
+                        max_event: config.limits.max_sse_event_bytes,
+                    };
+                    let h = HttpServer::new(name.clone(), s, url, client.clone(), bounds, metrics.clone()).map_err(|e| {
+                        FederationError::Server { federation: cfg.name.clone(), server: s.name.clone(), message: e.to_string() }
+                    })?;
+                    Server::Http(h)
+                }
+                None => Server::Stdio(StdioServer::start(
+                    name.clone(),
+                    s,
+                    cfg.request_timeout,
+                    config.limits.max_sse_event_bytes,
+                    metrics.clone(),
+                )),
+            };
+            servers.push(server);
+        }
+        metrics.set_sessions(&cfg.name, 0);
+        Ok(Federation {
+            name,
+            cfg: cfg.clone(),
+            server_names: cfg.servers.iter().map(|s| s.name.clone()).collect(),
+            servers,
+            sessions: Sessions::new(cfg.max_sessions, cfg.session_idle_timeout),
+            metrics: metrics.clone(),
+        })
+    }
+
+    fn server_names(&self) -> Vec<&str> {
+        self.server_names.iter().map(String::as_str).collect()
+    }
+
+    /// Close the upstream sessions of ended client sessions, in the background.
+    fn close_sessions(self: &Arc<Self>, ended: Vec<Arc<session::Session>>) {
+        self.metrics.set_sessions(&self.name, self.sessions.len());
+        if ended.is_empty() {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            for s in ended {
+                for (server, slot) in me.servers.iter().zip(&s.slots) {
+                    server.close(slot).await;
+                }
+            }
+        });
+    }
+}
+
+/// The federations of one config generation, by name. Built once per generation; a reload
+/// keeps the runtime (stdio processes, sessions) of every federation whose config is unchanged.
+#[derive(Default)]
+pub struct Federations {
+    map: HashMap<String, Arc<Federation>>,
+}
+
+impl Federations {
+    /// Build `mcp.federations`, reusing unchanged ones from `previous`. Spawns stdio servers:
+    /// call on the runtime.
+    pub fn build(
+        config: &Config,
+        client: &Arc<Upstream>,
+        telemetry: &Telemetry,
+        previous: Option<&Federations>,
+    ) -> Result<Federations, FederationError> {
+        let mut map = HashMap::new();
+        for f in &config.mcp.federations {
+            let kept = previous.and_then(|p| p.map.get(&f.name)).filter(|p| p.cfg == *f);
+            let fed = match kept {
+                Some(k) => k.clone(),
+                None => Arc::new(Federation::build(f, config, client, &telemetry.federation)?),
+            };
+            map.insert(f.name.clone(), fed);
+        }
+        Ok(Federations { map })
+    }
+
+    /// The runtime of federation `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<Federation>> {
+        self.map.get(name).cloned()
+    }
+}
+
+/// Serve one request on a federation route.
+pub async fn handle(ctx: &L7Context, fed: &Arc<Federation>, req: Request<Incoming>) -> Response<ProxyBody> {
+    if req.uri().path() != fed.cfg.path {
+        let msg = format!("no MCP endpoint at {}; this federation serves {}", req.uri().path(), fed.cfg.path);
+        return plain(StatusCode::NOT_FOUND, &msg);
+    }
+    match *req.method() {
+        Method::POST => post(ctx, fed, req).await,
+        Method::DELETE => delete(ctx, fed, &req),
+        _ => {
+            // No server-initiated stream: the transport lets a server answer GET with 405.
+            let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "this MCP endpoint offers no server stream; use POST");
+            r.headers_mut().insert(ALLOW, HeaderValue::from_static("POST, DELETE"));
+            r
+        }
+    }
+}
+
+/// A JSON body response.
+fn json_response(status: StatusCode, v: &Value) -> Response<ProxyBody> {
+    let mut r = Response::new(ProxyBody::Full(Some(Bytes::from(v.to_string()))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// A JSON-RPC error not tied to a request (id null), with an HTTP status.
+fn rpc_error(status: StatusCode, code: i64, message: &str) -> Response<ProxyBody> {
+    json_response(status, &json!({"jsonrpc": "2.0", "id": null, "error": {"code": code, "message": message}}))
+}
+
+fn plain(status: StatusCode, message: &str) -> Response<ProxyBody> {
+    json_response(status, &json!({"error": message}))
+}
+
+async fn post(ctx: &L7Context, fed: &Arc<Federation>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let t0 = Instant::now();
+    let (parts, body) = req.into_parts();
+    let bytes = match read_request_body(ctx, &parts.headers, body).await {
+        Ok(b) => b,
+        Err(e) => {
+            let status = e.response(super::super::http::shape_of(ctx.provider)).status();
+            return rpc_error(status, -32600, &format!("tollgate: {e}"));
+        }
+    };
+    let (msgs, batch) = match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_object) => (a, true),
+        Ok(m @ Value::Object(_)) => (vec![m], false),
+        Ok(_) => return rpc_error(StatusCode::BAD_REQUEST, -32600, "tollgate: not a JSON-RPC message or batch"),
+        Err(e) => return rpc_error(StatusCode::BAD_REQUEST, -32700, &format!("tollgate: parse error: {e}")),
+    };
+    let sid = parts.headers.get("mcp-session-id").and_then(|v| v.to_str().ok());
+    let traceparent = parts.headers.get("traceparent").and_then(|v| v.to_str().ok());
+    let init = msgs.iter().position(|m| m.get("method").and_then(Value::as_str) == Some("initialize"));
+    if let Some(i) = init {
+        if batch {
+            return rpc_error(StatusCode::BAD_REQUEST, -32600, "tollgate: initialize must be sent alone");
+        }
+        return methods::initialize(ctx, fed, &msgs[i], parts.uri.path(), traceparent, t0).await;
+    }
+    let session = match fed.sessions.get(sid, &ctx.agent.name) {
+        Ok(s) => s,
+        Err(e @ SessionError::Missing) => return rpc_error(StatusCode::BAD_REQUEST, -32600, &format!("tollgate: {e}")),
+        Err(e @ SessionError::Unknown) => return rpc_error(StatusCode::NOT_FOUND, -32001, &format!("tollgate: {e}")),
+    };
+    let mut answers = Vec::new();
+    for m in &msgs {
+        let call = methods::Call { ctx, fed, session: &session, path: parts.uri.path(), traceparent };
+        if let Some(a) = call.dispatch(m).await {
+            answers.push(a);
+        }
+    }
+    let mut resp = match (answers.len(), batch) {
+        (0, _) => {
+            let mut r = Response::new(ProxyBody::Full(None));
+            *r.status_mut() = StatusCode::ACCEPTED;
+            r
+        }
+        (_, true) => json_response(StatusCode::OK, &Value::Array(answers)),
+        (_, false) => json_response(StatusCode::OK, &answers.swap_remove(0)),
+    };
+    if let Ok(v) = HeaderValue::from_str(&session.id) {
+        resp.headers_mut().insert("mcp-session-id", v);
+    }
+    resp
+}
+
+/// End a client session and its upstream sessions.
+fn delete(ctx: &L7Context, fed: &Arc<Federation>, req: &Request<Incoming>) -> Response<ProxyBody> {
+    let sid = req.headers().get("mcp-session-id").and_then(|v| v.to_str().ok());
+    match sid.and_then(|id| fed.sessions.remove(id, &ctx.agent.name)) {
+        Some(s) => {
+            fed.close_sessions(vec![s]);
+            Response::new(ProxyBody::Full(None))
+        }
+        None => plain(StatusCode::NOT_FOUND, "unknown or expired session"),
+    }
+}

@@ -1,0 +1,340 @@
+//! A stdio MCP server spawned and supervised by tollgate: newline-delimited JSON-RPC on the
+//! child's stdin/stdout, its stderr logged, answers matched to requests by tollgate's own ids.
+//! When the process exits it is restarted with a doubling backoff and initialised again before
+//! any request is sent to it, so client sessions survive a crash (requests in flight at the
+//! crash fail). The process is killed when the last config generation using it is dropped.
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::upstream::{result_of, CallError, InitInfo, SUPPORTED_VERSIONS};
+use crate::config::federation::FederatedServer;
+use crate::telemetry::federation::FederationMetrics;
+
+/// Messages queued for one process's stdin at most; a full queue fails the request rather
+/// than letting a stuck server grow memory.
+const WRITE_QUEUE: usize = 256;
+/// Requests awaiting an answer at most.
+const MAX_PENDING: usize = 4096;
+/// A process up this long resets the restart backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(60);
+/// Longest stderr line logged.
+const MAX_LOG_LINE: usize = 2048;
+
+/// Readiness of the current process.
+#[derive(Clone, Default)]
+struct Ready {
+    /// `initialize` answer of the running process; `None` while (re)starting.
+    info: Option<InitInfo>,
+}
+
+struct Shared {
+    name: String,
+    federation: Arc<str>,
+    next_id: AtomicU64,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Value>>>,
+    writer: Mutex<Option<mpsc::Sender<Vec<u8>>>>,
+    ready: watch::Sender<Ready>,
+    timeout: Duration,
+    max_line: usize,
+    metrics: Arc<FederationMetrics>,
+}
+
+/// A supervised stdio server.
+pub struct StdioServer {
+    shared: Arc<Shared>,
+    /// Dropped with the server: the supervisor kills the process and ends.
+    _stop: oneshot::Sender<()>,
+}
+
+impl StdioServer {
+    /// Spawn the process and its supervisor (on the current runtime).
+    pub fn start(
+        federation: Arc<str>,
+        cfg: &FederatedServer,
+        timeout: Duration,
+        max_line: usize,
+        metrics: Arc<FederationMetrics>,
+    ) -> Arc<StdioServer> {
+        let (ready, _) = watch::channel(Ready::default());
+        let shared = Arc::new(Shared {
+            name: cfg.name.clone(),
+            federation,
+            next_id: AtomicU64::new(1),
+            pending: Mutex::new(HashMap::new()),
+            writer: Mutex::new(None),
+            ready,
+            timeout,
+            max_line,
+            metrics,
+        });
+        let (stop_tx, stop_rx) = oneshot::channel();
+        tokio::spawn(supervise(shared.clone(), cfg.clone(), stop_rx));
+        Arc::new(StdioServer { shared, _stop: stop_tx })
+    }
+
+    /// Server name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Wait (up to the request timeout) for a running, initialised process.
+    pub async fn wait_ready(&self) -> Result<InitInfo, CallError> {
+        let mut rx = self.shared.ready.subscribe();
+        let t = self.shared.timeout;
+        let waited = tokio::time::timeout(t, async {
+            match rx.wait_for(|r| r.info.is_some()).await {
+                Ok(r) => r.info.clone().ok_or_else(|| CallError::Unavailable("not running".into())),
+                Err(_) => Err(CallError::Unavailable("supervisor stopped".into())),
+            }
+        })
+        .await;
+        waited.unwrap_or_else(|_| Err(CallError::Unavailable(format!("process not running (waited {t:?})"))))
+    }
+
+    /// A request to the running process.
+    pub async fn request(&self, method: &str, params: Value) -> Result<Value, CallError> {
+        self.wait_ready().await?;
+        self.shared.request(method, params).await
+    }
+
+    /// A notification to the running process (dropped while it is down).
+    pub async fn notify(&self, method: &str, params: Value) {
+        if self.shared.ready.borrow().info.is_some() {
+            self.shared.send(&json!({"jsonrpc": "2.0", "method": method, "params": params}));
+        }
+    }
+}
+
+impl Shared {
+    fn send(&self, msg: &Value) -> bool {
+        let Ok(mut line) = serde_json::to_vec(msg) else { return false };
+        line.push(b'\n');
+        let w = self.writer.lock().clone();
+        w.is_some_and(|w| w.try_send(line).is_ok())
+    }
+
+    async fn request(&self, method: &str, params: Value) -> Result<Value, CallError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut p = self.pending.lock();
+            if p.len() >= MAX_PENDING {
+                return Err(CallError::Unavailable("too many requests in flight".into()));
+            }
+            p.insert(id, tx);
+        }
+        if !self.send(&json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})) {
+            self.pending.lock().remove(&id);
+            return Err(CallError::Unavailable("process not accepting input".into()));
+        }
+        match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(answer)) => result_of(answer),
+            Ok(Err(_)) => Err(CallError::Unavailable("process exited before answering".into())),
+            Err(_) => {
+                self.pending.lock().remove(&id);
+                Err(CallError::Timeout(self.timeout))
+            }
+        }
+    }
+
+    /// A line from stdout: an answer to a pending request, a server request (answered: `ping`
+    /// works, anything else is refused since no client is attached), or a notification.
+    fn dispatch(&self, line: &[u8]) {
+        let Ok(v) = serde_json::from_slice::<Value>(line) else {
+            tracing::debug!(server = %self.name, "stdio server wrote a non-JSON line");
+            return;
+        };
+        let method = v.get("method").and_then(Value::as_str);
+        match (v.get("id"), method) {
+            (Some(id), None) => {
+                if let Some(tx) = id.as_u64().and_then(|id| self.pending.lock().remove(&id)) {
+                    let _ = tx.send(v);
+                }
+            }
+            (Some(id), Some(m)) => {
+                let answer = if m == "ping" {
+                    json!({"jsonrpc": "2.0", "id": id, "result": {}})
+                } else {
+                    json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32601, "message": format!("tollgate federation does not serve {m} to upstream servers")}})
+                };
+                self.send(&answer);
+            }
+            (None, Some(m)) => tracing::debug!(server = %self.name, method = m, "stdio server notification"),
+            (None, None) => {}
+        }
+    }
+}
+
+/// Environment passed to the process: a few basics of tollgate's own plus the configured one.
+fn command(cfg: &FederatedServer) -> Option<Command> {
+    let (prog, args) = cfg.command.split_first()?;
+    let mut c = Command::new(prog);
+    c.args(args).env_clear();
+    for k in ["PATH", "HOME", "LANG"] {
+        if let Some(v) = std::env::var_os(k) {
+            c.env(k, v);
+        }
+    }
+    c.envs(&cfg.env);
+    if let Some(d) = &cfg.cwd {
+        c.current_dir(d);
+    }
+    c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    Some(c)
+}
+
+async fn supervise(shared: Arc<Shared>, cfg: FederatedServer, mut stop: oneshot::Receiver<()>) {
+    let mut backoff = cfg.min_backoff;
+    let mut first = true;
+    loop {
+        if !first {
+            shared.metrics.restarted(&shared.federation, &shared.name);
+        }
+        first = false;
+        let started = Instant::now();
+        let run = async {
+            let Some(mut cmd) = command(&cfg) else { return };
+            match cmd.spawn() {
+                Ok(child) => run_process(&shared, child).await,
+                Err(e) => tracing::warn!(server = %shared.name, program = %cfg.command[0], error = %e, "cannot start stdio MCP server"),
+            }
+        };
+        tokio::select! {
+            _ = run => {}
+            _ = &mut stop => return,
+        }
+        shared.ready.send_replace(Ready::default());
+        shared.metrics.set_up(&shared.federation, &shared.name, false);
+        *shared.writer.lock() = None;
+        shared.pending.lock().clear();
+        if started.elapsed() >= STABLE_AFTER {
+            backoff = cfg.min_backoff;
+        }
+        tracing::warn!(server = %shared.name, restart_in = ?backoff, "stdio MCP server exited");
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = &mut stop => return,
+        }
+        backoff = (backoff * 2).min(cfg.max_backoff);
+    }
+}
+
+/// Serve one process until it exits: pipes, the initialise handshake, readiness.
+async fn run_process(shared: &Arc<Shared>, mut child: Child) {
+    let pid = child.id().unwrap_or(0);
+    let (Some(mut stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        return;
+    };
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
+    *shared.writer.lock() = Some(tx);
+    let writer = async move {
+        while let Some(line) = rx.recv().await {
+            if stdin.write_all(&line).await.is_err() || stdin.flush().await.is_err() {
+                break;
+            }
+        }
+    };
+    let reader = {
+        let shared = shared.clone();
+        async move {
+            let mut r = BufReader::new(stdout);
+            let mut line = Vec::new();
+            while read_line(&mut r, &mut line, shared.max_line).await {
+                if !line.is_empty() {
+                    shared.dispatch(&line);
+                }
+            }
+        }
+    };
+    let name = shared.name.clone();
+    let logger = async move {
+        let mut r = BufReader::new(stderr);
+        let mut line = Vec::new();
+        while read_line(&mut r, &mut line, MAX_LOG_LINE).await {
+            tracing::info!(target: "mcp_stdio", server = %name, "{}", String::from_utf8_lossy(&line));
+        }
+    };
+    let init = async {
+        let params = json!({
+            "protocolVersion": SUPPORTED_VERSIONS[SUPPORTED_VERSIONS.len() - 1],
+            "capabilities": {},
+            "clientInfo": {"name": "tollgate-federation", "version": env!("CARGO_PKG_VERSION")},
+        });
+        match shared.request("initialize", params).await {
+            Ok(r) => {
+                shared.send(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+                let info = InitInfo::from_result(&r);
+                tracing::info!(server = %shared.name, pid, upstream = %info.server, "stdio MCP server ready");
+                shared.metrics.set_up(&shared.federation, &shared.name, true);
+                shared.ready.send_replace(Ready { info: Some(info) });
+            }
+            Err(e) => tracing::warn!(server = %shared.name, pid, error = %e, "stdio MCP server did not initialise"),
+        }
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        _ = child.wait() => {}
+        _ = reader => { let _ = child.wait().await; }
+        _ = writer => { let _ = child.start_kill(); let _ = child.wait().await; }
+        _ = init => {}
+        _ = logger => { let _ = child.wait().await; }
+    }
+}
+
+/// Read one `\n`-terminated line into `buf` (without the terminator), keeping at most `max`
+/// bytes of it (a longer line is cut: it will not parse and is dropped). False at EOF.
+async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, max: usize) -> bool {
+    buf.clear();
+    let mut any = false;
+    loop {
+        let chunk = match r.fill_buf().await {
+            Ok(c) if c.is_empty() => return any,
+            Ok(c) => c,
+            Err(_) => return false,
+        };
+        any = true;
+        let (take, done) = match memchr::memchr(b'\n', chunk) {
+            Some(i) => (i, true),
+            None => (chunk.len(), false),
+        };
+        let room = max.saturating_sub(buf.len());
+        buf.extend_from_slice(&chunk[..take.min(room)]);
+        r.consume(if done { take + 1 } else { take });
+        if done {
+            if buf.last() == Some(&b'\r') {
+                buf.pop();
+            }
+            return true;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn lines_are_split_and_bounded() {
+        let data: &[u8] = b"{\"a\":1}\r\nxxxxxxxxxx\nlast";
+        let mut r = BufReader::with_capacity(3, data);
+        let mut buf = Vec::new();
+        assert!(read_line(&mut r, &mut buf, 100).await);
+        assert_eq!(buf, b"{\"a\":1}");
+        assert!(read_line(&mut r, &mut buf, 4).await);
+        assert_eq!(buf, b"xxxx");
+        assert!(read_line(&mut r, &mut buf, 100).await);
+        assert_eq!(buf, b"last");
+        assert!(!read_line(&mut r, &mut buf, 100).await);
+    }
+}
