@@ -1,10 +1,14 @@
 """MCP server for the end-to-end scenarios: the real `mcp` SDK's MCPServer (formerly FastMCP)
-over Streamable HTTP (or the legacy HTTP+SSE transport with --transport sse).
+over Streamable HTTP (or the legacy HTTP+SSE transport with --transport sse, or stdio with
+--transport stdio, as a federation spawns it).
 
 Every tool call is appended as one JSON line to --log, so a scenario can prove that a call
 tollgate denied never reached the server.
 
     python mcp_server.py --host 127.0.0.2 --port 8000 --log calls.jsonl [--json-response]
+
+Besides its tools it offers one prompt (`greet`) and one resource (`tollgate://<label>/motd`),
+so a federation's merged prompt and resource lists show which server each entry came from.
 """
 
 import argparse
@@ -21,8 +25,9 @@ def main() -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log", required=True)
-    p.add_argument("--transport", choices=["streamable-http", "sse"], default="streamable-http")
+    p.add_argument("--transport", choices=["streamable-http", "sse", "stdio"], default="streamable-http")
     p.add_argument("--json-response", action="store_true", help="answer POSTs with application/json")
+    p.add_argument("--label", default="server", help="names this server in its resource URI and answers")
     a = p.parse_args()
 
     server = MCPServer("tollgate-e2e-tools")
@@ -48,6 +53,21 @@ def main() -> None:
         """Delete a file (pretend)."""
         record("delete_file", {"path": path})
         return f"deleted {path}"
+
+    @server.prompt()
+    def greet(name: str) -> str:
+        """Greet someone."""
+        return f"Hello {name}, from {a.label}"
+
+    @server.resource(f"tollgate://{a.label}/motd")
+    def motd() -> str:
+        """Message of the day."""
+        return f"motd of {a.label}"
+
+    if a.transport == "stdio":
+        # stdout carries the protocol: nothing else may be printed there.
+        server.run(transport="stdio")
+        return
 
     # The agents reach the server by its captured address: allow that Host.
     security = TransportSecuritySettings(enable_dns_rebinding_protection=False)

@@ -214,7 +214,9 @@ mod tests {
     #[test]
     fn servers_need_one_transport_and_clean_names() {
         let base = "mcp:\n  federations:\n  - name: f\n    servers:\n";
-        let ok = format!("{base}    - {{name: a, url: 'http://127.0.0.1:1/mcp'}}\n    - {{name: b, command: [python3, s.py]}}\n");
+        let ok = format!(
+            "{base}    - {{name: a, url: 'http://127.0.0.1:1/mcp'}}\n    - {{name: b, command: [python3, s.py]}}\n"
+        );
         let c = from_str("f.yaml", &ok).expect("valid");
         assert_eq!(c.mcp.federations[0].servers.len(), 2);
         let both = format!("{base}    - {{name: a, url: 'http://h/mcp', command: [x]}}\n");

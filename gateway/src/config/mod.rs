@@ -2,10 +2,10 @@
 //! and column (see [`load`]) instead of a silently ignored setting on a production node.
 
 pub mod a2a;
+pub mod federation;
 mod gateway;
 pub mod governance;
 pub mod guards;
-pub mod federation;
 mod kubernetes;
 pub mod limits;
 mod load;

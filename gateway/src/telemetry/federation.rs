@@ -24,7 +24,10 @@ impl FederationMetrics {
             &["federation", "server"],
         )?;
         let restarts = IntCounterVec::new(
-            Opts::new("tollgate_mcp_upstream_restarts_total", "Restarts of supervised stdio MCP servers after they exited"),
+            Opts::new(
+                "tollgate_mcp_upstream_restarts_total",
+                "Restarts of supervised stdio MCP servers after they exited",
+            ),
             &["federation", "server"],
         )?;
         let reinits = IntCounterVec::new(

@@ -5,9 +5,9 @@
 pub mod a2a;
 pub mod access_log;
 pub mod cost;
+pub mod federation;
 pub mod governance;
 pub mod labels;
-pub mod federation;
 pub mod mcp;
 pub mod metrics;
 pub mod node;

@@ -16,6 +16,8 @@ use tollgate_e2e::{anyhow, bail, ensure, free_port, wait_for, Context, Result};
 
 use crate::support::{env, wait_metric, Env};
 
+mod federation;
+
 const SERVER_IP: &str = "127.0.0.2";
 /// The agent's own trace, continued by tollgate's MCP spans.
 const TRACE: &str = "4d4350000000000000000000000000c0";
@@ -29,11 +31,16 @@ pub(crate) struct McpServer {
 
 impl McpServer {
     pub(crate) fn start(e: &Env, addr: &str, port: u16, transport: &str) -> Result<Self> {
+        Self::start_labeled(e, addr, port, transport, "server")
+    }
+
+    /// Like [`McpServer::start`]; `label` names the server in its resource URI and prompt.
+    pub(crate) fn start_labeled(e: &Env, addr: &str, port: u16, transport: &str, label: &str) -> Result<Self> {
         let log = e.path(&format!("mcp-calls-{port}.jsonl"));
         let port_s = port.to_string();
         let child = std::process::Command::new(venv_python())
             .arg(client_script("mcp_server.py"))
-            .args(["--host", addr, "--port", &port_s, "--transport", transport, "--log"])
+            .args(["--host", addr, "--port", &port_s, "--transport", transport, "--label", label, "--log"])
             .arg(&log)
             .env_clear()
             .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
@@ -55,16 +62,17 @@ impl McpServer {
 
     /// Every line the server logged: tool calls and the `traceparent` of each request.
     fn log(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        read_log(&self.log)
     }
 
     fn tool_calls(&self, tool: &str) -> Vec<Value> {
         self.log().into_iter().filter(|l| l["tool"] == tool).collect()
     }
+}
+
+/// The JSON lines of an `mcp_server.py` call log.
+fn read_log(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
 impl Drop for McpServer {

@@ -66,7 +66,11 @@ impl HttpServer {
         bounds: Bounds,
         metrics: Arc<FederationMetrics>,
     ) -> Result<Self, CallError> {
-        let target = Target::from_url(url).map_err(|e| CallError::Unavailable(e.to_string()))?;
+        // The target names the origin only; every request carries the URL's full path.
+        let mut origin = url.clone();
+        origin.set_path("");
+        origin.set_query(None);
+        let target = Target::from_url(&origin).map_err(|e| CallError::Unavailable(e.to_string()))?;
         let mut headers = HeaderMap::new();
         for (k, v) in &cfg.headers {
             // Validated with the config.
@@ -111,7 +115,13 @@ impl HttpServer {
     }
 
     /// One request on an upstream session.
-    pub async fn request(&self, up: &UpSession, ask: &Ask<'_>, method: &str, params: Value) -> Result<Value, CallError> {
+    pub async fn request(
+        &self,
+        up: &UpSession,
+        ask: &Ask<'_>,
+        method: &str,
+        params: Value,
+    ) -> Result<Value, CallError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let msg = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
         let (_, answer) = self.exchange(up.id.as_ref(), Some(&up.info.protocol_version), ask, &msg, Some(id)).await?;
@@ -209,7 +219,11 @@ impl HttpServer {
             let sid = resp.headers().get("mcp-session-id").cloned().or_else(|| session.cloned());
             let Some(want) = want else { return Ok((sid, None)) };
             let sse = super::super::is_sse(resp.headers());
-            let answer = if sse { self.read_sse(resp.into_body(), want).await? } else { self.read_json(resp.into_body(), want).await? };
+            let answer = if sse {
+                self.read_sse(resp.into_body(), want).await?
+            } else {
+                self.read_json(resp.into_body(), want).await?
+            };
             Ok((sid, Some(answer)))
         };
         match tokio::time::timeout(self.timeout, work).await {
@@ -224,7 +238,8 @@ impl HttpServer {
             .await
             .map_err(|e| CallError::Unavailable(format!("reading the answer: {e}")))?
             .to_bytes();
-        let v: Value = serde_json::from_slice(&bytes).map_err(|e| CallError::Unavailable(format!("answer is not JSON: {e}")))?;
+        let v: Value =
+            serde_json::from_slice(&bytes).map_err(|e| CallError::Unavailable(format!("answer is not JSON: {e}")))?;
         pick(v, want).ok_or_else(|| CallError::Unavailable("no answer with the request's id".into()))
     }
 

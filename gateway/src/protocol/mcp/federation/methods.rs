@@ -93,12 +93,15 @@ pub(super) async fn initialize(
             Ok(i) => {
                 for cap in ["tools", "prompts", "resources", "logging", "completions"] {
                     if i.has(cap) {
-                        let v = if matches!(cap, "tools" | "prompts") { json!({"listChanged": false}) } else { json!({}) };
+                        let v =
+                            if matches!(cap, "tools" | "prompts") { json!({"listChanged": false}) } else { json!({}) };
                         caps.insert(cap.to_string(), v);
                     }
                 }
             }
-            Err(e) => tracing::warn!(federation = %fed.name, server = server.name(), error = %e, "upstream MCP server not initialised for a new session"),
+            Err(e) => {
+                tracing::warn!(federation = %fed.name, server = server.name(), error = %e, "upstream MCP server not initialised for a new session")
+            }
         }
     }
     caps.entry("tools").or_insert_with(|| json!({"listChanged": false}));
@@ -167,7 +170,12 @@ impl Call<'_> {
     }
 
     fn ask<'b>(&'b self, tp: &'b Option<String>) -> Ask<'b> {
-        Ask { client_info: &self.session.client_info, version: self.session.version, traceparent: tp.as_deref(), bearer: None }
+        Ask {
+            client_info: &self.session.client_info,
+            version: self.session.version,
+            traceparent: tp.as_deref(),
+            bearer: None,
+        }
     }
 
     async fn answer(&self, method: &str, id: &Value, params: Value, call: &mut McpCall) -> Answer {
@@ -180,7 +188,9 @@ impl Call<'_> {
                 Ok(json!({ "tools": items }))
             }
             "prompts/list" => Ok(json!({ "prompts": self.list_named(Kind::Prompts, &tp).await.0 })),
-            "resources/list" => Ok(json!({ "resources": self.list_uris("resources/list", "resources", "uri", &tp).await })),
+            "resources/list" => {
+                Ok(json!({ "resources": self.list_uris("resources/list", "resources", "uri", &tp).await }))
+            }
             "resources/templates/list" => {
                 let items = self.list_uris("resources/templates/list", "resourceTemplates", "uriTemplate", &tp).await;
                 Ok(json!({ "resourceTemplates": items }))
@@ -205,7 +215,12 @@ impl Call<'_> {
             "completion/complete" => self.complete(id, params, &tp).await,
             "logging/setLevel" => {
                 let ask = self.ask(&tp);
-                let sends = self.fed.servers.iter().zip(&self.session.slots).map(|(s, slot)| s.request(slot, &ask, method, params.clone()));
+                let sends = self
+                    .fed
+                    .servers
+                    .iter()
+                    .zip(&self.session.slots)
+                    .map(|(s, slot)| s.request(slot, &ask, method, params.clone()));
                 join_all(sends).await;
                 Ok(json!({}))
             }
@@ -226,7 +241,12 @@ impl Call<'_> {
             if let Some(rule) = rules.refusal(&ctx.agent, &ctx.groups, &name) {
                 call.verdict = McpVerdict::Denied(rule.to_string());
                 let data = json!({"tool": name, "rule": rule, "agent": &*ctx.agent.name});
-                return Err(error_message(Some(id), TOOL_DENIED_CODE, &format!("tollgate: tool {name} denied by rule {rule}"), data));
+                return Err(error_message(
+                    Some(id),
+                    TOOL_DENIED_CODE,
+                    &format!("tollgate: tool {name} denied by rule {rule}"),
+                    data,
+                ));
             }
             call.verdict = McpVerdict::Allowed;
         }
@@ -261,7 +281,8 @@ impl Call<'_> {
     }
 
     async fn forward(&self, route: &Route, id: &Value, method: &str, params: Value, tp: &Option<String>) -> Answer {
-        let (Some(server), Some(slot)) = (self.fed.servers.get(route.server), self.session.slots.get(route.server)) else {
+        let (Some(server), Some(slot)) = (self.fed.servers.get(route.server), self.session.slots.get(route.server))
+        else {
             return Err(invalid(id, "no such server"));
         };
         server.request(slot, &self.ask(tp), method, params).await.map_err(|e| e.to_message(id, server.name()))
@@ -271,34 +292,37 @@ impl Call<'_> {
     async fn fan_out(&self, method: &str, field: &str, capability: &str, tp: &Option<String>) -> Vec<Listed> {
         let ask = self.ask(tp);
         let ask = &ask;
-        let lists = self.fed.servers.iter().zip(&self.session.slots).enumerate().map(|(i, (server, slot))| async move {
-            let info = server.init_info(slot, ask).await?;
-            if !info.has(capability) {
-                return Ok::<_, CallError>(Listed { server: i, items: Vec::new() });
-            }
-            let mut items = Vec::new();
-            let mut cursor: Option<String> = None;
-            for _ in 0..MAX_PAGES {
-                let params = match &cursor {
-                    Some(c) => json!({ "cursor": c }),
-                    None => json!({}),
-                };
-                let mut page = server.request(slot, ask, method, params).await?;
-                if let Some(Value::Array(a)) = page.get_mut(field).map(Value::take) {
-                    items.extend(a);
+        let lists =
+            self.fed.servers.iter().zip(&self.session.slots).enumerate().map(|(i, (server, slot))| async move {
+                let info = server.init_info(slot, ask).await?;
+                if !info.has(capability) {
+                    return Ok::<_, CallError>(Listed { server: i, items: Vec::new() });
                 }
-                cursor = page.get("nextCursor").and_then(Value::as_str).map(str::to_string);
-                if cursor.is_none() {
-                    break;
+                let mut items = Vec::new();
+                let mut cursor: Option<String> = None;
+                for _ in 0..MAX_PAGES {
+                    let params = match &cursor {
+                        Some(c) => json!({ "cursor": c }),
+                        None => json!({}),
+                    };
+                    let mut page = server.request(slot, ask, method, params).await?;
+                    if let Some(Value::Array(a)) = page.get_mut(field).map(Value::take) {
+                        items.extend(a);
+                    }
+                    cursor = page.get("nextCursor").and_then(Value::as_str).map(str::to_string);
+                    if cursor.is_none() {
+                        break;
+                    }
                 }
-            }
-            Ok(Listed { server: i, items })
-        });
+                Ok(Listed { server: i, items })
+            });
         let mut out = Vec::new();
         for (i, r) in join_all(lists).await.into_iter().enumerate() {
             match r {
                 Ok(l) => out.push(l),
-                Err(e) => tracing::warn!(federation = %self.fed.name, server = self.fed.server_names[i], method, error = %e, "federated list left a server out"),
+                Err(e) => {
+                    tracing::warn!(federation = %self.fed.name, server = self.fed.server_names[i], method, error = %e, "federated list left a server out")
+                }
             }
         }
         out

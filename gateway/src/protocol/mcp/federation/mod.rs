@@ -82,9 +82,13 @@ impl Federation {
                         max_bytes: config.limits.max_inspect_bytes,
                         max_event: config.limits.max_sse_event_bytes,
                     };
-                    let h = HttpServer::new(name.clone(), s, url, client.clone(), bounds, metrics.clone()).map_err(|e| {
-                        FederationError::Server { federation: cfg.name.clone(), server: s.name.clone(), message: e.to_string() }
-                    })?;
+                    let h = HttpServer::new(name.clone(), s, url, client.clone(), bounds, metrics.clone()).map_err(
+                        |e| FederationError::Server {
+                            federation: cfg.name.clone(),
+                            server: s.name.clone(),
+                            message: e.to_string(),
+                        },
+                    )?;
                     Server::Http(h)
                 }
                 None => Server::Stdio(StdioServer::start(
@@ -222,6 +226,14 @@ async fn post(ctx: &L7Context, fed: &Arc<Federation>, req: Request<Incoming>) ->
             return rpc_error(StatusCode::BAD_REQUEST, -32600, "tollgate: initialize must be sent alone");
         }
         return methods::initialize(ctx, fed, &msgs[i], parts.uri.path(), traceparent, t0).await;
+    }
+    let first = msgs.first().and_then(|m| m.get("method")).and_then(Value::as_str);
+    if sid.is_none() && !batch && first == Some("server/discover") {
+        // The 2026 stateless handshake is not offered: clients that probe it fall back to
+        // initialize on "method not found".
+        let id = msgs[0].get("id").cloned().unwrap_or(Value::Null);
+        let m = json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32601, "message": "Method not found: server/discover (this endpoint uses initialize)"}});
+        return json_response(StatusCode::OK, &m);
     }
     let session = match fed.sessions.get(sid, &ctx.agent.name) {
         Ok(s) => s,

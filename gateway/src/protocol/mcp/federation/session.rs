@@ -157,7 +157,13 @@ mod tests {
     use super::*;
 
     fn s(id: &str, agent: &str) -> Arc<Session> {
-        Arc::new(Session::new(id.into(), Arc::from(agent), serde_json::json!({"name": "c", "version": "1"}), "2025-06-18", 2))
+        Arc::new(Session::new(
+            id.into(),
+            Arc::from(agent),
+            serde_json::json!({"name": "c", "version": "1"}),
+            "2025-06-18",
+            2,
+        ))
     }
 
     #[test]

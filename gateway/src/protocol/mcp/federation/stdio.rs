@@ -206,7 +206,9 @@ async fn supervise(shared: Arc<Shared>, cfg: FederatedServer, mut stop: oneshot:
             let Some(mut cmd) = command(&cfg) else { return };
             match cmd.spawn() {
                 Ok(child) => run_process(&shared, child).await,
-                Err(e) => tracing::warn!(server = %shared.name, program = %cfg.command[0], error = %e, "cannot start stdio MCP server"),
+                Err(e) => {
+                    tracing::warn!(server = %shared.name, program = %cfg.command[0], error = %e, "cannot start stdio MCP server")
+                }
             }
         };
         tokio::select! {

@@ -242,7 +242,10 @@ mod tests {
         let e = e.unwrap_err();
         assert_eq!(e.code(), -32602);
         let m = e.to_message(&json!("x"), "calc");
-        assert_eq!((m["id"].as_str(), m["error"]["message"].as_str(), m["error"]["data"].as_i64()), (Some("x"), Some("Unknown tool"), Some(5)));
+        assert_eq!(
+            (m["id"].as_str(), m["error"]["message"].as_str(), m["error"]["data"].as_i64()),
+            (Some("x"), Some("Unknown tool"), Some(5))
+        );
         let m = CallError::Unavailable("down".into()).to_message(&json!(2), "calc");
         assert_eq!(m["error"]["code"], -32603);
         assert!(m["error"]["message"].as_str().unwrap().contains("calc: down"));
