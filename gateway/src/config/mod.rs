@@ -9,6 +9,7 @@ mod kubernetes;
 pub mod limits;
 mod load;
 pub mod mcp;
+pub mod mcp_auth;
 mod telemetry;
 
 pub use gateway::{
