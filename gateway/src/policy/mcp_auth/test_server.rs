@@ -48,6 +48,9 @@ impl TestKey {
     }
 }
 
+/// One `/token` request: its Authorization header and its form fields.
+pub type TokenRequest = (Option<String>, Vec<(String, String)>);
+
 /// What the fake server does and saw.
 #[derive(Default)]
 pub struct ServerState {
@@ -56,7 +59,7 @@ pub struct ServerState {
     /// `(status, body)` answered at `/token`.
     pub token_reply: Mutex<(u16, Value)>,
     /// `(Authorization header, form fields)` of every `/token` request.
-    pub token_requests: Mutex<Vec<(Option<String>, Vec<(String, String)>)>>,
+    pub token_requests: Mutex<Vec<TokenRequest>>,
     pub jwks_hits: AtomicUsize,
 }
 
