@@ -91,10 +91,10 @@ impl Exchanger {
     ) -> Result<String, AuthError> {
         let key = cache_key(subject, audience, scope);
         let now = unix_now();
-        if let Some((tok, until)) = self.cache.lock().get(&key).cloned() {
-            if until > now {
-                return Ok(tok.to_string());
-            }
+        // The guard must be gone before the await below (its future is spawned on any thread).
+        let cached = self.cache.lock().get(&key).cloned();
+        if let Some((tok, _)) = cached.filter(|(_, until)| *until > now) {
+            return Ok(tok.to_string());
         }
         let issued = self.request(subject, audience, scope).await?;
         if let Some(ttl) = issued.expires_in {
@@ -108,20 +108,7 @@ impl Exchanger {
     }
 
     async fn request(&self, subject: &str, audience: &str, scope: Option<&str>) -> Result<Issued, AuthError> {
-        let mut form = url::form_urlencoded::Serializer::new(String::new());
-        form.append_pair("grant_type", GRANT_TYPE)
-            .append_pair("subject_token", subject)
-            .append_pair("subject_token_type", ACCESS_TOKEN_TYPE)
-            .append_pair("requested_token_type", ACCESS_TOKEN_TYPE)
-            .append_pair("audience", audience);
-        // An audience that is a URL is also the target's resource indicator (RFC 8707).
-        if url::Url::parse(audience).is_ok_and(|u| matches!(u.scheme(), "http" | "https")) {
-            form.append_pair("resource", audience);
-        }
-        if let Some(s) = scope.filter(|s| !s.is_empty()) {
-            form.append_pair("scope", s);
-        }
-        let body = form.finish();
+        let body = exchange_form(subject, audience, scope);
         self.requests.fetch_add(1, Ordering::Relaxed);
         let auth = self.basic_auth()?;
         let endpoint = self.endpoint.to_string();
@@ -165,6 +152,25 @@ impl Exchanger {
         v.set_sensitive(true);
         Ok(v)
     }
+}
+
+/// The RFC 8693 request body. Built in a plain function: the form serializer is not `Send`
+/// and must not live in the exchange's future.
+fn exchange_form(subject: &str, audience: &str, scope: Option<&str>) -> String {
+    let mut form = url::form_urlencoded::Serializer::new(String::new());
+    form.append_pair("grant_type", GRANT_TYPE)
+        .append_pair("subject_token", subject)
+        .append_pair("subject_token_type", ACCESS_TOKEN_TYPE)
+        .append_pair("requested_token_type", ACCESS_TOKEN_TYPE)
+        .append_pair("audience", audience);
+    // An audience that is a URL is also the target's resource indicator (RFC 8707).
+    if url::Url::parse(audience).is_ok_and(|u| matches!(u.scheme(), "http" | "https")) {
+        form.append_pair("resource", audience);
+    }
+    if let Some(s) = scope.filter(|s| !s.is_empty()) {
+        form.append_pair("scope", s);
+    }
+    form.finish()
 }
 
 fn cache_key(subject: &str, audience: &str, scope: Option<&str>) -> CacheKey {

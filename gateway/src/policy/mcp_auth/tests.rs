@@ -374,3 +374,15 @@ async fn exchange_without_expiry_is_not_cached_and_missing_secret_fails_build() 
     }
     assert_eq!(a.exchange_requests(), 2);
 }
+
+/// The listener shares one authenticator across connections and awaits it inside spawned
+/// tasks: the type must be shareable and its futures `Send` (no lock held across an await).
+#[allow(dead_code)]
+fn authenticator_is_shareable_and_futures_are_send(a: &Authenticator, h: &HeaderMap, g: &Grant) {
+    fn shared<T: Send + Sync>(_: &T) {}
+    fn send<F: Send>(_: F) {}
+    shared(a);
+    shared(g);
+    send(a.authenticate(h));
+    send(a.exchange(g, "urn:x", None));
+}
