@@ -13,6 +13,7 @@ pub mod gemini;
 pub mod kube;
 pub mod mock;
 pub mod netns;
+pub mod oauth;
 pub mod openai;
 pub mod otlp;
 pub mod prom;
