@@ -33,7 +33,7 @@ pub struct ProviderConfig {
 }
 
 /// Where a provider key lives. Exactly one of `env` and `file`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct CredentialSource {
     /// Environment variable holding the key (read at start).

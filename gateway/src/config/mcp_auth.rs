@@ -29,7 +29,7 @@ use super::CredentialSource;
 
 /// Token checks and discovery metadata of one MCP endpoint. One per federation: each endpoint
 /// is its own protected resource with its own audience.
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct McpAuthConfig {
     /// Authorization server that issues tokens for this endpoint: advertised to clients in the
@@ -138,7 +138,7 @@ impl JwtAlgorithm {
 }
 
 /// One scope and the tools it grants.
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ToolScope {
     /// Scope value as it appears in the token's `scope` claim.
@@ -148,7 +148,7 @@ pub struct ToolScope {
 }
 
 /// Where and as whom tollgate exchanges tokens (RFC 8693).
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenExchangeConfig {
     /// The authorization server's token endpoint.

@@ -11,6 +11,7 @@ pub struct FederationMetrics {
     reinits: IntCounterVec,
     collisions: IntCounterVec,
     sessions: IntGaugeVec,
+    auth_refusals: IntCounterVec,
 }
 
 impl FederationMetrics {
@@ -48,12 +49,20 @@ impl FederationMetrics {
             Opts::new("tollgate_mcp_federation_sessions", "Client sessions open on a federation endpoint"),
             &["federation"],
         )?;
+        let auth_refusals = IntCounterVec::new(
+            Opts::new(
+                "tollgate_mcp_auth_refusals_total",
+                "Requests a federation endpoint refused for their bearer token (401/403/503), by reason",
+            ),
+            &["federation", "reason"],
+        )?;
+        registry.register(Box::new(auth_refusals.clone()))?;
         registry.register(Box::new(up.clone()))?;
         registry.register(Box::new(restarts.clone()))?;
         registry.register(Box::new(reinits.clone()))?;
         registry.register(Box::new(collisions.clone()))?;
         registry.register(Box::new(sessions.clone()))?;
-        Ok(FederationMetrics { up, restarts, reinits, collisions, sessions })
+        Ok(FederationMetrics { up, restarts, reinits, collisions, sessions, auth_refusals })
     }
 
     /// An upstream became reachable (or not).
@@ -76,6 +85,11 @@ impl FederationMetrics {
         if n > 0 {
             self.collisions.with_label_values(&[federation]).inc_by(n as u64);
         }
+    }
+
+    /// A request was refused for its token (`reason`: a fixed set of labels).
+    pub fn auth_refused(&self, federation: &str, reason: &str) {
+        self.auth_refusals.with_label_values(&[federation, reason]).inc();
     }
 
     /// Live client sessions of a federation.

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use super::names::{merge_named, merge_uris, split_prefixed, Listed, Merged, Route};
 use super::session::{new_id, Session};
 use super::upstream::{negotiate, Ask, CallError};
-use super::{json_response, Federation};
+use super::{json_response, Caller, Federation};
 use crate::config::federation::ToolNaming;
 use crate::protocol::http::{L7Context, ProxyBody};
 use crate::protocol::mcp::jsonrpc::{error_message, TOOL_DENIED_CODE};
@@ -53,8 +53,15 @@ impl Kind {
     }
 }
 
-fn call_record(ctx: &L7Context, fed: &Federation, path: &str, method: &str, traceparent: Option<&str>) -> McpCall {
-    let mut c = McpCall::new(ctx.agent.clone(), ctx.route.clone(), "POST", path, method.to_string());
+fn call_record(
+    ctx: &L7Context,
+    fed: &Federation,
+    caller: &Caller,
+    path: &str,
+    method: &str,
+    traceparent: Option<&str>,
+) -> McpCall {
+    let mut c = McpCall::new(caller.agent.clone(), ctx.route.clone(), "POST", path, method.to_string());
     c.server = Some(format!("tollgate-federation-{}", fed.name));
     c.traceparent = traceparent.map(str::to_string);
     if ctx.reporter.telemetry().tracing() {
@@ -65,9 +72,12 @@ fn call_record(ctx: &L7Context, fed: &Federation, path: &str, method: &str, trac
 
 /// `initialize`: open a session, initialise every upstream for it (concurrently; a server that
 /// fails is left out until a later request reaches it), answer with the merged capabilities.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn initialize(
     ctx: &L7Context,
     fed: &Arc<Federation>,
+    caller: &Caller,
+    bearers: &[Option<String>],
     msg: &Value,
     path: &str,
     traceparent: Option<&str>,
@@ -76,17 +86,26 @@ pub(super) async fn initialize(
     let params = msg.get("params").cloned().unwrap_or(Value::Null);
     let version = negotiate(params.get("protocolVersion").and_then(Value::as_str));
     let client_info = params.get("clientInfo").cloned().unwrap_or_else(|| json!({"name": "unknown"}));
-    let session = Arc::new(Session::new(new_id(), ctx.agent.name.clone(), client_info, version, fed.servers.len()));
+    let session = Arc::new(Session::new(new_id(), caller.agent.name.clone(), client_info, version, fed.servers.len()));
     let ended = fed.sessions.insert(session.clone());
     fed.close_sessions(ended);
-    let mut call = call_record(ctx, fed, path, "initialize", traceparent);
+    let mut call = call_record(ctx, fed, caller, path, "initialize", traceparent);
     call.request_id = msg.get("id").map(Value::to_string);
     call.session_id = Some(session.id.clone());
     call.client = Some(session.client_label.clone());
     call.protocol_version = Some(version.to_string());
     let tp = call.span_ids.map(|s| s.traceparent());
-    let ask = Ask { client_info: &session.client_info, version, traceparent: tp.as_deref(), bearer: None };
-    let infos = join_all(fed.servers.iter().zip(&session.slots).map(|(s, slot)| s.init_info(slot, &ask))).await;
+    let asks: Vec<Ask> = (0..fed.servers.len())
+        .map(|i| Ask {
+            client_info: &session.client_info,
+            version,
+            traceparent: tp.as_deref(),
+            bearer: bearers.get(i).and_then(Option::as_deref),
+        })
+        .collect();
+    let infos =
+        join_all(fed.servers.iter().zip(&session.slots).zip(&asks).map(|((s, slot), ask)| s.init_info(slot, ask)))
+            .await;
     let mut caps = serde_json::Map::new();
     for (server, info) in fed.servers.iter().zip(&infos) {
         match info {
@@ -131,6 +150,9 @@ pub(super) async fn initialize(
 pub(super) struct Call<'a> {
     pub ctx: &'a L7Context,
     pub fed: &'a Arc<Federation>,
+    pub caller: &'a Caller,
+    /// Token per server (index as in the federation), from the RFC 8693 exchange.
+    pub bearers: &'a [Option<String>],
     pub session: &'a Arc<Session>,
     pub path: &'a str,
     pub traceparent: Option<&'a str>,
@@ -149,7 +171,7 @@ impl Call<'_> {
             return None;
         };
         let params = msg.get("params").cloned().unwrap_or_else(|| json!({}));
-        let mut call = call_record(self.ctx, self.fed, self.path, method, self.traceparent);
+        let mut call = call_record(self.ctx, self.fed, self.caller, self.path, method, self.traceparent);
         call.request_id = Some(id.to_string());
         call.session_id = Some(self.session.id.clone());
         call.client = Some(self.session.client_label.clone());
@@ -169,13 +191,18 @@ impl Call<'_> {
         Some(msg)
     }
 
-    fn ask<'b>(&'b self, tp: &'b Option<String>) -> Ask<'b> {
+    /// What a request to server `i` carries.
+    fn ask<'b>(&'b self, i: usize, tp: &'b Option<String>) -> Ask<'b> {
         Ask {
             client_info: &self.session.client_info,
             version: self.session.version,
             traceparent: tp.as_deref(),
-            bearer: None,
+            bearer: self.bearers.get(i).and_then(Option::as_deref),
         }
+    }
+
+    fn asks<'b>(&'b self, tp: &'b Option<String>) -> Vec<Ask<'b>> {
+        (0..self.fed.servers.len()).map(|i| self.ask(i, tp)).collect()
     }
 
     async fn answer(&self, method: &str, id: &Value, params: Value, call: &mut McpCall) -> Answer {
@@ -214,14 +241,9 @@ impl Call<'_> {
             }
             "completion/complete" => self.complete(id, params, &tp).await,
             "logging/setLevel" => {
-                let ask = self.ask(&tp);
-                let sends = self
-                    .fed
-                    .servers
-                    .iter()
-                    .zip(&self.session.slots)
-                    .map(|(s, slot)| s.request(slot, &ask, method, params.clone()));
-                join_all(sends).await;
+                let asks = self.asks(&tp);
+                let sends = self.fed.servers.iter().zip(&self.session.slots).zip(&asks);
+                join_all(sends.map(|((s, slot), ask)| s.request(slot, ask, method, params.clone()))).await;
                 Ok(json!({}))
             }
             other => Err(error_message(Some(id), METHOD_NOT_FOUND, &format!("Method not found: {other}"), Value::Null)),
@@ -235,12 +257,12 @@ impl Call<'_> {
             return Err(invalid(id, "tools/call needs a tool name"));
         };
         call.tool = Some(name.clone());
-        let ctx = self.ctx;
-        let rules = ctx.policies.mcp_tools();
-        if rules.covers(&ctx.agent, &ctx.groups) {
-            if let Some(rule) = rules.refusal(&ctx.agent, &ctx.groups, &name) {
+        let who = self.caller;
+        let rules = self.ctx.policies.mcp_tools();
+        if rules.covers(&who.agent, &who.groups) {
+            if let Some(rule) = rules.refusal(&who.agent, &who.groups, &name) {
                 call.verdict = McpVerdict::Denied(rule.to_string());
-                let data = json!({"tool": name, "rule": rule, "agent": &*ctx.agent.name});
+                let data = json!({"tool": name, "rule": rule, "agent": &*who.agent.name});
                 return Err(error_message(
                     Some(id),
                     TOOL_DENIED_CODE,
@@ -285,37 +307,37 @@ impl Call<'_> {
         else {
             return Err(invalid(id, "no such server"));
         };
-        server.request(slot, &self.ask(tp), method, params).await.map_err(|e| e.to_message(id, server.name()))
+        let ask = self.ask(route.server, tp);
+        server.request(slot, &ask, method, params).await.map_err(|e| e.to_message(id, server.name()))
     }
 
     /// Every server's full list (pages followed), one entry per server that answered.
     async fn fan_out(&self, method: &str, field: &str, capability: &str, tp: &Option<String>) -> Vec<Listed> {
-        let ask = self.ask(tp);
-        let ask = &ask;
-        let lists =
-            self.fed.servers.iter().zip(&self.session.slots).enumerate().map(|(i, (server, slot))| async move {
-                let info = server.init_info(slot, ask).await?;
-                if !info.has(capability) {
-                    return Ok::<_, CallError>(Listed { server: i, items: Vec::new() });
+        let asks = self.asks(tp);
+        let each = self.fed.servers.iter().zip(&self.session.slots).zip(&asks).enumerate();
+        let lists = each.map(|(i, ((server, slot), ask))| async move {
+            let info = server.init_info(slot, ask).await?;
+            if !info.has(capability) {
+                return Ok::<_, CallError>(Listed { server: i, items: Vec::new() });
+            }
+            let mut items = Vec::new();
+            let mut cursor: Option<String> = None;
+            for _ in 0..MAX_PAGES {
+                let params = match &cursor {
+                    Some(c) => json!({ "cursor": c }),
+                    None => json!({}),
+                };
+                let mut page = server.request(slot, ask, method, params).await?;
+                if let Some(Value::Array(a)) = page.get_mut(field).map(Value::take) {
+                    items.extend(a);
                 }
-                let mut items = Vec::new();
-                let mut cursor: Option<String> = None;
-                for _ in 0..MAX_PAGES {
-                    let params = match &cursor {
-                        Some(c) => json!({ "cursor": c }),
-                        None => json!({}),
-                    };
-                    let mut page = server.request(slot, ask, method, params).await?;
-                    if let Some(Value::Array(a)) = page.get_mut(field).map(Value::take) {
-                        items.extend(a);
-                    }
-                    cursor = page.get("nextCursor").and_then(Value::as_str).map(str::to_string);
-                    if cursor.is_none() {
-                        break;
-                    }
+                cursor = page.get("nextCursor").and_then(Value::as_str).map(str::to_string);
+                if cursor.is_none() {
+                    break;
                 }
-                Ok(Listed { server: i, items })
-            });
+            }
+            Ok(Listed { server: i, items })
+        });
         let mut out = Vec::new();
         for (i, r) in join_all(lists).await.into_iter().enumerate() {
             match r {
@@ -337,15 +359,16 @@ impl Call<'_> {
         let Merged { mut items, routes, .. } = m;
         let mut hidden = 0;
         if let Kind::Tools = kind {
-            let (ctx, rules) = (self.ctx, self.ctx.policies.mcp_tools());
-            if rules.covers(&ctx.agent, &ctx.groups) {
-                let before = items.len();
-                items.retain(|t| {
-                    let n = t.get("name").and_then(Value::as_str).unwrap_or("");
-                    rules.refusal(&ctx.agent, &ctx.groups, n).is_none()
-                });
-                hidden = (before - items.len()) as u32;
-            }
+            let (who, rules) = (self.caller, self.ctx.policies.mcp_tools());
+            let governed = rules.covers(&who.agent, &who.groups);
+            let before = items.len();
+            // The agent's tool rules and the token's scopes both decide what is listed.
+            items.retain(|t| {
+                let n = t.get("name").and_then(Value::as_str).unwrap_or("");
+                (!governed || rules.refusal(&who.agent, &who.groups, n).is_none())
+                    && who.grant.as_ref().is_none_or(|g| g.allows_tool(n).is_ok())
+            });
+            hidden = (before - items.len()) as u32;
         }
         let mut r = self.session.routes.lock();
         match kind {

@@ -29,8 +29,10 @@ use serde_json::{json, Value};
 
 use super::super::http::{L7Context, ProxyBody};
 use super::super::llm::read_request_body;
+use crate::capture::Agent;
 use crate::config::federation::FederationConfig;
 use crate::config::Config;
+use crate::policy::mcp_auth::{Authenticator, Grant};
 use crate::telemetry::federation::FederationMetrics;
 use crate::telemetry::Telemetry;
 use crate::upstream::Upstream;
@@ -52,6 +54,14 @@ pub enum FederationError {
         /// What is wrong.
         message: String,
     },
+    /// The OAuth settings could not be used.
+    #[error("mcp.federations[{federation}].auth: {message}")]
+    Auth {
+        /// Federation name.
+        federation: String,
+        /// What is wrong.
+        message: String,
+    },
 }
 
 /// One federation's runtime: its servers (stdio processes running) and client sessions.
@@ -63,6 +73,7 @@ pub struct Federation {
     server_names: Vec<String>,
     sessions: Sessions,
     metrics: Arc<FederationMetrics>,
+    auth: Option<Authenticator>,
 }
 
 impl Federation {
@@ -102,7 +113,15 @@ impl Federation {
             servers.push(server);
         }
         metrics.set_sessions(&cfg.name, 0);
+        let auth = match &cfg.auth {
+            Some(a) => Some(
+                Authenticator::new(a, client.clone())
+                    .map_err(|e| FederationError::Auth { federation: cfg.name.clone(), message: e.to_string() })?,
+            ),
+            None => None,
+        };
         Ok(Federation {
+            auth,
             name,
             cfg: cfg.clone(),
             server_names: cfg.servers.iter().map(|s| s.name.clone()).collect(),
@@ -167,15 +186,46 @@ impl Federations {
     }
 }
 
+/// Who a request is from: the kernel's agent, or (on an explicit listener, where the kernel
+/// names nobody) the token's `agent_claim`; the OAuth grant when the endpoint asks for one.
+pub(super) struct Caller {
+    agent: Arc<Agent>,
+    groups: Arc<[String]>,
+    grant: Option<Grant>,
+}
+
 /// Serve one request on a federation route.
 pub async fn handle(ctx: &L7Context, fed: &Arc<Federation>, req: Request<Incoming>) -> Response<ProxyBody> {
+    if let Some(auth) = &fed.auth {
+        if req.method() == Method::GET && auth.is_metadata_path(req.uri().path(), &fed.cfg.path) {
+            return auth.metadata_response().map(|b| ProxyBody::Full(Some(b)));
+        }
+    }
     if req.uri().path() != fed.cfg.path {
         let msg = format!("no MCP endpoint at {}; this federation serves {}", req.uri().path(), fed.cfg.path);
         return plain(StatusCode::NOT_FOUND, &msg);
     }
+    let mut caller = Caller { agent: ctx.agent.clone(), groups: ctx.groups.clone(), grant: None };
+    if let Some(auth) = &fed.auth {
+        match auth.authenticate(req.headers()).await {
+            Ok(grant) => {
+                // pid 0: no kernel record (explicit listener); the token names the caller.
+                if let (0, Some(name)) = (ctx.agent.pid, grant.agent.as_deref()) {
+                    caller.agent = Arc::new(Agent::unknown(name));
+                    caller.groups = ctx.policies.groups_of(name);
+                }
+                caller.grant = Some(grant);
+            }
+            Err(refusal) => {
+                fed.metrics.auth_refused(&fed.name, refusal.reason());
+                tracing::info!(target: "audit", federation = %fed.name, agent = %ctx.agent.name, reason = refusal.reason(), "mcp bearer token refused");
+                return refusal.response(&metadata_url(fed, auth, req.headers())).map(|b| ProxyBody::Full(Some(b)));
+            }
+        }
+    }
     match *req.method() {
-        Method::POST => post(ctx, fed, req).await,
-        Method::DELETE => delete(ctx, fed, &req),
+        Method::POST => post(ctx, fed, &caller, req).await,
+        Method::DELETE => delete(fed, &caller, &req),
         _ => {
             // No server-initiated stream: the transport lets a server answer GET with 405.
             let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "this MCP endpoint offers no server stream; use POST");
@@ -183,6 +233,15 @@ pub async fn handle(ctx: &L7Context, fed: &Arc<Federation>, req: Request<Incomin
             r
         }
     }
+}
+
+/// `resource_metadata` of the challenges: from the configured resource, else from the request's
+/// own host and path.
+fn metadata_url(fed: &Federation, auth: &Authenticator, headers: &http::HeaderMap) -> String {
+    auth.resource_metadata_url().unwrap_or_else(|| {
+        let host = headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+        format!("http://{host}{}{}", crate::policy::mcp_auth::METADATA_PREFIX, fed.cfg.path)
+    })
 }
 
 /// A JSON body response.
@@ -202,7 +261,7 @@ fn plain(status: StatusCode, message: &str) -> Response<ProxyBody> {
     json_response(status, &json!({"error": message}))
 }
 
-async fn post(ctx: &L7Context, fed: &Arc<Federation>, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn post(ctx: &L7Context, fed: &Arc<Federation>, caller: &Caller, req: Request<Incoming>) -> Response<ProxyBody> {
     let t0 = Instant::now();
     let (parts, body) = req.into_parts();
     let bytes = match read_request_body(ctx, &parts.headers, body).await {
@@ -225,7 +284,11 @@ async fn post(ctx: &L7Context, fed: &Arc<Federation>, req: Request<Incoming>) ->
         if batch {
             return rpc_error(StatusCode::BAD_REQUEST, -32600, "tollgate: initialize must be sent alone");
         }
-        return methods::initialize(ctx, fed, &msgs[i], parts.uri.path(), traceparent, t0).await;
+        let bearers = match bearers(fed, caller).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        return methods::initialize(ctx, fed, caller, &bearers, &msgs[i], parts.uri.path(), traceparent, t0).await;
     }
     let first = msgs.first().and_then(|m| m.get("method")).and_then(Value::as_str);
     if sid.is_none() && !batch && first == Some("server/discover") {
@@ -235,14 +298,38 @@ async fn post(ctx: &L7Context, fed: &Arc<Federation>, req: Request<Incoming>) ->
         let m = json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32601, "message": "Method not found: server/discover (this endpoint uses initialize)"}});
         return json_response(StatusCode::OK, &m);
     }
-    let session = match fed.sessions.get(sid, &ctx.agent.name) {
+    let session = match fed.sessions.get(sid, &caller.agent.name) {
         Ok(s) => s,
         Err(e @ SessionError::Missing) => return rpc_error(StatusCode::BAD_REQUEST, -32600, &format!("tollgate: {e}")),
         Err(e @ SessionError::Unknown) => return rpc_error(StatusCode::NOT_FOUND, -32001, &format!("tollgate: {e}")),
     };
+    // Scopes first: a call the token does not grant refuses the whole POST with the step-up
+    // challenge (403 insufficient_scope), before anything is sent.
+    if let (Some(grant), Some(auth)) = (&caller.grant, &fed.auth) {
+        for m in msgs.iter().filter(|m| m.get("method").and_then(Value::as_str) == Some("tools/call")) {
+            let tool = m.pointer("/params/name").and_then(Value::as_str).unwrap_or("");
+            if let Err(missing) = grant.allows_tool(tool) {
+                fed.metrics.auth_refused(&fed.name, "tool_scope");
+                tracing::info!(target: "audit", federation = %fed.name, agent = %caller.agent.name, tool, "mcp tool call outside the token's scopes");
+                return missing.response(&metadata_url(fed, auth, &parts.headers)).map(|b| ProxyBody::Full(Some(b)));
+            }
+        }
+    }
+    let bearers = match bearers(fed, caller).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     let mut answers = Vec::new();
     for m in &msgs {
-        let call = methods::Call { ctx, fed, session: &session, path: parts.uri.path(), traceparent };
+        let call = methods::Call {
+            ctx,
+            fed,
+            caller,
+            bearers: &bearers,
+            session: &session,
+            path: parts.uri.path(),
+            traceparent,
+        };
         if let Some(a) = call.dispatch(m).await {
             answers.push(a);
         }
@@ -262,10 +349,29 @@ async fn post(ctx: &L7Context, fed: &Arc<Federation>, req: Request<Incoming>) ->
     resp
 }
 
+/// The token each server gets (RFC 8693 exchange for servers with `token_audience`; none for
+/// the rest: the caller's own token is never passed on).
+async fn bearers(fed: &Federation, caller: &Caller) -> Result<Vec<Option<String>>, Response<ProxyBody>> {
+    let mut out = vec![None; fed.cfg.servers.len()];
+    let (Some(auth), Some(grant)) = (&fed.auth, &caller.grant) else { return Ok(out) };
+    for (i, s) in fed.cfg.servers.iter().enumerate() {
+        let Some(aud) = &s.token_audience else { continue };
+        match auth.exchange(grant, aud, s.token_scope.as_deref()).await {
+            Ok(t) => out[i] = t,
+            Err(e) => {
+                tracing::warn!(federation = %fed.name, server = %s.name, error = %e, "token exchange failed");
+                let msg = format!("tollgate: token exchange for upstream MCP server {} failed", s.name);
+                return Err(rpc_error(StatusCode::BAD_GATEWAY, -32603, &msg));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// End a client session and its upstream sessions.
-fn delete(ctx: &L7Context, fed: &Arc<Federation>, req: &Request<Incoming>) -> Response<ProxyBody> {
+fn delete(fed: &Arc<Federation>, caller: &Caller, req: &Request<Incoming>) -> Response<ProxyBody> {
     let sid = req.headers().get("mcp-session-id").and_then(|v| v.to_str().ok());
-    match sid.and_then(|id| fed.sessions.remove(id, &ctx.agent.name)) {
+    match sid.and_then(|id| fed.sessions.remove(id, &caller.agent.name)) {
         Some(s) => {
             fed.close_sessions(vec![s]);
             Response::new(ProxyBody::Full(None))
