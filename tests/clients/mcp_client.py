@@ -29,9 +29,15 @@ async def run(a) -> dict:
         kwargs["mode"] = a.mode
     out = {"calls": []}
     server = a.url
+    headers = {}
     if a.traceparent:
         # The agent's own trace: tollgate continues it and names its span as the server's parent.
-        http = create_mcp_http_client(headers={"traceparent": a.traceparent})
+        headers["traceparent"] = a.traceparent
+    if a.bearer:
+        # An OAuth access token obtained out of band (the federation endpoint checks it).
+        headers["Authorization"] = f"Bearer {a.bearer}"
+    if headers:
+        http = create_mcp_http_client(headers=headers)
         server = streamable_http_client(a.url, http_client=http)
     if a.sse:
         # Legacy HTTP+SSE transport: GET /sse stream, POST /messages/?session_id=...
@@ -63,6 +69,7 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds")
     p.add_argument("--sse", action="store_true", help="legacy HTTP+SSE transport (--url .../sse)")
     p.add_argument("--traceparent", default=None, help="W3C traceparent sent on every request")
+    p.add_argument("--bearer", default=None, help="OAuth access token sent on every request")
     a = p.parse_args()
     try:
         print(json.dumps(asyncio.run(asyncio.wait_for(run(a), a.timeout))))

@@ -84,6 +84,11 @@ def main() -> None:
                 with open(a.log, "a") as f:
                     line = {"traceparent": tp.decode(), "method": scope["method"], "path": scope["path"]}
                     f.write(json.dumps(line) + "\n")
+            authz = h.get(b"authorization")
+            if authz is not None:
+                # Which token reached the server (a federation must never pass the client's on).
+                with open(a.log, "a") as f:
+                    f.write(json.dumps({"authorization": authz.decode(), "method": scope["method"]}) + "\n")
         await app(scope, receive, send)
 
     uvicorn.run(traced, host=a.host, port=a.port, log_level="warning")

@@ -17,6 +17,7 @@ use tollgate_e2e::{anyhow, bail, ensure, free_port, wait_for, Context, Result};
 use crate::support::{env, wait_metric, Env};
 
 mod federation;
+mod oauth;
 
 const SERVER_IP: &str = "127.0.0.2";
 /// The agent's own trace, continued by tollgate's MCP spans.
@@ -63,6 +64,10 @@ impl McpServer {
     /// Every line the server logged: tool calls and the `traceparent` of each request.
     fn log(&self) -> Vec<Value> {
         read_log(&self.log)
+    }
+
+    fn log_path(&self) -> &std::path::Path {
+        &self.log
     }
 
     fn tool_calls(&self, tool: &str) -> Vec<Value> {
