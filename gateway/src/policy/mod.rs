@@ -14,6 +14,7 @@ pub mod chain;
 mod circuit;
 pub mod guards;
 pub mod limits;
+pub mod mcp_limits;
 pub mod mcp_tools;
 pub mod subjects;
 
