@@ -160,13 +160,24 @@ mod tests {
             let c: McpConfig = serde_yaml_ng::from_str(yaml).expect("parse");
             c.validate().expect_err("invalid").0
         };
-        assert_eq!(bad("tool_limits: [{name: a, limit: 1, window: 1m}, {name: a, limit: 1, window: 1m}]"), "tool_limits[1].name");
+        assert_eq!(
+            bad("tool_limits: [{name: a, limit: 1, window: 1m}, {name: a, limit: 1, window: 1m}]"),
+            "tool_limits[1].name"
+        );
         assert_eq!(bad("tool_limits: [{name: a, tools: [x, '['], limit: 1, window: 1m}]"), "tool_limits[0].tools[1]");
-        assert_eq!(bad("tool_limits: [{name: a, match: {agent: '[x'}, limit: 1, window: 1m}]"), "tool_limits[0].match.agent");
+        assert_eq!(
+            bad("tool_limits: [{name: a, match: {agent: '[x'}, limit: 1, window: 1m}]"),
+            "tool_limits[0].match.agent"
+        );
         assert_eq!(bad("tool_limits: [{name: a, limit: 0, window: 1m}]"), "tool_limits[0].limit");
         assert_eq!(bad("tool_limits: [{name: a, limit: 1, window: 10ms}]"), "tool_limits[0].window");
-        assert_eq!(bad("tool_limits: [{name: a, limit: 1, window: month, algorithm: sliding}]"), "tool_limits[0].algorithm");
-        assert!(serde_yaml_ng::from_str::<McpConfig>("tool_limits: [{name: a, limit: 1, window: 1m, typo: 1}]").is_err());
+        assert_eq!(
+            bad("tool_limits: [{name: a, limit: 1, window: month, algorithm: sliding}]"),
+            "tool_limits[0].algorithm"
+        );
+        assert!(
+            serde_yaml_ng::from_str::<McpConfig>("tool_limits: [{name: a, limit: 1, window: 1m, typo: 1}]").is_err()
+        );
         assert!(serde_yaml_ng::from_str::<McpConfig>("tool_limits: [{name: a, limit: 1.5, window: 1m}]").is_err());
         assert!(serde_yaml_ng::from_str::<McpConfig>("tool_limits: [{name: a, limit: 1}]").is_err(), "window required");
     }

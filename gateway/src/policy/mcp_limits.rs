@@ -90,7 +90,8 @@ impl Rule {
     /// The counter `tool` called by `agent` draws on, when the rule covers the call (and the
     /// key's identity, a group or namespace, exists).
     fn counter(&self, agent: &Agent, groups: &[String], tool: &str) -> Option<String> {
-        if !self.subjects.covers(agent, groups) || !(self.tools.is_empty() || self.tools.iter().any(|p| p.matches(tool)))
+        if !self.subjects.covers(agent, groups)
+            || !(self.tools.is_empty() || self.tools.iter().any(|p| p.matches(tool)))
         {
             return None;
         }
@@ -119,8 +120,8 @@ impl ToolLimits {
         let mut rules = Vec::with_capacity(cfg.tool_limits.len());
         for (i, l) in cfg.tool_limits.iter().enumerate() {
             let at = format!("mcp.tool_limits[{i}]");
-            let limit =
-                CallLimit::new(FEATURE, &l.name, &l.as_limit()).map_err(|source| ToolLimitError::Limit { index: i, source })?;
+            let limit = CallLimit::new(FEATURE, &l.name, &l.as_limit())
+                .map_err(|source| ToolLimitError::Limit { index: i, source })?;
             rules.push(Rule {
                 subjects: Subjects::compile(&at, &l.subjects)?,
                 tools: globs(&format!("{at}.tools"), &l.tools)?,

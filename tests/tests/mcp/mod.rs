@@ -16,6 +16,8 @@ use tollgate_e2e::{anyhow, bail, ensure, free_port, wait_for, Context, Result};
 
 use crate::support::{env, wait_metric, Env};
 
+mod limits;
+
 const SERVER_IP: &str = "127.0.0.2";
 /// The agent's own trace, continued by tollgate's MCP spans.
 const TRACE: &str = "4d4350000000000000000000000000c0";

@@ -356,10 +356,8 @@ impl Limiter {
     pub async fn check_calls(&self, hits: &[(&CallLimit, String)]) -> Decision {
         let now = self.inner.time.now_ms();
         let prefix = &self.inner.prefix;
-        let slots: Vec<Slot> = hits
-            .iter()
-            .map(|(l, who)| Slot::new(&l.rule, format!("{prefix}{}|{who}", l.key_base), 1, now))
-            .collect();
+        let slots: Vec<Slot> =
+            hits.iter().map(|(l, who)| Slot::new(&l.rule, format!("{prefix}{}|{who}", l.key_base), 1, now)).collect();
         self.reserve_slots(&slots, now).await
     }
 

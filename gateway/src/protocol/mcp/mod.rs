@@ -14,6 +14,7 @@
 pub mod body;
 pub mod jsonrpc;
 pub mod legacy;
+mod refusal;
 pub mod session;
 
 use std::time::Instant;
@@ -27,7 +28,7 @@ use serde_json::Value;
 
 use super::http::{forward, prepare, prepare_uri, send, L7Context, ProxyBody};
 use super::llm::read_request_body;
-use crate::policy::mcp_limits::{ToolAdmission, ToolLimited};
+use crate::policy::mcp_limits::ToolLimited;
 use crate::telemetry::mcp::{McpCall, McpVerdict};
 use crate::telemetry::SpanIds;
 use body::{Exchange, McpBody, ToolFilter};
@@ -218,18 +219,9 @@ async fn post(ctx: &L7Context, req: Request<Incoming>) -> Response<ProxyBody> {
     // before any is kept: one over its limit refuses the whole body, and the others' counts
     // are given back (nothing was sent).
     if limited {
-        let mut held = Vec::new();
-        for (i, (c, _)) in calls.iter_mut().enumerate().filter(|(_, (c, _))| c.method == "tools/call") {
-            match limits.reserve(&ctx.agent, &ctx.groups, c.tool.as_deref().unwrap_or("")).await {
-                Ok(a) => held.push(a),
-                Err(l) => {
-                    c.verdict = McpVerdict::RateLimited(l.rule.clone());
-                    drop(held);
-                    return refuse(ctx, &parts, &msgs, calls, t0, batch, stream.as_deref(), Some((i, l)));
-                }
-            }
+        if let Some(over) = refusal::count_calls(&limits, &ctx.agent, &ctx.groups, &mut calls).await {
+            return refuse(ctx, &parts, &msgs, calls, t0, batch, stream.as_deref(), Some(over));
         }
-        held.into_iter().for_each(ToolAdmission::keep);
     }
     if let Some(s) = &stream {
         let lists = calls.iter().filter(|(c, _)| c.method == "tools/list").filter_map(|(c, _)| c.request_id.clone());
@@ -309,37 +301,9 @@ fn refuse(
         (true, None) => StatusCode::FORBIDDEN,
         _ => StatusCode::OK,
     };
-    let agent = &*ctx.agent.name;
-    let (others_code, others) = match limited {
-        Some(_) => (jsonrpc::TOOL_RATE_LIMITED_CODE, "a rate-limited"),
-        None => (jsonrpc::TOOL_DENIED_CODE, "a denied"),
-    };
-    let mut answers = Vec::new();
-    for (i, m) in msgs.iter().enumerate() {
-        let Some(id) = &m.raw_id else { continue };
-        let verdict = calls.get(i).map(|(c, _)| (&c.verdict, c.tool.as_deref().unwrap_or("")));
-        answers.push(match (verdict, &limited) {
-            (Some((McpVerdict::Denied(rule), tool)), _) => jsonrpc::tool_denied(Some(id), tool, rule, agent),
-            (Some((McpVerdict::RateLimited(_), tool)), Some((at, l))) if *at == i => {
-                jsonrpc::tool_rate_limited(Some(id), tool, agent, l)
-            }
-            _ => {
-                let message = format!("tollgate: not sent: the batch contains {others} tool call");
-                jsonrpc::error_message(Some(id), others_code, &message, Value::Null)
-            }
-        });
-        if let Some((c, answered)) = calls.get_mut(i) {
-            *answered = true;
-            c.duration = t0.elapsed();
-            c.status = status.as_u16();
-            if !c.verdict.refused() {
-                c.error = Some(format!("not sent: batch with {others} tool call"));
-            }
-        }
-    }
+    let answers = refusal::answers(&ctx.agent.name, msgs, &mut calls, limited.as_ref(), status.as_u16());
     for (c, _) in calls.iter_mut() {
         c.duration = t0.elapsed();
-        c.status = status.as_u16();
     }
     drop(exchange(ctx, calls, t0, None));
     let bytes = match stream {
@@ -350,6 +314,7 @@ fn refuse(
             Vec::new()
         }
         _ => {
+            let mut answers = answers;
             let body = if batch { Value::Array(answers) } else { answers.pop().unwrap_or(Value::Null) };
             serde_json::to_vec(&body).unwrap_or_default()
         }
