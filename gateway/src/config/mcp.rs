@@ -24,8 +24,11 @@ use serde::{Deserialize, Serialize};
 use super::governance::{check_globs, check_match, check_rule_name, AccessMatch};
 use super::limits::{CountKind, LimitAlgorithm, LimitKeyBy, LimitRuleConfig, LimitWindow};
 
+/// Default of [`McpConfig::max_sessions`].
+pub const DEFAULT_MAX_SESSIONS: usize = 4096;
+
 /// Root of the `mcp` section.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct McpConfig {
     /// Tool rules: which MCP tools an agent, group or namespace may list and call. Every rule
@@ -35,6 +38,16 @@ pub struct McpConfig {
     /// backend: this node, or Redis shared by the fleet). Every limit covering a call must have
     /// room for it.
     pub tool_limits: Vec<McpToolLimit>,
+    /// Streamable HTTP sessions whose client/server implementations are remembered (for the
+    /// log lines of their later requests); past it an arbitrary one is forgotten, so sessions
+    /// never ended with a DELETE cannot grow memory. Applied at start and on every reload.
+    pub max_sessions: usize,
+}
+
+impl Default for McpConfig {
+    fn default() -> Self {
+        McpConfig { tools: Vec::new(), tool_limits: Vec::new(), max_sessions: DEFAULT_MAX_SESSIONS }
+    }
 }
 
 /// One call-rate limit: whose `tools/call` requests it counts, for which tools, and how many
@@ -104,6 +117,9 @@ impl McpConfig {
     /// Checks serde cannot express: unique non-empty rule names and globs that compile.
     /// Errors are `(field path below mcp, message)` so the loader can point at the line.
     pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.max_sessions == 0 {
+            return Err(("max_sessions".into(), "must be at least 1".into()));
+        }
         for (i, r) in self.tools.iter().enumerate() {
             let at = format!("tools[{i}]");
             check_rule_name(&at, &r.name, self.tools[..i].iter().map(|o| o.name.as_str()))?;
@@ -135,6 +151,9 @@ mod tests {
         let c: McpConfig = serde_yaml_ng::from_str("tools: [{name: a, match: {group: '[x'}}]").expect("parse");
         assert_eq!(c.validate().unwrap_err().0, "tools[0].match.group");
         assert!(serde_yaml_ng::from_str::<McpConfig>("tools: [{name: a, typo: 1}]").is_err());
+        let c: McpConfig = serde_yaml_ng::from_str("max_sessions: 0").expect("parse");
+        assert_eq!(c.validate().unwrap_err().0, "max_sessions");
+        assert_eq!(serde_yaml_ng::from_str::<McpConfig>("tools: []").expect("parse").max_sessions, 4096);
     }
 
     #[test]
