@@ -2,7 +2,11 @@
 tools, calls each `--call NAME JSON_ARGS`, and prints one JSON object on stdout:
 
     {"server": {...}, "protocol_version": "...", "tools": [names],
-     "calls": [{"tool": ..., "ok": bool, "result": text | null, "error": {"code", "message"} | null}]}
+     "calls": [{"tool": ..., "ok": bool, "result": text | null,
+                "error": {"code", "message", "data"} | null}]}
+
+A JSON-RPC error (tollgate's refusals among them) is reported with its code, message and data
+(`null` when the error carried none), so scenarios can check what tollgate answered.
 
     python mcp_client.py --url http://127.0.0.2:8000/mcp --call get_weather '{"city": "Paris"}'
 """
@@ -56,7 +60,7 @@ async def run(a) -> dict:
                     {"tool": name, "ok": not r.is_error, "result": text_of(r), "error": None}
                 )
             except MCPError as e:
-                err = {"code": e.error.code, "message": e.error.message}
+                err = {"code": e.error.code, "message": e.error.message, "data": e.error.data}
                 out["calls"].append({"tool": name, "ok": False, "result": None, "error": err})
     return out
 

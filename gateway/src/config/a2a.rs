@@ -20,12 +20,25 @@ use serde::{Deserialize, Serialize};
 
 use super::governance::{check_globs, check_match, check_rule_name, AccessMatch};
 
+/// Default of [`A2aConfig::max_cards`].
+pub const DEFAULT_MAX_CARDS: usize = 4096;
+
 /// Root of the `a2a` section.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct A2aConfig {
     /// Hop authorization rules (empty: every hop is allowed and only observed).
     pub rules: Vec<A2aRuleConfig>,
+    /// Destinations whose agent card (callee name, skills) is remembered; past it an arbitrary
+    /// one is forgotten (rules also match route names, so no decision changes), so a caller
+    /// fetching cards from many addresses cannot grow memory. Applied at start and on reload.
+    pub max_cards: usize,
+}
+
+impl Default for A2aConfig {
+    fn default() -> Self {
+        A2aConfig { rules: Vec::new(), max_cards: DEFAULT_MAX_CARDS }
+    }
 }
 
 /// One hop rule: which callers it covers and which callees / skills they may (allow) or may not
@@ -60,6 +73,9 @@ pub struct A2aLists {
 /// Checks serde cannot express: unique rule names and globs that compile. Errors are
 /// `(field path, message)` so the loader can point at the line.
 pub fn validate(c: &A2aConfig) -> Result<(), (String, String)> {
+    if c.max_cards == 0 {
+        return Err(("a2a.max_cards".into(), "must be at least 1".into()));
+    }
     for (i, r) in c.rules.iter().enumerate() {
         let at = format!("a2a.rules[{i}]");
         check_rule_name(&at, &r.name, c.rules[..i].iter().map(|o| o.name.as_str()))?;

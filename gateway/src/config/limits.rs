@@ -319,7 +319,7 @@ impl TokenLimitsConfig {
                 return Err((format!("{at}.limits"), "needs at least one limit".into()));
             }
             for (j, l) in p.limits.iter().enumerate() {
-                validate_rule(l).map_err(|(f, m)| (format!("{at}.limits[{j}].{f}"), m))?;
+                l.validate().map_err(|(f, m)| (format!("{at}.limits[{j}].{f}"), m))?;
             }
         }
         Ok(())
@@ -341,6 +341,15 @@ fn validate_match(m: &LimitMatch) -> Result<(), (String, String)> {
         }
     }
     Ok(())
+}
+
+impl LimitRuleConfig {
+    /// Checks of one limit (whole positive counts, windows of at least a second, calendar
+    /// windows fixed); the error names the field below the limit. Public because MCP tool-call
+    /// limits are limits of this engine too and must be held to the same rules.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        validate_rule(self)
+    }
 }
 
 fn validate_rule(l: &LimitRuleConfig) -> Result<(), (String, String)> {

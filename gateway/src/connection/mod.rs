@@ -110,6 +110,9 @@ impl Generation {
         let gateway = Arc::new(Gateway::new(&config)?);
         let policies = Arc::new(Policies::build(&config, telemetry).await?);
         let limiter_id = crate::telemetry::governance::next_limiter_id();
+        // Process-wide tables (they outlive a generation) take this generation's bounds.
+        crate::protocol::mcp::session::set_max(config.mcp.max_sessions);
+        crate::protocol::a2a::set_max_cards(config.a2a.max_cards);
         let kept = previous.map(|p| &*p.federations);
         let federations = Arc::new(Federations::build(&config, &upstream, telemetry, kept)?);
         Ok(Generation { config, agents, upstream, gateway, policies, limiter_id, federations })

@@ -15,6 +15,7 @@ mod circuit;
 pub mod guards;
 pub mod limits;
 pub mod mcp_auth;
+pub mod mcp_limits;
 pub mod mcp_tools;
 pub mod subjects;
 

@@ -58,6 +58,12 @@ impl Subjects {
             && self.group.as_ref().is_none_or(|p| groups.iter().any(|g| p.matches(g)))
             && self.namespace.as_ref().is_none_or(|p| namespace(agent).is_some_and(|n| p.matches(n)))
     }
+
+    /// The first of `groups` the rule's group pattern accepts (the first group when it has
+    /// none): the counter a limit keyed by group draws on, chosen like the token limits do.
+    pub fn group_of<'g>(&self, groups: &'g [String]) -> Option<&'g str> {
+        groups.iter().find(|g| self.group.as_ref().is_none_or(|p| p.matches(g))).map(String::as_str)
+    }
 }
 
 /// The agent's Kubernetes namespace, when it runs in a pod tollgate knows.

@@ -55,6 +55,9 @@ pub enum McpVerdict {
     Allowed,
     /// A `tools/call` refused by the named rule; never sent to the server.
     Denied(String),
+    /// A `tools/call` the rules allow but the named tool-call limit (`mcp.tool_limits`)
+    /// refused for now; never sent to the server.
+    RateLimited(String),
 }
 
 impl McpVerdict {
@@ -64,7 +67,21 @@ impl McpVerdict {
             McpVerdict::None => "none",
             McpVerdict::Allowed => "allowed",
             McpVerdict::Denied(_) => "denied",
+            McpVerdict::RateLimited(_) => "rate_limited",
         }
+    }
+
+    /// The rule that refused the call, if one did.
+    pub fn rule(&self) -> Option<&str> {
+        match self {
+            McpVerdict::Denied(r) | McpVerdict::RateLimited(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// Whether tollgate refused the call itself (denied or rate limited).
+    pub fn refused(&self) -> bool {
+        self.rule().is_some()
     }
 }
 
@@ -149,11 +166,13 @@ impl McpCall {
         }
     }
 
-    /// `error.type` per the semconv: the JSON-RPC error code, `denied`, the HTTP status, or
-    /// `transport`; `None` when the request succeeded.
+    /// `error.type` per the semconv: `tool_denied`, `tool_rate_limited`, the JSON-RPC error
+    /// code, the HTTP status, or `transport`; `None` when the request succeeded.
     pub fn error_type(&self) -> Option<String> {
-        if matches!(self.verdict, McpVerdict::Denied(_)) {
-            return Some("tool_denied".into());
+        match self.verdict {
+            McpVerdict::Denied(_) => return Some("tool_denied".into()),
+            McpVerdict::RateLimited(_) => return Some("tool_rate_limited".into()),
+            _ => {}
         }
         if let Some(c) = self.error_code {
             return Some(c.to_string());
@@ -164,10 +183,11 @@ impl McpCall {
         self.error.as_ref().map(|_| "transport".into())
     }
 
-    /// `outcome` label: ok, denied, error (JSON-RPC), http_error, transport_error.
+    /// `outcome` label: ok, denied, rate_limited, error (JSON-RPC), http_error, transport_error.
     pub fn outcome(&self) -> &'static str {
         match (&self.verdict, self.error_code, self.status, &self.error) {
             (McpVerdict::Denied(_), ..) => "denied",
+            (McpVerdict::RateLimited(_), ..) => "rate_limited",
             (_, Some(_), ..) => "error",
             (_, _, s, _) if s >= 400 => "http_error",
             (_, _, _, Some(_)) => "transport_error",
@@ -309,29 +329,31 @@ fn hex(b: &[u8]) -> String {
 
 impl Telemetry {
     /// An MCP request ended: metrics, span, access-log line, and an audit line when the tool
-    /// rules refused it.
+    /// rules or tool-call limits refused it.
     pub fn mcp_call(&self, c: &McpCall) {
         let agent = self.metrics.agent_label(&c.agent.name);
         self.mcp.record(&agent, c);
-        if let McpVerdict::Denied(rule) = &c.verdict {
-            self.governance.denial(&agent, "mcp_tools", rule);
+        let refusal = match &c.verdict {
+            McpVerdict::Denied(rule) => Some(("mcp_tools", rule, "mcp tool call denied")),
+            McpVerdict::RateLimited(rule) => Some(("mcp_tool_limits", rule, "mcp tool call rate limited")),
+            _ => None,
+        };
+        if let Some((policy, rule, what)) = refusal {
+            self.governance.denial(&agent, policy, rule);
             tracing::info!(
                 target: "audit",
                 agent = %c.agent.name,
                 route = %c.route,
                 tool = c.tool.as_deref().unwrap_or(""),
-                policy = "mcp_tools",
+                policy = policy,
                 rule = %rule,
-                "mcp tool call denied"
+                "{what}"
             );
         }
         if let Some(t) = &self.tracer {
             mcp_span(t, c);
         }
-        let rule = match &c.verdict {
-            McpVerdict::Denied(r) => Some(r.as_str()),
-            _ => None,
-        };
+        let rule = c.verdict.rule();
         let line = McpLine {
             ts: epoch_secs(c.start),
             kind: "mcp",
@@ -394,8 +416,8 @@ fn mcp_span(t: &super::trace::Tracer, c: &McpCall) {
     if c.method == "tools/call" {
         attrs.push(KeyValue::new(attr::OPERATION, "execute_tool"));
     }
-    if let McpVerdict::Denied(rule) = &c.verdict {
-        attrs.push(KeyValue::new("tollgate.rule", rule.clone()));
+    if let Some(rule) = c.verdict.rule() {
+        attrs.push(KeyValue::new("tollgate.rule", rule.to_string()));
     }
     if let Some((host, port)) = &c.server_address {
         attrs.push(KeyValue::new(attr::SERVER_ADDRESS, host.clone()));
@@ -440,8 +462,16 @@ mod tests {
         m.record("a", &c);
         c.tool = Some("third".into());
         m.record("a", &c);
+        c.tool = Some("get_weather".into());
+        c.verdict = McpVerdict::RateLimited("budget".into());
+        m.record("a", &c);
         let text = prometheus::TextEncoder::new().encode_to_string(&reg.gather()).expect("encode");
         assert!(text.contains(r#"tollgate_mcp_tool_calls_total{agent="a",tool="get_weather",verdict="allowed"} 1"#));
+        assert!(
+            text.contains(r#"tollgate_mcp_tool_calls_total{agent="a",tool="get_weather",verdict="rate_limited"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"method="tools/call",outcome="rate_limited",route="r"} 1"#), "{text}");
         assert!(text.contains(r#"tollgate_mcp_tool_calls_total{agent="a",tool="delete_file",verdict="denied"} 1"#));
         assert!(text.contains(r#"tool="other",verdict="denied"} 1"#), "{text}");
         assert!(

@@ -93,6 +93,7 @@ fn mcp_c_federation_of_http_and_stdio_servers_with_the_real_sdk() -> Result<()> 
         ],
         "mcp": {
             "tools": [{"name": "a-no-delete", "match": {"agent": "fed-a"}, "deny": ["*__delete_file"]}],
+            "tool_limits": [{"name": "b-weather", "match": {"agent": "fed-b"}, "tools": ["web__get_weather"], "limit": 1, "window": "1m"}],
             "federations": [{
                 "name": "tools",
                 "servers": [
@@ -133,12 +134,20 @@ fn mcp_c_federation_of_http_and_stdio_servers_with_the_real_sdk() -> Result<()> 
     );
     ensure!(a["server"]["name"] == "tollgate-federation-tools", "server info: {a}");
     // Agent B (the SDK's default mode probes server/discover, then falls back) sees all six.
-    let b = client(&gb, &url, "auto", &[("web__delete_file", json!({"path": "/tmp/fed-b"}))], None)?;
+    // B's call-rate limit (one get_weather a minute) applies to the federated name.
+    let weather = ("web__get_weather", json!({"city": "Lima"}));
+    let calls = [("web__delete_file", json!({"path": "/tmp/fed-b"})), weather.clone(), weather];
+    let b = client(&gb, &url, "auto", &calls, None)?;
     ensure!(names(&b).len() == 6, "agent B's federated list: {b}");
     ensure!(b["calls"][0]["result"] == "deleted /tmp/fed-b", "B's delete: {b}");
+    ensure!(b["calls"][1]["result"] == "Sunny in Lima, 21C", "B's first weather call: {b}");
+    ensure!(
+        b["calls"][2]["error"]["code"] == -32029 && b["calls"][2]["error"]["data"]["rule"] == "b-weather",
+        "B's second weather call is over its limit: {b}"
+    );
     let stdio_calls = |tool: &str| read_log(&stdio_log).into_iter().filter(|l| l["tool"] == tool).count();
     ensure!(stdio_calls("add") == 1 && stdio_calls("delete_file") == 0, "stdio log: {:?}", read_log(&stdio_log));
-    ensure!(web.tool_calls("get_weather").len() == 1, "web log: {:?}", web.log());
+    ensure!(web.tool_calls("get_weather").len() == 2, "web log (A's and B's first): {:?}", web.log());
     let deletes = web.tool_calls("delete_file");
     ensure!(deletes.len() == 1 && deletes[0]["args"]["path"] == "/tmp/fed-b", "web deletes: {deletes:?}");
 
@@ -212,6 +221,7 @@ fn mcp_c_federation_of_http_and_stdio_servers_with_the_real_sdk() -> Result<()> 
     let calls_m = "tollgate_mcp_tool_calls_total";
     wait_metric(&t, calls_m, &[("agent", "fed-a"), ("tool", "local__delete_file"), ("verdict", "denied")], 1.0)?;
     wait_metric(&t, calls_m, &[("agent", "fed-b"), ("tool", "web__delete_file"), ("verdict", "allowed")], 1.0)?;
+    wait_metric(&t, calls_m, &[("agent", "fed-b"), ("tool", "web__get_weather"), ("verdict", "rate_limited")], 1.0)?;
     wait_metric(&t, "tollgate_mcp_tools_hidden_total", &[("agent", "fed-a")], 4.0)?;
     wait_metric(&t, "tollgate_mcp_federation_sessions", &[("federation", "tools")], 0.0)?;
     Ok(())

@@ -17,6 +17,7 @@ use tollgate_e2e::{anyhow, bail, ensure, free_port, wait_for, Context, Result};
 use crate::support::{env, wait_metric, Env};
 
 mod federation;
+mod limits;
 mod oauth;
 
 const SERVER_IP: &str = "127.0.0.2";

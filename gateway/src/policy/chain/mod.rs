@@ -38,6 +38,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use crate::capture::Agent;
 use crate::config::Config;
 use crate::policy::a2a_hops::A2aPolicy;
+use crate::policy::mcp_limits::ToolLimits;
 use crate::policy::mcp_tools::ToolRules;
 use crate::protocol::errors::ErrorClass;
 use crate::protocol::llm::api::Api;
@@ -73,6 +74,12 @@ pub enum PolicyError {
     /// MCP tool rules.
     #[error(transparent)]
     McpTools(#[from] crate::policy::mcp_tools::ToolRuleError),
+    /// MCP tool-call limits.
+    #[error(transparent)]
+    McpToolLimits(#[from] crate::policy::mcp_limits::ToolLimitError),
+    /// The limit engine shared by token and tool-call limits (backend, Redis URL).
+    #[error("rate_limits: {0}")]
+    Limiter(#[from] crate::policy::limits::LimitError),
     /// A2A hop rules.
     #[error(transparent)]
     A2aHops(#[from] crate::policy::a2a_hops::A2aPolicyError),
@@ -194,6 +201,8 @@ pub struct Policies {
     limiter: Option<crate::policy::limits::Limiter>,
     /// `mcp.tools`, for the MCP handler (its calls are JSON-RPC, not LLM calls).
     mcp_tools: Arc<ToolRules>,
+    /// `mcp.tool_limits`, counted by `limiter`, for the MCP handler and federation listener.
+    mcp_tool_limits: Arc<ToolLimits>,
     /// `a2a.rules`, for the A2A handler.
     a2a_rules: A2aPolicy,
 }
@@ -217,14 +226,27 @@ impl Policies {
         if let Some(webhooks) = WebhookPolicy::new(config, telemetry.clone())? {
             chain.push(Box::new(webhooks));
         }
-        if !config.rate_limits.policies.is_empty() {
-            let p = RateLimitPolicy::new(config, telemetry.clone()).await?;
-            limiter = Some(p.limiter().clone());
-            chain.push(Box::new(p));
+        // One engine for token and tool-call limits: one Redis connection, one set of local
+        // counters, one backend state.
+        if !config.rate_limits.policies.is_empty() || !config.mcp.tool_limits.is_empty() {
+            limiter = Some(crate::policy::limits::Limiter::new(&config.rate_limits).await?);
+        }
+        if let (false, Some(l)) = (config.rate_limits.policies.is_empty(), &limiter) {
+            chain.push(Box::new(RateLimitPolicy::with_limiter(config, l.clone(), telemetry.clone())?));
         }
         let mcp_tools = Arc::new(ToolRules::new(&config.mcp)?);
+        let mcp_tool_limits = Arc::new(match &limiter {
+            Some(l) if !config.mcp.tool_limits.is_empty() => ToolLimits::new(&config.mcp, l.clone())?,
+            _ => ToolLimits::default(),
+        });
         let a2a_rules = A2aPolicy::new(&config.a2a.rules)?;
-        Ok(Policies { chain, groups, limiter, mcp_tools, a2a_rules })
+        Ok(Policies { chain, groups, limiter, mcp_tools, mcp_tool_limits, a2a_rules })
+    }
+
+    /// The generation's MCP tool-call limits: [`ToolLimits::admit`] before a `tools/call` is
+    /// sent (the MCP handler and the federation listener share them, and their counters).
+    pub fn mcp_tool_limits(&self) -> &Arc<ToolLimits> {
+        &self.mcp_tool_limits
     }
 
     /// The generation's MCP tool rules (shared with the `tools/list` filters of its streams).

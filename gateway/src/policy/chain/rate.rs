@@ -48,8 +48,14 @@ pub struct RateLimitPolicy {
 impl RateLimitPolicy {
     /// A limiter for `config.rate_limits`, costs priced by `config.pricing`.
     pub async fn new(config: &Config, telemetry: Arc<Telemetry>) -> Result<Self, RateLimitError> {
+        Self::with_limiter(config, Limiter::new(&config.rate_limits).await?, telemetry)
+    }
+
+    /// The policy on an engine built for `config.rate_limits` by the caller, which shares it
+    /// with MCP tool-call limits (one backend, one Redis connection).
+    pub fn with_limiter(config: &Config, limiter: Limiter, telemetry: Arc<Telemetry>) -> Result<Self, RateLimitError> {
         Ok(RateLimitPolicy {
-            limiter: Limiter::new(&config.rate_limits).await?,
+            limiter,
             prices: Arc::new(PriceTable::new(&config.pricing)?),
             default_max_tokens: config.rate_limits.default_max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
             telemetry,

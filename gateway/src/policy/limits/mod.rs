@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use crate::config::limits::{CountKind, LimitBackend, OnRedisError, TokenLimitsConfig};
+use crate::config::limits::{CountKind, LimitBackend, LimitRuleConfig, OnRedisError, TokenLimitsConfig};
 use rules::{actual_amount, fits, retry_after_ms, status, Counts, Rules, Slot};
 
 /// Why the engine could not be built or a Redis call failed.
@@ -232,6 +232,39 @@ impl Reservation {
     pub fn is_empty(&self) -> bool {
         self.held.as_ref().is_none_or(|h| h.slots.is_empty())
     }
+
+    /// Makes the reserved amount final without a settle: for limits counting calls
+    /// ([`Limiter::check_calls`]), where a call counts once however it ends.
+    pub fn keep(mut self) {
+        self.held = None;
+    }
+}
+
+/// A limit that a feature matches itself and counts through [`Limiter::check_calls`] (MCP
+/// tool-call limits), on the same counters and backend as the token policies. Compiled once
+/// per config generation.
+#[derive(Debug, Clone)]
+pub struct CallLimit {
+    rule: Arc<rules::CompiledRule>,
+    /// Counter name before the `|who` part: `{feature}:{name}/{count}:{window}`, so features
+    /// and token policies never share a counter and a changed window starts afresh.
+    key_base: String,
+}
+
+impl CallLimit {
+    /// The limit `cfg` of `feature` (e.g. `mcp-tools`), named `name` in rejections; validated
+    /// like a token policy's limit (the error names the field below the limit).
+    pub fn new(feature: &str, name: &str, cfg: &LimitRuleConfig) -> Result<Self, LimitError> {
+        cfg.validate().map_err(|(field, message)| LimitError::Config { field, message })?;
+        let rule = Arc::new(rules::compile_named(name.to_string(), cfg));
+        let key_base = format!("{feature}:{name}/{}:{}", cfg.count.as_str(), cfg.window);
+        Ok(CallLimit { rule, key_base })
+    }
+
+    /// The name rejections carry.
+    pub fn name(&self) -> &str {
+        &self.rule.name
+    }
 }
 
 impl Drop for Reservation {
@@ -310,30 +343,47 @@ impl Limiter {
     /// Checks every limit matching `subject` for room for `est` and reserves it in all of them,
     /// or in none. A call no policy matches is admitted with an empty reservation.
     pub async fn check_and_reserve(&self, subject: &LimitSubject<'_>, est: Estimate) -> Decision {
+        let now = self.inner.time.now_ms();
+        let slots = self.inner.rules.slots(&self.inner.prefix, subject, &est, now);
+        self.reserve_slots(&slots, now).await
+    }
+
+    /// Counts one call in each of `hits` (a [`CallLimit`] and whose counter of it, e.g.
+    /// `a=agent`), all of them or none, with the token policies' backend and `on_redis_error`
+    /// behaviour. Features that match their own calls (MCP tool-call limits) use this so a
+    /// fleet shares their budgets like it shares token budgets. Keep the admission's
+    /// reservation with [`Reservation::keep`]; dropping it gives the calls back.
+    pub async fn check_calls(&self, hits: &[(&CallLimit, String)]) -> Decision {
+        let now = self.inner.time.now_ms();
+        let prefix = &self.inner.prefix;
+        let slots: Vec<Slot> =
+            hits.iter().map(|(l, who)| Slot::new(&l.rule, format!("{prefix}{}|{who}", l.key_base), 1, now)).collect();
+        self.reserve_slots(&slots, now).await
+    }
+
+    async fn reserve_slots(&self, slots: &[Slot], now: u64) -> Decision {
         let inner = &self.inner;
-        let now = inner.time.now_ms();
-        let slots = inner.rules.slots(&inner.prefix, subject, &est, now);
         if slots.is_empty() {
-            return self.admit(Store::Local, &slots, Vec::new());
+            return self.admit(Store::Local, slots, Vec::new());
         }
         if let Some(too_large) = slots.iter().find(|s| s.amount > s.limit) {
             let counts = vec![Counts::default(); slots.len()];
             let retry = too_large.geom.end_ms.saturating_sub(now);
             inc(&inner.stats.rejected);
             return Decision::Reject(Rejection {
-                rule: inner.rules.flat[too_large.rule].name.clone(),
+                rule: too_large.rule.name.clone(),
                 reason: RejectReason::TooLarge,
                 retry_after: Duration::from_millis(retry),
-                status: self.statuses(&slots, &counts, now),
+                status: self.statuses(slots, &counts, now),
             });
         }
         let (store, (admitted, counts)) = match &inner.redis {
-            None => (Store::Local, inner.local.reserve(&slots, now)),
+            None => (Store::Local, inner.local.reserve(slots, now)),
             Some(r) => {
                 let mut state = r.state();
                 if state == BackendState::Redis {
-                    match r.reserve(&slots, now).await {
-                        Ok(res) => return self.decide(Store::Redis, &slots, res, now),
+                    match r.reserve(slots, now).await {
+                        Ok(res) => return self.decide(Store::Redis, slots, res, now),
                         Err(e) => state = inner.redis_failed(&e),
                     }
                 }
@@ -347,10 +397,10 @@ impl Limiter {
                     });
                 }
                 inc(&inner.stats.fallback_decisions);
-                (Store::Local, inner.local.reserve(&slots, now))
+                (Store::Local, inner.local.reserve(slots, now))
             }
         };
-        self.decide(store, &slots, (admitted, counts), now)
+        self.decide(store, slots, (admitted, counts), now)
     }
 
     /// Replaces the reservation's estimate with `actual` in every limit it holds (the bucket it
@@ -384,7 +434,7 @@ impl Limiter {
     }
 
     fn statuses(&self, slots: &[Slot], counts: &[Counts], now: u64) -> Vec<LimitStatus> {
-        slots.iter().zip(counts).map(|(s, c)| status(&self.inner.rules.flat[s.rule], s, *c, now)).collect()
+        slots.iter().zip(counts).map(|(s, c)| status(s, *c, now)).collect()
     }
 
     fn admit(&self, store: Store, slots: &[Slot], status: Vec<LimitStatus>) -> Decision {
@@ -407,11 +457,11 @@ impl Limiter {
             .iter()
             .zip(&counts)
             .filter(|(s, c)| !fits(s, **c))
-            .map(|(s, c)| (s.rule, retry_after_ms(s, *c, now).unwrap_or(0)))
+            .map(|(s, c)| (s.rule.name.clone(), retry_after_ms(s, *c, now).unwrap_or(0)))
             .max_by_key(|(_, w)| *w)
-            .unwrap_or((slots.first().map_or(0, |s| s.rule), 0));
+            .unwrap_or_else(|| (slots.first().map_or_else(|| Arc::from(""), |s| s.rule.name.clone()), 0));
         Decision::Reject(Rejection {
-            rule: self.inner.rules.flat[rule].name.clone(),
+            rule,
             reason: RejectReason::LimitExceeded,
             retry_after: Duration::from_millis(wait.max(1)),
             status,

@@ -183,8 +183,8 @@ pub(super) struct CompiledPolicy {
 /// call reserves. Backends check and add `amount` for all slots of a call atomically.
 #[derive(Debug, Clone)]
 pub(super) struct Slot {
-    /// Index of the rule in [`Rules::flat`].
-    pub rule: usize,
+    /// The limit (a token policy's, or a [`super::CallLimit`]), for names and statuses.
+    pub rule: Arc<CompiledRule>,
     /// Counter name without the bucket suffix.
     pub key: String,
     pub geom: Geometry,
@@ -211,55 +211,52 @@ pub(super) struct Counts {
     pub cur: u64,
 }
 
-/// All compiled policies, plus a flat view of their rules for the slots to point into.
+/// All compiled policies.
 #[derive(Debug)]
 pub(super) struct Rules {
     policies: Vec<CompiledPolicy>,
-    /// Every rule, in policy order.
-    pub flat: Vec<Arc<CompiledRule>>,
 }
 
 impl Rules {
     /// Validates and compiles the config.
     pub(super) fn compile(cfg: &TokenLimitsConfig) -> Result<Self, LimitError> {
         cfg.validate().map_err(|(field, message)| LimitError::Config { field, message })?;
-        let mut policies = Vec::with_capacity(cfg.policies.len());
-        let mut flat = Vec::new();
-        for p in &cfg.policies {
-            let compiled = compile_policy(p)?;
-            flat.extend(compiled.rules.iter().cloned());
-            policies.push(compiled);
-        }
-        Ok(Self { policies, flat })
+        let policies = cfg.policies.iter().map(compile_policy).collect::<Result<_, _>>()?;
+        Ok(Self { policies })
     }
 
-    /// The slots of every limit of every policy `subject` matches.
     /// Whether any policy covers `subject` (cheap: glob matches, no estimate needed).
     pub(super) fn any_match(&self, subject: &LimitSubject<'_>) -> bool {
         self.policies.iter().any(|p| p.matches(subject).is_some())
     }
 
+    /// The slots of every limit of every policy `subject` matches.
     pub(super) fn slots(&self, prefix: &str, subject: &LimitSubject<'_>, est: &Estimate, now_ms: u64) -> Vec<Slot> {
         let mut out = Vec::new();
-        let mut index = 0;
         for p in &self.policies {
-            let n = p.rules.len();
             if let Some(who) = p.matches(subject) {
-                for (i, r) in p.rules.iter().enumerate() {
-                    out.push(Slot {
-                        rule: index + i,
-                        key: format!("{prefix}{}|{who}", r.name),
-                        geom: r.window.geometry(now_ms),
-                        limit: r.limit,
-                        amount: estimate_amount(r.count, est),
-                        count: r.count,
-                        sliding: matches!(r.window, WindowSpec::Sliding(_)),
-                    });
+                for r in &p.rules {
+                    let key = format!("{prefix}{}|{who}", r.name);
+                    out.push(Slot::new(r, key, estimate_amount(r.count, est), now_ms));
                 }
             }
-            index += n;
         }
         out
+    }
+}
+
+impl Slot {
+    /// The slot of `rule`'s counter `key` (prefix included) for a call reserving `amount`.
+    pub(super) fn new(rule: &Arc<CompiledRule>, key: String, amount: u64, now_ms: u64) -> Self {
+        Slot {
+            rule: rule.clone(),
+            key,
+            geom: rule.window.geometry(now_ms),
+            limit: rule.limit,
+            amount,
+            count: rule.count,
+            sliding: matches!(rule.window, WindowSpec::Sliding(_)),
+        }
     }
 }
 
@@ -286,12 +283,17 @@ fn compile_policy(p: &LimitPolicyConfig) -> Result<CompiledPolicy, LimitError> {
 }
 
 fn compile_rule(policy: &str, l: &LimitRuleConfig) -> CompiledRule {
+    compile_named(format!("{policy}/{}:{}", l.count.as_str(), l.window), l)
+}
+
+/// A limit named `name` (in rejections and statuses).
+pub(super) fn compile_named(name: String, l: &LimitRuleConfig) -> CompiledRule {
     let limit = match l.count {
         CountKind::Cost => usd_to_micros(l.limit),
         _ => l.limit as u64,
     };
     CompiledRule {
-        name: Arc::from(format!("{policy}/{}:{}", l.count.as_str(), l.window)),
+        name: Arc::from(name),
         count: l.count,
         limit,
         window: WindowSpec::from_config(l.window, l.effective_algorithm()),
@@ -411,7 +413,8 @@ pub(super) fn retry_after_ms(slot: &Slot, c: Counts, now_ms: u64) -> Option<u64>
 }
 
 /// Status of one limit for the rate-limit headers.
-pub(super) fn status(rule: &CompiledRule, slot: &Slot, c: Counts, now_ms: u64) -> LimitStatus {
+pub(super) fn status(slot: &Slot, c: Counts, now_ms: u64) -> LimitStatus {
+    let rule = &slot.rule;
     let used = weighted(c, slot.geom.prev_weight);
     let reset = reset_ms(slot, c, now_ms);
     LimitStatus {

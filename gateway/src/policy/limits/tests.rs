@@ -352,7 +352,7 @@ policies:
 /// (sliding and fixed windows, many count combinations).
 #[test]
 fn retry_after_is_the_first_moment_that_fits() {
-    use super::rules::{fits, retry_after_ms, Counts, Slot, WindowSpec};
+    use super::rules::{fits, retry_after_ms, CompiledRule, Counts, Slot, WindowSpec};
     let mut seed = 0x2545_f491_4f6c_dd1d_u64;
     let mut rnd = |n: u64| {
         seed ^= seed << 13;
@@ -366,6 +366,7 @@ fn retry_after_is_the_first_moment_that_fits() {
             let limit = 1 + rnd(2_000);
             let (prev, cur, amount) = (rnd(limit + 1), rnd(limit + 1), 1 + rnd(limit));
             let now = T0 + rnd(10_000);
+            let rule = Arc::new(CompiledRule { name: Arc::from("r"), count: CountKind::Total, limit, window: spec });
             let at = |t: u64| {
                 let geom = spec.geometry(t);
                 let base = spec.geometry(now).bucket;
@@ -374,7 +375,8 @@ fn retry_after_is_the_first_moment_that_fits() {
                     1 => Counts { prev: if sliding { cur } else { 0 }, cur: 0 },
                     _ => Counts::default(),
                 };
-                let slot = Slot { rule: 0, key: String::new(), geom, limit, amount, count: CountKind::Total, sliding };
+                let rule = rule.clone();
+                let slot = Slot { rule, key: String::new(), geom, limit, amount, count: CountKind::Total, sliding };
                 (slot, c)
             };
             let (slot, c) = at(now);

@@ -16,6 +16,7 @@ pub mod rpc;
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::task::{ready, Context, Poll};
 use std::time::{Instant, SystemTime};
@@ -44,8 +45,15 @@ pub const DENIED_CODE: i64 = -32050;
 
 /// Largest agent card read for its name (bigger cards pass through unread).
 const MAX_CARD_BYTES: usize = 256 * 1024;
-/// Destinations whose card is remembered; past this the cache starts over.
-const MAX_CARDS: usize = 4096;
+/// Destinations whose card is remembered (`a2a.max_cards` of the current config generation).
+static MAX_CARDS: AtomicUsize = AtomicUsize::new(crate::config::a2a::DEFAULT_MAX_CARDS);
+
+/// Bound the card cache at `n` destinations (at least 1): `a2a.max_cards`, applied by every
+/// config generation. The cache is process-wide (cards outlive a reload), so the bound is too;
+/// a lower bound trims the cache at the next card seen.
+pub fn set_max_cards(n: usize) {
+    MAX_CARDS.store(n.max(1), Ordering::Relaxed);
+}
 
 /// Why an A2A exchange could not be handled (reported on the hop; the caller gets a JSON-RPC
 /// error or tollgate's HTTP error).
@@ -184,11 +192,13 @@ impl Body for CardBody {
 fn remember_card(key: String, body: &[u8]) {
     let Some(info) = rpc::parse_card(body) else { return };
     tracing::debug!(destination = %key, card = %info.name, skills = info.skills.len(), "a2a agent card seen");
+    let max = MAX_CARDS.load(Ordering::Relaxed).max(1);
     let mut cards = CARDS.write();
-    if cards.len() >= MAX_CARDS && !cards.contains_key(&key) {
-        // Bounded: one arbitrary entry makes room (rules also match route names, so a
-        // forgotten card changes no decision).
-        if let Some(k) = cards.keys().next().cloned() {
+    if !cards.contains_key(&key) {
+        // Bounded: arbitrary entries make room (rules also match route names, so a forgotten
+        // card changes no decision).
+        while cards.len() >= max {
+            let Some(k) = cards.keys().next().cloned() else { break };
             cards.remove(&k);
         }
     }

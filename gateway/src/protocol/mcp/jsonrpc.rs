@@ -6,10 +6,18 @@
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::policy::mcp_limits::ToolLimited;
+
 /// JSON-RPC "Invalid params": what MCP servers answer for an unknown tool (MCP spec, tools,
 /// "Error Handling"), so clients treat a denied tool like one that does not exist. The SDK
 /// clients raise it as an MCP error carrying this code and the message.
 pub const TOOL_DENIED_CODE: i64 = -32602;
+
+/// A `tools/call` refused by a tool-call limit (`mcp.tool_limits`) for now: in JSON-RPC's
+/// implementation-defined server-error range (-32000..-32099), apart from the codes MCP and
+/// its SDKs use there, so clients can tell "retry later" from "never allowed" (-32602). The
+/// digits echo HTTP 429; `data.retry_after_secs` says when to retry.
+pub const TOOL_RATE_LIMITED_CODE: i64 = -32029;
 
 /// Why a body is not JSON-RPC tollgate can govern.
 #[derive(Debug, thiserror::Error)]
@@ -200,6 +208,30 @@ pub fn error_message(id: Option<&Value>, code: i64, message: &str, data: Value) 
     })
 }
 
+/// The answer to `tools/call` request `id` of `tool` that tool rule `rule` refused for `agent`
+/// (code [`TOOL_DENIED_CODE`], `data: {tool, rule, agent}`), as every tollgate listener sends it.
+pub fn tool_denied(id: Option<&Value>, tool: &str, rule: &str, agent: &str) -> Value {
+    let message = format!("tollgate: tool {tool} denied by rule {rule}");
+    error_message(id, TOOL_DENIED_CODE, &message, serde_json::json!({"tool": tool, "rule": rule, "agent": agent}))
+}
+
+/// The answer to `tools/call` request `id` of `tool` that a tool-call limit refused for
+/// `agent` (code [`TOOL_RATE_LIMITED_CODE`], `data: {tool, rule, agent, retry_after_secs}`,
+/// plus `unavailable: true` when the shared counters could not be reached), as every tollgate
+/// listener sends it.
+pub fn tool_rate_limited(id: Option<&Value>, tool: &str, agent: &str, limited: &ToolLimited) -> Value {
+    let mut data = serde_json::json!({
+        "tool": tool,
+        "rule": limited.rule,
+        "agent": agent,
+        "retry_after_secs": limited.retry_after_secs,
+    });
+    if limited.unavailable {
+        data["unavailable"] = Value::Bool(true);
+    }
+    error_message(id, TOOL_RATE_LIMITED_CODE, &limited.message(tool), data)
+}
+
 /// Remove from the `tools/list` results among `body` (one message or a batch) the tools
 /// `allowed` refuses, for responses whose id is in `ids`. Returns the rewritten body and how
 /// many tools were removed, or `None` when nothing changed (the original bytes stand).
@@ -295,5 +327,20 @@ mod tests {
         assert_eq!(v["id"], "x");
         assert_eq!(v["error"]["code"], -32602);
         assert_eq!(error_message(None, 1, "m", Value::Null)["id"], Value::Null);
+    }
+
+    #[test]
+    fn tool_refusals_name_tool_rule_agent_and_retry_time() {
+        let v = tool_denied(Some(&Value::from(4)), "delete_file", "no-delete", "bot");
+        assert_eq!(v["error"]["message"], "tollgate: tool delete_file denied by rule no-delete");
+        assert_eq!(v["error"]["data"], serde_json::json!({"tool": "delete_file", "rule": "no-delete", "agent": "bot"}));
+        let mut l = ToolLimited { rule: "budget".into(), retry_after_secs: 42, unavailable: false };
+        let v = tool_rate_limited(Some(&Value::from("q")), "search", "bot", &l);
+        assert_eq!((v["id"].as_str(), v["error"]["code"].as_i64()), (Some("q"), Some(TOOL_RATE_LIMITED_CODE)));
+        let data = serde_json::json!({"tool": "search", "rule": "budget", "agent": "bot", "retry_after_secs": 42});
+        assert_eq!(v["error"]["data"], data);
+        assert_eq!(v["error"]["message"], "tollgate: tool search rate limited by rule budget; retry after 42 s");
+        l.unavailable = true;
+        assert_eq!(tool_rate_limited(None, "search", "bot", &l)["error"]["data"]["unavailable"], true);
     }
 }

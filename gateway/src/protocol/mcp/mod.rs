@@ -3,9 +3,10 @@
 //!
 //! A POST carries one JSON-RPC message or a batch: it is read (bounded by
 //! `limits.max_request_body_bytes`), each message becomes an [`McpCall`], and `tools/call`
-//! requests are checked against the agent's `mcp.tools` rules. A denied call is answered by
-//! tollgate with a JSON-RPC error (HTTP 200, code [`jsonrpc::TOOL_DENIED_CODE`]) and never
-//! reaches the server. The response (`application/json` or `text/event-stream`) is observed as
+//! requests are checked against the agent's `mcp.tools` rules, then counted against its
+//! `mcp.tool_limits`. A denied call is answered by tollgate with a JSON-RPC error (HTTP 200,
+//! code [`jsonrpc::TOOL_DENIED_CODE`]), a call over its limit likewise (code
+//! [`jsonrpc::TOOL_RATE_LIMITED_CODE`]); neither reaches the server. The response (`application/json` or `text/event-stream`) is observed as
 //! it streams ([`body`]): answers are matched to requests by id, and `tools/list` results are
 //! filtered to the tools the agent may call. GET streams and DELETEs pass through, observed as
 //! one call each. Bodies that are not JSON-RPC pass through untouched.
@@ -14,6 +15,7 @@ pub mod body;
 pub mod federation;
 pub mod jsonrpc;
 pub mod legacy;
+mod refusal;
 pub mod session;
 
 use std::time::Instant;
@@ -27,6 +29,7 @@ use serde_json::Value;
 
 use super::http::{forward, prepare, prepare_uri, send, L7Context, ProxyBody};
 use super::llm::read_request_body;
+use crate::policy::mcp_limits::ToolLimited;
 use crate::telemetry::mcp::{McpCall, McpVerdict};
 use crate::telemetry::SpanIds;
 use body::{Exchange, McpBody, ToolFilter};
@@ -120,8 +123,9 @@ async fn pass_through(ctx: &L7Context, req: Request<Incoming>) -> Response<Proxy
     match rbody {
         ProxyBody::Upstream(inc) if sse => {
             let rules = ctx.policies.mcp_tools().clone();
+            let limited = ctx.policies.mcp_tool_limits().applies(&ctx.agent, &ctx.groups);
             let mut inject = None;
-            if http_method == "GET" && rules.covers(&ctx.agent, &ctx.groups) {
+            if http_method == "GET" && (limited || rules.covers(&ctx.agent, &ctx.groups)) {
                 // Possibly a legacy HTTP+SSE stream: it registers under the session its
                 // `endpoint` event names, so the session's POSTs can be governed on it.
                 let (stream, rx) = legacy::LegacyStream::new(ctx.agent.name.clone());
@@ -169,13 +173,16 @@ async fn post(ctx: &L7Context, req: Request<Incoming>) -> Response<ProxyBody> {
         }
     };
     let rules = ctx.policies.mcp_tools().clone();
+    let limits = ctx.policies.mcp_tool_limits().clone();
     let governed = rules.covers(&ctx.agent, &ctx.groups);
+    let limited = limits.applies(&ctx.agent, &ctx.groups);
     let msgs = match jsonrpc::parse_request(&bytes) {
         Ok(m) => m,
         // Servers parse more leniently than tollgate (duplicate keys, NaN, a BOM): what
-        // tollgate cannot read it cannot govern, so a governed agent's unreadable body is
-        // refused rather than passed to a server that might run a denied tool.
-        Err(e) if governed => return unreadable(ctx, &parts, t0, &e.to_string()),
+        // tollgate cannot read it cannot govern or count, so such a body from an agent under
+        // tool rules or limits is refused rather than passed to a server that might run a
+        // denied tool, or a call over its limit.
+        Err(e) if governed || limited => return unreadable(ctx, &parts, t0, &e.to_string()),
         Err(e) => {
             tracing::debug!(route = %ctx.route, error = %e, "MCP POST body is not JSON-RPC: passed through");
             return send_on(ctx, parts, bytes, exchange(ctx, Vec::new(), t0, None)).await;
@@ -186,7 +193,7 @@ async fn post(ctx: &L7Context, req: Request<Incoming>) -> Response<ProxyBody> {
     for m in &msgs {
         let mut c = new_call(ctx, "POST", &parts, m.method.clone().unwrap_or_else(|| "response".into()));
         fill(&mut c, m);
-        if governed && c.method == "tools/call" {
+        if (governed || limited) && c.method == "tools/call" {
             let tool = m.name.as_deref().unwrap_or("");
             c.verdict = match rules.refusal(&ctx.agent, &ctx.groups, tool) {
                 Some(rule) => {
@@ -199,15 +206,23 @@ async fn post(ctx: &L7Context, req: Request<Incoming>) -> Response<ProxyBody> {
         calls.push((c, false));
     }
     // Legacy transport: answers travel on the session's GET stream, governed there.
-    let stream = match (governed, parts.uri.query()) {
+    let stream = match (governed || limited, parts.uri.query()) {
         (true, Some(q)) if is_legacy(&parts) => {
             legacy::session_of_query(q).and_then(|id| legacy::lookup(id, &ctx.agent.name))
         }
         _ => None,
     };
+    let batch = jsonrpc::is_batch(&bytes);
     if denied {
-        let batch = jsonrpc::is_batch(&bytes);
-        return refuse(ctx, &parts, &msgs, calls, t0, batch, stream.as_deref());
+        return refuse(ctx, &parts, &msgs, calls, t0, batch, stream.as_deref(), None);
+    }
+    // Tool-call limits count only calls the rules allow. Every call of the body is counted
+    // before any is kept: one over its limit refuses the whole body, and the others' counts
+    // are given back (nothing was sent).
+    if limited {
+        if let Some(over) = refusal::count_calls(&limits, &ctx.agent, &ctx.groups, &mut calls).await {
+            return refuse(ctx, &parts, &msgs, calls, t0, batch, stream.as_deref(), Some(over));
+        }
     }
     if let Some(s) = &stream {
         let lists = calls.iter().filter(|(c, _)| c.method == "tools/list").filter_map(|(c, _)| c.request_id.clone());
@@ -264,9 +279,11 @@ fn fill(c: &mut McpCall, m: &RequestFacts) {
     }
 }
 
-/// Answer a message (or batch) with a denied `tools/call` without contacting the server: each
-/// denied call gets the error naming its rule; in a batch, the other requests get an error
+/// Answer a message (or batch) with a refused `tools/call` (denied by a tool rule, or over the
+/// tool-call limit `limited` names by message index) without contacting the server: the
+/// refused call gets the error naming its rule; in a batch, the other requests get an error
 /// saying they were not sent (the batch is refused whole, so nothing runs half-governed).
+#[allow(clippy::too_many_arguments)]
 fn refuse(
     ctx: &L7Context,
     parts: &http::request::Parts,
@@ -275,6 +292,7 @@ fn refuse(
     t0: Instant,
     batch: bool,
     stream: Option<&legacy::LegacyStream>,
+    limited: Option<(usize, ToolLimited)>,
 ) -> Response<ProxyBody> {
     let legacy = is_legacy(parts);
     // On a legacy session with an open stream the answers go there and the POST is accepted,
@@ -284,30 +302,9 @@ fn refuse(
         (true, None) => StatusCode::FORBIDDEN,
         _ => StatusCode::OK,
     };
-    let mut answers = Vec::new();
-    for (i, m) in msgs.iter().enumerate() {
-        let Some(id) = &m.raw_id else { continue };
-        let verdict = calls.get(i).map(|(c, _)| (&c.verdict, c.tool.as_deref().unwrap_or("")));
-        let (message, data) = match verdict {
-            Some((McpVerdict::Denied(rule), tool)) => (
-                format!("tollgate: tool {tool} denied by rule {rule}"),
-                serde_json::json!({"tool": tool, "rule": rule, "agent": &*ctx.agent.name}),
-            ),
-            _ => ("tollgate: not sent: the batch contains a denied tool call".to_string(), Value::Null),
-        };
-        answers.push(jsonrpc::error_message(Some(id), jsonrpc::TOOL_DENIED_CODE, &message, data));
-        if let Some((c, answered)) = calls.get_mut(i) {
-            *answered = true;
-            c.duration = t0.elapsed();
-            c.status = status.as_u16();
-            if !matches!(c.verdict, McpVerdict::Denied(_)) {
-                c.error = Some("not sent: batch with a denied tool call".into());
-            }
-        }
-    }
+    let answers = refusal::answers(&ctx.agent.name, msgs, &mut calls, limited.as_ref(), status.as_u16());
     for (c, _) in calls.iter_mut() {
         c.duration = t0.elapsed();
-        c.status = status.as_u16();
     }
     drop(exchange(ctx, calls, t0, None));
     let bytes = match stream {
@@ -318,6 +315,7 @@ fn refuse(
             Vec::new()
         }
         _ => {
+            let mut answers = answers;
             let body = if batch { Value::Array(answers) } else { answers.pop().unwrap_or(Value::Null) };
             serde_json::to_vec(&body).unwrap_or_default()
         }

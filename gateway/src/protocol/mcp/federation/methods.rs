@@ -16,7 +16,7 @@ use super::upstream::{negotiate, Ask, CallError};
 use super::{json_response, Caller, Federation};
 use crate::config::federation::ToolNaming;
 use crate::protocol::http::{L7Context, ProxyBody};
-use crate::protocol::mcp::jsonrpc::{error_message, TOOL_DENIED_CODE};
+use crate::protocol::mcp::jsonrpc::{error_message, tool_denied, tool_rate_limited};
 use crate::telemetry::mcp::{McpCall, McpVerdict};
 use crate::telemetry::SpanIds;
 
@@ -262,13 +262,16 @@ impl Call<'_> {
         if rules.covers(&who.agent, &who.groups) {
             if let Some(rule) = rules.refusal(&who.agent, &who.groups, &name) {
                 call.verdict = McpVerdict::Denied(rule.to_string());
-                let data = json!({"tool": name, "rule": rule, "agent": &*who.agent.name});
-                return Err(error_message(
-                    Some(id),
-                    TOOL_DENIED_CODE,
-                    &format!("tollgate: tool {name} denied by rule {rule}"),
-                    data,
-                ));
+                return Err(tool_denied(Some(id), &name, rule, &who.agent.name));
+            }
+            call.verdict = McpVerdict::Allowed;
+        }
+        // Call-rate limits count only calls the rules let through.
+        let limits = self.ctx.policies.mcp_tool_limits();
+        if limits.applies(&who.agent, &who.groups) {
+            if let Err(l) = limits.admit(&who.agent, &who.groups, &name).await {
+                call.verdict = McpVerdict::RateLimited(l.rule.clone());
+                return Err(tool_rate_limited(Some(id), &name, &who.agent.name, &l));
             }
             call.verdict = McpVerdict::Allowed;
         }
