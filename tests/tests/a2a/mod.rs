@@ -196,6 +196,8 @@ fn a1_a2a_hops_traced_counted_and_authorized() -> Result<()> {
         .wait_spans(Duration::from_secs(15), |s| {
             s.iter().filter(|x| x.trace_id == TRACE && x.name == "invoke_agent booking-agent").count() >= 3
                 && s.iter().filter(|x| x.trace_id == TRACE && x.name.starts_with("chat ")).count() >= 2
+                // The denied hop's span may come in a later export batch than the others.
+                && s.iter().any(|x| x.trace_id == TRACE && x.name == "invoke_agent payments-agent")
         })
         .ok_or_else(|| anyhow!("spans did not arrive: {:#?}\nrejected: {:?}", rx.spans(), rx.rejected()))?;
     let mine: Vec<&ReceivedSpan> = spans.iter().filter(|s| s.trace_id == TRACE).collect();
