@@ -204,6 +204,21 @@ fn mcp_a_tool_rules_per_agent_with_the_real_sdk() -> Result<()> {
         r.describe()
     );
 
+    // A governed legacy POST whose session has no stream through tollgate (e.g. opened before
+    // a restart) cannot have its tools/list answer filtered: refused, the client reconnects.
+    let list = r#"{"jsonrpc":"2.0","id":9,"method":"tools/list"}"#;
+    let orphan = format!("http://{legacy_addr}/messages/?session_id=00000000000000000000000000000000");
+    let r = tollgate_e2e::client::curl(
+        Some(&ga),
+        None,
+        &["-H", "Content-Type: application/json", "--data-binary", list, &orphan],
+    )?;
+    ensure!(
+        r.http_code == 404 && r.text().contains("was not opened through tollgate"),
+        "streamless legacy tools/list: {}",
+        r.describe()
+    );
+
     // The server saw B's delete and never A's.
     let deletes = server.tool_calls("delete_file");
     ensure!(

@@ -213,6 +213,13 @@ async fn post(ctx: &L7Context, req: Request<Incoming>) -> Response<ProxyBody> {
         _ => None,
     };
     let batch = jsonrpc::is_batch(&bytes);
+    let lists = calls.iter().any(|(c, _)| c.method == "tools/list");
+    if governed && lists && stream.is_none() && is_legacy(&parts) {
+        // Its answer would travel on a stream tollgate does not see (opened before a restart,
+        // or elsewhere), so it could not be filtered: the client must reconnect through
+        // tollgate. 404 is what a server answers for a session it does not know.
+        return streamless_list(ctx, calls, t0);
+    }
     if denied {
         return refuse(ctx, &parts, &msgs, calls, t0, batch, stream.as_deref(), None);
     }
@@ -236,6 +243,24 @@ async fn post(ctx: &L7Context, req: Request<Incoming>) -> Response<ProxyBody> {
     propagate(&calls, &mut parts.headers);
     let ex = exchange(ctx, calls, t0, filter);
     send_on(ctx, parts, bytes, ex).await
+}
+
+/// Refuse a governed legacy `tools/list` whose session has no stream through tollgate.
+fn streamless_list(ctx: &L7Context, mut calls: Vec<(McpCall, bool)>, t0: Instant) -> Response<ProxyBody> {
+    let msg = "tollgate: this legacy MCP session's stream was not opened through tollgate, so its \
+               tools/list answer cannot be filtered by tool rules; reconnect";
+    for (c, answered) in calls.iter_mut() {
+        *answered = true;
+        c.status = 404;
+        c.error = Some(msg.to_string());
+        c.duration = t0.elapsed();
+    }
+    drop(exchange(ctx, calls, t0, None));
+    let body = serde_json::json!({"jsonrpc": "2.0", "id": null, "error": {"code": -32001, "message": msg}});
+    let mut resp = Response::new(ProxyBody::Full(Some(Bytes::from(body.to_string()))));
+    *resp.status_mut() = StatusCode::NOT_FOUND;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
 }
 
 /// Refuse a body tollgate cannot parse from an agent its tool rules cover: HTTP 400 with the
