@@ -230,6 +230,20 @@ mod tests {
     }
 
     #[test]
+    fn auth_errors_point_into_the_federation() {
+        let text = "mcp:\n  federations:\n  - name: f\n    servers: [{name: a, url: 'http://h/mcp'}]\n    auth:\n      issuer: https://idp.example\n      jwks_url: https://idp.example/jwks\n      audience: https://tg.example/mcp\n      algorithms: [RS256, HS256]\n";
+        let e = from_str("f.yaml", text).unwrap_err().to_string();
+        assert!(e.starts_with("f.yaml:9:") && e.contains("mcp.federations[0].auth.algorithms"), "{e}");
+        let ok = text.replace(", HS256", "");
+        from_str("f.yaml", &ok).expect("valid auth");
+        let exch = format!("{ok}    servers: []\n");
+        assert!(from_str("f.yaml", &exch).is_err(), "duplicate key");
+        let aud = ok.replace("servers: [{name: a, url: 'http://h/mcp'}]", "servers: [{name: a, url: 'http://h/mcp', token_audience: up}]");
+        let e = from_str("f.yaml", &aud).unwrap_err().to_string();
+        assert!(e.contains("servers[0].token_audience: needs auth.token_exchange"), "{e}");
+    }
+
+    #[test]
     fn routes_must_name_a_known_federation() {
         let text = "mcp: {federations: [{name: f, servers: [{name: a, command: [x]}]}]}\nroutes:\n- {name: r, protocol: mcp, federation: g, listener: '127.0.0.1:15999'}\n";
         let e = from_str("f.yaml", text).unwrap_err().to_string();
