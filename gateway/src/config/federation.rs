@@ -57,6 +57,11 @@ pub struct FederationConfig {
     #[serde(default = "default_session_idle", with = "humantime_serde")]
     #[schemars(with = "String")]
     pub session_idle_timeout: Duration,
+    /// Browser origins allowed to call the endpoint (`https://app.example.com`). Agents send no
+    /// `Origin`; a request carrying one not listed here is refused with 403, as the transport
+    /// spec asks against DNS rebinding (a web page reaching a local endpoint).
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
     /// OAuth 2.1 resource-server checks on the endpoint (MCP authorization spec); absent: no
     /// bearer token is asked for.
     #[serde(default)]
@@ -236,9 +241,15 @@ mod tests {
         assert!(e.starts_with("f.yaml:9:") && e.contains("mcp.federations[0].auth.algorithms"), "{e}");
         let ok = text.replace(", HS256", "");
         from_str("f.yaml", &ok).expect("valid auth");
+        let storm = format!("{ok}      jwks_min_refetch: 0s\n");
+        let e = from_str("f.yaml", &storm).unwrap_err().to_string();
+        assert!(e.contains("auth.jwks_min_refetch: must be at least 1s"), "{e}");
         let exch = format!("{ok}    servers: []\n");
         assert!(from_str("f.yaml", &exch).is_err(), "duplicate key");
-        let aud = ok.replace("servers: [{name: a, url: 'http://h/mcp'}]", "servers: [{name: a, url: 'http://h/mcp', token_audience: up}]");
+        let aud = ok.replace(
+            "servers: [{name: a, url: 'http://h/mcp'}]",
+            "servers: [{name: a, url: 'http://h/mcp', token_audience: up}]",
+        );
         let e = from_str("f.yaml", &aud).unwrap_err().to_string();
         assert!(e.contains("servers[0].token_audience: needs auth.token_exchange"), "{e}");
     }

@@ -227,6 +227,10 @@ impl McpAuthConfig {
         if self.jwks_refresh < Duration::from_secs(1) {
             return Err(("jwks_refresh".into(), "must be at least 1s".into()));
         }
+        if self.jwks_min_refetch < Duration::from_secs(1) {
+            // Otherwise every forged key id would be one more fetch from the issuer.
+            return Err(("jwks_min_refetch".into(), "must be at least 1s".into()));
+        }
         for (f, d) in [("jwks_timeout", self.jwks_timeout)] {
             if d.is_zero() {
                 return Err((f.into(), "must be positive".into()));

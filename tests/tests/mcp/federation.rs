@@ -210,6 +210,12 @@ fn mcp_c_federation_of_http_and_stdio_servers_with_the_real_sdk() -> Result<()> 
     ensure!(r.http_code == 404, "another agent's use of the session: {}", r.describe());
     let r = rpc(&ga, &url, None, &add(9, 3))?;
     ensure!(r.http_code == 400, "a request without a session: {}", r.describe());
+    // A browser origin (DNS rebinding of a web page onto the endpoint) is refused.
+    let init_s = init.to_string();
+    let evil =
+        ["-H", "Origin: http://evil.example", "-H", "Content-Type: application/json", "--data-binary", &init_s, &url];
+    let r = curl(Some(&ga), None, &evil)?;
+    ensure!(r.http_code == 403 && r.text().contains("origin not allowed"), "browser origin: {}", r.describe());
     let r = curl(Some(&ga), None, &["-H", "Accept: text/event-stream", &url])?;
     ensure!(r.http_code == 405 && r.header("allow") == Some("POST, DELETE"), "GET: {}", r.describe());
     let sh = format!("Mcp-Session-Id: {sid}");

@@ -215,7 +215,7 @@ async fn unknown_kid_refetches_once_per_interval() {
     let old = TestKey::new("old");
     let srv = Server::start(&[&old]).await;
     let mut cfg = config(&srv);
-    cfg.jwks_min_refetch = Duration::from_millis(300);
+    cfg.jwks_min_refetch = Duration::from_millis(1000);
     let a = Authenticator::new(&cfg, upstream()).expect("authenticator");
     assert!(a.authenticate(&bearer(&old.sign(&claims(json!({}))))).await.is_ok());
     assert_eq!(srv.jwks_hits(), 1);
@@ -223,7 +223,7 @@ async fn unknown_kid_refetches_once_per_interval() {
     // Rotation: the issuer publishes a new key; a token naming it triggers one refetch.
     let new = TestKey::new("new");
     srv.state.publish(&[&new]);
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    tokio::time::sleep(Duration::from_millis(1050)).await;
     assert!(a.authenticate(&bearer(&new.sign(&claims(json!({}))))).await.is_ok(), "accepted after rotation");
     assert_eq!(srv.jwks_hits(), 2);
     // The old key is gone from the refreshed set.
@@ -231,7 +231,7 @@ async fn unknown_kid_refetches_once_per_interval() {
     assert_eq!(srv.jwks_hits(), 2, "within min_refetch: no refetch");
 
     // After the interval: one refetch for a forged kid, none for the next one.
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    tokio::time::sleep(Duration::from_millis(1050)).await;
     let forged = TestKey::new("forged-1");
     let r = refused(&a, &forged.sign(&claims(json!({})))).await;
     assert_eq!(r.reason(), "unknown_key");

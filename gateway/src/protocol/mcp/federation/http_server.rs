@@ -220,7 +220,7 @@ impl HttpServer {
             let Some(want) = want else { return Ok((sid, None)) };
             let sse = super::super::is_sse(resp.headers());
             let answer = if sse {
-                self.read_sse(resp.into_body(), want).await?
+                self.read_sse(resp.into_body(), want, sid.as_ref(), version, ask).await?
             } else {
                 self.read_json(resp.into_body(), want).await?
             };
@@ -245,24 +245,55 @@ impl HttpServer {
 
     /// Read SSE events until the one answering `want`; the rest of the stream is dropped
     /// (the server may send progress and log notifications first).
-    async fn read_sse(&self, mut body: hyper::body::Incoming, want: u64) -> Result<Value, CallError> {
+    async fn read_sse(
+        &self,
+        mut body: hyper::body::Incoming,
+        want: u64,
+        session: Option<&HeaderValue>,
+        version: Option<&str>,
+        ask: &Ask<'_>,
+    ) -> Result<Value, CallError> {
         let mut parser = SseParser::new(self.max_event);
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| CallError::Unavailable(format!("reading the stream: {e}")))?;
             let Ok(data) = frame.into_data() else { continue };
             let mut found = None;
+            let mut asked = Vec::new();
             parser.feed(&data, |_, ev| {
                 if let (SseEvent::Data(d), None) = (ev, &found) {
                     if let Ok(v) = serde_json::from_slice::<Value>(d) {
-                        found = pick(v, want);
+                        if v.get("method").is_some() && v.get("id").is_some() {
+                            asked.push(v);
+                        } else {
+                            found = pick(v, want);
+                        }
                     }
                 }
             });
             if let Some(v) = found {
                 return Ok(v);
             }
+            // The server asks the client something (sampling, elicitation, ping) before it
+            // answers: no client is attached, so it gets "method not found" at once (a pong
+            // for ping) instead of waiting for a reply that never comes.
+            for q in asked.iter().take(16) {
+                let reply = server_request_reply(q);
+                Box::pin(self.exchange(session, version, ask, &reply, None)).await?;
+            }
         }
         Err(CallError::Unavailable("stream ended without an answer".into()))
+    }
+}
+
+/// tollgate's answer to a request an upstream server sends to its (absent) client.
+pub fn server_request_reply(q: &Value) -> Value {
+    let id = q.get("id").cloned().unwrap_or(Value::Null);
+    match q.get("method").and_then(Value::as_str) {
+        Some("ping") => json!({"jsonrpc": "2.0", "id": id, "result": {}}),
+        m => json!({"jsonrpc": "2.0", "id": id, "error": {
+            "code": -32601,
+            "message": format!("tollgate federation does not serve {} to upstream servers", m.unwrap_or("")),
+        }}),
     }
 }
 
@@ -286,5 +317,13 @@ mod tests {
         assert_eq!(pick(batch, 8).unwrap()["result"], 1);
         assert!(pick(json!({"id": 3, "method": "ping"}), 3).is_none(), "a server request is not an answer");
         assert!(pick(json!({"id": 2, "result": {}}), 3).is_none());
+    }
+
+    #[test]
+    fn server_requests_get_an_immediate_answer() {
+        let pong = server_request_reply(&json!({"jsonrpc": "2.0", "id": 4, "method": "ping"}));
+        assert_eq!((pong["id"].as_i64(), pong["result"].is_object()), (Some(4), true));
+        let no = server_request_reply(&json!({"jsonrpc": "2.0", "id": "e", "method": "elicitation/create"}));
+        assert_eq!((no["id"].as_str(), no["error"]["code"].as_i64()), (Some("e"), Some(-32601)));
     }
 }

@@ -86,7 +86,9 @@ pub(super) async fn initialize(
     let params = msg.get("params").cloned().unwrap_or(Value::Null);
     let version = negotiate(params.get("protocolVersion").and_then(Value::as_str));
     let client_info = params.get("clientInfo").cloned().unwrap_or_else(|| json!({"name": "unknown"}));
-    let session = Arc::new(Session::new(new_id(), caller.agent.name.clone(), client_info, version, fed.servers.len()));
+    let owner = caller.owner.clone();
+    let session =
+        Arc::new(Session::new(new_id(), caller.agent.name.clone(), owner, client_info, version, fed.servers.len()));
     let ended = fed.sessions.insert(session.clone());
     fed.close_sessions(ended);
     let mut call = call_record(ctx, fed, caller, path, "initialize", traceparent);
@@ -266,7 +268,11 @@ impl Call<'_> {
             }
             call.verdict = McpVerdict::Allowed;
         }
-        // Call-rate limits count only calls the rules let through.
+        let Some(route) = self.route_named(Kind::Tools, &name, tp).await else {
+            return Err(invalid(id, &format!("Unknown tool: {name}")));
+        };
+        // Call-rate limits count only calls the rules let through, to tools that exist (unknown
+        // names must not create counters).
         let limits = self.ctx.policies.mcp_tool_limits();
         if limits.applies(&who.agent, &who.groups) {
             if let Err(l) = limits.admit(&who.agent, &who.groups, &name).await {
@@ -275,9 +281,6 @@ impl Call<'_> {
             }
             call.verdict = McpVerdict::Allowed;
         }
-        let Some(route) = self.route_named(Kind::Tools, &name, tp).await else {
-            return Err(invalid(id, &format!("Unknown tool: {name}")));
-        };
         self.forward(&route, id, "tools/call", renamed(params, "name", &route.original), tp).await
     }
 

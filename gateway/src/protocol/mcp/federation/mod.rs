@@ -74,6 +74,9 @@ pub struct Federation {
     sessions: Sessions,
     metrics: Arc<FederationMetrics>,
     auth: Option<Authenticator>,
+    /// Limits the HTTP servers read answers with: a reload reuses the federation only when
+    /// these are unchanged too.
+    bounds: (usize, usize),
 }
 
 impl Federation {
@@ -122,6 +125,7 @@ impl Federation {
         };
         Ok(Federation {
             auth,
+            bounds: (config.limits.max_inspect_bytes, config.limits.max_sse_event_bytes),
             name,
             cfg: cfg.clone(),
             server_names: cfg.servers.iter().map(|s| s.name.clone()).collect(),
@@ -170,10 +174,15 @@ impl Federations {
     ) -> Result<Federations, FederationError> {
         let mut map = HashMap::new();
         for f in &config.mcp.federations {
-            let kept = previous.and_then(|p| p.map.get(&f.name)).filter(|p| p.cfg == *f);
+            let bounds = (config.limits.max_inspect_bytes, config.limits.max_sse_event_bytes);
+            let kept = previous.and_then(|p| p.map.get(&f.name)).filter(|p| p.cfg == *f && p.bounds == bounds);
             let fed = match kept {
                 Some(k) => k.clone(),
-                None => Arc::new(Federation::build(f, config, client, &telemetry.federation)?),
+                None => {
+                    let fed = Arc::new(Federation::build(f, config, client, &telemetry.federation)?);
+                    tokio::spawn(sweep(Arc::downgrade(&fed)));
+                    fed
+                }
             };
             map.insert(f.name.clone(), fed);
         }
@@ -186,12 +195,28 @@ impl Federations {
     }
 }
 
+/// End idle client sessions (and their upstream sessions) every minute, while the federation
+/// lives.
+async fn sweep(fed: std::sync::Weak<Federation>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(fed) = fed.upgrade() else { return };
+        let ended = fed.sessions.sweep();
+        fed.close_sessions(ended);
+    }
+}
+
 /// Who a request is from: the kernel's agent, or (on an explicit listener, where the kernel
 /// names nobody) the token's `agent_claim`; the OAuth grant when the endpoint asks for one.
 pub(super) struct Caller {
     agent: Arc<Agent>,
     groups: Arc<[String]>,
     grant: Option<Grant>,
+    /// The token's subject: sessions are bound to it as well as to the agent, so two users
+    /// behind one agent (or one `agent_claim` value) cannot use each other's sessions.
+    owner: Option<String>,
 }
 
 /// Serve one request on a federation route.
@@ -205,7 +230,19 @@ pub async fn handle(ctx: &L7Context, fed: &Arc<Federation>, req: Request<Incomin
         let msg = format!("no MCP endpoint at {}; this federation serves {}", req.uri().path(), fed.cfg.path);
         return plain(StatusCode::NOT_FOUND, &msg);
     }
-    let mut caller = Caller { agent: ctx.agent.clone(), groups: ctx.groups.clone(), grant: None };
+    if let Some(o) = req.headers().get(http::header::ORIGIN) {
+        let allowed = o.to_str().is_ok_and(|o| fed.cfg.allowed_origins.iter().any(|a| a.eq_ignore_ascii_case(o)));
+        if !allowed {
+            tracing::info!(target: "audit", federation = %fed.name, agent = %ctx.agent.name, origin = ?o, "mcp request from a browser origin refused");
+            return plain(StatusCode::FORBIDDEN, "origin not allowed (mcp.federations[].allowed_origins)");
+        }
+    }
+    if let Some(v) = req.headers().get("mcp-protocol-version") {
+        if !v.to_str().is_ok_and(|v| upstream::SUPPORTED_VERSIONS.contains(&v)) {
+            return rpc_error(StatusCode::BAD_REQUEST, -32600, "tollgate: unsupported MCP-Protocol-Version");
+        }
+    }
+    let mut caller = Caller { agent: ctx.agent.clone(), groups: ctx.groups.clone(), grant: None, owner: None };
     if let Some(auth) = &fed.auth {
         match auth.authenticate(req.headers()).await {
             Ok(grant) => {
@@ -214,6 +251,7 @@ pub async fn handle(ctx: &L7Context, fed: &Arc<Federation>, req: Request<Incomin
                     caller.agent = Arc::new(Agent::unknown(name));
                     caller.groups = ctx.policies.groups_of(name);
                 }
+                caller.owner = grant.subject.clone();
                 caller.grant = Some(grant);
             }
             Err(refusal) => {
@@ -298,7 +336,7 @@ async fn post(ctx: &L7Context, fed: &Arc<Federation>, caller: &Caller, req: Requ
         let m = json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32601, "message": "Method not found: server/discover (this endpoint uses initialize)"}});
         return json_response(StatusCode::OK, &m);
     }
-    let session = match fed.sessions.get(sid, &caller.agent.name) {
+    let session = match fed.sessions.get(sid, &caller.agent.name, caller.owner.as_deref()) {
         Ok(s) => s,
         Err(e @ SessionError::Missing) => return rpc_error(StatusCode::BAD_REQUEST, -32600, &format!("tollgate: {e}")),
         Err(e @ SessionError::Unknown) => return rpc_error(StatusCode::NOT_FOUND, -32001, &format!("tollgate: {e}")),
@@ -371,7 +409,7 @@ async fn bearers(fed: &Federation, caller: &Caller) -> Result<Vec<Option<String>
 /// End a client session and its upstream sessions.
 fn delete(fed: &Arc<Federation>, caller: &Caller, req: &Request<Incoming>) -> Response<ProxyBody> {
     let sid = req.headers().get("mcp-session-id").and_then(|v| v.to_str().ok());
-    match sid.and_then(|id| fed.sessions.remove(id, &caller.agent.name)) {
+    match sid.and_then(|id| fed.sessions.remove(id, &caller.agent.name, caller.owner.as_deref())) {
         Some(s) => {
             fed.close_sessions(vec![s]);
             Response::new(ProxyBody::Full(None))

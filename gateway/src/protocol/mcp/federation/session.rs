@@ -30,6 +30,9 @@ pub struct Session {
     pub id: String,
     /// Agent that opened it: other agents cannot use it.
     pub agent: Arc<str>,
+    /// OAuth subject that opened it, when the endpoint checks tokens: other subjects cannot
+    /// use it.
+    pub owner: Option<String>,
     /// `clientInfo` from the client's `initialize` (sent upstream on HTTP initialisation).
     pub client_info: Value,
     /// `name/version` of the client.
@@ -45,13 +48,21 @@ pub struct Session {
 
 impl Session {
     /// A new session for `agent`.
-    pub fn new(id: String, agent: Arc<str>, client_info: Value, version: &'static str, servers: usize) -> Session {
+    pub fn new(
+        id: String,
+        agent: Arc<str>,
+        owner: Option<String>,
+        client_info: Value,
+        version: &'static str,
+        servers: usize,
+    ) -> Session {
         let name = client_info.get("name").and_then(Value::as_str).unwrap_or("");
         let ver = client_info.get("version").and_then(Value::as_str).unwrap_or("");
         let client_label = if ver.is_empty() { name.to_string() } else { format!("{name}/{ver}") };
         Session {
             id,
             agent,
+            owner,
             client_info,
             client_label,
             version,
@@ -67,6 +78,10 @@ impl Session {
 
     fn idle(&self) -> Duration {
         self.last_used.lock().elapsed()
+    }
+
+    fn belongs_to(&self, agent: &str, owner: Option<&str>) -> bool {
+        &*self.agent == agent && self.owner.as_deref() == owner
     }
 }
 
@@ -97,16 +112,8 @@ impl Sessions {
     /// Add a session; returns the sessions ended to make room or because they idled out
     /// (their upstream sessions are the caller's to close).
     pub fn insert(&self, s: Arc<Session>) -> Vec<Arc<Session>> {
+        let mut ended = self.sweep();
         let mut m = self.map.lock();
-        let mut ended = Vec::new();
-        let idle = self.idle;
-        m.retain(|_, v| {
-            let keep = v.idle() < idle;
-            if !keep {
-                ended.push(v.clone());
-            }
-            keep
-        });
         while m.len() >= self.max {
             let Some(oldest) = m.values().max_by_key(|v| v.idle()).map(|v| v.id.clone()) else { break };
             if let Some(v) = m.remove(&oldest) {
@@ -117,19 +124,34 @@ impl Sessions {
         ended
     }
 
-    /// The session a request names, if it belongs to `agent`.
-    pub fn get(&self, id: Option<&str>, agent: &str) -> Result<Arc<Session>, SessionError> {
+    /// Remove the sessions idle past the timeout; returns them.
+    pub fn sweep(&self) -> Vec<Arc<Session>> {
+        let mut ended = Vec::new();
+        let idle = self.idle;
+        self.map.lock().retain(|_, v| {
+            let keep = v.idle() < idle;
+            if !keep {
+                ended.push(v.clone());
+            }
+            keep
+        });
+        ended
+    }
+
+    /// The session a request names, if it belongs to `agent` (and token subject `owner`).
+    pub fn get(&self, id: Option<&str>, agent: &str, owner: Option<&str>) -> Result<Arc<Session>, SessionError> {
         let id = id.ok_or(SessionError::Missing)?;
         let m = self.map.lock();
-        let s = m.get(id).filter(|s| &*s.agent == agent && s.idle() < self.idle).ok_or(SessionError::Unknown)?;
+        let s =
+            m.get(id).filter(|s| s.belongs_to(agent, owner) && s.idle() < self.idle).ok_or(SessionError::Unknown)?;
         s.touch();
         Ok(s.clone())
     }
 
     /// End a session (DELETE); returns it so its upstream sessions can be closed.
-    pub fn remove(&self, id: &str, agent: &str) -> Option<Arc<Session>> {
+    pub fn remove(&self, id: &str, agent: &str, owner: Option<&str>) -> Option<Arc<Session>> {
         let mut m = self.map.lock();
-        if m.get(id).is_some_and(|s| &*s.agent == agent) {
+        if m.get(id).is_some_and(|s| s.belongs_to(agent, owner)) {
             return m.remove(id);
         }
         None
@@ -160,6 +182,7 @@ mod tests {
         Arc::new(Session::new(
             id.into(),
             Arc::from(agent),
+            None,
             serde_json::json!({"name": "c", "version": "1"}),
             "2025-06-18",
             2,
@@ -170,19 +193,31 @@ mod tests {
     fn sessions_belong_to_their_agent_and_are_bounded() {
         let t = Sessions::new(2, Duration::from_secs(60));
         assert!(t.insert(s("a", "bot")).is_empty());
-        assert_eq!(t.get(Some("a"), "bot").unwrap().client_label, "c/1");
-        assert_eq!(t.get(Some("a"), "other").err(), Some(SessionError::Unknown));
-        assert_eq!(t.get(None, "bot").err(), Some(SessionError::Missing));
+        assert_eq!(t.get(Some("a"), "bot", None).unwrap().client_label, "c/1");
+        assert_eq!(t.get(Some("a"), "other", None).err(), Some(SessionError::Unknown));
+        assert_eq!(t.get(None, "bot", None).err(), Some(SessionError::Missing));
         t.insert(s("b", "bot"));
         std::thread::sleep(Duration::from_millis(5));
-        t.get(Some("a"), "bot").unwrap();
+        t.get(Some("a"), "bot", None).unwrap();
         let ended = t.insert(s("c", "bot"));
         assert_eq!(ended.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), ["b"], "least recently used goes");
-        assert!(t.remove("a", "other").is_none());
-        assert!(t.remove("a", "bot").is_some());
+        assert!(t.remove("a", "other", None).is_none());
+        assert!(t.remove("a", "bot", None).is_some());
         assert_eq!(t.len(), 1);
         assert_ne!(new_id(), new_id());
         assert_eq!(new_id().len(), 32);
+    }
+
+    #[test]
+    fn sessions_belong_to_their_token_subject() {
+        let t = Sessions::new(4, Duration::from_secs(60));
+        let owned =
+            Session::new("o".into(), Arc::from("bot"), Some("alice".into()), serde_json::json!({}), "2025-06-18", 1);
+        t.insert(Arc::new(owned));
+        assert!(t.get(Some("o"), "bot", Some("alice")).is_ok());
+        assert_eq!(t.get(Some("o"), "bot", Some("mallory")).err(), Some(SessionError::Unknown));
+        assert_eq!(t.get(Some("o"), "bot", None).err(), Some(SessionError::Unknown));
+        assert!(t.remove("o", "bot", Some("mallory")).is_none());
     }
 
     #[test]
@@ -190,7 +225,7 @@ mod tests {
         let t = Sessions::new(10, Duration::from_millis(1));
         t.insert(s("a", "bot"));
         std::thread::sleep(Duration::from_millis(5));
-        assert_eq!(t.get(Some("a"), "bot").err(), Some(SessionError::Unknown));
+        assert_eq!(t.get(Some("a"), "bot", None).err(), Some(SessionError::Unknown));
         assert_eq!(t.insert(s("b", "bot")).len(), 1);
     }
 }

@@ -133,17 +133,16 @@ impl Shared {
             }
             p.insert(id, tx);
         }
+        // Whatever ends the wait (answer, timeout, or the caller dropping this future when its
+        // client goes away), the id leaves the pending table.
+        let _forget = Forget { shared: self, id };
         if !self.send(&json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})) {
-            self.pending.lock().remove(&id);
             return Err(CallError::Unavailable("process not accepting input".into()));
         }
         match tokio::time::timeout(self.timeout, rx).await {
             Ok(Ok(answer)) => result_of(answer),
             Ok(Err(_)) => Err(CallError::Unavailable("process exited before answering".into())),
-            Err(_) => {
-                self.pending.lock().remove(&id);
-                Err(CallError::Timeout(self.timeout))
-            }
+            Err(_) => Err(CallError::Timeout(self.timeout)),
         }
     }
 
@@ -161,17 +160,24 @@ impl Shared {
                     let _ = tx.send(v);
                 }
             }
-            (Some(id), Some(m)) => {
-                let answer = if m == "ping" {
-                    json!({"jsonrpc": "2.0", "id": id, "result": {}})
-                } else {
-                    json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32601, "message": format!("tollgate federation does not serve {m} to upstream servers")}})
-                };
-                self.send(&answer);
+            (Some(_), Some(_)) => {
+                self.send(&super::http_server::server_request_reply(&v));
             }
             (None, Some(m)) => tracing::debug!(server = %self.name, method = m, "stdio server notification"),
             (None, None) => {}
         }
+    }
+}
+
+/// Removes a request's id from the pending table when the request ends in any way.
+struct Forget<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.shared.pending.lock().remove(&self.id);
     }
 }
 
@@ -266,6 +272,8 @@ async fn run_process(shared: &Arc<Shared>, mut child: Child) {
         while read_line(&mut r, &mut line, MAX_LOG_LINE).await {
             tracing::info!(target: "mcp_stdio", server = %name, "{}", String::from_utf8_lossy(&line));
         }
+        // A server that closes its stderr is not done: keep serving it.
+        std::future::pending::<()>().await
     };
     let init = async {
         let params = json!({
@@ -281,17 +289,25 @@ async fn run_process(shared: &Arc<Shared>, mut child: Child) {
                 shared.metrics.set_up(&shared.federation, &shared.name, true);
                 shared.ready.send_replace(Ready { info: Some(info) });
             }
-            Err(e) => tracing::warn!(server = %shared.name, pid, error = %e, "stdio MCP server did not initialise"),
+            Err(e) => {
+                // A server that cannot initialise is useless: end it, the supervisor restarts
+                // it with backoff.
+                tracing::warn!(server = %shared.name, pid, error = %e, "stdio MCP server did not initialise; restarting it");
+                return;
+            }
         }
         std::future::pending::<()>().await
     };
     tokio::select! {
         _ = child.wait() => {}
-        _ = reader => { let _ = child.wait().await; }
-        _ = writer => { let _ = child.start_kill(); let _ = child.wait().await; }
+        // stdout closed or stdin broken: the process cannot serve any more.
+        _ = reader => {}
+        _ = writer => {}
         _ = init => {}
-        _ = logger => { let _ = child.wait().await; }
+        _ = logger => {}
     }
+    let _ = child.start_kill();
+    let _ = child.wait().await;
 }
 
 /// Read one `\n`-terminated line into `buf` (without the terminator), keeping at most `max`
