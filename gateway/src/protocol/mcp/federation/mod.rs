@@ -103,7 +103,7 @@ impl Federation {
                             message: e.to_string(),
                         },
                     )?;
-                    Server::Http(h)
+                    Server::Http(Box::new(h))
                 }
                 None => Server::Stdio(StdioServer::start(
                     name.clone(),

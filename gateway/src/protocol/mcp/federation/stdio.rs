@@ -317,7 +317,7 @@ async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, max: u
     let mut any = false;
     loop {
         let chunk = match r.fill_buf().await {
-            Ok(c) if c.is_empty() => return any,
+            Ok([]) => return any,
             Ok(c) => c,
             Err(_) => return false,
         };

@@ -119,7 +119,7 @@ impl InitInfo {
 /// One upstream server of a federation.
 pub enum Server {
     /// Streamable HTTP.
-    Http(HttpServer),
+    Http(Box<HttpServer>),
     /// Spawned process speaking newline-delimited JSON-RPC.
     Stdio(Arc<StdioServer>),
 }
