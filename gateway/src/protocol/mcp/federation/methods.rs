@@ -416,6 +416,9 @@ impl Call<'_> {
         if self.fed.cfg.tool_names == ToolNaming::Prefix {
             return split_prefixed(&self.fed.cfg.separator, &self.fed.server_names(), name);
         }
+        if !self.session.routes.lock().may_relist(kind.field()) {
+            return None;
+        }
         self.list_named(kind, tp).await;
         known(self)
     }
@@ -424,7 +427,9 @@ impl Call<'_> {
         if let Some(r) = self.session.routes.lock().resources.get(uri).cloned() {
             return Some(r);
         }
-        self.list_uris("resources/list", "resources", "uri", tp).await;
+        if self.session.routes.lock().may_relist("resources") {
+            self.list_uris("resources/list", "resources", "uri", tp).await;
+        }
         if let Some(r) = self.session.routes.lock().resources.get(uri).cloned() {
             return Some(r);
         }

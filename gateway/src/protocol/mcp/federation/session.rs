@@ -22,6 +22,23 @@ pub struct Routes {
     pub prompts: HashMap<String, Route>,
     /// Resource URI (or template) to server.
     pub resources: HashMap<String, Route>,
+    /// When an unknown name last made the session list again, per list kind: at most once a
+    /// second, so a client sending unknown names cannot multiply upstream lists.
+    relisted: HashMap<&'static str, Instant>,
+}
+
+impl Routes {
+    /// Whether a list of `kind` may be fetched again to resolve an unknown name (and note it).
+    pub fn may_relist(&mut self, kind: &'static str) -> bool {
+        let now = Instant::now();
+        match self.relisted.get(kind) {
+            Some(t) if now.duration_since(*t) < Duration::from_secs(1) => false,
+            _ => {
+                self.relisted.insert(kind, now);
+                true
+            }
+        }
+    }
 }
 
 /// One client session.
@@ -218,6 +235,14 @@ mod tests {
         assert_eq!(t.get(Some("o"), "bot", Some("mallory")).err(), Some(SessionError::Unknown));
         assert_eq!(t.get(Some("o"), "bot", None).err(), Some(SessionError::Unknown));
         assert!(t.remove("o", "bot", Some("mallory")).is_none());
+    }
+
+    #[test]
+    fn unknown_names_relist_at_most_once_a_second() {
+        let mut r = Routes::default();
+        assert!(r.may_relist("tools"));
+        assert!(!r.may_relist("tools"));
+        assert!(r.may_relist("prompts"), "kinds are separate");
     }
 
     #[test]

@@ -195,6 +195,9 @@ fn command(cfg: &FederatedServer) -> Option<Command> {
     if let Some(d) = &cfg.cwd {
         c.current_dir(d);
     }
+    // Its own process group: launchers (`npx`, `uvx`, shell wrappers) start the real server as
+    // a grandchild, and the whole group is killed with it.
+    c.process_group(0);
     c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
     Some(c)
 }
@@ -238,8 +241,22 @@ async fn supervise(shared: Arc<Shared>, cfg: FederatedServer, mut stop: oneshot:
 }
 
 /// Serve one process until it exits: pipes, the initialise handshake, readiness.
+/// Kills a server's process group when its run ends in any way (exit, restart, shutdown).
+struct Group(u32);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.0) {
+            if pid > 0 {
+                let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+}
+
 async fn run_process(shared: &Arc<Shared>, mut child: Child) {
     let pid = child.id().unwrap_or(0);
+    let _group = Group(pid);
     let (Some(mut stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {
         return;
@@ -341,6 +358,64 @@ async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, max: u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// PIDs whose argv (NUL-separated) satisfies `want`.
+    fn pids(want: impl Fn(&[&str]) -> bool) -> Vec<String> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let text = String::from_utf8_lossy(&cmd);
+            let argv: Vec<&str> = text.split('\0').filter(|a| !a.is_empty()).collect();
+            if want(&argv) {
+                out.push(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+        out
+    }
+
+    /// A minimal stdio server in sh that starts a grandchild: initialised, restarted after a
+    /// crash, and its whole process group killed when the server is dropped.
+    #[tokio::test]
+    async fn supervised_initialised_restarted_and_killed_with_its_group() {
+        let marker = format!("{}", 400_000 + u32::from(rand::random::<u16>()));
+        let answer = r#"{"jsonrpc":"2.0","id":ID,"result":{"protocolVersion":"2025-11-25","capabilities":{"tools":{}},"serverInfo":{"name":"sh","version":"1"}}}"#;
+        // Answers the first request (tollgate's initialize, whatever its id) and ignores the rest.
+        let script = format!(
+            "sleep {marker} & read l; id=$(echo \"$l\" | sed 's/.*\"id\":\\([0-9]*\\).*/\\1/'); echo '{}' | sed \"s/ID/$id/\"; while read l; do :; done",
+            answer
+        );
+        let cfg: FederatedServer = serde_yaml_ng::from_str(&format!(
+            "{{name: sh, command: [sh, -c, {script:?}], min_backoff: 50ms, max_backoff: 100ms}}"
+        ))
+        .expect("config");
+        let metrics = Arc::new(FederationMetrics::register(&prometheus::Registry::new()).expect("metrics"));
+        let s = StdioServer::start(Arc::from("f"), &cfg, Duration::from_secs(5), 1 << 16, metrics);
+        let info = s.wait_ready().await.expect("initialised");
+        assert_eq!(info.server, "sh/1");
+        assert!(info.has("tools"));
+        let sleeps = || pids(|a| a == ["sleep", marker.as_str()]);
+        // The grandchild's exec may trail the answer a little.
+        let m = marker.as_str();
+        let settle = |want: usize| async move {
+            for _ in 0..40 {
+                if pids(|a| a == ["sleep", m]).len() == want {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            false
+        };
+        assert!(settle(1).await, "grandchild running: {:?}", sleeps());
+        // The server crashes: the supervisor restarts and initialises it again.
+        for p in pids(|a| a.first() == Some(&"sh") && a.iter().any(|x| x.contains(marker.as_str()))) {
+            let _ = std::process::Command::new("kill").args(["-9", &p]).status();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(s.wait_ready().await.is_ok(), "back after the crash");
+        assert!(settle(1).await, "the crashed run's group is gone, the new one runs: {:?}", sleeps());
+        drop(s);
+        assert!(settle(0).await, "the server's process group was killed with it: {:?}", sleeps());
+    }
 
     #[tokio::test]
     async fn lines_are_split_and_bounded() {
