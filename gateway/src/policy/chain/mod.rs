@@ -208,10 +208,11 @@ pub struct Policies {
 }
 
 impl Policies {
-    /// Build every configured policy, in order: access (cheap, no body), guardrails (may block
-    /// before anything is reserved; webhook guards after the local ones, so they see redacted
-    /// prompts), token limits (reserve last). Needs a Tokio runtime when a
-    /// Redis backend is configured.
+    /// Build every configured policy, in order: access (cheap, no body), local guardrails (may
+    /// block before anything is reserved), token limits, then webhook guardrails: they see the
+    /// redacted prompt, and a call about to get a 429 costs no webhook round trip (a webhook
+    /// refusal drops the reservation hook, which gives the tokens back). Needs a Tokio runtime
+    /// when a Redis backend is configured.
     pub async fn build(config: &Config, telemetry: &Arc<Telemetry>) -> Result<Self, PolicyError> {
         let groups = Groups::new(&config.agent_groups)?;
         let mut chain: Vec<Box<dyn Policy>> = Vec::new();
@@ -223,9 +224,6 @@ impl Policies {
         if !guards.is_empty() {
             chain.push(Box::new(guards));
         }
-        if let Some(webhooks) = WebhookPolicy::new(config, telemetry.clone())? {
-            chain.push(Box::new(webhooks));
-        }
         // One engine for token and tool-call limits: one Redis connection, one set of local
         // counters, one backend state.
         if !config.rate_limits.policies.is_empty() || !config.mcp.tool_limits.is_empty() {
@@ -233,6 +231,9 @@ impl Policies {
         }
         if let (false, Some(l)) = (config.rate_limits.policies.is_empty(), &limiter) {
             chain.push(Box::new(RateLimitPolicy::with_limiter(config, l.clone(), telemetry.clone())?));
+        }
+        if let Some(webhooks) = WebhookPolicy::new(config, telemetry.clone())? {
+            chain.push(Box::new(webhooks));
         }
         let mcp_tools = Arc::new(ToolRules::new(&config.mcp)?);
         let mcp_tool_limits = Arc::new(match &limiter {

@@ -185,3 +185,69 @@ async fn anthropic_text_deltas_are_redacted_across_events() {
     assert!(out.contains("[REDACTED:EMAIL]"), "{out}");
     assert!(out.find("[REDACTED").unwrap() < out.find("content_block_stop").unwrap(), "{out}");
 }
+
+/// A webhook checker on loopback: flags prompts containing "secret", counts the requests.
+async fn checker() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}/check", l.local_addr().expect("addr"));
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // Headers, then as much body as Content-Length says.
+            while let Ok(n) = s.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf).to_string();
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let len = text[..end]
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string())
+                        })
+                        .and_then(|v| v.parse::<usize>().ok())
+                        .unwrap_or(0);
+                    if buf.len() >= end + 4 + len {
+                        break;
+                    }
+                }
+            }
+            let flagged = String::from_utf8_lossy(&buf).contains("secret");
+            let body = format!("{{\"flagged\": {flagged}}}");
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+        }
+    });
+    (url, hits)
+}
+
+/// Token limits run before webhook guardrails: a call about to get a 429 costs no webhook round
+/// trip, and a call a webhook refuses gives its reserved tokens back.
+#[tokio::test]
+async fn limits_run_before_webhooks_and_webhook_refusals_release_tokens() {
+    let (url, hits) = checker().await;
+    let yaml = format!(
+        "rate_limits: {{policies: [{{name: p, limits: [{{limit: 1000, window: 10s, count: total}}]}}]}}\nguardrails:\n- {{kind: webhook, name: hook, url: '{url}', phase: input, timeout: 2s, response: {{pointer: /flagged, block_if: [true]}}}}\n"
+    );
+    let (p, t) = chain(&yaml).await;
+    let held = run(&p, &t, "a", "m", &chat("m", "hi", 600)).await.expect("admitted");
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let d = run(&p, &t, "a", "m", &chat("m", "hi", 600)).await.expect_err("no room");
+    assert_eq!(d.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1, "a 429 asks no webhook");
+    drop(held);
+    let d = run(&p, &t, "a", "m", &chat("m", "my secret", 600)).await.expect_err("flagged");
+    assert_eq!(d.rule, "hook");
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 2);
+    // The refused call's reservation is gone: a call needing nearly all the room fits.
+    assert!(run(&p, &t, "a", "m", &chat("m", "hi", 900)).await.is_ok(), "refusal released its tokens");
+}
