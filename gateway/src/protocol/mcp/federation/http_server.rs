@@ -177,7 +177,7 @@ impl HttpServer {
             if let Some(tp) = a.traceparent {
                 b = b.header("traceparent", tp);
             }
-            if let Some(t) = a.bearer {
+            if let super::upstream::Bearer::Token(t) = a.bearer {
                 b = b.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
             }
         }

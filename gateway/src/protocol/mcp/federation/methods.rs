@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use super::names::{merge_named, merge_uris, split_prefixed, Listed, Merged, Route};
 use super::session::{new_id, Session};
-use super::upstream::{negotiate, Ask, CallError};
+use super::upstream::{negotiate, Ask, Bearer, CallError};
 use super::{json_response, Caller, Federation};
 use crate::config::federation::ToolNaming;
 use crate::protocol::http::{L7Context, ProxyBody};
@@ -77,7 +77,7 @@ pub(super) async fn initialize(
     ctx: &L7Context,
     fed: &Arc<Federation>,
     caller: &Caller,
-    bearers: &[Option<String>],
+    bearers: &[Bearer],
     msg: &Value,
     path: &str,
     traceparent: Option<&str>,
@@ -102,7 +102,7 @@ pub(super) async fn initialize(
             client_info: &session.client_info,
             version,
             traceparent: tp.as_deref(),
-            bearer: bearers.get(i).and_then(Option::as_deref),
+            bearer: bearers.get(i).unwrap_or(&Bearer::None),
         })
         .collect();
     let infos =
@@ -154,7 +154,7 @@ pub(super) struct Call<'a> {
     pub fed: &'a Arc<Federation>,
     pub caller: &'a Caller,
     /// Token per server (index as in the federation), from the RFC 8693 exchange.
-    pub bearers: &'a [Option<String>],
+    pub bearers: &'a [Bearer],
     pub session: &'a Arc<Session>,
     pub path: &'a str,
     pub traceparent: Option<&'a str>,
@@ -199,7 +199,7 @@ impl Call<'_> {
             client_info: &self.session.client_info,
             version: self.session.version,
             traceparent: tp.as_deref(),
-            bearer: self.bearers.get(i).and_then(Option::as_deref),
+            bearer: self.bearers.get(i).unwrap_or(&Bearer::None),
         }
     }
 

@@ -322,10 +322,7 @@ async fn post(ctx: &L7Context, fed: &Arc<Federation>, caller: &Caller, req: Requ
         if batch {
             return rpc_error(StatusCode::BAD_REQUEST, -32600, "tollgate: initialize must be sent alone");
         }
-        let bearers = match bearers(fed, caller).await {
-            Ok(b) => b,
-            Err(r) => return r,
-        };
+        let bearers = bearers(fed, caller).await;
         return methods::initialize(ctx, fed, caller, &bearers, &msgs[i], parts.uri.path(), traceparent, t0).await;
     }
     let first = msgs.first().and_then(|m| m.get("method")).and_then(Value::as_str);
@@ -353,10 +350,7 @@ async fn post(ctx: &L7Context, fed: &Arc<Federation>, caller: &Caller, req: Requ
             }
         }
     }
-    let bearers = match bearers(fed, caller).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
+    let bearers = bearers(fed, caller).await;
     let mut answers = Vec::new();
     for m in &msgs {
         let call = methods::Call {
@@ -387,23 +381,25 @@ async fn post(ctx: &L7Context, fed: &Arc<Federation>, caller: &Caller, req: Requ
     resp
 }
 
-/// The token each server gets (RFC 8693 exchange for servers with `token_audience`; none for
-/// the rest: the caller's own token is never passed on).
-async fn bearers(fed: &Federation, caller: &Caller) -> Result<Vec<Option<String>>, Response<ProxyBody>> {
-    let mut out = vec![None; fed.cfg.servers.len()];
-    let (Some(auth), Some(grant)) = (&fed.auth, &caller.grant) else { return Ok(out) };
+/// The token each server gets: an RFC 8693 exchange for servers with `token_audience`, none
+/// for the rest (the caller's own token is never passed on). A failed exchange fails only the
+/// requests to that server (lists leave it out), not the whole POST; exchanges are cached by
+/// the authenticator, so this is a lookup after the first.
+async fn bearers(fed: &Federation, caller: &Caller) -> Vec<upstream::Bearer> {
+    let mut out = vec![upstream::Bearer::None; fed.cfg.servers.len()];
+    let (Some(auth), Some(grant)) = (&fed.auth, &caller.grant) else { return out };
     for (i, s) in fed.cfg.servers.iter().enumerate() {
         let Some(aud) = &s.token_audience else { continue };
-        match auth.exchange(grant, aud, s.token_scope.as_deref()).await {
-            Ok(t) => out[i] = t,
+        out[i] = match auth.exchange(grant, aud, s.token_scope.as_deref()).await {
+            Ok(Some(t)) => upstream::Bearer::Token(t),
+            Ok(None) => upstream::Bearer::None,
             Err(e) => {
                 tracing::warn!(federation = %fed.name, server = %s.name, error = %e, "token exchange failed");
-                let msg = format!("tollgate: token exchange for upstream MCP server {} failed", s.name);
-                return Err(rpc_error(StatusCode::BAD_GATEWAY, -32603, &msg));
+                upstream::Bearer::Failed
             }
-        }
+        };
     }
-    Ok(out)
+    out
 }
 
 /// End a client session and its upstream sessions.

@@ -127,6 +127,18 @@ pub enum Server {
 /// Per client session state of one upstream (HTTP sessions; nothing for stdio).
 pub type Slot = tokio::sync::Mutex<Option<UpSession>>;
 
+/// The token an upstream request carries.
+#[derive(Debug, Clone, Default)]
+pub enum Bearer {
+    /// No token (stdio servers, servers without `token_audience`, endpoints without auth).
+    #[default]
+    None,
+    /// The token obtained by RFC 8693 exchange for this server.
+    Token(String),
+    /// The exchange failed: requests to this server fail rather than go without a token.
+    Failed,
+}
+
 /// Context of one upstream request: the client's identity for an HTTP `initialize`, the trace
 /// parent, and the token for the upstream (RFC 8693 exchange).
 pub struct Ask<'a> {
@@ -136,8 +148,8 @@ pub struct Ask<'a> {
     pub version: &'a str,
     /// W3C `traceparent` of tollgate's span for the call.
     pub traceparent: Option<&'a str>,
-    /// Bearer token for the upstream, if one was exchanged.
-    pub bearer: Option<&'a str>,
+    /// Token for the upstream.
+    pub bearer: &'a Bearer,
 }
 
 impl Server {
@@ -153,6 +165,7 @@ impl Server {
     /// first when needed, and once more if the server lost it (restart): the request is then
     /// sent again, since the server never saw it.
     pub async fn request(&self, slot: &Slot, ask: &Ask<'_>, method: &str, params: Value) -> Result<Value, CallError> {
+        exchanged(ask)?;
         match self {
             Server::Stdio(s) => s.request(method, params).await,
             Server::Http(h) => {
@@ -188,6 +201,9 @@ impl Server {
     /// Fire a notification (stdio: to the shared process; HTTP: on the session's upstream
     /// session, if it has one).
     pub async fn notify(&self, slot: &Slot, ask: &Ask<'_>, method: &str, params: Value) {
+        if exchanged(ask).is_err() {
+            return;
+        }
         match self {
             Server::Stdio(s) => s.notify(method, params).await,
             Server::Http(h) => {
@@ -202,6 +218,7 @@ impl Server {
     /// What the server's `initialize` answered (HTTP: this session's; stdio: the process's),
     /// initialising an HTTP session if needed.
     pub async fn init_info(&self, slot: &Slot, ask: &Ask<'_>) -> Result<InitInfo, CallError> {
+        exchanged(ask)?;
         match self {
             Server::Stdio(s) => s.wait_ready().await,
             Server::Http(h) => {
@@ -221,6 +238,14 @@ impl Server {
                 h.delete(&up).await;
             }
         }
+    }
+}
+
+/// Refuse a request whose token exchange failed.
+fn exchanged(ask: &Ask<'_>) -> Result<(), CallError> {
+    match ask.bearer {
+        Bearer::Failed => Err(CallError::Unavailable("token exchange for this server failed".into())),
+        _ => Ok(()),
     }
 }
 
