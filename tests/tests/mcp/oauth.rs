@@ -56,6 +56,13 @@ fn mcp_d_federation_oauth_with_jwks_and_token_exchange() -> Result<()> {
                 "url": format!("http://{SERVER_IP}:{port}/mcp"),
                 "token_audience": "http://web.internal/mcp",
                 "token_scope": "tools",
+            }, {
+                // Same server under another name, with a scope the callers do not hold: its
+                // exchange fails, and only requests to it fail.
+                "name": "vault",
+                "url": format!("http://{SERVER_IP}:{port}/mcp"),
+                "token_audience": "http://vault.internal/mcp",
+                "token_scope": "vault.admin",
             }],
             "auth": {
                 "issuer": auth.issuer(),
@@ -65,7 +72,7 @@ fn mcp_d_federation_oauth_with_jwks_and_token_exchange() -> Result<()> {
                 "required_scopes": ["mcp"],
                 "tool_scopes": [
                     {"scope": "weather.read", "tools": ["web__get_weather"]},
-                    {"scope": "tools.admin", "tools": ["web__*"]},
+                    {"scope": "tools.admin", "tools": ["web__*", "vault__*"]},
                 ],
                 "agent_claim": "azp",
                 "jwks_min_refetch": "1s",
@@ -141,10 +148,14 @@ fn mcp_d_federation_oauth_with_jwks_and_token_exchange() -> Result<()> {
     // Upstream got an exchanged token, never the client's.
     let ex = auth.exchanges();
     let issued: Vec<String> = ex.iter().filter_map(|x| x.issued.clone()).collect();
+    let web_ex = |x: &&tollgate_e2e::oauth::Exchange| x.field("audience") == Some("http://web.internal/mcp");
     ensure!(
         !issued.is_empty()
-            && ex.iter().all(|x| x.client_authenticated && x.field("audience") == Some("http://web.internal/mcp")),
-        "exchanges: {ex:?}"
+            && ex.iter().all(|x| x.client_authenticated)
+            && ex.iter().filter(web_ex).all(|x| x.issued.is_some())
+            && ex.iter().any(|x| !web_ex(&x))
+            && ex.iter().filter(|x| !web_ex(x)).all(|x| x.issued.is_none() && x.status >= 400),
+        "exchanges (web issued, vault refused): {ex:?}"
     );
     let seen: Vec<String> =
         read_log(&web.log_path()).into_iter().filter_map(|l| l["authorization"].as_str().map(str::to_string)).collect();
@@ -152,6 +163,19 @@ fn mcp_d_federation_oauth_with_jwks_and_token_exchange() -> Result<()> {
     ensure!(
         seen.iter().all(|a| issued.iter().any(|i| a == &format!("Bearer {i}")) && !a.contains(&good)),
         "upstream tokens {seen:?} must be exchanged ones {issued:?}"
+    );
+
+    // The failed exchange fails only the vault's requests (the web calls above were served).
+    let admin = token(&url, "mcp weather.read tools tools.admin", now() + 300);
+    let r = post(&url, Some(&admin), None, &init)?;
+    let sid2 = r.header("mcp-session-id").map(str::to_string).ok_or_else(|| anyhow!("{}", r.describe()))?;
+    let vcall = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "vault__get_weather", "arguments": {"city": "x"}}});
+    let r = post(&url, Some(&admin), Some(&sid2), &vcall)?;
+    let v: Value = serde_json::from_slice(&r.body).context("vault call JSON")?;
+    ensure!(
+        v["error"]["code"] == -32603 && v["error"]["message"].as_str().is_some_and(|m| m.contains("token exchange")),
+        "vault call: {}",
+        r.describe()
     );
 
     // Key rotation: a token signed by the new key is accepted (one JWKS refetch); the old
