@@ -190,6 +190,18 @@ fn pod_watch_end_to_end() {
     let mut want = initial_view();
     w.wait_view(&want, "initial list");
 
+    // Pod addresses name the pod a connection goes to (A2A callees); host-network pods share
+    // the node's address and name nobody.
+    for p in w.store.snapshot() {
+        if p.name == "netmon-7xk2p" {
+            assert!(p.ips.is_empty(), "host-network pod has no address of its own: {:?}", p.ips);
+            continue;
+        }
+        assert_eq!(p.ips.len(), 1, "{}: {:?}", p.name, p.ips);
+        let found = w.store.by_ip(p.ips[0]).map(|q| q.uid.clone());
+        assert_eq!(found.as_deref(), Some(p.uid.as_str()), "{} by its address", p.name);
+    }
+
     // Only this node's pods were asked for, over paged lists and a bookmarked watch.
     let reqs = mock.requests();
     let pod_lists: Vec<&String> =

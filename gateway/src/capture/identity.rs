@@ -147,6 +147,12 @@ impl AgentResolver {
         self
     }
 
+    /// The agent name of the pod (of this node) that owns `ip`: names the callee of a hop to
+    /// another agent when its card does not.
+    pub fn pod_agent_at(&self, ip: std::net::IpAddr) -> Option<Arc<str>> {
+        self.pods.as_ref()?.by_ip(ip).map(|p| p.agent.clone())
+    }
+
     /// Identity of the caller behind `rec`. Does blocking filesystem reads (small, cached): call
     /// it from `spawn_blocking` or accept the few microseconds on the connection task.
     pub fn resolve(&self, rec: &CaptureRecord) -> Agent {
@@ -313,7 +319,13 @@ mod tests {
             qos_class: None,
             capture: true,
             agent: Arc::from("team-a/chat"),
+            ips: vec![std::net::IpAddr::from([10, 244, 1, 7])],
         });
+        // A connection to the pod's address names it (the callee of an A2A hop).
+        let by_ip = AgentResolver::new(&[], None).with_pods(Some(store.clone()));
+        assert_eq!(by_ip.pod_agent_at([10, 244, 1, 7].into()).as_deref(), Some("team-a/chat"));
+        assert!(by_ip.pod_agent_at([10, 244, 1, 8].into()).is_none());
+        assert!(AgentResolver::new(&[], None).pod_agent_at([10, 244, 1, 7].into()).is_none(), "no pod store");
         let sel = |name: &str, s: AgentSelector| AgentConfig { name: name.into(), selector: s };
         let path = format!(
             "/kubepods.slice/kubepods-pod{}.slice/cri-containerd-{}.scope",

@@ -343,7 +343,8 @@ async fn handle_direct(
     let agent = Arc::new(Agent::unknown("direct"));
     // A route removed by a reload keeps its listener until restart; its connections are closed.
     let Some(r) = c.generation.config.routes.iter().find(|r| r.name == route) else { return };
-    if let Some(ctx) = l7_context(c, &agent, r, peer, None, false) {
+    // No original destination: `peer` only stands in for it.
+    if let Some(ctx) = l7_context(c, &agent, r, Dest { addr: peer, captured: false }, None, false) {
         c.shared.telemetry.connection(Some(&agent), ConnKind::Http);
         serve_http(stream, ctx, shutdown).await;
     }
@@ -381,7 +382,8 @@ async fn handle(c: &Conn<'_>, stream: TcpStream, peer: SocketAddr, local: Socket
         Sniffed::Tls { sni: None } | Sniffed::Other => do_splice(c, stream, agent, orig, None).await,
         Sniffed::Http { host } => match cfg.route_for(host.as_deref(), Some(orig)) {
             Some(route) => {
-                let Some(ctx) = l7_context(c, &agent, route, orig, host.as_deref(), false) else {
+                let dest = Dest { addr: orig, captured: true };
+                let Some(ctx) = l7_context(c, &agent, route, dest, host.as_deref(), false) else {
                     return;
                 };
                 shared.telemetry.connection(Some(&agent), ConnKind::Http);
@@ -406,7 +408,7 @@ async fn intercept(
     name: String,
     shutdown: watch::Receiver<bool>,
 ) {
-    let Some(ctx) = l7_context(c, &agent, route, orig, Some(&name), true) else {
+    let Some(ctx) = l7_context(c, &agent, route, Dest { addr: orig, captured: true }, Some(&name), true) else {
         return;
     };
     c.shared.telemetry.connection(Some(&agent), ConnKind::Intercepted);
@@ -422,14 +424,22 @@ async fn intercept(
     }
 }
 
+/// Where a connection was going: the kernel's original destination for captured connections;
+/// for explicit listeners (no original destination) the peer stands in.
+struct Dest {
+    addr: SocketAddr,
+    captured: bool,
+}
+
 fn l7_context(
     c: &Conn<'_>,
     agent: &Arc<Agent>,
     route: &RouteConfig,
-    orig: SocketAddr,
+    dest: Dest,
     name: Option<&str>,
     tls: bool,
 ) -> Option<Arc<L7Context>> {
+    let orig = dest.addr;
     let direct = route.listener.is_some() && route.matcher.hosts.is_empty() && route.matcher.addresses.is_empty();
     let has_origin = !direct || route.upstream.is_some();
     let target = if has_origin { Target::new(route, orig, name, tls) } else { Ok(Target::none()) };
@@ -451,6 +461,9 @@ fn l7_context(
             policies: c.generation.policies.clone(),
             groups: c.generation.policies.groups_of(&agent.name),
             federation: route.federation.as_deref().and_then(|f| c.generation.federations.get(f)),
+            callee_pod: (route.protocol == crate::config::RouteProtocol::A2a && dest.captured)
+                .then(|| c.generation.agents.pod_agent_at(orig.ip()))
+                .flatten(),
         })),
         Err(e) => {
             tracing::warn!(route = %route.name, error = %e, "cannot build upstream target; closing");

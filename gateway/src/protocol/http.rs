@@ -61,6 +61,9 @@ pub struct L7Context {
     pub policies: Arc<Policies>,
     /// The agent's groups, resolved once per connection for the policies.
     pub groups: Arc<[String]>,
+    /// Agent name of the destination pod (A2A routes on Kubernetes nodes), when the destination
+    /// address is a pod of this node.
+    pub callee_pod: Option<Arc<str>>,
     /// The federation this route serves (`routes[].federation`), when it is one.
     pub federation: Option<Arc<super::mcp::federation::Federation>>,
 }

@@ -42,6 +42,9 @@ pub struct PodInfo {
     pub capture: bool,
     /// Agent name: the agent annotation, else `namespace/workload-name`.
     pub agent: Arc<str>,
+    /// Pod addresses (`status.podIPs`; empty for host-network pods), so a connection's
+    /// destination can name the pod it reaches (the callee of an A2A hop).
+    pub ips: Vec<std::net::IpAddr>,
 }
 
 /// Pods of this node by UID. Readers (connection identity, scope sync) take a read lock for a
@@ -62,6 +65,12 @@ impl PodStore {
     /// The pod with this UID (dashes, as in `metadata.uid`).
     pub fn get(&self, uid: &str) -> Option<Arc<PodInfo>> {
         self.pods.read().get(uid).cloned()
+    }
+
+    /// The pod of this node that owns address `ip`, if any (a scan: a node runs a few hundred
+    /// pods at most, and this runs once per A2A connection, not per request).
+    pub fn by_ip(&self, ip: std::net::IpAddr) -> Option<Arc<PodInfo>> {
+        self.pods.read().values().find(|p| p.ips.contains(&ip)).cloned()
     }
 
     /// Every pod, in no particular order.
@@ -344,6 +353,7 @@ mod tests {
             qos_class: None,
             capture: true,
             agent: Arc::from("ns/x"),
+            ips: vec![std::net::IpAddr::from([10, 0, 0, uid.len() as u8])],
         };
         assert!(!store.synced());
         assert!(store.upsert(pod("a")));
@@ -353,6 +363,8 @@ mod tests {
         assert!(store.synced());
         assert!(store.get("a").is_none());
         assert!(store.get("c").is_some());
+        assert_eq!(store.by_ip([10, 0, 0, 1].into()).map(|p| p.uid.clone()).as_deref(), Some("c"));
+        assert!(store.by_ip([10, 0, 0, 9].into()).is_none());
         store.remove("c");
         assert!(store.is_empty());
     }

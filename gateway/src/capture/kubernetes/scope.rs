@@ -174,6 +174,7 @@ mod tests {
             qos_class: None,
             capture,
             agent: Arc::from("ns/p"),
+            ips: Vec::new(),
         }
     }
 

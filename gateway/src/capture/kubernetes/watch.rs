@@ -203,6 +203,8 @@ struct PodFacts {
     annotations: BTreeMap<String, String>,
     qos_class: Option<String>,
     host_network: bool,
+    /// `status.podIPs` (none for host-network pods: they share the node's address).
+    ips: Vec<std::net::IpAddr>,
 }
 
 /// The Pod fields tollgate needs, before owner resolution.
@@ -215,6 +217,18 @@ fn pod_fields(pod: Pod) -> Option<PodFacts> {
     let owner = ControllerRef::from_owner_refs(meta.owner_references.as_deref());
     let template_hash = labels.get(TEMPLATE_HASH_LABEL).cloned();
     let spec = pod.spec.unwrap_or_default();
+    let host_network = spec.host_network.unwrap_or(false);
+    let status = pod.status.unwrap_or_default();
+    let mut ips: Vec<std::net::IpAddr> =
+        status.pod_ips.unwrap_or_default().iter().filter_map(|p| p.ip.parse().ok()).collect();
+    if let Some(ip) = status.pod_ip.as_deref().and_then(|ip| ip.parse().ok()) {
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    if host_network {
+        ips.clear();
+    }
     Some(PodFacts {
         uid,
         workload: Workload { kind: "Pod".into(), name: name.clone() },
@@ -226,8 +240,9 @@ fn pod_fields(pod: Pod) -> Option<PodFacts> {
         workload_ok: false,
         labels,
         annotations: meta.annotations.unwrap_or_default(),
-        qos_class: pod.status.and_then(|s| s.qos_class),
-        host_network: spec.host_network.unwrap_or(false),
+        qos_class: status.qos_class,
+        host_network,
+        ips,
     })
 }
 
@@ -276,6 +291,7 @@ fn pod_info(
         qos_class: f.qos_class.clone(),
         capture,
         agent,
+        ips: f.ips.clone(),
     }
 }
 

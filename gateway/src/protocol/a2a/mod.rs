@@ -91,11 +91,12 @@ fn destination(ctx: &L7Context) -> String {
     format!("{}:{}", ctx.target.server_address, ctx.target.server_port)
 }
 
-/// The callee's name: its card's `name` when seen, else the route name.
+/// The callee's name: its card's `name` when seen, else the destination pod's agent name, else
+/// the route name.
 fn callee(ctx: &L7Context) -> Arc<str> {
     match CARDS.read().get(&destination(ctx)) {
         Some(c) => Arc::from(c.name.as_str()),
-        None => ctx.route.clone(),
+        None => ctx.callee_pod.clone().unwrap_or_else(|| ctx.route.clone()),
     }
 }
 
