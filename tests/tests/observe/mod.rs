@@ -95,6 +95,8 @@ fn o1_every_dashboard_query_returns_data() -> Result<()> {
     let mcp_port = tollgate_e2e::free_port(MCP_IP);
     let mcp_addr = format!("{MCP_IP}:{mcp_port}");
     let _mcp = crate::mcp::McpServer::start(&gw.e, MCP_IP, mcp_port, "streamable-http")?;
+    // A federation in front of it on a captured address (nothing listens there): its panels.
+    let fed_addr = format!("{MCP_IP}:{}", tollgate_e2e::free_port(MCP_IP));
     // A real a2a-sdk agent for the A2A panels: both agents call it once a round. Its own LLM
     // calls go to a mock of its own, outside the capture scope, so they leave the LLM figures
     // of the two agents alone.
@@ -118,6 +120,7 @@ fn o1_every_dashboard_query_returns_data() -> Result<()> {
                     {"cidr": format!("{}/32", origin_addr.ip()), "port": origin_addr.port()},
                     {"cidr": format!("{MCP_IP}/32"), "port": mcp_port},
                     {"cidr": format!("{MCP_IP}/32"), "port": a2a_port},
+                    {"cidr": format!("{MCP_IP}/32"), "port": fed_addr.rsplit(':').next().and_then(|p| p.parse::<u16>().ok())},
                 ],
             },
             "providers": [provider("a", &a, &ka), provider("b", &b, &kb)],
@@ -130,8 +133,12 @@ fn o1_every_dashboard_query_returns_data() -> Result<()> {
                 // the last step adds the fourth. Open long enough to still be open when queried.
                 "circuit": {"max_fails": 4, "fail_timeout": "10m"},
             }, {"name": "obs-mcp", "protocol": "mcp", "match": {"addresses": [mcp_addr]}},
-               {"name": "obs-a2a", "protocol": "a2a", "match": {"addresses": [a2a_addr]}}],
-            "mcp": {"tools": [{"name": "obs-no-delete", "deny": ["delete_*"]}]},
+               {"name": "obs-a2a", "protocol": "a2a", "match": {"addresses": [a2a_addr]}},
+               {"name": "obs-fed", "protocol": "mcp", "federation": "obs-fed", "match": {"addresses": [fed_addr]}}],
+            "mcp": {
+                "tools": [{"name": "obs-no-delete", "deny": ["*delete_*"]}],
+                "federations": [{"name": "obs-fed", "servers": [{"name": "web", "url": format!("http://{mcp_addr}/mcp")}]}],
+            },
             "agents": [
                 {"name": ALPHA, "match": {"cgroup": gw.g.rel()}},
                 {"name": BETA, "match": {"cgroup": beta.rel()}},
@@ -173,6 +180,8 @@ fn o1_every_dashboard_query_returns_data() -> Result<()> {
             let calls = [("get_weather", json!({"city": "Oslo"})), ("delete_file", json!({"path": "/tmp/obs"}))];
             let out = crate::mcp::client(g, &url, "auto", &calls, None)?;
             ensure!(out["calls"][0]["ok"] == true && out["calls"][1]["ok"] == false, "{agent} MCP calls: {out}");
+            let fed = crate::mcp::client(g, &format!("http://{fed_addr}/mcp"), "legacy", &[], None)?;
+            ensure!(fed["tools"].as_array().is_some_and(|t| t.len() == 2), "{agent} federated list: {fed}");
             let v = crate::a2a::orchestrate(g, None, &format!("http://{a2a_addr}"), "Book a table for two", &[])?;
             ensure!(v["ok"] == true && v["card_name"] == A2A_CALLEE, "{agent} A2A call: {v}");
         }
