@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use super::access_log::{epoch_secs, AgentFields};
 use super::labels::LabelLimiter;
-use super::trace::{attr, k8s_attributes};
+use super::trace::{attr, caller_attributes};
 use super::{SpanIds, Telemetry};
 use crate::capture::Agent;
 
@@ -208,10 +208,6 @@ fn hop_span(t: &super::trace::Tracer, h: &A2aHop) {
         KeyValue::new("tollgate.a2a.outcome", h.outcome),
         KeyValue::new("tollgate.stream", h.stream),
         KeyValue::new(attr::STATUS_CODE, i64::from(h.status)),
-        KeyValue::new(attr::PID, i64::from(a.pid)),
-        KeyValue::new(attr::EXE_NAME, a.comm.clone()),
-        KeyValue::new(attr::USER_ID, i64::from(a.uid)),
-        KeyValue::new(attr::CGROUP_ID, a.cgroup_id as i64),
         KeyValue::new(attr::ROUTE, h.route.to_string()),
     ];
     let opt = [
@@ -220,8 +216,6 @@ fn hop_span(t: &super::trace::Tracer, h: &A2aHop) {
         ("tollgate.a2a.skill", h.skill.as_ref()),
         ("jsonrpc.request.id", h.request_id.as_ref()),
         ("tollgate.rule", h.denied_by.as_ref()),
-        (attr::EXE_PATH, a.exe.as_ref()),
-        (attr::CGROUP_PATH, a.cgroup_path.as_ref()),
     ];
     attrs.extend(opt.into_iter().filter_map(|(k, v)| v.map(|v| KeyValue::new(k, v.clone()))));
     if let Some((host, port)) = &h.server_address {
@@ -231,9 +225,7 @@ fn hop_span(t: &super::trace::Tracer, h: &A2aHop) {
     if let Some(code) = h.error_code {
         attrs.push(KeyValue::new("rpc.jsonrpc.error_code", code));
     }
-    if let Some(k) = &a.k8s {
-        k8s_attributes(k, &mut attrs);
-    }
+    caller_attributes(a, &mut attrs);
     let failed = !matches!(
         h.outcome,
         "completed" | "message" | "ok" | "submitted" | "working" | "input_required" | "auth_required"

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use super::access_log::{epoch_secs, AgentFields};
 use super::labels::LabelLimiter;
-use super::trace::{attr, k8s_attributes};
+use super::trace::{attr, caller_attributes};
 use super::{SpanIds, Telemetry};
 use crate::capture::Agent;
 
@@ -398,10 +398,6 @@ fn mcp_span(t: &super::trace::Tracer, c: &McpCall) {
         KeyValue::new("network.protocol.name", "http"),
         KeyValue::new(attr::AGENT_NAME, a.name.to_string()),
         KeyValue::new(attr::STATUS_CODE, i64::from(c.status)),
-        KeyValue::new(attr::PID, i64::from(a.pid)),
-        KeyValue::new(attr::EXE_NAME, a.comm.clone()),
-        KeyValue::new(attr::USER_ID, i64::from(a.uid)),
-        KeyValue::new(attr::CGROUP_ID, a.cgroup_id as i64),
         KeyValue::new(attr::ROUTE, c.route.to_string()),
     ];
     let opt = [
@@ -409,8 +405,6 @@ fn mcp_span(t: &super::trace::Tracer, c: &McpCall) {
         ("mcp.protocol.version", c.protocol_version.as_ref()),
         ("jsonrpc.request.id", c.request_id.as_ref()),
         ("gen_ai.tool.name", c.tool.as_ref()),
-        (attr::EXE_PATH, a.exe.as_ref()),
-        (attr::CGROUP_PATH, a.cgroup_path.as_ref()),
     ];
     attrs.extend(opt.into_iter().filter_map(|(k, v)| v.map(|v| KeyValue::new(k, v.clone()))));
     if c.method == "tools/call" {
@@ -426,9 +420,7 @@ fn mcp_span(t: &super::trace::Tracer, c: &McpCall) {
     if let Some(code) = c.error_code {
         attrs.push(KeyValue::new("rpc.response.status_code", code.to_string()));
     }
-    if let Some(k) = &a.k8s {
-        k8s_attributes(k, &mut attrs);
-    }
+    caller_attributes(a, &mut attrs);
     let error = c.error_type();
     if let Some(e) = &error {
         attrs.push(KeyValue::new(attr::ERROR_TYPE, e.clone()));

@@ -118,10 +118,6 @@ impl Tracer {
             KeyValue::new(attr::REQUEST_MODEL, model.to_string()),
             KeyValue::new(attr::AGENT_NAME, a.name.to_string()),
             KeyValue::new(attr::STATUS_CODE, i64::from(c.status)),
-            KeyValue::new(attr::PID, i64::from(a.pid)),
-            KeyValue::new(attr::EXE_NAME, a.comm.clone()),
-            KeyValue::new(attr::USER_ID, i64::from(a.uid)),
-            KeyValue::new(attr::CGROUP_ID, a.cgroup_id as i64),
             KeyValue::new(attr::STREAM, c.stream),
             KeyValue::new(attr::ROUTE, c.route.to_string()),
         ];
@@ -129,16 +125,12 @@ impl Tracer {
             (attr::RESPONSE_MODEL, c.response_model.as_ref()),
             (attr::RESPONSE_ID, c.response_id.as_ref()),
             (attr::SERVER_ADDRESS, c.server_address.as_ref()),
-            (attr::EXE_PATH, a.exe.as_ref()),
-            (attr::CGROUP_PATH, a.cgroup_path.as_ref()),
         ];
         attrs.extend(opt.into_iter().filter_map(|(k, v)| v.map(|v| KeyValue::new(k, v.clone()))));
         if let Some(p) = c.server_port {
             attrs.push(KeyValue::new(attr::SERVER_PORT, i64::from(p)));
         }
-        if let Some(k) = &a.k8s {
-            k8s_attributes(k, &mut attrs);
-        }
+        caller_attributes(a, &mut attrs);
         if !c.finish_reasons.is_empty() {
             let list: Vec<StringValue> = c.finish_reasons.iter().map(|s| s.clone().into()).collect();
             attrs.push(KeyValue::new(attr::FINISH_REASONS, Value::Array(list.into())));
@@ -296,10 +288,26 @@ pub(super) fn parent_context(traceparent: Option<&str>) -> Context {
     TraceContextPropagator::new().extract(&carrier)
 }
 
+/// The calling process as the kernel named it (pid, comm, uid, cgroup, executable) and its pod,
+/// on every span tollgate exports for it (LLM, MCP and A2A alike).
+pub(super) fn caller_attributes(a: &crate::capture::Agent, attrs: &mut Vec<KeyValue>) {
+    attrs.extend([
+        KeyValue::new(attr::PID, i64::from(a.pid)),
+        KeyValue::new(attr::EXE_NAME, a.comm.clone()),
+        KeyValue::new(attr::USER_ID, i64::from(a.uid)),
+        KeyValue::new(attr::CGROUP_ID, a.cgroup_id as i64),
+    ]);
+    let opt = [(attr::EXE_PATH, a.exe.as_ref()), (attr::CGROUP_PATH, a.cgroup_path.as_ref())];
+    attrs.extend(opt.into_iter().filter_map(|(k, v)| v.map(|v| KeyValue::new(k, v.clone()))));
+    if let Some(k) = &a.k8s {
+        k8s_attributes(k, attrs);
+    }
+}
+
 /// The agent's pod as OpenTelemetry k8s resource-convention keys on the span (the span's resource
 /// is tollgate itself, so the caller's pod goes on the span): namespace, pod, UID, container, and
 /// the owner as `k8s.<kind>.name` (`k8s.deployment.name`, `k8s.statefulset.name`, ...).
-pub(super) fn k8s_attributes(k: &crate::capture::identity::K8sIdentity, attrs: &mut Vec<KeyValue>) {
+fn k8s_attributes(k: &crate::capture::identity::K8sIdentity, attrs: &mut Vec<KeyValue>) {
     attrs.push(KeyValue::new(attr::K8S_POD_UID, k.pod_uid.clone()));
     if let Some(id) = &k.container_id {
         attrs.push(KeyValue::new(attr::CONTAINER_ID, id.clone()));

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tollgate_e2e::otlp::OtlpReceiver;
-use tollgate_e2e::{anyhow, ensure, free_port, wait_for, Result};
+use tollgate_e2e::{anyhow, ensure, wait_for, Result};
 
-use super::{client, McpServer, SERVER_IP};
+use super::{client, McpServer, Servers};
 use crate::support::{env, wait_metric};
 
 const RULE: &str = "weather-2-per-minute";
@@ -41,32 +41,14 @@ fn mcp_b_tool_call_rate_limits_with_the_real_sdk() -> Result<()> {
     let e = env()?;
     let ga = e.cg.group("mcpl-agent-a")?;
     let gb = e.cg.group("mcpl-agent-b")?;
-    let port = free_port(SERVER_IP);
-    let addr = format!("{SERVER_IP}:{port}");
-    let server = McpServer::start(&e, SERVER_IP, port, "streamable-http")?;
-    let legacy_port = free_port(SERVER_IP);
-    let legacy_addr = format!("{SERVER_IP}:{legacy_port}");
-    let legacy = McpServer::start(&e, SERVER_IP, legacy_port, "sse")?;
+    let servers = Servers::start(&e)?;
     let rx = OtlpReceiver::start()?;
-    let cfg = json!({
-        "capture": {
-            "scope": [ga.rel(), gb.rel()],
-            "destinations": [
-                {"cidr": format!("{SERVER_IP}/32"), "port": port},
-                {"cidr": format!("{SERVER_IP}/32"), "port": legacy_port},
-            ],
-        },
-        "routes": [{"name": "mcp-tools", "protocol": "mcp", "match": {"addresses": [addr, legacy_addr]}}],
-        "agents": [
-            {"name": "lim-a", "match": {"cgroup": ga.rel()}},
-            {"name": "lim-b", "match": {"cgroup": gb.rel()}},
-        ],
-        "mcp": {"tool_limits": [
-            {"name": RULE, "match": {"agent": "lim-a"}, "tools": ["get_weather"], "per_tool": true,
-             "limit": 2, "window": "1m"},
-        ]},
-        "telemetry": {"otlp": {"endpoint": rx.endpoint(), "protocol": "http_protobuf", "traces": true}},
-    });
+    let mut cfg = servers.config(&[("lim-a", &ga), ("lim-b", &gb)], &rx.endpoint());
+    cfg["mcp"] = json!({"tool_limits": [
+        {"name": RULE, "match": {"agent": "lim-a"}, "tools": ["get_weather"], "per_tool": true,
+         "limit": 2, "window": "1m"},
+    ]});
+    let Servers { server, legacy, addr, legacy_addr, .. } = servers;
     let t = e.tollgate(cfg, None)?;
     let url = format!("http://{addr}/mcp");
     let paris = ("get_weather", json!({"city": "Paris"}));

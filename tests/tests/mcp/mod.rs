@@ -88,6 +88,40 @@ impl Drop for McpServer {
     }
 }
 
+/// The real SDK server over both transports (Streamable HTTP and legacy HTTP+SSE) on captured
+/// addresses, as mcp_a and mcp_b use it.
+pub(crate) struct Servers {
+    pub(crate) server: McpServer,
+    pub(crate) legacy: McpServer,
+    pub(crate) addr: String,
+    pub(crate) legacy_addr: String,
+    ports: [u16; 2],
+}
+
+impl Servers {
+    pub(crate) fn start(e: &Env) -> Result<Self> {
+        let port = free_port(SERVER_IP);
+        let server = McpServer::start(e, SERVER_IP, port, "streamable-http")?;
+        let legacy_port = free_port(SERVER_IP);
+        let legacy = McpServer::start(e, SERVER_IP, legacy_port, "sse")?;
+        let (addr, legacy_addr) = (format!("{SERVER_IP}:{port}"), format!("{SERVER_IP}:{legacy_port}"));
+        Ok(Servers { server, legacy, addr, legacy_addr, ports: [port, legacy_port] })
+    }
+
+    /// Config capturing `agents` (name, cgroup) to both servers through route `mcp-tools`,
+    /// spans to `otlp`; the scenario adds its policies.
+    pub(crate) fn config(&self, agents: &[(&str, &Group)], otlp: &str) -> Value {
+        let dests: Vec<Value> =
+            self.ports.iter().map(|p| json!({"cidr": format!("{SERVER_IP}/32"), "port": p})).collect();
+        json!({
+            "capture": {"scope": agents.iter().map(|(_, g)| g.rel()).collect::<Vec<_>>(), "destinations": dests},
+            "routes": [{"name": "mcp-tools", "protocol": "mcp", "match": {"addresses": [self.addr, self.legacy_addr]}}],
+            "agents": agents.iter().map(|(n, g)| json!({"name": n, "match": {"cgroup": g.rel()}})).collect::<Vec<_>>(),
+            "telemetry": {"otlp": {"endpoint": otlp, "protocol": "http_protobuf", "traces": true}},
+        })
+    }
+}
+
 /// Run the SDK client from `group`; its JSON report (`mode` `auto`, `legacy`, `legacy+sse`).
 pub(crate) fn client(
     group: &Group,
@@ -134,33 +168,15 @@ fn mcp_a_tool_rules_per_agent_with_the_real_sdk() -> Result<()> {
     let e = env()?;
     let ga = e.cg.group("mcpa-agent")?;
     let gb = e.cg.group("mcpb-agent")?;
-    let port = free_port(SERVER_IP);
-    let addr = format!("{SERVER_IP}:{port}");
-    let server = McpServer::start(&e, SERVER_IP, port, "streamable-http")?;
-    let legacy_port = free_port(SERVER_IP);
-    let legacy_addr = format!("{SERVER_IP}:{legacy_port}");
-    let legacy = McpServer::start(&e, SERVER_IP, legacy_port, "sse")?;
+    let servers = Servers::start(&e)?;
     let rx = OtlpReceiver::start()?;
-    let cfg = json!({
-        "capture": {
-            "scope": [ga.rel(), gb.rel()],
-            "destinations": [
-                {"cidr": format!("{SERVER_IP}/32"), "port": port},
-                {"cidr": format!("{SERVER_IP}/32"), "port": legacy_port},
-            ],
-        },
-        "routes": [{"name": "mcp-tools", "protocol": "mcp", "match": {"addresses": [addr, legacy_addr]}}],
-        "agents": [
-            {"name": "mcp-a", "match": {"cgroup": ga.rel()}},
-            {"name": "mcp-b", "match": {"cgroup": gb.rel()}},
-        ],
-        "agent_groups": [{"name": "restricted", "members": ["mcp-a"]}],
-        "mcp": {"tools": [
-            {"name": "no-delete", "match": {"group": "restricted"}, "deny": ["delete_*"]},
-            {"name": "b-known-tools", "match": {"agent": "mcp-b"}, "allow": ["get_*", "add", "delete_file"]},
-        ]},
-        "telemetry": {"otlp": {"endpoint": rx.endpoint(), "protocol": "http_protobuf", "traces": true}},
-    });
+    let mut cfg = servers.config(&[("mcp-a", &ga), ("mcp-b", &gb)], &rx.endpoint());
+    cfg["agent_groups"] = json!([{"name": "restricted", "members": ["mcp-a"]}]);
+    cfg["mcp"] = json!({"tools": [
+        {"name": "no-delete", "match": {"group": "restricted"}, "deny": ["delete_*"]},
+        {"name": "b-known-tools", "match": {"agent": "mcp-b"}, "allow": ["get_*", "add", "delete_file"]},
+    ]});
+    let Servers { server, legacy, addr, legacy_addr, .. } = servers;
     let t = e.tollgate(cfg, None)?;
     let url = format!("http://{addr}/mcp");
     let calls = [("get_weather", json!({"city": "Paris"})), ("delete_file", json!({"path": "/tmp/from-a"}))];

@@ -35,7 +35,8 @@ pub struct HttpServer {
     /// Server name.
     pub name: String,
     federation: Arc<str>,
-    url: url::Url,
+    /// Path and query of the endpoint, sent on every request.
+    path: String,
     target: Target,
     headers: HeaderMap,
     client: Arc<Upstream>,
@@ -81,7 +82,10 @@ impl HttpServer {
         Ok(HttpServer {
             name: cfg.name.clone(),
             federation,
-            url: url.clone(),
+            path: match url.query() {
+                Some(q) => format!("{}?{q}", url.path()),
+                None => url.path().to_string(),
+            },
             target,
             headers,
             client,
@@ -155,11 +159,7 @@ impl HttpServer {
         version: Option<&str>,
         ask: Option<&Ask<'_>>,
     ) -> Result<http::request::Builder, CallError> {
-        let pq = match self.url.query() {
-            Some(q) => format!("{}?{q}", self.url.path()),
-            None => self.url.path().to_string(),
-        };
-        let uri = self.target.uri_for(&pq).map_err(|e| CallError::Unavailable(e.to_string()))?;
+        let uri = self.target.uri_for(&self.path).map_err(|e| CallError::Unavailable(e.to_string()))?;
         let mut b = Request::builder().method(method).uri(uri);
         if let Some(h) = self.target.host_header() {
             b = b.header(http::header::HOST, h);

@@ -360,7 +360,7 @@ impl Call<'_> {
     /// routes for later calls. Returns the items and how many the rules hid.
     async fn list_named(&self, kind: Kind, tp: &Option<String>) -> (Vec<Value>, u32) {
         let lists = self.fan_out(kind.list_method(), kind.field(), kind.field(), tp).await;
-        let m = merge_named(self.fed.cfg.tool_names, &self.fed.cfg.separator, &self.fed.server_names(), lists, "name");
+        let m = merge_named(self.fed.cfg.tool_names, &self.fed.cfg.separator, &self.fed.server_names, lists, "name");
         self.collided(&m);
         let Merged { mut items, routes, .. } = m;
         let mut hidden = 0;
@@ -414,7 +414,7 @@ impl Call<'_> {
             return Some(r);
         }
         if self.fed.cfg.tool_names == ToolNaming::Prefix {
-            return split_prefixed(&self.fed.cfg.separator, &self.fed.server_names(), name);
+            return split_prefixed(&self.fed.cfg.separator, &self.fed.server_names, name);
         }
         if !self.session.routes.lock().may_relist(kind.field()) {
             return None;

@@ -135,10 +135,6 @@ impl Federation {
         })
     }
 
-    fn server_names(&self) -> Vec<&str> {
-        self.server_names.iter().map(String::as_str).collect()
-    }
-
     /// Close the upstream sessions of ended client sessions, in the background.
     fn close_sessions(self: &Arc<Self>, ended: Vec<Arc<session::Session>>) {
         self.metrics.set_sessions(&self.name, self.sessions.len());

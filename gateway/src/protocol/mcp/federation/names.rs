@@ -40,7 +40,13 @@ pub struct Merged {
 
 /// Merge named items (tools, prompts): `key` holds the name. Items without a string name are
 /// dropped (a client could not call them anyway).
-pub fn merge_named(naming: ToolNaming, sep: &str, servers: &[&str], lists: Vec<Listed>, key: &str) -> Merged {
+pub fn merge_named(
+    naming: ToolNaming,
+    sep: &str,
+    servers: &[impl AsRef<str>],
+    lists: Vec<Listed>,
+    key: &str,
+) -> Merged {
     let mut count: HashMap<String, usize> = HashMap::new();
     if naming == ToolNaming::OnCollision {
         for l in &lists {
@@ -56,7 +62,7 @@ pub fn merge_named(naming: ToolNaming, sep: &str, servers: &[&str], lists: Vec<L
     }
     let mut out = Merged::default();
     for l in lists {
-        let Some(server) = servers.get(l.server) else { continue };
+        let Some(server) = servers.get(l.server).map(AsRef::as_ref) else { continue };
         for mut it in l.items {
             let Some(original) = it.get(key).and_then(Value::as_str).map(str::to_string) else { continue };
             let prefixed = match naming {
@@ -99,9 +105,9 @@ pub fn merge_uris(lists: Vec<Listed>, key: &str) -> Merged {
 
 /// Under `tool_names: prefix` a name maps back without a listing: the part before the first
 /// separator names the server (server names cannot contain it).
-pub fn split_prefixed(sep: &str, servers: &[&str], exposed: &str) -> Option<Route> {
+pub fn split_prefixed(sep: &str, servers: &[impl AsRef<str>], exposed: &str) -> Option<Route> {
     let (server, original) = exposed.split_once(sep)?;
-    let idx = servers.iter().position(|s| *s == server)?;
+    let idx = servers.iter().position(|s| s.as_ref() == server)?;
     (!original.is_empty()).then(|| Route { server: idx, original: original.to_string() })
 }
 
