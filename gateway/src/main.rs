@@ -59,7 +59,11 @@ enum Cmd {
         dir: Option<PathBuf>,
     },
     /// Print the config's JSON schema.
-    Schema,
+    Schema {
+        /// Print the README's configuration reference table (markdown) instead.
+        #[arg(long)]
+        markdown: bool,
+    },
     /// Live per-agent view read from a running tollgate's admin API (`/metrics`): requests/s,
     /// tokens/min, cost (total and per minute), errors/s (status >= 400 or transport errors) and
     /// limit headroom, busiest agent first.
@@ -84,7 +88,7 @@ fn main() -> ExitCode {
     init_logging(&cli.log_format);
     let result = match cli.cmd {
         Cmd::Check { file } => return check(&file),
-        Cmd::Schema => schema(),
+        Cmd::Schema { markdown } => schema(markdown),
         Cmd::Ca { config, dir } => ca(config.as_deref(), dir),
         Cmd::Run { config, pod_ipv4 } => run(config.as_deref(), Overrides { pod_ipv4 }),
         Cmd::Top { admin, interval, once } => {
@@ -103,7 +107,10 @@ fn main() -> ExitCode {
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only for a person at a terminal: logs collected into files or by a container
+    // runtime must be plain text (and `NO_COLOR` is honoured).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     if format == "json" {
         b.json().init();
     } else {
@@ -131,10 +138,17 @@ fn check(file: &Path) -> ExitCode {
     }
 }
 
-fn schema() -> Result<()> {
-    let schema = schemars::schema_for!(Config);
-    println!("{}", serde_json::to_string_pretty(&schema)?);
-    Ok(())
+fn schema(markdown: bool) -> Result<()> {
+    let text = if markdown {
+        config::reference::markdown()
+    } else {
+        serde_json::to_string_pretty(&schemars::schema_for!(Config))? + "\n"
+    };
+    // `tollgate schema | head` closes the pipe early: that is not an error worth a panic.
+    match std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 fn ca(path: Option<&Path>, dir: Option<PathBuf>) -> Result<()> {

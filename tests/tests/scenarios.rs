@@ -434,14 +434,15 @@ fn s4_process_outside_scope_is_not_redirected() -> Result<()> {
     // The test process's own cgroup (outside every test group) too.
     let r = chat_curl(&e, None, url, &req)?;
     assert_direct(&r)?;
-    std::thread::sleep(Duration::from_millis(300));
+    // The kernel decided both connects (counted as out of scope) before they went direct, so
+    // tollgate cannot see them later: once both are counted, nothing may have been served.
+    wait_metric_at_least(&t, "tollgate_capture_total", &[("event", "skipped_scope")], 2.0)?;
     let m = t.metrics()?;
     ensure!(
-        m.sum("tollgate_llm_requests_total", &[]) == 0.0,
-        "tollgate counted requests from outside the scope:\n{}",
-        m.dump("tollgate_llm")
+        m.sum("tollgate_llm_requests_total", &[]) == 0.0 && m.sum("tollgate_connections_total", &[]) == 0.0,
+        "tollgate saw traffic from outside the scope:\n{}",
+        m.dump("tollgate_")
     );
-    wait_metric_at_least(&t, "tollgate_capture_total", &[("event", "skipped_scope")], 1.0)?;
 
     // Control: the same request from inside the scope is proxied and counted.
     let r = chat_curl(&e, Some(&inside), url, &req)?;
@@ -516,10 +517,11 @@ fn s5b_kill9_with_fail_closed_refuses_until_restart() -> Result<()> {
 
     t.kill9()?;
     let killed = Instant::now();
-    // Refused throughout: right after the crash and well past the heartbeat timeout.
-    for at_ms in [100u64, 600, 1500, 2500] {
-        let wait = Duration::from_millis(at_ms).saturating_sub(killed.elapsed());
-        std::thread::sleep(wait);
+    // Refused throughout, probing back to back: right after the crash and until well past the
+    // heartbeat timeout (1 s).
+    let mut probes = 0;
+    while killed.elapsed() < Duration::from_millis(2500) || probes < 4 {
+        probes += 1;
         let r = chat_curl(&e, Some(&g), url, &req)?;
         ensure!(
             r.exit != 0 && r.mock_peer().is_none(),

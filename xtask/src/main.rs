@@ -60,6 +60,8 @@ enum Cmd {
         #[arg(long, default_value_t = 240)]
         scenario_timeout: u64,
     },
+    /// Regenerate the README's configuration reference from the config schema.
+    Docs,
     /// Latency, TTFT and throughput of tollgate (capture and gateway) vs direct vs nginx vs the
     /// LiteLLM proxy on loopback (release build, needs root).
     Bench {
@@ -92,6 +94,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Setup => setup(),
+        Cmd::Docs => docs(),
         Cmd::BuildEbpf => build_ebpf(),
         Cmd::Build { release } => build(release),
         Cmd::Run { release, args } => run(release, &args),
@@ -128,7 +131,12 @@ fn root() -> PathBuf {
 }
 
 fn step(msg: &str) {
-    eprintln!("\x1b[1mxtask: {msg}\x1b[0m");
+    // Bold only on a terminal: CI logs and files stay plain text.
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none() {
+        eprintln!("\x1b[1mxtask: {msg}\x1b[0m");
+    } else {
+        eprintln!("xtask: {msg}");
+    }
 }
 
 /// Run to completion with inherited stdio; error on non-zero exit.
@@ -239,12 +247,19 @@ const DEBIAN: &[(&str, &str)] = &[
 
 fn setup() -> Result<()> {
     let t0 = Instant::now();
-    setup_rust_src()?;
-    setup_bpf_linker()?;
+    setup_build_toolchain()?;
     setup_debian()?;
     setup_venv()?;
     step(&format!("setup: done in {:.1} s", t0.elapsed().as_secs_f64()));
     Ok(())
+}
+
+/// The part of `setup` that building needs (nightly `rust-src` and `bpf-linker`): every task
+/// that builds the eBPF object runs it first, so `cargo xtask run` works on a fresh machine
+/// without `setup` or `test` having run. A no-op when both are present.
+fn setup_build_toolchain() -> Result<()> {
+    setup_rust_src()?;
+    setup_bpf_linker()
 }
 
 fn setup_rust_src() -> Result<()> {
@@ -385,6 +400,7 @@ fn build_ebpf() -> Result<()> {
     if !dir.join("Cargo.toml").exists() {
         bail!("{} has no Cargo.toml yet: the eBPF crate is not there", dir.display());
     }
+    setup_build_toolchain()?;
     step("build-ebpf: cargo +nightly build --release (ebpf/)");
     let mut c = nightly("cargo");
     c.args(["build", "--release"]).current_dir(&dir);
@@ -424,6 +440,21 @@ fn run(release: bool, args: &[String]) -> Result<()> {
         bail!("tollgate exited with {st}");
     }
     Ok(())
+}
+
+/// Rewrite the README's generated configuration reference: the gateway's own check of it, run
+/// in update mode (one place knows the markers and the table format).
+fn docs() -> Result<()> {
+    step("docs: regenerating the README's configuration reference from the schema");
+    run_cmd(cargo().env("TOLLGATE_UPDATE_README", "1").args([
+        "test",
+        "-p",
+        "tollgate",
+        "--lib",
+        "--",
+        "--exact",
+        "config::reference::tests::readme_config_reference_is_generated_from_the_schema",
+    ]))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -147,7 +147,8 @@ pub struct PiiGuardConfig {
     /// Action per entity; an entity left out is not detected.
     #[serde(default)]
     pub entities: PiiEntities,
-    /// Roles whose request messages are scanned (responses are always `assistant`).
+    /// Roles whose request messages are scanned. Responses are not filtered by role: with
+    /// `responses: true` every response text is scanned, whether `assistant` is listed or not.
     #[serde(default = "all_roles")]
     pub roles: Vec<MessageRole>,
     /// Scan requests.

@@ -11,6 +11,7 @@ pub mod limits;
 mod load;
 pub mod mcp;
 pub mod mcp_auth;
+pub mod reference;
 mod telemetry;
 
 pub use gateway::{

@@ -401,6 +401,9 @@ impl Telemetry {
 }
 
 #[cfg(test)]
+mod access_log_fields;
+
+#[cfg(test)]
 mod span_id_tests {
     use super::{Payload, SpanIds};
 

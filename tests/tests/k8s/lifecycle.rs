@@ -163,9 +163,11 @@ fn k3_rolling_update_drains_and_fails_open() -> Result<()> {
 
     // Agents keep opening new connections throughout.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let t0 = Instant::now();
     let looper = {
-        let (stop, procs_dir, url, body) = (stop.clone(), g.dir().to_path_buf(), url.clone(), e.path("k3-loop.json"));
+        let (stop, done, procs_dir, url, body) =
+            (stop.clone(), done.clone(), g.dir().to_path_buf(), url.clone(), e.path("k3-loop.json"));
         std::fs::write(&body, serde_json::to_vec(&ChatRequest::simple(MODEL, "loop").to_json())?)?;
         std::thread::spawn(move || {
             let mut out = Vec::new();
@@ -173,12 +175,27 @@ fn k3_rolling_update_drains_and_fails_open() -> Result<()> {
                 let at = t0.elapsed();
                 let r = post_json(&procs_dir, &body, &url);
                 out.push((at, t0.elapsed(), r));
+                done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // An agent opening a new connection every ~25 ms.
                 std::thread::sleep(Duration::from_millis(20));
             }
             out
         })
     };
-    std::thread::sleep(Duration::from_millis(300));
+    // Requests completed by the looper so far; waits until `n` more than `from` are done.
+    let completed = |from: usize, n: usize| {
+        wait_for(Duration::from_secs(10), Duration::from_millis(10), || {
+            (done.load(std::sync::atomic::Ordering::Relaxed) >= from + n).then_some(())
+        })
+        .ok_or_else(|| {
+            tollgate_e2e::anyhow!(
+                "the agent loop stalled ({} requests)",
+                done.load(std::sync::atomic::Ordering::Relaxed)
+            )
+        })
+    };
+    // Some traffic through the old instance before the update.
+    completed(0, 5)?;
     let term_at = t0.elapsed();
     let status = t.terminate();
     let exited_at = t0.elapsed();
@@ -188,7 +205,8 @@ fn k3_rolling_update_drains_and_fails_open() -> Result<()> {
     ensure!(r.body == openai::stream_body(&openai::reply_for(&req), true), "drained stream differs:\n{}", r.text());
     t.restart()?;
     let ready_at = t0.elapsed();
-    std::thread::sleep(Duration::from_millis(800));
+    // And through the new one after it is ready.
+    completed(done.load(std::sync::atomic::Ordering::Relaxed), 20)?;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let results = looper.join().map_err(|_| tollgate_e2e::anyhow!("loop thread panicked"))?;
 

@@ -214,6 +214,16 @@ impl Policies {
     /// refusal drops the reservation hook, which gives the tokens back). Needs a Tokio runtime
     /// when a Redis backend is configured.
     pub async fn build(config: &Config, telemetry: &Arc<Telemetry>) -> Result<Self, PolicyError> {
+        Self::build_with_time(config, telemetry, crate::policy::limits::TimeSource::System).await
+    }
+
+    /// [`Policies::build`] on an explicit time source for the limits (tests move a manual
+    /// clock to assert exact windows and `retry-after` values).
+    pub(crate) async fn build_with_time(
+        config: &Config,
+        telemetry: &Arc<Telemetry>,
+        time: crate::policy::limits::TimeSource,
+    ) -> Result<Self, PolicyError> {
         let groups = Groups::new(&config.agent_groups)?;
         let mut chain: Vec<Box<dyn Policy>> = Vec::new();
         let mut limiter = None;
@@ -227,7 +237,7 @@ impl Policies {
         // One engine for token and tool-call limits: one Redis connection, one set of local
         // counters, one backend state.
         if !config.rate_limits.policies.is_empty() || !config.mcp.tool_limits.is_empty() {
-            limiter = Some(crate::policy::limits::Limiter::new(&config.rate_limits).await?);
+            limiter = Some(crate::policy::limits::Limiter::with_time(&config.rate_limits, time).await?);
         }
         if let (false, Some(l)) = (config.rate_limits.policies.is_empty(), &limiter) {
             chain.push(Box::new(RateLimitPolicy::with_limiter(config, l.clone(), telemetry.clone())?));

@@ -22,6 +22,26 @@ async fn chain(yaml: &str) -> (Policies, Arc<Telemetry>) {
     (Policies::build(&cfg, &t).await.expect("policies"), t)
 }
 
+/// A chain whose limits run on a manual clock starting at Unix time `start_ms`.
+async fn chain_at(yaml: &str, start_ms: u64) -> (Policies, Arc<Telemetry>, Arc<crate::policy::ManualClock>) {
+    let cfg = config::from_str("t.yaml", yaml).expect("config");
+    let t = telemetry();
+    let clock = Arc::new(crate::policy::ManualClock::new());
+    let time = crate::policy::limits::TimeSource::manual(clock.clone(), start_ms);
+    (Policies::build_with_time(&cfg, &t, time).await.expect("policies"), t, clock)
+}
+
+/// Waits (bounded) until the limiter has settled `n` reservations: settling runs on its own
+/// task after the response.
+async fn settled(p: &Policies, n: u64) {
+    let stats = p.limiter.as_ref().expect("limiter").stats();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while stats.settled.load(std::sync::atomic::Ordering::Relaxed) < n {
+        assert!(std::time::Instant::now() < deadline, "reservation not settled within 5 s");
+        tokio::task::yield_now().await;
+    }
+}
+
 async fn run(p: &Policies, t: &Telemetry, agent: &str, model: &str, body: &str) -> Result<Admitted, Deny> {
     let agent = Agent::unknown(agent);
     let groups = p.groups_of(&agent.name);
@@ -75,30 +95,34 @@ access:
 #[tokio::test]
 async fn token_limit_rejects_with_retry_after_and_settles() {
     let yaml = "rate_limits: {policies: [{name: p, limits: [{limit: 1000, window: 10s, count: total}]}]}";
-    let (p, t) = chain(yaml).await;
+    // 2 s into a 10 s window (window edges are Unix-time multiples of the window).
+    let (p, t, clock) = chain_at(yaml, 1_699_920_002_000).await;
     let mut a = run(&p, &t, "a", "m", &chat("m", "hi", 600)).await.expect("admitted");
     let mut h = HeaderMap::new();
     a.hooks.response_headers(StatusCode::OK, &mut h);
     assert_eq!(h.get("x-ratelimit-limit-tokens").map(|v| v.to_str().unwrap()), Some("1000"));
     let remaining: u64 = h["x-ratelimit-remaining-tokens"].to_str().unwrap().parse().unwrap();
-    assert!((390..=400).contains(&remaining), "{remaining}");
+    let reserved = 1000 - remaining;
+    assert!((600..=610).contains(&reserved), "600 completion tokens plus the prompt's: {reserved}");
+    clock.advance(std::time::Duration::from_millis(500));
     let d = run(&p, &t, "a", "m", &chat("m", "hi", 600)).await.expect_err("no room");
     assert_eq!(d.status, StatusCode::TOO_MANY_REQUESTS);
-    // The sliding window weighs the previous fixed window by how much of it still overlaps,
-    // so the wait depends on where in its wall-clock window the first call landed: from about
-    // 3.5 s (late in the window) to 13.5 s (early), never more than two windows.
-    assert!(
-        d.headers.iter().any(|(k, v)| k == "retry-after" && v.parse::<u64>().is_ok_and(|s| (1..=20).contains(&s))),
-        "{:?}",
-        d.headers
-    );
-    assert!(d.headers.iter().any(|(k, _)| k == "retry-after-ms"));
+    // Sliding window: in the next window (starting 7.5 s from now) the first call's tokens
+    // weigh by the share of the previous window still overlapping, so room for a second
+    // `reserved` opens when reserved * (1 - f) + reserved <= 1000, i.e. f = 2 - 1000/reserved
+    // into that window; retry-after is that wait rounded up to whole seconds.
+    let f = 2.0 - 1000.0 / reserved as f64;
+    let wait_ms = 7_500.0 + f * 10_000.0;
+    let header = |k: &str| d.headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let ms: f64 = header("retry-after-ms").expect("retry-after-ms").parse().expect("ms");
+    assert!((ms - wait_ms).abs() <= 1.0, "retry-after-ms {ms} vs {wait_ms}");
+    assert_eq!(header("retry-after").expect("retry-after"), format!("{}", (wait_ms / 1000.0).ceil() as u64));
     // Settling with the real (small) usage frees the room.
     let mut call = LlmCall::new(Arc::new(Agent::unknown("a")), Arc::from("chat"), config::ProviderKind::Openai, "chat");
     call.status = 200;
     call.usage = Some(crate::telemetry::Usage { input: 5, output: 5, total: 10, ..Default::default() });
     a.hooks.finish(&mut call);
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    settled(&p, 1).await;
     assert!(run(&p, &t, "a", "m", &chat("m", "hi", 600)).await.is_ok());
     let m = t.metrics.encode();
     assert!(m.contains(r#"tollgate_ratelimit_rejections_total{agent="a",count="total",policy="p"} 1"#), "{m}");

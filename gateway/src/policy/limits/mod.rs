@@ -200,6 +200,9 @@ pub struct LimiterStats {
     pub fallback_decisions: AtomicU64,
     /// Settles or releases that could not reach the store their reservation is in.
     pub lost_settles: AtomicU64,
+    /// Reservations settled with a call's actual usage (settling runs after the response, off
+    /// the request's task: tests wait on this instead of sleeping).
+    pub settled: AtomicU64,
 }
 
 fn inc(c: &AtomicU64) {
@@ -408,6 +411,7 @@ impl Limiter {
     pub async fn settle(&self, mut reservation: Reservation, actual: Usage) {
         if let Some(held) = reservation.held.take() {
             self.inner.adjust(&held, Some(&actual)).await;
+            inc(&self.inner.stats.settled);
         }
     }
 
