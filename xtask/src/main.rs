@@ -1,10 +1,11 @@
-//! Developer and CI tasks for tollgate: `cargo xtask <setup|build-ebpf|build|run|test|bench>`.
+//! Developer and CI tasks for tollgate: `cargo xtask <setup|build-ebpf|build|run|test|bench|fuzz>`.
 //!
 //! Everything a fresh machine lacks is installed by `setup` (idempotent; a no-op taking well
 //! under a second when all is present), which `test` and `bench` run first, so `.ci/run` is just
 //! `cargo xtask test`.
 
 mod bench;
+mod fuzz;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -88,6 +89,15 @@ enum Cmd {
         #[arg(long)]
         skip_setup: bool,
     },
+    /// Run the cargo-fuzz targets of `fuzz/` (nightly; installs cargo-fuzz) on their corpus.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -112,6 +122,7 @@ fn main() -> ExitCode {
                 skip_setup,
             })
         }
+        Cmd::Fuzz { seconds, target } => fuzz::fuzz(seconds, target.as_deref()),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -762,6 +773,8 @@ fn test(filter: Option<&str>, skip_setup: bool, skip_unit: bool, timeout: Durati
         smoke = tally(&text);
         smoke_ok = ok && smoke.passed > 0;
     }
+    // Every fuzz target for a few seconds on its committed corpus (a crash fails the run).
+    let fuzzed = if filter.is_none() { fuzz::test_step() } else { Vec::new() };
 
     let (mut e2e_pass, mut e2e_fail) = (0u64, 0u64);
     println!();
@@ -787,6 +800,17 @@ fn test(filter: Option<&str>, skip_setup: bool, skip_unit: bool, timeout: Durati
     }
     e2e_pass += smoke.passed;
     e2e_fail += smoke.failed + u64::from(!smoke_ok && smoke.failed == 0);
+    if filter.is_none() {
+        println!("fuzz targets ({} s each):", fuzz::TEST_SECONDS);
+    }
+    for o in &fuzzed {
+        println!("  {}  {}", if o.ok() { "PASS" } else { "FAIL" }, o.line());
+        if o.ok() {
+            e2e_pass += 1;
+        } else {
+            e2e_fail += 1;
+        }
+    }
     println!("end-to-end scenarios:");
     for (n, o) in &results {
         match o {

@@ -53,12 +53,16 @@ impl UsageParts {
     /// documented total input); `cached_input` is the cache reads; `reasoning` the thinking
     /// tokens, already part of `output_tokens`.
     pub fn to_usage(&self) -> Usage {
-        let input = self.input.unwrap_or(0) + self.cache_read.unwrap_or(0) + self.cache_creation.unwrap_or(0);
+        let input = self
+            .input
+            .unwrap_or(0)
+            .saturating_add(self.cache_read.unwrap_or(0))
+            .saturating_add(self.cache_creation.unwrap_or(0));
         let output = self.output.unwrap_or(0);
         Usage {
             input,
             output,
-            total: input + output,
+            total: input.saturating_add(output),
             cached_input: self.cache_read,
             reasoning: self.thinking,
             estimated: false,
@@ -172,6 +176,20 @@ mod tests {
     use super::super::api::test_support::{call, run_json, run_sse_every_split};
     use super::super::api::Api;
     use super::*;
+
+    /// Counts near `u64::MAX` saturate instead of overflowing (see `openai`'s test).
+    #[test]
+    fn huge_usage_counts_saturate() {
+        let parts = UsageParts {
+            input: Some(u64::MAX),
+            output: Some(1),
+            cache_read: Some(2),
+            cache_creation: Some(3),
+            thinking: None,
+        };
+        let u = parts.to_usage();
+        assert_eq!((u.input, u.output, u.total), (u64::MAX, 1, u64::MAX));
+    }
 
     #[test]
     fn whole_message_with_cache_and_thinking() {

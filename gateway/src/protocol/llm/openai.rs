@@ -210,7 +210,7 @@ impl UsageWire {
         Usage {
             input,
             output,
-            total: self.total_tokens.unwrap_or(input + output),
+            total: self.total_tokens.unwrap_or(input.saturating_add(output)),
             cached_input: self.prompt_tokens_details.as_ref().and_then(|d| d.cached_tokens),
             reasoning: self.completion_tokens_details.as_ref().and_then(|d| d.reasoning_tokens),
             estimated: false,
@@ -589,6 +589,16 @@ pub(crate) fn parse_responses(json: &[u8], counting: bool) -> Fast<Seen<'_>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Counts near `u64::MAX` (a broken or hostile upstream) saturate instead of overflowing
+    /// (a panic with overflow checks, a wrapped total without): found writing the `json_cursor`
+    /// fuzz target's reference.
+    #[test]
+    fn huge_usage_counts_saturate() {
+        let body = br#"{"choices":[],"usage":{"prompt_tokens":18446744073709551615,"completion_tokens":2}}"#;
+        let u = parse_response(body).and_then(|r| r.usage).map(|u| u.to_usage()).expect("usage");
+        assert_eq!((u.input, u.output, u.total), (u64::MAX, 2, u64::MAX));
+    }
 
     #[test]
     fn recognises_chat_paths() {

@@ -5,13 +5,17 @@
 //! current chunk (so a caller that must hold back or drop whole events knows where they end) and
 //! the joined `data:` payload. Line splitting uses memchr; partial lines and the data of the
 //! event in progress are kept in reused buffers, bounded by `max_event_bytes` (an oversized event
-//! still ends correctly, it is just reported without data).
+//! still ends correctly, it is just reported without data; an event is oversized when its data
+//! is, whatever the chunking, and a long non-data line is skipped without touching it).
 //!
 //! Follows the WHATWG parsing rules: lines end in CRLF, LF or CR; a blank line ends an event;
 //! `data` lines are joined with `\n`; one space after the colon is dropped; `:` lines are
 //! comments.
 
 use memchr::memchr2;
+
+/// The longest a `data` line is beyond its value (`data: `).
+const DATA_PREFIX: &[u8] = b"data: ";
 
 /// What an event carried, as seen by the callback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +49,8 @@ pub struct SseParser {
 }
 
 impl SseParser {
-    /// A parser holding at most `max_event_bytes` of one event's data (and of one line).
+    /// A parser holding at most `max_event_bytes` of one event's data (and of one line, plus
+    /// the `data: ` prefix).
     pub fn new(max_event_bytes: usize) -> Self {
         SseParser {
             max: max_event_bytes,
@@ -150,10 +155,19 @@ impl SseParser {
         if self.line_overflow || bytes.is_empty() {
             return;
         }
-        if self.line.len() + bytes.len() > self.max {
+        if self.line.len() + bytes.len() > self.max + DATA_PREFIX.len() {
+            // Too long to keep. Only a `data` line makes its event oversized (its value is then
+            // longer than the bound, as `process_line` would find on the whole line); other
+            // lines are skipped. So the verdict does not depend on where the chunks were cut.
+            let starts = |p: &[u8]| {
+                let n = self.line.len().min(p.len());
+                self.line[..n] == p[..n] && bytes.starts_with(&p[n..])
+            };
+            if starts(b"data:") {
+                self.overflow = true;
+            }
             self.line.clear();
             self.line_overflow = true;
-            self.overflow = true;
             return;
         }
         self.line.extend_from_slice(bytes);
@@ -278,6 +292,25 @@ mod tests {
         let s = b"data: 0123456789abcdef\n\ndata: ok\n\n";
         let got = run(s, &[], 8);
         assert_eq!(got, vec![(24, Ev::Oversized), (s.len(), Ev::Data("ok".into()))]);
+        every_split(s, 8);
+    }
+
+    /// Found by the `sse_split` fuzz target: a line longer than the bound that spans chunks made
+    /// the event oversized even when its data fit (or when it was not a data line at all), while
+    /// the same line inside one chunk did not, so the events depended on how the bytes arrived.
+    #[test]
+    fn long_line_across_chunks_is_judged_like_a_whole_one() {
+        // Data of 7 bytes fits a bound of 8; the line (with `data: `) does not.
+        let s = b"data: 0123456\n\n";
+        assert_eq!(run(s, &[], 8), vec![(s.len(), Ev::Data("0123456".into()))]);
+        every_split(s, 8);
+        // A comment or another field longer than the bound does not touch the event's data.
+        let s = b": a comment longer than the bound\nevent: a-long-event-name\ndata: ok\n\n";
+        assert_eq!(run(s, &[], 8), vec![(s.len(), Ev::Data("ok".into()))]);
+        every_split(s, 8);
+        // A data line longer than the bound still makes its event oversized, however it is cut.
+        let s = b"data: 0123456789\n\ndata: ok\n\n";
+        assert_eq!(run(s, &[], 8), vec![(18, Ev::Oversized), (s.len(), Ev::Data("ok".into()))]);
         every_split(s, 8);
     }
 
