@@ -7,7 +7,8 @@ use tollgate::config::{from_str, ConfigError};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
-    let lines = text.split('\n').count();
+    // Lines as YAML counts them: LF, CR and CRLF each end one.
+    let lines = text.replace("\r\n", "\n").split(['\n', '\r']).count();
     match from_str("fuzz.yaml", text) {
         Ok(_) => {}
         Err(e) => {
