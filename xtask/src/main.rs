@@ -5,6 +5,7 @@
 //! `cargo xtask test`.
 
 mod bench;
+mod soak;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -86,6 +87,23 @@ enum Cmd {
         #[arg(long)]
         skip_setup: bool,
     },
+    /// Mixed traffic and injected faults for N minutes against the real tollgate, sampling its
+    /// memory, fds, threads, tasks and eBPF maps; fails on growth or lost/double-counted calls
+    /// (needs root; not in CI).
+    Soak {
+        /// Length of the run.
+        #[arg(long, default_value_t = 5.0)]
+        minutes: f64,
+        /// Release build (default: debug).
+        #[arg(long)]
+        release: bool,
+        /// Skip `setup`.
+        #[arg(long)]
+        skip_setup: bool,
+        /// More arguments for `tollgate-soak run` (e.g. `-- --fault-secs 10`).
+        #[arg(last = true)]
+        extra: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -108,6 +126,9 @@ fn main() -> ExitCode {
                 litellm_server,
                 skip_setup,
             })
+        }
+        Cmd::Soak { minutes, release, skip_setup, extra } => {
+            soak::soak(&soak::SoakOpts { minutes, release, skip_setup, extra })
         }
     };
     match r {
