@@ -161,7 +161,7 @@ async fn route(req: Request<Incoming>, peer: SocketAddr, st: &State) -> Result<R
             .body(full(openai::ORIGIN_BODY))
             .expect("response"));
     }
-    Ok(api_route(req, peer, st, &path).await?)
+    api_route(req, peer, st, &path).await
 }
 
 async fn api_route(

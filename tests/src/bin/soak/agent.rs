@@ -289,7 +289,7 @@ async fn llm_loop(a: &AgentArgs, tls: Option<&tokio_rustls::TlsConnector>, t: &m
     while now_ms() < a.until_ms {
         i += 1;
         // Reconnect now and then, as pools do, besides after every failure.
-        if i % 25 == 0 {
+        if i.is_multiple_of(25) {
             conn = None;
         }
         let c = match conn.as_mut() {
@@ -305,7 +305,7 @@ async fn llm_loop(a: &AgentArgs, tls: Option<&tokio_rustls::TlsConnector>, t: &m
                 }
             },
         };
-        let stream = i % 2 == 0;
+        let stream = i.is_multiple_of(2);
         let req = chat_request(a, i, stream);
         t.calls += 1;
         match llm_call(c, a, &req).await {
@@ -359,7 +359,7 @@ async fn cut_loop(a: &AgentArgs, t: &mut Tally) {
             continue;
         };
         t.calls += 1;
-        if i % 4 == 0 {
+        if i.is_multiple_of(4) {
             // Give the request time to leave, then drop the connection before the answer.
             let _ = tokio::time::timeout(Duration::from_millis(5), conn.send.send_request(http_req)).await;
             t.cut_before_answer += 1;

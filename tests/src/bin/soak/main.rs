@@ -52,6 +52,9 @@ pub struct Common {
     /// Environment for tollgate, `NAME=VALUE` (repeatable), e.g. `MALLOC_ARENA_MAX=2`.
     #[arg(long = "tollgate-env")]
     pub tollgate_env: Vec<String>,
+    /// No token limits (no Redis-backed policy, so no prompt estimate and no tokenizer).
+    #[arg(long)]
+    pub no_limits: bool,
     /// Build profile of the binaries, for the report (`debug` or `release`).
     #[arg(long, default_value = "debug")]
     pub profile: String,
@@ -176,7 +179,7 @@ fn run(a: RunArgs) -> Result<()> {
         }
         if now >= next_sample {
             let row = report::Row::take(start.elapsed().as_secs_f64(), &s, std::mem::take(&mut events))?;
-            if samples.len() % 6 == 0 {
+            if samples.len().is_multiple_of(6) {
                 eprintln!("soak: {}", row.brief());
             }
             samples.push(row);

@@ -142,6 +142,9 @@ impl Soak {
                 "rate_limits": limits(&redis, false),
             }),
         );
+        if c.no_limits {
+            cfg.as_object_mut().map(|o| o.remove("rate_limits"));
+        }
         let good_config = cfg.clone();
         let t = Tollgate::start(&c.tollgate, dir, cfg, None)?;
         let (ca, _) = tg::ca(&c.tollgate, &t.config_path)?;
