@@ -20,6 +20,13 @@ use tollgate::connection::{self, tls::CertAuthority, ProxyDeps};
 use tollgate::reload::{Overrides, Reloader};
 use tollgate::telemetry::Telemetry;
 
+/// The heap allocator. With glibc's malloc, memory freed after a burst (thousands of idle
+/// connections, a wave of streams) stays in its per-thread arenas and the RSS keeps the peak
+/// for good; jemalloc's background thread returns freed pages to the OS within seconds, so a
+/// long-running node agent's RSS follows its load (figures: README, Development).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Transparent capture and governance of AI traffic on a Linux node.
 #[derive(Parser)]
 #[command(name = "tollgate", version, about)]

@@ -583,3 +583,38 @@ fn tls_listener_negotiates_h2_and_http11() -> Result<()> {
     ensure!(m.counter("http2_requests")? == 1, "{}", m.stats(None)?);
     Ok(())
 }
+
+/// The soak's upstream faults and books: a `reset` fault closes the connection without an answer
+/// (and counts in `resets`), and the usage of every chat completion served (not the faulted
+/// ones) adds up in `usage_prompt_tokens`/`usage_completion_tokens`, streams with the usage
+/// chunk included and streams without it left out.
+#[test]
+fn reset_fault_and_served_usage() -> Result<()> {
+    let m = mock(&[])?;
+    let url = format!("http://{}/v1/chat/completions", m.http[0]);
+    let auth = "Authorization: Bearer sk-1";
+    let plain = ChatRequest::simple("gpt-4o-mini", "count my tokens");
+    let mut usage_stream = ChatRequest::simple("gpt-4o-mini", "count my streamed tokens");
+    usage_stream.stream = true;
+    usage_stream.include_usage = true;
+    let mut bare_stream = ChatRequest::simple("gpt-4o-mini", "no usage asked");
+    bare_stream.stream = true;
+
+    m.set_fault(json!({"reset": true, "count": 1}))?;
+    let r = post(&url, &[auth], &plain.to_json())?;
+    // curl 52: the server closed the connection without sending anything.
+    ensure!(r.exit == 52 && r.http_code == 0, "reset fault answered: {}", r.describe());
+    for req in [&plain, &usage_stream, &bare_stream] {
+        let r = post(&url, &[auth], &req.to_json())?;
+        ensure!(r.exit == 0 && r.http_code == 200, "{}", r.describe());
+    }
+    let (p, c) = [&plain, &usage_stream]
+        .iter()
+        .map(|q| openai::reply_for(q))
+        .fold((0, 0), |(p, c), r| (p + r.prompt_tokens, c + r.completion_tokens));
+    let s = m.stats(None)?;
+    ensure!(s["resets"] == 1 && s["chat_requests"] == 3, "{s}");
+    ensure!(s["usage_prompt_tokens"] == p && s["usage_completion_tokens"] == c, "want {p}/{c}: {s}");
+    ensure!(m.set_fault(json!({"reset": true, "status": 503})).is_err(), "reset with a status accepted");
+    Ok(())
+}

@@ -6,6 +6,7 @@
 
 mod bench;
 mod fuzz;
+mod soak;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -98,6 +99,23 @@ enum Cmd {
         #[arg(long)]
         target: Option<String>,
     },
+    /// Mixed traffic and injected faults for N minutes against the real tollgate, sampling its
+    /// memory, fds, threads, tasks and eBPF maps; fails on growth or lost/double-counted calls
+    /// (needs root; not in CI).
+    Soak {
+        /// Length of the run.
+        #[arg(long, default_value_t = 5.0)]
+        minutes: f64,
+        /// Release build (default: debug).
+        #[arg(long)]
+        release: bool,
+        /// Skip `setup`.
+        #[arg(long)]
+        skip_setup: bool,
+        /// More arguments for `tollgate-soak run` (e.g. `-- --fault-secs 10`).
+        #[arg(last = true)]
+        extra: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -123,6 +141,9 @@ fn main() -> ExitCode {
             })
         }
         Cmd::Fuzz { seconds, target } => fuzz::fuzz(seconds, target.as_deref()),
+        Cmd::Soak { minutes, release, skip_setup, extra } => {
+            soak::soak(&soak::SoakOpts { minutes, release, skip_setup, extra })
+        }
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -17,7 +17,8 @@ use parking_lot::RwLock;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{
-    Counter, CounterVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    Counter, CounterVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
 };
 
 use super::cost::{Price, PriceTable};
@@ -64,12 +65,18 @@ pub struct Gatherer {
     registry: Registry,
     circuit_state: IntGaugeVec,
     circuit_source: Arc<parking_lot::Mutex<Option<CircuitSource>>>,
+    /// Tasks alive on the Tokio runtime, read at gather time: a task leak (a connection or
+    /// stream that never ends) shows here long before it shows in memory.
+    runtime_tasks: IntGauge,
     start: SystemTime,
 }
 
 impl Gatherer {
     /// Every family with current values.
     pub fn gather(&self) -> Vec<MetricFamily> {
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            self.runtime_tasks.set(h.metrics().num_alive_tasks() as i64);
+        }
         if let Some(src) = self.circuit_source.lock().as_ref() {
             for (route, target, state) in src() {
                 self.circuit_state.with_label_values(&[&route, &target]).set(state);
@@ -311,10 +318,13 @@ impl Metrics {
         let build = IntGaugeVec::new(Opts::new("tollgate_build_info", "tollgate version"), &["version"])?;
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         registry.register(Box::new(build))?;
+        let runtime_tasks = IntGauge::new("tollgate_runtime_tasks", "Tasks alive on tollgate's async runtime")?;
+        registry.register(Box::new(runtime_tasks.clone()))?;
         let gatherer = Gatherer {
             registry: registry.clone(),
             circuit_state,
             circuit_source: Arc::new(parking_lot::Mutex::new(None)),
+            runtime_tasks,
             start: SystemTime::now(),
         };
         Ok(Metrics {

@@ -272,6 +272,10 @@ fn chat(st: &State, api: Api, creq: &ChatRequest) -> Response<RespBody> {
         st.stats.chat.fetch_add(1, Relaxed);
     }
     let reply = openai::reply_for(creq);
+    if !creq.stream || creq.include_usage {
+        st.stats.usage_prompt_tokens.fetch_add(reply.prompt_tokens, Relaxed);
+        st.stats.usage_completion_tokens.fetch_add(reply.completion_tokens, Relaxed);
+    }
     let mut b = openai_headers(Response::builder(), &reply.id["chatcmpl-".len()..]);
     if api == Api::AzureChat {
         b = b.header("apim-request-id", format!("mock-{}", &reply.id["chatcmpl-".len()..]));

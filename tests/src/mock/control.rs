@@ -129,6 +129,13 @@ pub struct Stats {
     pub http2: AtomicU64,
     /// Successful streamed responses of any API.
     pub streams: AtomicU64,
+    /// API requests whose connection was reset by an injected fault.
+    pub resets: AtomicU64,
+    /// Prompt tokens in the usage of the chat completions served (OpenAI and Azure; streams
+    /// count when they carry the usage chunk): what tollgate must count, measured at the source.
+    pub usage_prompt_tokens: AtomicU64,
+    /// Completion tokens, likewise.
+    pub usage_completion_tokens: AtomicU64,
     per_api: [AtomicU64; 11],
 }
 
@@ -151,6 +158,9 @@ impl Stats {
             ("unauthorized", &self.unauthorized),
             ("http2_requests", &self.http2),
             ("streams", &self.streams),
+            ("resets", &self.resets),
+            ("usage_prompt_tokens", &self.usage_prompt_tokens),
+            ("usage_completion_tokens", &self.usage_completion_tokens),
         ];
         v.extend(Api::ALL.iter().map(|a| (a.key(), &self.per_api[a.index()])));
         v
@@ -174,14 +184,17 @@ impl Stats {
     }
 }
 
-/// An injected fault: answer `status` (provider-shaped error) and/or wait `delay` before the
-/// response headers, for the next `remaining` matching API requests (`None`: until cleared).
+/// An injected fault: answer `status` (provider-shaped error), or reset the connection without
+/// an answer (`reset`), and/or wait `delay` before that, for the next `remaining` matching API
+/// requests (`None`: until cleared).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fault {
     /// Error status to answer with, if any (400..=599).
     pub status: Option<u16>,
     /// Delay before the response headers.
     pub delay: Duration,
+    /// Close the connection instead of answering (an upstream that resets mid-request).
+    pub reset: bool,
     /// Requests left; `None` = unlimited.
     pub remaining: Option<u64>,
     /// Only requests whose path contains this.
@@ -189,11 +202,12 @@ pub struct Fault {
 }
 
 impl Fault {
-    /// Parse `POST /__mock/fault` JSON: `{"status"?, "delay_ms"?, "count"?, "path_contains"?}`.
+    /// Parse `POST /__mock/fault` JSON: `{"status"?, "reset"?, "delay_ms"?, "count"?,
+    /// "path_contains"?}`.
     pub fn from_json(v: &Value) -> Result<Fault, String> {
         let obj = v.as_object().ok_or("fault must be a JSON object")?;
         for k in obj.keys() {
-            if !["status", "delay_ms", "count", "path_contains"].contains(&k.as_str()) {
+            if !["status", "reset", "delay_ms", "count", "path_contains"].contains(&k.as_str()) {
                 return Err(format!("unknown fault field {k:?}"));
             }
         }
@@ -208,21 +222,29 @@ impl Fault {
             None | Some(Value::Null) => 0,
             Some(d) => d.as_u64().ok_or("delay_ms must be a non-negative integer")?,
         };
-        if status.is_none() && delay_ms == 0 {
-            return Err("a fault needs status and/or delay_ms".into());
+        let reset = match v.get("reset") {
+            None | Some(Value::Null) => false,
+            Some(r) => r.as_bool().ok_or("reset must be a boolean")?,
+        };
+        if reset && status.is_some() {
+            return Err("a fault either answers a status or resets, not both".into());
+        }
+        if status.is_none() && !reset && delay_ms == 0 {
+            return Err("a fault needs status, reset and/or delay_ms".into());
         }
         let remaining = match v.get("count") {
             None | Some(Value::Null) => None,
             Some(c) => Some(c.as_u64().filter(|n| *n > 0).ok_or("count must be a positive integer")?),
         };
         let path_contains = v.get("path_contains").and_then(Value::as_str).map(str::to_string);
-        Ok(Fault { status, delay: Duration::from_millis(delay_ms), remaining, path_contains })
+        Ok(Fault { status, delay: Duration::from_millis(delay_ms), reset, remaining, path_contains })
     }
 
     /// The fault as `GET /__mock/fault` shows it.
     pub fn to_json(&self) -> Value {
         json!({
             "status": self.status,
+            "reset": self.reset,
             "delay_ms": self.delay.as_millis() as u64,
             "count": self.remaining,
             "path_contains": self.path_contains,
@@ -324,6 +346,8 @@ mod tests {
         assert!(Fault::from_json(&json!({"count": 1})).is_err());
         assert!(Fault::from_json(&json!({"status": 200})).is_err());
         assert!(Fault::from_json(&json!({"delay_ms": 5})).unwrap().remaining.is_none());
+        assert!(Fault::from_json(&json!({"reset": true, "count": 1})).unwrap().reset);
+        assert!(Fault::from_json(&json!({"reset": true, "status": 503})).is_err());
     }
 
     #[test]

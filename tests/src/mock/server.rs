@@ -124,8 +124,20 @@ fn json_ok(v: &Value) -> Response<RespBody> {
     Response::builder().header(header::CONTENT_TYPE, "application/json").body(full(v.to_string())).expect("response")
 }
 
-async fn handle(req: Request<Incoming>, peer: SocketAddr, st: Arc<State>) -> Result<Response<RespBody>, Infallible> {
-    let mut resp = route(req, peer, &st).await;
+/// The service error that makes hyper drop the connection without an answer (a `reset` fault).
+#[derive(Debug)]
+pub struct InjectedReset;
+
+impl std::fmt::Display for InjectedReset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("connection reset by an injected fault")
+    }
+}
+
+impl std::error::Error for InjectedReset {}
+
+async fn handle(req: Request<Incoming>, peer: SocketAddr, st: Arc<State>) -> Result<Response<RespBody>, InjectedReset> {
+    let mut resp = route(req, peer, &st).await?;
     if resp.status().as_u16() >= 400 {
         st.stats.errors.fetch_add(1, Ordering::Relaxed);
     }
@@ -137,23 +149,35 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, st: Arc<State>) -> Res
     Ok(resp)
 }
 
-async fn route(req: Request<Incoming>, peer: SocketAddr, st: &State) -> Response<RespBody> {
+async fn route(req: Request<Incoming>, peer: SocketAddr, st: &State) -> Result<Response<RespBody>, InjectedReset> {
     let path = req.uri().path().to_string();
     if path.starts_with("/__mock/") {
-        return control(req, st).await;
+        return Ok(control(req, st).await);
     }
     if req.method() == Method::GET && path == "/" {
         st.stats.origin.fetch_add(1, Ordering::Relaxed);
-        return Response::builder()
+        return Ok(Response::builder()
             .header(header::CONTENT_TYPE, "text/plain")
             .body(full(openai::ORIGIN_BODY))
-            .expect("response");
+            .expect("response"));
     }
+    api_route(req, peer, st, &path).await
+}
+
+async fn api_route(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    st: &State,
+    path: &str,
+) -> Result<Response<RespBody>, InjectedReset> {
+    let path = path.to_string();
     let (parts, body) = req.into_parts();
     let provider = Provider::for_path(&path);
     let body = match Limited::new(body, 16 << 20).collect().await {
         Ok(b) => b.to_bytes(),
-        Err(e) => return apis::error(provider, StatusCode::BAD_REQUEST, &format!("could not read body: {e}"), None),
+        Err(e) => {
+            return Ok(apis::error(provider, StatusCode::BAD_REQUEST, &format!("could not read body: {e}"), None))
+        }
     };
     let fault = st.faults.take(&path);
     st.stats.total.fetch_add(1, Ordering::Relaxed);
@@ -176,13 +200,28 @@ async fn route(req: Request<Incoming>, peer: SocketAddr, st: &State) -> Response
             st.stats.delayed.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(f.delay).await;
         }
+        if f.reset {
+            st.stats.resets.fetch_add(1, Ordering::Relaxed);
+            return Err(InjectedReset);
+        }
         if let Some(s) = f.status {
             st.stats.faults.fetch_add(1, Ordering::Relaxed);
             let status = StatusCode::from_u16(s).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-            return apis::error(provider, status, &format!("Mock fault injected: HTTP {s}"), None);
+            return Ok(apis::error(provider, status, &format!("Mock fault injected: HTTP {s}"), None));
         }
     }
-    let Some((api, arg)) = apis::classify(&parts.method, &path) else {
+    Ok(answer(st, provider, &parts, &body, &path))
+}
+
+/// Answer an API request that no fault intercepted.
+fn answer(
+    st: &State,
+    provider: Provider,
+    parts: &http::request::Parts,
+    body: &Bytes,
+    path: &str,
+) -> Response<RespBody> {
+    let Some((api, arg)) = apis::classify(&parts.method, path) else {
         return apis::error(
             provider,
             StatusCode::NOT_FOUND,
@@ -195,12 +234,12 @@ async fn route(req: Request<Incoming>, peer: SocketAddr, st: &State) -> Response
     {
         return apis::error(provider, StatusCode::NOT_FOUND, "Resource not found", None);
     }
-    if let Err(r) = apis::check_auth(provider, &st.cfg.auth, &parts) {
+    if let Err(r) = apis::check_auth(provider, &st.cfg.auth, parts) {
         st.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
         return *r;
     }
-    match serde_json::from_slice::<Value>(&body) {
-        Ok(v) => apis::dispatch(st, api, arg, &parts, v),
+    match serde_json::from_slice::<Value>(body) {
+        Ok(v) => apis::dispatch(st, api, arg, parts, v),
         Err(_) => apis::error(
             provider,
             StatusCode::BAD_REQUEST,
