@@ -183,6 +183,16 @@ fn validate(file: &str, c: &Config) -> Result<(), ConfigError> {
             return Err(bad(format!("tls.extra_roots[{i}]"), format!("{}: {e}", r.display())));
         }
     }
+    let v = c.tls.leaf_validity;
+    if v < super::MIN_LEAF_VALIDITY || v > super::MAX_LEAF_VALIDITY {
+        return Err(bad(
+            "tls.leaf_validity".into(),
+            format!(
+                "{} is outside 1s..3650d (leaves are re-minted when a quarter of it is left)",
+                humantime::format_duration(v)
+            ),
+        ));
+    }
     for (i, a) in c.agents.iter().enumerate() {
         if a.name.is_empty() {
             return Err(bad(format!("agents[{i}].name"), "must not be empty".into()));
@@ -476,6 +486,17 @@ mod tests {
                 .unwrap_err()
                 .to_string();
         assert!(err.contains("unknown field `intervall`"), "{err}");
+    }
+
+    #[test]
+    fn absurd_leaf_validity_is_refused() {
+        for v in ["0s", "500ms", "4000d"] {
+            let err = from_str("t.yaml", &format!("tls:\n  leaf_validity: {v}\n")).unwrap_err().to_string();
+            assert!(err.starts_with("t.yaml:2:18: tls.leaf_validity: "), "{v}: {err}");
+            assert!(err.contains("outside 1s..3650d"), "{err}");
+        }
+        let c = from_str("t.yaml", "tls:\n  leaf_validity: 2s\n").unwrap();
+        assert_eq!(c.tls.leaf_validity, std::time::Duration::from_secs(2));
     }
 
     #[test]

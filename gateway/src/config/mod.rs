@@ -346,6 +346,12 @@ pub struct RouteMatch {
     pub paths: Vec<String>,
 }
 
+/// Shortest `tls.leaf_validity`: shorter leaves would be re-minted on nearly every handshake
+/// (and `0s` would mint leaves that are already expired).
+pub const MIN_LEAF_VALIDITY: Duration = Duration::from_secs(1);
+/// Longest `tls.leaf_validity`: the validity of a generated CA.
+pub const MAX_LEAF_VALIDITY: Duration = Duration::from_secs(3650 * 24 * 3600);
+
 /// Interception CA and upstream trust.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -354,7 +360,8 @@ pub struct TlsConfig {
     pub ca_dir: PathBuf,
     /// PEM files trusted for upstream connections in addition to the system roots.
     pub extra_roots: Vec<PathBuf>,
-    /// Validity of minted leaf certificates.
+    /// Validity of minted leaf certificates (1s to 3650d); a cached leaf is re-minted when less
+    /// than a quarter of it is left.
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub leaf_validity: Duration,
