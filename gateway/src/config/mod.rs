@@ -14,8 +14,8 @@ pub mod mcp_auth;
 mod telemetry;
 
 pub use gateway::{
-    BalanceConfig, CircuitConfig, CredentialSource, FailoverConfig, FailoverOn, LatencyMetric, ProviderConfig,
-    ProviderOptions, Strategy, TargetConfig,
+    BalanceConfig, CircuitConfig, CredentialSource, FailoverConfig, FailoverOn, LatencyMetric, ListenerAuthConfig,
+    ProviderConfig, ProviderOptions, Strategy, TargetConfig,
 };
 pub use kubernetes::{KubernetesConfig, PodCaptureMode};
 pub use load::{from_path, from_str, ConfigError, DEFAULT_CONFIG_YAML};
@@ -255,6 +255,10 @@ pub struct RouteConfig {
     /// `http://<listener>`); such a route needs `targets` or `upstream`.
     #[serde(default)]
     pub listener: Option<SocketAddr>,
+    /// Who may call `listener`: loopback-only by default, and a listener that injects provider
+    /// keys admits only callers identified by a token or a source CIDR.
+    #[serde(default)]
+    pub listener_auth: ListenerAuthConfig,
     /// What the destination speaks: LLM provider APIs (default), MCP, or A2A. It decides which
     /// parser and policies see the route's requests.
     #[serde(default)]
