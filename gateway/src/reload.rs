@@ -3,8 +3,9 @@
 //! `file:line:col` error and a metric while the last good config stays in force.
 //!
 //! Applying builds the new proxy generation first (providers, key files, upstream client: what
-//! most often fails), then updates the kernel's scope and rules in place, then switches new
-//! connections to the new generation; connections already accepted finish on the old one.
+//! most often fails), then updates the kernel's scope and rules in place, then switches to the
+//! new generation: new connections take all of it, and the next request on every accepted
+//! connection is judged by its policies (routes and the kernel decision stay per connection).
 //! Settings bound to sockets, mounts or sinks (listeners, cgroup root, CA, telemetry,
 //! Kubernetes) keep their running values until a restart; the reload says which and sets
 //! `tollgate_config_restart_required`.

@@ -43,6 +43,29 @@ pub struct CredentialSource {
     pub file: Option<PathBuf>,
 }
 
+/// Who may call a route's explicit `listener` (a plain-HTTP front door without a kernel record
+/// behind it). A listener outside loopback needs `allow_non_loopback`; a listener whose route
+/// injects provider keys needs `token` or `allow_cidrs` to identify callers, unless
+/// `allow_anonymous` says it may serve anyone who reaches it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenerAuthConfig {
+    /// Allow a listener address outside loopback (`127.0.0.0/8`, `::1`), such as `0.0.0.0`:
+    /// every host that reaches it could call the route.
+    pub allow_non_loopback: bool,
+    /// Shared token callers present as `Authorization: Bearer <token>` or as their SDK's API
+    /// key (`x-api-key`, `api-key`, `x-goog-api-key`); exactly one of `env`, `file` (a file is
+    /// re-read when it changes). Compared in constant time and removed before forwarding.
+    pub token: Option<CredentialSource>,
+    /// Source networks admitted (CIDRs); empty: any source. With `token` too, a caller needs
+    /// both.
+    #[schemars(with = "Vec<String>")]
+    pub allow_cidrs: Vec<ipnet::IpNet>,
+    /// Serve callers that neither `token` nor `allow_cidrs` identifies even though the route
+    /// injects provider keys (anyone who reaches the listener spends those keys).
+    pub allow_anonymous: bool,
+}
+
 /// Provider options; every field has a sensible default.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]

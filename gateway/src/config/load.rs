@@ -183,6 +183,16 @@ fn validate(file: &str, c: &Config) -> Result<(), ConfigError> {
             return Err(bad(format!("tls.extra_roots[{i}]"), format!("{}: {e}", r.display())));
         }
     }
+    let v = c.tls.leaf_validity;
+    if v < super::MIN_LEAF_VALIDITY || v > super::MAX_LEAF_VALIDITY {
+        return Err(bad(
+            "tls.leaf_validity".into(),
+            format!(
+                "{} is outside 1s..3650d (leaves are re-minted when a quarter of it is left)",
+                humantime::format_duration(v)
+            ),
+        ));
+    }
     for (i, a) in c.agents.iter().enumerate() {
         if a.name.is_empty() {
             return Err(bad(format!("agents[{i}].name"), "must not be empty".into()));
@@ -285,6 +295,44 @@ fn validate_providers(c: &Config) -> Result<(), (String, String)> {
     Ok(())
 }
 
+/// A route's explicit listener: loopback unless opted out, and callers identified when the route
+/// injects provider keys (else the listener is an open proxy spending them).
+fn validate_listener(c: &Config, r: &RouteConfig) -> Result<(), (String, String)> {
+    let a = &r.listener_auth;
+    let Some(l) = r.listener else {
+        if *a != super::ListenerAuthConfig::default() {
+            return Err(("listener_auth".into(), "set only on a route with a listener".into()));
+        }
+        return Ok(());
+    };
+    if let Some(t) = &a.token {
+        match (&t.env, &t.file) {
+            (Some(e), None) if !e.is_empty() => {}
+            (None, Some(_)) => {}
+            _ => return Err(("listener_auth.token".into(), "set exactly one of env, file".into())),
+        }
+    }
+    if !l.ip().to_canonical().is_loopback() && !a.allow_non_loopback {
+        return Err((
+            "listener".into(),
+            format!(
+                "{l} is not a loopback address: every host that reaches it could call this route; \
+                 set listener_auth.allow_non_loopback: true (with a token or allow_cidrs)"
+            ),
+        ));
+    }
+    let injects = r.targets.iter().any(|t| c.providers.iter().any(|p| p.name == t.provider && p.credentials.is_some()));
+    if injects && a.token.is_none() && a.allow_cidrs.is_empty() && !a.allow_anonymous {
+        return Err((
+            "listener".into(),
+            "this listener injects provider keys but cannot identify its callers: set listener_auth.token \
+             (a shared token from env or file) or listener_auth.allow_cidrs, or allow_anonymous: true"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 /// One route's gateway fields; the error names the field relative to the route.
 fn validate_route(c: &Config, r: &RouteConfig) -> Result<(), (String, String)> {
     if r.upstream.is_some() && !r.targets.is_empty() {
@@ -306,6 +354,7 @@ fn validate_route(c: &Config, r: &RouteConfig) -> Result<(), (String, String)> {
             "a listener route has no original destination: give targets or upstream".into(),
         ));
     }
+    validate_listener(c, r)?;
     for (j, p) in r.matcher.paths.iter().enumerate() {
         if !p.starts_with('/') {
             return Err((format!("match.paths[{j}]"), format!("{p:?} must start with /")));
@@ -402,12 +451,13 @@ mod tests {
 
     #[test]
     fn gateway_route_errors_name_fields() {
-        let base = "providers:\n- name: oa\n  kind: openai\n  credentials: {env: K}\nroutes:\n- name: r\n  listener: 127.0.0.1:4000\n";
+        // `listener_auth`: the route injects keys, so its listener must identify callers.
+        let base = "providers:\n- name: oa\n  kind: openai\n  credentials: {env: K}\nroutes:\n- name: r\n  listener: 127.0.0.1:4000\n  listener_auth: {allow_cidrs: [127.0.0.1/32]}\n";
         let ok = format!("{base}  targets: [{{provider: oa, model: m, weight: 2, model_alias: fast}}]\n");
         let c = from_str("g.yaml", &ok).unwrap();
         assert_eq!(c.routes[0].targets[0].weight, 2);
         let err = from_str("g.yaml", &format!("{base}  targets: [{{provider: nope}}]\n")).unwrap_err().to_string();
-        assert_eq!(err, "g.yaml:8:24: routes[0].targets[0].provider: no provider named \"nope\"");
+        assert_eq!(err, "g.yaml:9:24: routes[0].targets[0].provider: no provider named \"nope\"");
         let err = from_str("g.yaml", base).unwrap_err().to_string();
         assert!(
             err.starts_with("g.yaml:7:13: routes[0].listener: a listener route has no original destination"),
@@ -423,12 +473,12 @@ mod tests {
             from_str("g.yaml", &format!("{base}  targets: [{{provider: oa}}]\n  failover: {{max_attempts: 0}}\n"))
                 .unwrap_err()
                 .to_string();
-        assert_eq!(err, "g.yaml:9:28: routes[0].failover.max_attempts: must be at least 1");
+        assert_eq!(err, "g.yaml:10:28: routes[0].failover.max_attempts: must be at least 1");
         let err =
             from_str("g.yaml", &format!("{base}  targets: [{{provider: oa}}]\n  balance: {{strategy: fastest}}\n"))
                 .unwrap_err()
                 .to_string();
-        assert!(err.starts_with("g.yaml:9:23: routes[0].balance.strategy: unknown variant `fastest`"), "{err}");
+        assert!(err.starts_with("g.yaml:10:23: routes[0].balance.strategy: unknown variant `fastest`"), "{err}");
     }
 
     #[test]
@@ -476,6 +526,78 @@ mod tests {
                 .unwrap_err()
                 .to_string();
         assert!(err.contains("unknown field `intervall`"), "{err}");
+    }
+
+    #[test]
+    fn listener_exposure_and_anonymous_key_use_are_refused() {
+        let head = "providers:\n- name: oa\n  kind: openai\n  credentials: {env: K}\n- name: open\n  kind: openai\nroutes:\n- name: r\n";
+        let route = |listener: &str, provider: &str, auth: &str| {
+            format!("{head}  listener: {listener}\n  targets: [{{provider: {provider}}}]\n{auth}")
+        };
+        // Outside loopback without the opt-in: named at the listener's line and column.
+        let err = from_str("l.yaml", &route("0.0.0.0:4000", "open", "")).unwrap_err().to_string();
+        assert!(
+            err.starts_with("l.yaml:9:13: routes[0].listener: 0.0.0.0:4000 is not a loopback address")
+                && err.contains("listener_auth.allow_non_loopback: true"),
+            "{err}"
+        );
+        let err = from_str("l.yaml", &route("'[::]:4000'", "open", "")).unwrap_err().to_string();
+        assert!(err.contains("is not a loopback address"), "{err}");
+        // A key-injecting listener that cannot identify callers, even on loopback.
+        let err = from_str("l.yaml", &route("127.0.0.1:4000", "oa", "")).unwrap_err().to_string();
+        assert!(
+            err.starts_with(
+                "l.yaml:9:13: routes[0].listener: this listener injects provider keys but cannot identify its callers"
+            ),
+            "{err}"
+        );
+        let opt_in = "  listener_auth: {allow_non_loopback: true}\n";
+        let err = from_str("l.yaml", &route("0.0.0.0:4000", "oa", opt_in)).unwrap_err().to_string();
+        assert!(err.contains("injects provider keys"), "{err}");
+        // Each documented way out is accepted.
+        from_str("l.yaml", &route("127.0.0.1:4000", "open", "")).unwrap();
+        from_str("l.yaml", &route("0.0.0.0:4000", "open", opt_in)).unwrap();
+        for auth in [
+            "  listener_auth: {token: {env: T}}\n",
+            "  listener_auth: {token: {file: /run/t}}\n",
+            "  listener_auth: {allow_cidrs: [127.0.0.1/32]}\n",
+            "  listener_auth: {allow_anonymous: true}\n",
+        ] {
+            from_str("l.yaml", &route("127.0.0.1:4000", "oa", auth)).unwrap();
+        }
+        let c = from_str(
+            "l.yaml",
+            &route("0.0.0.0:4000", "oa", "  listener_auth: {allow_non_loopback: true, allow_cidrs: [10.0.0.0/8]}\n"),
+        )
+        .unwrap();
+        assert_eq!(c.routes[0].listener_auth.allow_cidrs, vec!["10.0.0.0/8".parse::<ipnet::IpNet>().unwrap()]);
+        // Malformed settings are named.
+        let err = from_str("l.yaml", &route("127.0.0.1:4000", "oa", "  listener_auth: {token: {env: T, file: /t}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("l.yaml:11:26: routes[0].listener_auth.token: set exactly one of env, file"), "{err}");
+        let err = from_str("l.yaml", &route("127.0.0.1:4000", "oa", "  listener_auth: {allow_cidrs: [10.0.0.0/33]}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("l.yaml:11:33: routes[0].listener_auth.allow_cidrs[0]: "), "{err}");
+        let err = from_str(
+            "l.yaml",
+            &format!("{head}  match: {{hosts: [a.b]}}\n  listener_auth: {{allow_anonymous: true}}\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("l.yaml:10:18: routes[0].listener_auth: set only on a route with a listener"), "{err}");
+    }
+
+    #[test]
+    fn absurd_leaf_validity_is_refused() {
+        for v in ["0s", "500ms", "4000d"] {
+            let err = from_str("t.yaml", &format!("tls:\n  leaf_validity: {v}\n")).unwrap_err().to_string();
+            assert!(err.starts_with("t.yaml:2:18: tls.leaf_validity: "), "{v}: {err}");
+            assert!(err.contains("outside 1s..3650d"), "{err}");
+        }
+        let c = from_str("t.yaml", "tls:\n  leaf_validity: 2s\n").unwrap();
+        assert_eq!(c.tls.leaf_validity, std::time::Duration::from_secs(2));
     }
 
     #[test]

@@ -15,8 +15,8 @@ pub mod reference;
 mod telemetry;
 
 pub use gateway::{
-    BalanceConfig, CircuitConfig, CredentialSource, FailoverConfig, FailoverOn, LatencyMetric, ProviderConfig,
-    ProviderOptions, Strategy, TargetConfig,
+    BalanceConfig, CircuitConfig, CredentialSource, FailoverConfig, FailoverOn, LatencyMetric, ListenerAuthConfig,
+    ProviderConfig, ProviderOptions, Strategy, TargetConfig,
 };
 pub use kubernetes::{KubernetesConfig, PodCaptureMode};
 pub use load::{from_path, from_str, ConfigError, DEFAULT_CONFIG_YAML};
@@ -256,6 +256,10 @@ pub struct RouteConfig {
     /// `http://<listener>`); such a route needs `targets` or `upstream`.
     #[serde(default)]
     pub listener: Option<SocketAddr>,
+    /// Who may call `listener`: loopback-only by default, and a listener that injects provider
+    /// keys admits only callers identified by a token or a source CIDR.
+    #[serde(default)]
+    pub listener_auth: ListenerAuthConfig,
     /// What the destination speaks: LLM provider APIs (default), MCP, or A2A. It decides which
     /// parser and policies see the route's requests.
     #[serde(default)]
@@ -347,6 +351,12 @@ pub struct RouteMatch {
     pub paths: Vec<String>,
 }
 
+/// Shortest `tls.leaf_validity`: shorter leaves would be re-minted on nearly every handshake
+/// (and `0s` would mint leaves that are already expired).
+pub const MIN_LEAF_VALIDITY: Duration = Duration::from_secs(1);
+/// Longest `tls.leaf_validity`: the validity of a generated CA.
+pub const MAX_LEAF_VALIDITY: Duration = Duration::from_secs(3650 * 24 * 3600);
+
 /// Interception CA and upstream trust.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -355,7 +365,8 @@ pub struct TlsConfig {
     pub ca_dir: PathBuf,
     /// PEM files trusted for upstream connections in addition to the system roots.
     pub extra_roots: Vec<PathBuf>,
-    /// Validity of minted leaf certificates.
+    /// Validity of minted leaf certificates (1s to 3650d); a cached leaf is re-minted when less
+    /// than a quarter of it is left.
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub leaf_validity: Duration,

@@ -4,6 +4,7 @@
 //!
 //! A connection without a kernel record is closed at once: tollgate is never an open proxy.
 
+pub mod listener;
 pub mod sniff;
 pub mod splice;
 pub mod tls;
@@ -71,6 +72,14 @@ pub enum ProxyError {
     /// An MCP federation could not be set up.
     #[error("federation: {0}")]
     Federation(#[from] FederationError),
+    /// A route's listener token could not be read.
+    #[error("routes[{route}].listener_auth.token: {source}")]
+    ListenerToken {
+        /// Route name.
+        route: String,
+        /// Why.
+        source: crate::upstream::credentials::CredentialError,
+    },
     /// A route's explicit listener could not be bound.
     #[error("routes[{route}].listener {addr}: {source}")]
     Bind {
@@ -84,7 +93,10 @@ pub enum ProxyError {
 }
 
 /// What one config generation needs at run time. A connection takes the generation current at
-/// accept and keeps it to its end, so a reload never changes rules under an in-flight stream.
+/// accept and keeps its routes, targets, upstream client and kernel decision to its end; each
+/// request on it is judged by the policies of the generation current when the request starts
+/// (see [`PerRequest`]), so a reload never changes rules under an in-flight stream yet reaches
+/// keep-alive connections at their next request.
 struct Generation {
     config: Arc<Config>,
     agents: Arc<AgentResolver>,
@@ -97,6 +109,8 @@ struct Generation {
     limiter_id: u64,
     /// MCP federation endpoints (their stdio servers run while a generation holds them).
     federations: Arc<Federations>,
+    /// Admission checks of explicit listeners, by route name (routes without one admit all).
+    gates: std::collections::HashMap<String, Arc<listener::ListenerGate>>,
 }
 
 impl Generation {
@@ -115,7 +129,15 @@ impl Generation {
         crate::protocol::a2a::set_max_cards(config.a2a.max_cards);
         let kept = previous.map(|p| &*p.federations);
         let federations = Arc::new(Federations::build(&config, &upstream, telemetry, kept)?);
-        Ok(Generation { config, agents, upstream, gateway, policies, limiter_id, federations })
+        let mut gates = std::collections::HashMap::new();
+        for r in config.routes.iter().filter(|r| r.listener.is_some()) {
+            let gate = listener::ListenerGate::build(r)
+                .map_err(|source| ProxyError::ListenerToken { route: r.name.clone(), source })?;
+            if let Some(g) = gate {
+                gates.insert(r.name.clone(), Arc::new(g));
+            }
+        }
+        Ok(Generation { config, agents, upstream, gateway, policies, limiter_id, federations, gates })
     }
 }
 
@@ -153,8 +175,9 @@ impl ProxyHandle {
         Ok(Prepared(Generation::build(config, agents, &self.0.telemetry, Some(&previous)).await?))
     }
 
-    /// Make a prepared generation the one new connections take; connections already accepted
-    /// keep theirs.
+    /// Make a prepared generation the current one: new connections take it whole; connections
+    /// already accepted keep their route and upstream but judge their next request by its
+    /// policies.
     pub fn commit(&self, next: Prepared) {
         self.0.current.store(Arc::new(next.0));
     }
@@ -326,7 +349,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, entry: Entry, m
 
 /// One connection's view: the shared state and the generation it was accepted under.
 struct Conn<'a> {
-    shared: &'a Shared,
+    shared: &'a Arc<Shared>,
     generation: &'a Generation,
 }
 
@@ -346,7 +369,7 @@ async fn handle_direct(
     // No original destination: `peer` only stands in for it.
     if let Some(ctx) = l7_context(c, &agent, r, Dest { addr: peer, captured: false }, None, false) {
         c.shared.telemetry.connection(Some(&agent), ConnKind::Http);
-        serve_http(stream, ctx, shutdown).await;
+        serve_http(stream, PerRequest::new(c, ctx, Some(peer.ip())), shutdown).await;
     }
 }
 
@@ -387,7 +410,7 @@ async fn handle(c: &Conn<'_>, stream: TcpStream, peer: SocketAddr, local: Socket
                     return;
                 };
                 shared.telemetry.connection(Some(&agent), ConnKind::Http);
-                serve_http(stream, ctx, shutdown).await;
+                serve_http(stream, PerRequest::new(c, ctx, None), shutdown).await;
             }
             None => do_splice(c, stream, agent, orig, None).await,
         },
@@ -415,7 +438,7 @@ async fn intercept(
     let acceptor = tokio_rustls::TlsAcceptor::from(c.shared.tls_server.clone());
     let handshake = tokio::time::timeout(c.generation.config.limits.sniff_timeout, acceptor.accept(stream)).await;
     match handshake {
-        Ok(Ok(tls)) => serve_http(tls, ctx, shutdown).await,
+        Ok(Ok(tls)) => serve_http(tls, PerRequest::new(c, ctx, None), shutdown).await,
         Ok(Err(e)) => {
             // Usually the agent does not trust the interception CA.
             tracing::warn!(sni = %name, agent = %agent.name, error = %e, "interception handshake failed");
@@ -472,12 +495,59 @@ fn l7_context(
     }
 }
 
+/// The context of each request on one L7 connection: the connection's own, with the policies of
+/// the newest config generation (and, on an explicit listener, that generation's admission
+/// check). Rebuilt only when a reload replaced them (one atomic load and a pointer compare per
+/// request otherwise).
+struct PerRequest {
+    shared: Arc<Shared>,
+    current: parking_lot::Mutex<(Arc<L7Context>, Option<Arc<listener::ListenerGate>>)>,
+    /// The caller's address, on explicit listeners (whose requests pass the route's gate).
+    listener_peer: Option<std::net::IpAddr>,
+}
+
+impl PerRequest {
+    fn new(c: &Conn<'_>, ctx: Arc<L7Context>, listener_peer: Option<std::net::IpAddr>) -> PerRequest {
+        let gate = listener_peer.and_then(|_| c.generation.gates.get(&*ctx.route).cloned());
+        PerRequest { shared: c.shared.clone(), current: parking_lot::Mutex::new((ctx, gate)), listener_peer }
+    }
+
+    /// The context for a request starting now, and the listener gate it must pass.
+    fn current(&self) -> (Arc<L7Context>, Option<Arc<listener::ListenerGate>>) {
+        let generation = self.shared.current.load();
+        let mut cur = self.current.lock();
+        if !Arc::ptr_eq(&cur.0.policies, &generation.policies) {
+            let ctx = Arc::new(cur.0.with_policies(generation.policies.clone()));
+            let gate = self.listener_peer.and_then(|_| generation.gates.get(&*ctx.route).cloned());
+            *cur = (ctx, gate);
+        }
+        cur.clone()
+    }
+
+    /// Serve one request: refused in the route's API shape when the listener gate says so.
+    async fn serve(
+        self: Arc<Self>,
+        mut req: http::Request<hyper::body::Incoming>,
+    ) -> Result<http::Response<crate::protocol::http::ProxyBody>, std::convert::Infallible> {
+        let (ctx, gate) = self.current();
+        if let (Some(gate), Some(peer)) = (gate, self.listener_peer) {
+            if let Err(why) = gate.admit(peer, req.headers_mut()) {
+                self.shared.telemetry.node.listener_refused(&ctx.route, why.label());
+                tracing::debug!(route = %ctx.route, %peer, reason = why.label(), "listener caller refused");
+                return Ok(listener::refusal(&ctx.route, ctx.provider, why));
+            }
+        }
+        crate::protocol::handle(ctx, req).await
+    }
+}
+
 /// HTTP/1.1 server on one agent connection; on shutdown, finish the request in flight and close.
-async fn serve_http<S>(io: S, ctx: Arc<L7Context>, mut shutdown: watch::Receiver<bool>)
+async fn serve_http<S>(io: S, per_request: PerRequest, mut shutdown: watch::Receiver<bool>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = service_fn(move |req| crate::protocol::handle(ctx.clone(), req));
+    let per_request = Arc::new(per_request);
+    let svc = service_fn(move |req| per_request.clone().serve(req));
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .keep_alive(true)

@@ -27,11 +27,16 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::{CertifiedKey, SigningKey};
 use rustls::ServerConfig;
 
+use crate::config::MAX_LEAF_VALIDITY;
+
 /// File names inside `tls.ca_dir`.
 const CA_CERT: &str = "ca.pem";
 const CA_KEY: &str = "ca.key";
 /// Validity of a generated CA.
 const CA_VALIDITY_DAYS: i64 = 3650;
+/// Leaf validity used when the configured one cannot be encoded (config validation refuses
+/// such values; this keeps library callers safe).
+const DEFAULT_LEAF_VALIDITY: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Back-dating of minted leaves, for agents whose clock runs a little behind the node's.
 const LEAF_BACKDATE: time::Duration = time::Duration::hours(1);
 
@@ -76,9 +81,16 @@ pub struct CertAuthority {
     leaf_key: KeyPair,
     leaf_signer: Arc<dyn SigningKey>,
     leaf_validity: Duration,
-    cache: Mutex<lru::LruCache<String, Arc<CertifiedKey>>>,
+    cache: Mutex<lru::LruCache<String, CachedLeaf>>,
     serial_salt: u64,
     serial_seq: AtomicU64,
+}
+
+/// A minted leaf and the moment it must be replaced (a quarter of its validity before
+/// `not_after`), so a host kept hot in the cache never serves an expired certificate.
+struct CachedLeaf {
+    key: Arc<CertifiedKey>,
+    renew_at: SystemTime,
 }
 
 impl fmt::Debug for CertAuthority {
@@ -145,8 +157,14 @@ impl CertAuthority {
         &self.cert_der
     }
 
-    /// Leaf certificate and key for `name`, from the cache or freshly minted.
+    /// Leaf certificate and key for `name`, from the cache or freshly minted. A cached leaf
+    /// with less than a quarter of its validity left is re-minted.
     pub fn leaf(&self, name: &str) -> Result<Arc<CertifiedKey>, TlsError> {
+        self.leaf_at(name, SystemTime::now())
+    }
+
+    /// [`Self::leaf`] as of `now` (tests drive the clock).
+    fn leaf_at(&self, name: &str, now: SystemTime) -> Result<Arc<CertifiedKey>, TlsError> {
         let lower;
         let key = if name.bytes().any(|b| b.is_ascii_uppercase()) {
             lower = name.to_ascii_lowercase();
@@ -155,11 +173,23 @@ impl CertAuthority {
             name
         };
         if let Some(hit) = self.cache.lock().get(key) {
-            return Ok(hit.clone());
+            if now < hit.renew_at {
+                return Ok(hit.key.clone());
+            }
         }
-        let minted = Arc::new(self.mint(key)?);
-        self.cache.lock().put(key.to_string(), minted.clone());
+        let minted = Arc::new(self.mint(key, now)?);
+        let renew_at = now + self.validity() - self.validity() / 4;
+        self.cache.lock().put(key.to_string(), CachedLeaf { key: minted.clone(), renew_at });
         Ok(minted)
+    }
+
+    /// Leaf validity as minted (the configured value, 7 days if it does not fit a certificate).
+    fn validity(&self) -> Duration {
+        if time::Duration::try_from(self.leaf_validity).is_ok() && self.leaf_validity < MAX_LEAF_VALIDITY {
+            self.leaf_validity
+        } else {
+            DEFAULT_LEAF_VALIDITY
+        }
     }
 
     /// Server config for intercepted connections: leaves resolved per SNI, ALPN http/1.1 only
@@ -173,7 +203,7 @@ impl CertAuthority {
         Ok(Arc::new(cfg))
     }
 
-    fn mint(&self, name: &str) -> Result<CertifiedKey, TlsError> {
+    fn mint(&self, name: &str, now: SystemTime) -> Result<CertifiedKey, TlsError> {
         let mut params = CertificateParams::new(vec![name.to_string()])?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, name);
@@ -182,9 +212,9 @@ impl CertAuthority {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
-        let now = time::OffsetDateTime::now_utc();
+        let now = time::OffsetDateTime::from(now);
         params.not_before = now - LEAF_BACKDATE;
-        params.not_after = now + time::Duration::try_from(self.leaf_validity).unwrap_or(time::Duration::days(7));
+        params.not_after = now + self.validity();
         params.serial_number = Some(SerialNumber::from_slice(&self.next_serial()));
         let cert = params.signed_by(&self.leaf_key, &self.issuer, &self.issuer_key)?;
         Ok(CertifiedKey::new(vec![cert.der().clone()], self.leaf_signer.clone()))
@@ -203,7 +233,7 @@ impl CertAuthority {
     }
 
     fn self_check(&self) -> Result<(), TlsError> {
-        let leaf = self.mint("tollgate-self-check.invalid")?;
+        let leaf = self.mint("tollgate-self-check.invalid", SystemTime::now())?;
         verify_leaf(&self.cert_der, &leaf.cert, "tollgate-self-check.invalid")
             .map_err(|message| TlsError::SelfCheck { path: self.cert_path.clone(), message })
     }
@@ -224,6 +254,16 @@ impl ResolvesServerCert for CertAuthority {
 
 /// Verify `chain` for `name` against `ca` as a rustls client would; `Err` carries the reason.
 pub fn verify_leaf(ca: &CertificateDer<'static>, chain: &[CertificateDer<'static>], name: &str) -> Result<(), String> {
+    verify_leaf_at(ca, chain, name, UnixTime::now())
+}
+
+/// [`verify_leaf`] as a client whose clock reads `now`.
+pub fn verify_leaf_at(
+    ca: &CertificateDer<'static>,
+    chain: &[CertificateDer<'static>],
+    name: &str,
+    now: UnixTime,
+) -> Result<(), String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.clone()).map_err(|e| e.to_string())?;
     let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
@@ -235,7 +275,7 @@ pub fn verify_leaf(ca: &CertificateDer<'static>, chain: &[CertificateDer<'static
     let (end, rest) = chain.split_first().ok_or("empty chain")?;
     let server = ServerName::try_from(name.to_string()).map_err(|e| e.to_string())?;
     use rustls::client::danger::ServerCertVerifier;
-    verifier.verify_server_cert(end, rest, &server, &[], UnixTime::now()).map(|_| ()).map_err(|e| e.to_string())
+    verifier.verify_server_cert(end, rest, &server, &[], now).map(|_| ()).map_err(|e| e.to_string())
 }
 
 fn read(path: &Path) -> Result<String, TlsError> {
@@ -332,6 +372,71 @@ mod tests {
         assert_ne!(a.cert[0], b.cert[0]);
         verify_leaf(ca.cert_der(), &b.cert, "api.anthropic.com").unwrap();
         assert!(verify_leaf(ca.cert_der(), &b.cert, "api.openai.com").is_err());
+    }
+
+    fn unix(t: SystemTime) -> UnixTime {
+        UnixTime::since_unix_epoch(t.duration_since(UNIX_EPOCH).unwrap())
+    }
+
+    #[test]
+    fn cached_leaf_is_reminted_before_it_expires() {
+        let d = tempfile::tempdir().unwrap();
+        let ca = CertAuthority::load_or_create(d.path(), Duration::from_secs(2), 8).unwrap();
+        let t0 = SystemTime::now();
+        let first = ca.leaf_at("api.openai.com", t0).unwrap();
+        verify_leaf_at(ca.cert_der(), &first.cert, "api.openai.com", unix(t0)).unwrap();
+        // More than a quarter left: the cached leaf.
+        let early = t0 + Duration::from_millis(1400);
+        assert!(Arc::ptr_eq(&first, &ca.leaf_at("api.openai.com", early).unwrap()));
+        // Less than a quarter left: a fresh leaf, valid well past the first one's end.
+        let late = t0 + Duration::from_millis(1600);
+        let second = ca.leaf_at("api.openai.com", late).unwrap();
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert_ne!(first.cert[0], second.cert[0]);
+        let after = t0 + Duration::from_secs(3);
+        let expired = verify_leaf_at(ca.cert_der(), &first.cert, "api.openai.com", unix(after)).unwrap_err();
+        assert!(expired.contains("expired"), "{expired}");
+        verify_leaf_at(ca.cert_der(), &second.cert, "api.openai.com", unix(after)).unwrap();
+        // A host first seen after another's leaf expired is minted afresh too.
+        let third = ca.leaf_at("api.anthropic.com", after).unwrap();
+        verify_leaf_at(ca.cert_der(), &third.cert, "api.anthropic.com", unix(after)).unwrap();
+    }
+
+    /// With the real clock: an agent connecting after the first leaf of its host expired still
+    /// gets a chain it accepts (the cached leaf was replaced, not served expired).
+    #[tokio::test]
+    async fn handshake_after_first_leaf_expired() {
+        let d = tempfile::tempdir().unwrap();
+        let validity = Duration::from_secs(2);
+        let ca = Arc::new(CertAuthority::load_or_create(d.path(), validity, 8).unwrap());
+        let server = tokio_rustls::TlsAcceptor::from(ca.server_config().unwrap());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.cert_der().clone()).unwrap();
+        let ccfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let client = tokio_rustls::TlsConnector::from(Arc::new(ccfg));
+        let handshake = || async {
+            let (c, s) = tokio::io::duplex(64 * 1024);
+            let server = server.clone();
+            let srv = tokio::spawn(async move { server.accept(s).await.map(|_| ()) });
+            let tls = client.connect(ServerName::try_from("api.openai.com").unwrap(), c).await;
+            let _ = srv.await;
+            tls.map(|t| t.get_ref().1.peer_certificates().unwrap()[0].clone())
+        };
+        let first = handshake().await.unwrap();
+        // Wait until the first leaf has expired by the client's clock (whole seconds).
+        let not_after = CertificateParams::from_ca_cert_der(&first).unwrap().not_after;
+        let expiry = UNIX_EPOCH + Duration::from_secs(not_after.unix_timestamp() as u64 + 1);
+        assert!(expiry <= SystemTime::now() + validity + Duration::from_secs(1), "leaf outlives its validity");
+        while SystemTime::now() < expiry {
+            tokio::time::sleep(expiry.duration_since(SystemTime::now()).unwrap_or_default()).await;
+        }
+        assert!(verify_leaf(ca.cert_der(), std::slice::from_ref(&first), "api.openai.com").is_err());
+        let second = handshake().await.expect("handshake after the first leaf expired");
+        assert_ne!(first, second);
     }
 
     #[tokio::test]

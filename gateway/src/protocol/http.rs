@@ -28,7 +28,9 @@ use crate::upstream::{ReqBody, Target, Upstream};
 /// Boxed error of response bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Everything a request on one L7 connection needs; built once per connection.
+/// Everything a request on one L7 connection needs; built once per connection, and again with
+/// the newest policies when a reload replaced them (see [`L7Context::with_policies`]).
+#[derive(Clone)]
 pub struct L7Context {
     /// Who is calling.
     pub agent: Arc<Agent>,
@@ -57,9 +59,10 @@ pub struct L7Context {
     /// Requests that are not LLM calls can go to the original destination (false on explicit
     /// listeners, which have none).
     pub has_origin: bool,
-    /// Governance policies of the connection's config generation (empty: none configured).
+    /// Governance policies of the newest config generation when the request started (empty:
+    /// none configured).
     pub policies: Arc<Policies>,
-    /// The agent's groups, resolved once per connection for the policies.
+    /// The agent's groups under `policies`.
     pub groups: Arc<[String]>,
     /// Agent name of the destination pod (A2A routes on Kubernetes nodes), when the destination
     /// address is a pod of this node.
@@ -69,6 +72,14 @@ pub struct L7Context {
 }
 
 impl L7Context {
+    /// This connection's context judged by `policies` (a newer generation's): access rules,
+    /// guardrails, token and tool limits and agent groups change; the route, its targets and
+    /// the rest of the connection's settings do not.
+    pub fn with_policies(&self, policies: Arc<Policies>) -> L7Context {
+        let groups = policies.groups_of(&self.agent.name);
+        L7Context { policies, groups, ..self.clone() }
+    }
+
     /// Whether `path` is handled by the route (else it is passed through untouched).
     fn path_matches(&self, path: &str) -> bool {
         path_matches(&self.paths, path)

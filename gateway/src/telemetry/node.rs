@@ -21,6 +21,7 @@ pub struct NodeMetrics {
     reloads: IntCounterVec,
     last_success: Gauge,
     restart_required: IntGauge,
+    listener_refusals: IntCounterVec,
     pods: Arc<PodCollector>,
 }
 
@@ -45,13 +46,21 @@ impl NodeMetrics {
             "tollgate_config_restart_required",
             "1 when the config file changes settings that only a restart applies (listeners, capture mounts, TLS CA, telemetry sinks, kubernetes)",
         )?;
+        let listener_refusals = IntCounterVec::new(
+            Opts::new(
+                "tollgate_listener_refusals_total",
+                "Requests refused on a route's explicit listener: reason source (address outside listener_auth.allow_cidrs, 403) or token (listener token missing or wrong, 401)",
+            ),
+            &["route", "reason"],
+        )?;
         let pods = Arc::new(PodCollector::new()?);
+        registry.register(Box::new(listener_refusals.clone()))?;
         registry.register(Box::new(reloads.clone()))?;
         registry.register(Box::new(last_success.clone()))?;
         registry.register(Box::new(restart_required.clone()))?;
         registry.register(Box::new(SharedPods(pods.clone())))?;
         last_success.set(unix_now());
-        Ok(NodeMetrics { reloads, last_success, restart_required, pods })
+        Ok(NodeMetrics { reloads, last_success, restart_required, listener_refusals, pods })
     }
 
     /// Count a reload attempt.
@@ -60,6 +69,11 @@ impl NodeMetrics {
         if ok {
             self.last_success.set(unix_now());
         }
+    }
+
+    /// Count a caller refused on route `route`'s explicit listener (`reason`: source, token).
+    pub fn listener_refused(&self, route: &str, reason: &str) {
+        self.listener_refusals.with_label_values(&[route, reason]).inc();
     }
 
     /// Some changed settings wait for a restart.

@@ -542,6 +542,7 @@ mod tests {
             intercept: true,
             upstream: upstream.map(|u| url::Url::parse(u).unwrap()),
             listener: None,
+            listener_auth: Default::default(),
             targets: Vec::new(),
             balance: Default::default(),
             failover: Default::default(),

@@ -6,6 +6,7 @@
 //! Expected token counts are never taken from tollgate: they are recomputed from the request
 //! the mock recorded, with the mock's own deterministic formulas.
 
+mod listener;
 mod providers;
 mod routing;
 mod sdk;

@@ -268,7 +268,9 @@ fn g9_explicit_listener_route() -> crate::Result<()> {
     let t = gw.e.tollgate(
         json!({
             "providers": [{"name": "claude", "kind": "anthropic", "base_url": format!("http://{}", m.http[0]), "credentials": {"file": key}}],
-            "routes": [{"name": "gw", "provider": "anthropic", "listener": listener, "targets": [{"provider": "claude"}]}],
+            // The route injects a key: its listener admits only the agent's (loopback) address.
+            "routes": [{"name": "gw", "provider": "anthropic", "listener": listener, "targets": [{"provider": "claude"}],
+                "listener_auth": {"allow_cidrs": ["127.0.0.1/32"]}}],
         }),
         None,
     )?;

@@ -6,6 +6,7 @@
 //! cannot pass.
 
 mod redis;
+mod reload;
 mod webhook;
 
 use std::time::Duration;

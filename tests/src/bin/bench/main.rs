@@ -215,7 +215,8 @@ fn main() -> Result<()> {
             }],
             "routes": [
                 {"name": "bench", "provider": "openai", "match": {"addresses": [mock_addr.to_string()]}},
-                {"name": "gw", "listener": format!("127.0.0.1:{gw_port}"), "targets": [{"provider": "mock"}]},
+                {"name": "gw", "listener": format!("127.0.0.1:{gw_port}"), "targets": [{"provider": "mock"}],
+                    "listener_auth": {"allow_cidrs": ["127.0.0.1/32"]}},
             ],
             "agents": [{"name": "bench-agent", "match": {"cgroup": agent.rel()}}],
         }),
@@ -241,7 +242,8 @@ fn main() -> Result<()> {
                 "base_url": format!("http://{mock_addr}/v1"),
                 "credentials": {"env": KEY_ENV},
             }],
-            "routes": [{"name": "gwr", "listener": format!("127.0.0.1:{gwr_port}"), "targets": [{"provider": "mock"}]}],
+            "routes": [{"name": "gwr", "listener": format!("127.0.0.1:{gwr_port}"), "targets": [{"provider": "mock"}],
+                "listener_auth": {"allow_cidrs": ["127.0.0.1/32"]}}],
             "rate_limits": {
                 "backend": "redis",
                 "redis": {"url": redis.url(), "timeout": "1s", "key_prefix": REDIS_PREFIX},
