@@ -6,6 +6,7 @@
 //! cannot pass.
 
 mod redis;
+mod streams;
 mod webhook;
 
 use std::time::Duration;
