@@ -185,8 +185,9 @@ impl Stats {
 }
 
 /// An injected fault: answer `status` (provider-shaped error), or reset the connection without
-/// an answer (`reset`), and/or wait `delay` before that, for the next `remaining` matching API
-/// requests (`None`: until cleared).
+/// an answer (`reset`), and/or wait `delay` before the response headers, and/or hold the body's
+/// end (the chunked terminator, after a stream's last event) back by `end_delay`, for the next
+/// `remaining` matching API requests (`None`: until cleared).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fault {
     /// Error status to answer with, if any (400..=599).
@@ -199,15 +200,19 @@ pub struct Fault {
     pub remaining: Option<u64>,
     /// Only requests whose path contains this.
     pub path_contains: Option<String>,
+    /// Delay between the last body frame and the body's end (SDKs that stop reading at the
+    /// terminal event close before it arrives).
+    pub end_delay: Duration,
 }
 
 impl Fault {
-    /// Parse `POST /__mock/fault` JSON: `{"status"?, "reset"?, "delay_ms"?, "count"?,
+    /// Parse `POST /__mock/fault` JSON: `{"status"?, "reset"?, "delay_ms"?, "end_delay_ms"?,
+    /// "count"?,
     /// "path_contains"?}`.
     pub fn from_json(v: &Value) -> Result<Fault, String> {
         let obj = v.as_object().ok_or("fault must be a JSON object")?;
         for k in obj.keys() {
-            if !["status", "reset", "delay_ms", "count", "path_contains"].contains(&k.as_str()) {
+            if !["status", "reset", "delay_ms", "end_delay_ms", "count", "path_contains"].contains(&k.as_str()) {
                 return Err(format!("unknown fault field {k:?}"));
             }
         }
@@ -229,15 +234,26 @@ impl Fault {
         if reset && status.is_some() {
             return Err("a fault either answers a status or resets, not both".into());
         }
-        if status.is_none() && !reset && delay_ms == 0 {
-            return Err("a fault needs status, reset and/or delay_ms".into());
+        let end_delay_ms = match v.get("end_delay_ms") {
+            None | Some(Value::Null) => 0,
+            Some(d) => d.as_u64().ok_or("end_delay_ms must be a non-negative integer")?,
+        };
+        if status.is_none() && !reset && delay_ms == 0 && end_delay_ms == 0 {
+            return Err("a fault needs status, reset, delay_ms and/or end_delay_ms".into());
         }
         let remaining = match v.get("count") {
             None | Some(Value::Null) => None,
             Some(c) => Some(c.as_u64().filter(|n| *n > 0).ok_or("count must be a positive integer")?),
         };
         let path_contains = v.get("path_contains").and_then(Value::as_str).map(str::to_string);
-        Ok(Fault { status, delay: Duration::from_millis(delay_ms), reset, remaining, path_contains })
+        Ok(Fault {
+            status,
+            delay: Duration::from_millis(delay_ms),
+            reset,
+            remaining,
+            path_contains,
+            end_delay: Duration::from_millis(end_delay_ms),
+        })
     }
 
     /// The fault as `GET /__mock/fault` shows it.
@@ -248,6 +264,7 @@ impl Fault {
             "delay_ms": self.delay.as_millis() as u64,
             "count": self.remaining,
             "path_contains": self.path_contains,
+            "end_delay_ms": self.end_delay.as_millis() as u64,
         })
     }
 }
@@ -348,6 +365,8 @@ mod tests {
         assert!(Fault::from_json(&json!({"delay_ms": 5})).unwrap().remaining.is_none());
         assert!(Fault::from_json(&json!({"reset": true, "count": 1})).unwrap().reset);
         assert!(Fault::from_json(&json!({"reset": true, "status": 503})).is_err());
+        let end = Fault::from_json(&json!({"end_delay_ms": 100})).unwrap();
+        assert_eq!((end.end_delay, end.delay, end.status), (Duration::from_millis(100), Duration::ZERO, None));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! the `/__mock/*` control endpoints. `bin/mock-llm.rs` is a thin CLI over [`run`].
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -86,6 +87,33 @@ impl Body for ChannelBody {
     type Error = Infallible;
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// A body whose end is held back `delay` after its last frame (fault `end_delay_ms`): the
+/// chunked terminator of a stream arrives that long after its terminal event.
+struct DelayEnd {
+    inner: RespBody,
+    delay: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Body for DelayEnd {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        loop {
+            if let Some(s) = self.sleep.as_mut() {
+                return s.as_mut().poll(cx).map(|()| None);
+            }
+            match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Ready(None) => {
+                    let delay = self.delay;
+                    self.sleep = Some(Box::pin(tokio::time::sleep(delay)));
+                }
+                other => return other,
+            }
+        }
     }
 }
 
@@ -210,7 +238,11 @@ async fn api_route(
             return Ok(apis::error(provider, status, &format!("Mock fault injected: HTTP {s}"), None));
         }
     }
-    Ok(answer(st, provider, &parts, &body, &path))
+    let resp = answer(st, provider, &parts, &body, &path);
+    Ok(match fault.filter(|f| !f.end_delay.is_zero()) {
+        Some(f) => resp.map(|inner| BoxBody::new(DelayEnd { inner, delay: f.end_delay, sleep: None })),
+        None => resp,
+    })
 }
 
 /// Answer an API request that no fault intercepted.

@@ -7,6 +7,7 @@
 
 mod redis;
 mod reload;
+mod streams;
 mod webhook;
 
 use std::time::Duration;

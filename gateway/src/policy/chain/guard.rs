@@ -39,8 +39,12 @@ impl GuardPolicy {
     }
 
     fn check(&self, ctx: &mut PolicyCtx<'_>) -> Result<(), Deny> {
-        // A body that is not JSON is forwarded: the provider answers it with its own 400.
-        let Ok(mut body) = serde_json::from_slice::<Value>(&ctx.body) else { return Ok(()) };
+        // The chain refuses a body it cannot read before any guard runs (`Policy::covers`):
+        // one that still fails here is refused too, never forwarded unchecked.
+        let mut body = match serde_json::from_slice::<Value>(&ctx.body) {
+            Ok(b) => b,
+            Err(e) => return Err(super::unreadable_body(e.to_string())),
+        };
         let out = self.guards.check_request(ctx.api, &ctx.body, &mut body);
         let agent = self.telemetry.metrics.agent_label(&ctx.agent.name);
         for v in &out.verdicts {
@@ -85,6 +89,10 @@ impl GuardPolicy {
 impl Policy for GuardPolicy {
     fn name(&self) -> &'static str {
         "guardrail"
+    }
+
+    fn covers(&self, _ctx: &PolicyCtx<'_>) -> bool {
+        true
     }
 
     fn on_request<'a>(&'a self, ctx: &'a mut PolicyCtx<'_>) -> HookFuture<'a> {

@@ -15,6 +15,7 @@ use super::guard::GuardFilter;
 use crate::policy::guards::ResponseStream;
 use crate::protocol::errors::{error_body, ErrorClass};
 use crate::protocol::llm::api::Shape;
+use crate::protocol::llm::openai::without_null_usage;
 use crate::protocol::llm::sse::{SseEvent, SseParser};
 use crate::protocol::llm::translate::StreamTranslator;
 
@@ -117,6 +118,21 @@ impl GuardStream {
         if self.drop_usage && choices_empty && v.get("usage").is_some_and(|u| !u.is_null()) {
             return;
         }
+        // The `"usage": null` of every chunk is tollgate's doing too: the agent never sees it.
+        let stripped;
+        let d = match v.as_object_mut().filter(|_| self.drop_usage).and_then(|o| o.remove_entry("usage")) {
+            Some((_, Value::Null)) => {
+                stripped = without_null_usage(d).unwrap_or_else(|| serde_json::to_vec(&v).unwrap_or_default());
+                &stripped[..]
+            }
+            Some((k, u)) => {
+                if let Some(o) = v.as_object_mut() {
+                    o.insert(k, u);
+                }
+                d
+            }
+            None => d,
+        };
         if self.template.is_none() && v.get("choices").is_some() {
             self.template = Some(v.clone());
         }

@@ -148,6 +148,36 @@ pub trait Policy: Send + Sync {
 
     /// Runs before the call is sent: refuse it, rewrite `ctx.body`, or attach a [`CallHook`].
     fn on_request<'a>(&'a self, ctx: &'a mut PolicyCtx<'_>) -> HookFuture<'a>;
+
+    /// This policy judges the call by its body (guardrails read the prompt, token limits count
+    /// it and read its model). When any policy covers a call, a body tollgate cannot read is
+    /// refused instead of forwarded unchecked (a lenient provider might accept it).
+    fn covers(&self, _ctx: &PolicyCtx<'_>) -> bool {
+        false
+    }
+}
+
+/// Policy label of the refusal of a body tollgate cannot read (see [`Policy::covers`]).
+pub const UNREADABLE_POLICY: &str = "request_body";
+
+/// Rule label of that refusal.
+pub const UNREADABLE_RULE: &str = "unreadable_json";
+
+/// The refusal of a body tollgate cannot read: a 400 in the caller's API shape, with the
+/// parser's reason.
+pub(crate) fn unreadable_body(reason: String) -> Deny {
+    Deny {
+        policy: UNREADABLE_POLICY,
+        rule: UNREADABLE_RULE.to_string(),
+        status: StatusCode::BAD_REQUEST,
+        class: ErrorClass::InvalidRequest,
+        code: "invalid_request_body",
+        message: format!(
+            "the request body is not JSON tollgate can read ({reason}); guardrails or token limits apply \
+             to this call, so it is not forwarded"
+        ),
+        headers: Vec::new(),
+    }
 }
 
 /// Per-call state a policy keeps for the response phases.
@@ -288,6 +318,15 @@ impl Policies {
     /// Run every request hook in order; the first refusal ends the call (and drops the hooks
     /// attached so far, which releases what they hold). Refusals are counted and audited here.
     pub async fn on_request(&self, mut ctx: PolicyCtx<'_>) -> Result<Admitted, (Deny, Vec<PolicyEvent>)> {
+        if self.chain.iter().any(|p| p.covers(&ctx)) {
+            if let Some(reason) = crate::protocol::llm::api::unreadable_request(ctx.api, &ctx.body) {
+                let d = unreadable_body(reason);
+                audit_denial(ctx.telemetry, &ctx.agent.name, ctx.route, ctx.model, &d);
+                let mut events = ctx.events;
+                events.push(denied_event(&d));
+                return Err((d, events));
+            }
+        }
         for p in &self.chain {
             if let Err(d) = p.on_request(&mut ctx).await {
                 audit_denial(ctx.telemetry, &ctx.agent.name, ctx.route, ctx.model, &d);

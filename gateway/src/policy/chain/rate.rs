@@ -142,6 +142,18 @@ impl Policy for RateLimitPolicy {
         "rate_limit"
     }
 
+    fn covers(&self, ctx: &PolicyCtx<'_>) -> bool {
+        let subject = LimitSubject {
+            agent: &ctx.agent.name,
+            groups: ctx.groups,
+            namespace: ctx.namespace(),
+            provider: ctx.provider,
+            model: ctx.model.unwrap_or(""),
+            route: ctx.route,
+        };
+        self.limiter.applies_to_any_model(&subject)
+    }
+
     fn on_request<'a>(&'a self, ctx: &'a mut PolicyCtx<'_>) -> HookFuture<'a> {
         Box::pin(async move {
             let subject = LimitSubject {
@@ -204,8 +216,9 @@ impl CallHook for LimitHook {
                     cost_usd: price.map_or(0.0, |p| p.cost_usd(u)),
                 }
             }
-            // A successful call whose usage never came (stream cut): keep what was reserved.
-            (None, 200..=299) if call.error.is_none() => Usage {
+            // A successful call whose usage could not even be estimated (stream cut, client
+            // gone): keep what was reserved, so closing early never gives tokens back.
+            (None, 200..=299) => Usage {
                 prompt_tokens: self.estimate.prompt_tokens,
                 completion_tokens: self.estimate.max_completion_tokens,
                 cost_usd: self.estimate.cost_usd,

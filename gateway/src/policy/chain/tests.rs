@@ -275,3 +275,60 @@ async fn limits_run_before_webhooks_and_webhook_refusals_release_tokens() {
     // The refused call's reservation is gone: a call needing nearly all the room fits.
     assert!(run(&p, &t, "a", "m", &chat("m", "hi", 900)).await.is_ok(), "refusal released its tokens");
 }
+
+/// Bodies lenient servers accept but `serde_json` refuses: a trailing comma, a byte-order mark,
+/// `NaN`. Each hides the prompt from guards and the model from limits.
+const UNREADABLE: &[(&str, &str)] = &[
+    (r#"{"model":"m","messages":[{"role":"user","content":"mail jane@example.com"}],}"#, "key must be a string"),
+    (
+        r#"{"model":"m","messages":[{"role":"user","content":"mail jane@example.com"},]}"#,
+        "expected value at line 1 column 76",
+    ),
+    (
+        "\u{feff}{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"mail jane@example.com\"}]}",
+        "expected value",
+    ),
+    (
+        r#"{"model":"m","temperature":NaN,"messages":[{"role":"user","content":"mail jane@example.com"}]}"#,
+        "expected value",
+    ),
+];
+
+#[tokio::test]
+async fn unreadable_bodies_are_refused_when_a_guard_covers_the_call() {
+    let yaml = "guardrails: [{kind: pii, name: pii, entities: {email: redact}}]";
+    let (p, t) = chain(yaml).await;
+    for (body, reason) in UNREADABLE {
+        let d = run(&p, &t, "a", "m", body).await.expect_err("refused, not forwarded unchecked");
+        assert_eq!((d.status, d.policy, d.rule.as_str()), (StatusCode::BAD_REQUEST, "request_body", "unreadable_json"));
+        assert_eq!(d.code, "invalid_request_body");
+        assert!(d.message.contains(reason), "{reason}: {}", d.message);
+    }
+    let m = t.metrics.encode();
+    assert!(
+        m.contains(r#"tollgate_policy_denials_total{agent="a",policy="request_body",rule="unreadable_json"} 4"#),
+        "{m}"
+    );
+    // A readable body is still redacted and admitted.
+    let ok = run(&p, &t, "a", "m", &chat("m", "mail jane@example.com", 5)).await.expect("admitted");
+    assert!(!String::from_utf8_lossy(&ok.body).contains("jane@example.com"));
+}
+
+#[tokio::test]
+async fn unreadable_bodies_are_refused_only_where_a_limit_covers_the_call() {
+    // The limit names a model: an unreadable body hides it, so the limit covers the call anyway.
+    let yaml = r#"
+rate_limits: {policies: [{name: p, match: {agent: "limited", model: "gpt-*"}, limits: [{limit: 1000, window: 10s, count: total}]}]}
+access: [{name: no-o1, deny: {models: ["o1*"]}}]
+"#;
+    let (p, t) = chain(yaml).await;
+    for (body, _) in UNREADABLE {
+        let d = run(&p, &t, "limited", "", body).await.expect_err("covered by the limit");
+        assert_eq!(d.policy, "request_body");
+        let a = run(&p, &t, "free", "", body).await.expect("no guard or limit covers this agent");
+        assert_eq!(&a.body[..], body.as_bytes(), "forwarded untouched");
+    }
+    // Only access rules: nothing reads the body, it is forwarded.
+    let (p, t) = chain("access: [{name: no-o1, deny: {models: [\"o1*\"]}}]").await;
+    assert!(run(&p, &t, "limited", "", UNREADABLE[0].0).await.is_ok());
+}

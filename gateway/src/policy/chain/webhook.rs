@@ -124,6 +124,10 @@ impl Policy for WebhookPolicy {
         "guardrail"
     }
 
+    fn covers(&self, _ctx: &PolicyCtx<'_>) -> bool {
+        !self.input.is_empty()
+    }
+
     fn on_request<'a>(&'a self, ctx: &'a mut PolicyCtx<'_>) -> HookFuture<'a> {
         Box::pin(self.check(ctx))
     }

@@ -343,6 +343,11 @@ impl Limiter {
         self.inner.rules.any_match(subject)
     }
 
+    /// Whether any limit would cover `subject` whatever model it names.
+    pub fn applies_to_any_model(&self, subject: &LimitSubject<'_>) -> bool {
+        self.inner.rules.any_match_any_model(subject)
+    }
+
     /// Checks every limit matching `subject` for room for `est` and reserves it in all of them,
     /// or in none. A call no policy matches is admitted with an empty reservation.
     pub async fn check_and_reserve(&self, subject: &LimitSubject<'_>, est: Estimate) -> Decision {

@@ -230,6 +230,12 @@ impl Rules {
         self.policies.iter().any(|p| p.matches(subject).is_some())
     }
 
+    /// Whether any policy would cover `subject` whatever its model (the model of a request
+    /// whose body cannot be read is unknown).
+    pub(super) fn any_match_any_model(&self, subject: &LimitSubject<'_>) -> bool {
+        self.policies.iter().any(|p| p.matches_any_model(subject))
+    }
+
     /// The slots of every limit of every policy `subject` matches.
     pub(super) fn slots(&self, prefix: &str, subject: &LimitSubject<'_>, est: &Estimate, now_ms: u64) -> Vec<Slot> {
         let mut out = Vec::new();
@@ -308,10 +314,19 @@ impl CompiledPolicy {
     /// `Some(counter key part)` when the policy covers `s`, `None` otherwise (also when the
     /// key identity, a group or namespace, is missing).
     fn matches(&self, s: &LimitSubject<'_>) -> Option<String> {
+        self.matches_with(s, true)
+    }
+
+    /// [`Self::matches`] with the model selector ignored.
+    fn matches_any_model(&self, s: &LimitSubject<'_>) -> bool {
+        self.matches_with(s, false).is_some()
+    }
+
+    fn matches_with(&self, s: &LimitSubject<'_>, check_model: bool) -> Option<String> {
         let m = &self.matcher;
         let ok = matches(&m.agent, s.agent)
             && matches(&m.provider, s.provider)
-            && matches(&m.model, s.model)
+            && (!check_model || matches(&m.model, s.model))
             && matches(&m.route, s.route)
             && match &m.namespace {
                 None => true,

@@ -160,6 +160,8 @@ pub(crate) fn parse(json: &[u8], counting: bool) -> Fast<(Seen<'_>, Option<Usage
         usage.get_or_insert_with(UsageParts::default).input = Some(n);
     }
     let finish = top.stop_reason.or(message.stop_reason).or(delta_stop);
+    // `message_stop` ends a stream; so does an `error` event.
+    let terminal = matches!(kind.as_deref(), Some("message_stop" | "error"));
     let seen = Seen {
         id: message.id.or(top.id),
         model: message.model.or(top.model),
@@ -167,6 +169,7 @@ pub(crate) fn parse(json: &[u8], counting: bool) -> Fast<(Seen<'_>, Option<Usage
         error,
         usage: None,
         text,
+        terminal,
     };
     Ok((seen, usage))
 }

@@ -243,6 +243,25 @@ pub fn inspect_request(api: Api, body: &[u8]) -> Option<RequestFacts> {
     })
 }
 
+/// Why tollgate cannot read a request body of `api` (`None` when it can): not JSON by
+/// `serde_json`'s rules (a trailing comma, a byte-order mark, `NaN`: lenient servers accept
+/// them), not an object, or with `model`/`stream`/`stream_options` of the wrong type. Cheap in
+/// the usual case (the borrowing cursor reads the request fields); the reason is only worked
+/// out for a body that fails.
+pub fn unreadable_request(api: Api, body: &[u8]) -> Option<String> {
+    let gemini = api.shape() == Shape::Gemini;
+    if !gemini && openai::inspect_request(body).is_some() {
+        return None;
+    }
+    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+        return Some(e.to_string());
+    }
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Some("not a JSON object".to_string());
+    }
+    (!gemini).then(|| "model, stream or stream_options of an unexpected type".to_string())
+}
+
 /// Whether tollgate should add `stream_options.include_usage` to this request.
 pub fn needs_usage_injection(api: Api, facts: &RequestFacts) -> bool {
     api.supports_usage_injection() && facts.stream && !facts.include_usage
@@ -260,31 +279,61 @@ pub fn inject_include_usage(body: &[u8], facts: &RequestFacts) -> Result<Bytes, 
 }
 
 /// Reads one call's response, payload by payload, into its [`LlmCall`]; estimates usage at the
-/// end when the provider reported none.
+/// end when the provider reported none, or when a stream ended before its terminal event (the
+/// client went away, the stream was cut) with less output reported than was forwarded.
 #[derive(Debug)]
 pub struct Observer {
     api: Api,
     /// The request body, kept (by reference) only for a prompt estimate.
     request: Bytes,
-    /// Output tokens counted from text deltas, when asked for.
+    /// Output text seen, kept to be tokenized only if an estimate is needed at the end.
     counter: Option<OutputCounter>,
     /// Anthropic usage, assembled from `message_start` and `message_delta`.
     anthropic: anthropic::UsageParts,
+    /// An SSE stream is observed (see [`Observer::streaming`]).
+    streamed: bool,
+    /// The stream's terminal event was observed: OpenAI `[DONE]`, Anthropic `message_stop`,
+    /// a Gemini chunk with a finish reason, a Responses `response.completed` (or
+    /// `.incomplete`, `.failed`), or an error event.
+    terminal: bool,
 }
 
 impl Observer {
     /// An observer for a call of `api`. `request` is the (already buffered) request body, kept
-    /// only to estimate prompt tokens if the provider reports no usage. `estimate_output`:
-    /// count output text tokens incrementally as deltas arrive (for OpenAI-compatible servers
-    /// that may omit usage); without it an estimate has no output tokens.
+    /// only to estimate prompt tokens if the provider reports no usage. `estimate_output`: keep
+    /// the output text of whole (non-streamed) bodies too, for OpenAI-compatible servers that
+    /// may omit usage; streams always keep theirs (see [`Observer::streaming`]).
     pub fn new(api: Api, request: Bytes, estimate_output: bool) -> Self {
         let counter = (estimate_output && api.is_generation()).then(OutputCounter::new);
-        Observer { api, request, counter, anthropic: anthropic::UsageParts::default() }
+        Observer {
+            api,
+            request,
+            counter,
+            anthropic: anthropic::UsageParts::default(),
+            streamed: false,
+            terminal: false,
+        }
+    }
+
+    /// The response is an SSE stream: keep the text of the deltas forwarded, so a stream that
+    /// ends before its usage event (client disconnected, stream cut) still settles with the
+    /// output it delivered, and note its terminal event.
+    pub fn streaming(&mut self) {
+        self.streamed = true;
+        if self.api.is_generation() && self.counter.is_none() {
+            self.counter = Some(OutputCounter::new());
+        }
     }
 
     /// The API being observed.
     pub fn api(&self) -> Api {
         self.api
+    }
+
+    /// The stream's terminal event was observed: the response is complete for the agent even
+    /// if the body's own end (the chunked terminator) never arrives or is never read.
+    pub fn complete(&self) -> bool {
+        self.terminal
     }
 
     /// One JSON body or SSE data payload, in the upstream's API. Fills `call.response_id`,
@@ -293,7 +342,11 @@ impl Observer {
     /// chunk (no choices, usage set), which is dropped when tollgate injected `include_usage`.
     pub fn observe(&mut self, call: &mut LlmCall, data: &[u8]) -> bool {
         let data = data.trim_ascii();
-        if data.is_empty() || data == b"[DONE]" {
+        if data == b"[DONE]" {
+            self.terminal = true;
+            return false;
+        }
+        if data.is_empty() {
             return false;
         }
         if self.api.shape() == Shape::OpenAi && self.api != Api::OpenAiResponses {
@@ -319,11 +372,17 @@ impl Observer {
                 }
                 seen
             }
-            Shape::Gemini => gemini::parse(data, counting)?,
+            Shape::Gemini => {
+                let mut seen = gemini::parse(data, counting)?;
+                seen.terminal = !seen.finish.is_empty() || seen.error.is_some();
+                seen
+            }
             Shape::OpenAi => openai::parse_responses(data, counting)?,
         };
+        self.terminal |= seen.terminal;
         seen.apply(call, self.counter.as_mut());
-        if call.usage.is_some() {
+        // Usage is final once the stream completed (or the body was whole): stop keeping text.
+        if call.usage.is_some() && (self.terminal || !self.streamed) {
             self.counter = None;
         }
         Ok(())
@@ -342,10 +401,11 @@ impl Observer {
             error: s.error.map(|e| ErrorSeen { kind: None, message: e.message }),
             usage: s.usage.map(|u| u.to_usage()),
             text: Vec::new(),
+            terminal: false,
         };
         seen.apply(call, None);
         if call.usage.is_some() {
-            // The provider reports usage: nothing left to estimate.
+            // The provider reports usage (in the last chunk before `[DONE]`): it is final.
             self.counter = None;
         }
         if let Some(counter) = &mut self.counter {
@@ -363,26 +423,76 @@ impl Observer {
         usage_only
     }
 
-    /// End of the response: when no usage was reported on a successful (2xx) generation or
-    /// embedding call, fill an estimate (`Usage::estimated`) from the request's prompt text and
-    /// the counted output. Runs once; later calls do nothing.
-    pub fn finish(&mut self, call: &mut LlmCall) {
+    /// End of the response: what is left to estimate, if anything (see [`Estimate`]). Cheap;
+    /// the tokenizing is [`Estimate::apply`], which the caller runs off the async workers.
+    /// Runs once; later calls return `None`.
+    pub fn end(&mut self, call: &LlmCall) -> Option<Estimate> {
         let request = std::mem::take(&mut self.request);
         let counter = self.counter.take();
-        if call.usage.is_some()
-            || !(200..300).contains(&call.status)
-            || !(self.api.is_generation() || self.api.is_embedding())
-            || request.is_empty()
-        {
-            return;
+        if !(200..300).contains(&call.status) || !(self.api.is_generation() || self.api.is_embedding()) {
+            return None;
         }
-        let Some(input) = estimate::prompt_tokens(self.api, &request) else {
-            return;
-        };
-        // Tokenized only now that it is known the provider reported nothing.
-        let output = counter.map_or(0, |mut c| c.finish());
-        call.usage =
-            Some(Usage { input, output, total: input + output, cached_input: None, reasoning: None, estimated: true });
+        let cut = self.streamed && !self.terminal;
+        match &call.usage {
+            // The provider's own count of a complete response.
+            Some(_) if !cut => None,
+            // A stream cut short: at least what it delivered.
+            Some(_) => counter.filter(|c| !c.is_empty()).map(|c| Estimate { api: self.api, request: None, counter: c }),
+            None if request.is_empty() => None,
+            None => Some(Estimate { api: self.api, request: Some(request), counter: counter.unwrap_or_default() }),
+        }
+    }
+
+    /// [`Observer::end`] and [`Estimate::apply`] in one step, on the calling thread.
+    pub fn finish(&mut self, call: &mut LlmCall) {
+        if let Some(e) = self.end(call) {
+            e.apply(call);
+        }
+    }
+}
+
+/// Usage still to estimate at the end of a call: the prompt of a call that reported no usage,
+/// and the output text it delivered. Tokenizing costs CPU in proportion to the text, so it is
+/// applied off the async workers.
+#[derive(Debug)]
+pub struct Estimate {
+    api: Api,
+    /// The request body, when no usage was reported at all (the prompt is estimated too).
+    request: Option<Bytes>,
+    /// Output text forwarded to the agent.
+    counter: OutputCounter,
+}
+
+impl Estimate {
+    /// Fill `call.usage`: with no reported usage, an estimate of the prompt and of the output
+    /// delivered; with usage reported by a stream that was cut short (Anthropic's
+    /// `message_start`, a cut OpenAI stream), its output raised to what was delivered when
+    /// that is more. Either way an estimate is flagged ([`Usage::estimated`]).
+    pub fn apply(mut self, call: &mut LlmCall) {
+        let output = self.counter.finish();
+        match (&mut call.usage, self.request) {
+            (Some(u), _) => {
+                if output > u.output {
+                    u.total = u.total.saturating_add(output - u.output);
+                    u.output = output;
+                    u.estimated = true;
+                }
+            }
+            (None, Some(request)) => {
+                let Some(input) = estimate::prompt_tokens(self.api, &request) else {
+                    return;
+                };
+                call.usage = Some(Usage {
+                    input,
+                    output,
+                    total: input + output,
+                    cached_input: None,
+                    reasoning: None,
+                    estimated: true,
+                });
+            }
+            (None, None) => {}
+        }
     }
 }
 
@@ -402,6 +512,8 @@ pub(crate) struct Seen<'a> {
     pub(crate) usage: Option<Usage>,
     /// Output text, collected only when counting.
     pub(crate) text: Vec<Piece<'a>>,
+    /// The payload is the stream's terminal event (see [`Observer::complete`]).
+    pub(crate) terminal: bool,
 }
 
 /// An error object or event.

@@ -233,3 +233,60 @@ fn finish_reasons_are_bounded() {
     let body = format!(r#"{{"choices":[{}]}}"#, choices.join(","));
     assert_eq!(run_json(Api::OpenAiChat, body.as_bytes(), 200, false).finish_reasons.len(), MAX_FINISH_REASONS);
 }
+
+#[test]
+fn unreadable_request_bodies_name_the_reason() {
+    use super::unreadable_request;
+    let ok = br#"{"model":"m","stream":true,"messages":[]}"#;
+    assert_eq!(unreadable_request(Api::OpenAiChat, ok), None);
+    assert_eq!(unreadable_request(Api::AnthropicMessages, ok), None);
+    assert_eq!(unreadable_request(Api::GeminiGenerate, br#" {"contents":[]}"#), None);
+    let trailing = br#"{"contents":[{},],"messages":[]}"#;
+    for api in [Api::OpenAiChat, Api::OpenAiResponses, Api::AnthropicMessages, Api::GeminiStreamGenerate] {
+        let why = unreadable_request(api, trailing).expect("trailing comma");
+        assert!(why.contains("expected value at line 1 column 17"), "{api:?}: {why}");
+        let why = unreadable_request(api, br#"{"contents":[],}"#).expect("trailing comma in an object");
+        assert!(why.contains("key must be a string"), "{api:?}: {why}");
+        let why = unreadable_request(api, b"\xef\xbb\xbf{}").expect("BOM");
+        assert!(why.contains("expected value"), "{api:?}: {why}");
+        let why = unreadable_request(api, br#"{"temperature":NaN}"#).expect("NaN");
+        assert!(why.contains("expected value"), "{api:?}: {why}");
+        assert_eq!(unreadable_request(api, b"[1]").as_deref(), Some("not a JSON object"));
+    }
+    let why = unreadable_request(Api::OpenAiChat, br#"{"stream":"yes"}"#).expect("wrong type");
+    assert!(why.contains("unexpected type"), "{why}");
+}
+
+/// The terminal event of each streaming API marks the stream complete; nothing before it does.
+#[test]
+fn terminal_events_complete_the_stream() {
+    let cases: &[(Api, &[&str], &str)] = &[
+        (Api::OpenAiChat, &[r#"{"choices":[{"delta":{"content":"a"},"finish_reason":"stop"}]}"#], "[DONE]"),
+        (
+            Api::AnthropicMessages,
+            &[r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":3}}"#],
+            r#"{"type":"message_stop"}"#,
+        ),
+        (
+            Api::GeminiStreamGenerate,
+            &[r#"{"candidates":[{"content":{"parts":[{"text":"a"}]}}]}"#],
+            r#"{"candidates":[{"content":{"parts":[{"text":"b"}]},"finishReason":"STOP"}]}"#,
+        ),
+        (
+            Api::OpenAiResponses,
+            &[r#"{"type":"response.output_text.delta","delta":"a"}"#, r#"{"type":"response.in_progress"}"#],
+            r#"{"type":"response.completed","response":{"status":"completed"}}"#,
+        ),
+    ];
+    for (api, before, last) in cases {
+        let mut o = Observer::new(*api, Bytes::new(), false);
+        o.streaming();
+        let mut c = call(200);
+        for d in *before {
+            o.observe(&mut c, d.as_bytes());
+            assert!(!o.complete(), "{api:?}: {d}");
+        }
+        o.observe(&mut c, last.as_bytes());
+        assert!(o.complete(), "{api:?}: {last}");
+    }
+}

@@ -3,8 +3,11 @@
 //! is reported when the body ends, fails, or is dropped early (client went away).
 //!
 //! Streams pass through untouched, except when tollgate itself asked for usage: then each SSE
-//! event is released once complete, and the usage-only chunk the client never asked for is
-//! dropped. When the agent and the provider speak different APIs, each complete event is
+//! event is released once complete, the usage-only chunk the client never asked for is
+//! dropped, and the `"usage": null` member the provider adds to every other chunk is removed
+//! (byte-exactly, chunk by chunk), so the agent sees what it would have got without tollgate.
+//! A stream whose terminal event was handed to the agent is complete, even if the agent
+//! closes before the body's own end arrives. When the agent and the provider speak different APIs, each complete event is
 //! converted by a [`StreamTranslator`] as it arrives (never the whole stream). Usage is always
 //! read from the provider's own events, before translation. Non-streamed bodies are forwarded
 //! chunk by chunk while a capped copy is kept to be parsed at the end.
@@ -19,6 +22,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::api::Observer;
+use super::openai;
 use super::sse::{SseEvent, SseParser};
 use super::translate::StreamTranslator;
 use super::Reporter;
@@ -167,6 +171,10 @@ impl ObservedBody {
         reporter: Arc<Reporter>,
         obs: Observation,
     ) -> Self {
+        let mut obs = obs;
+        if matches!(mode, Mode::Sse { .. }) {
+            obs.observer.streaming();
+        }
         ObservedBody { inner, mode, obs, call: Some(call), t0, reporter, ended: false, pending: None }
     }
 
@@ -240,15 +248,30 @@ impl ObservedBody {
             }
             Mode::Json { .. } => {}
         }
-        observer.finish(&mut call);
         call.duration = self.t0.elapsed();
         if error.is_some() {
             call.error = error;
         }
-        if let Some(hook) = self.obs.on_finish.take() {
-            hook(&mut call);
+        let estimate = observer.end(&call);
+        let needs_tokenizer = estimate.is_some();
+        let hook = self.obs.on_finish.take();
+        let reporter = self.reporter.clone();
+        let settle = move |mut call: Box<LlmCall>| {
+            if let Some(e) = estimate {
+                e.apply(&mut call);
+            }
+            if let Some(hook) = hook {
+                hook(&mut call);
+            }
+            reporter.report(*call);
+        };
+        // Tokenizing an estimate costs CPU in proportion to the text: never on an async worker.
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) if needs_tokenizer => {
+                rt.spawn_blocking(move || settle(call));
+            }
+            _ => settle(call),
         }
-        self.reporter.report(*call);
     }
 }
 
@@ -305,12 +328,21 @@ fn on_data(mode: &mut Mode, obs: &mut Observation, call: &mut LlmCall, t0: Insta
             let mut out = Out::default();
             let mut cursor = 0;
             parser.feed(&chunk, |end, ev| {
-                let usage_only = match ev {
-                    SseEvent::Data(d) => observer.observe(call, d),
-                    _ => false,
+                let (usage_only, stripped) = match ev {
+                    SseEvent::Data(d) => match observer.observe(call, d) {
+                        true => (true, None),
+                        false => (false, openai::without_null_usage(d.trim_ascii()).map(|s| (d, s))),
+                    },
+                    _ => (false, None),
                 };
-                if usage_only && !*passthrough {
+                if *passthrough {
+                    out.push_held(held);
+                    out.push(chunk.slice(cursor..end));
+                } else if usage_only {
                     held.clear();
+                } else if let Some(raw) = stripped.and_then(|(d, s)| replace_data(held, &chunk[cursor..end], d, &s)) {
+                    held.clear();
+                    out.push(Bytes::from(raw));
                 } else {
                     out.push_held(held);
                     out.push(chunk.slice(cursor..end));
@@ -378,6 +410,16 @@ impl Body for ObservedBody {
                     }
                 }
                 Some(Err(e)) => {
+                    if this.obs.observer.complete() && this.pending.is_none() {
+                        // The upstream failed after the terminal event (a reset instead of the
+                        // chunked terminator): the agent has the whole response.
+                        let tail = this.take_tail();
+                        this.finish(None);
+                        if tail.is_empty() {
+                            return Poll::Ready(None);
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(tail))));
+                    }
                     this.finish(Some(format!("upstream body: {e}")));
                     return Poll::Ready(Some(Err(e)));
                 }
@@ -410,7 +452,9 @@ impl Body for ObservedBody {
 impl Drop for ObservedBody {
     fn drop(&mut self) {
         if self.call.is_some() {
-            let err = if self.inner.is_end_stream() {
+            // A stream whose terminal event was handed on is complete for the agent: SDKs stop
+            // reading at `[DONE]` (or `message_stop`) and close before the body's end arrives.
+            let err = if self.inner.is_end_stream() || self.obs.observer.complete() {
                 None
             } else {
                 Some("client disconnected before the response ended".to_string())
@@ -418,6 +462,19 @@ impl Drop for ObservedBody {
             self.finish(err);
         }
     }
+}
+
+/// The event whose raw bytes are `held` followed by `tail`, with its data payload `data`
+/// replaced by `new`; `None` when the payload is not found verbatim in the raw bytes (data
+/// spread over several `data:` lines), so the event is left as it was.
+fn replace_data(held: &[u8], tail: &[u8], data: &[u8], new: &[u8]) -> Option<Vec<u8>> {
+    let mut raw = Vec::with_capacity(held.len() + tail.len());
+    raw.extend_from_slice(held);
+    raw.extend_from_slice(tail);
+    let data = data.trim_ascii();
+    let at = memchr::memmem::find(&raw, data)?;
+    raw.splice(at..at + data.len(), new.iter().copied());
+    Some(raw)
 }
 
 /// Output of one chunk: a zero-copy slice in the common case, a joined buffer when held bytes
@@ -460,6 +517,10 @@ impl Out {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "body_tests.rs"]
+mod end_tests;
 
 #[cfg(test)]
 mod tests {
@@ -518,6 +579,26 @@ data: [DONE]\n\n";
         }
         let bytewise: Vec<usize> = (1..STREAM.len()).collect();
         assert_eq!(run(true, STREAM, &bytewise).0, want);
+    }
+
+    /// What OpenAI streams when asked for usage: `"usage":null` in every chunk, then the
+    /// usage-only chunk. The agent that did not ask gets neither, byte-exactly otherwise.
+    #[test]
+    fn null_usage_and_usage_chunk_removed_when_injected_any_chunking() {
+        let with = std::str::from_utf8(STREAM)
+            .unwrap()
+            .replace("\"finish_reason\":null}]}", "\"finish_reason\":null}],\"usage\":null}");
+        let with = with.replace("\"finish_reason\":\"stop\"}]}", "\"finish_reason\":\"stop\"}],\"usage\":null}");
+        assert_eq!(with.matches("\"usage\":null").count(), 2);
+        let want = without_usage_chunk();
+        let bytewise: Vec<usize> = (1..with.len()).collect();
+        for cuts in (1..with.len()).map(|c| vec![c]).chain([bytewise, vec![]]) {
+            let (out, call) = run(true, with.as_bytes(), &cuts);
+            assert_eq!(String::from_utf8(out).unwrap(), String::from_utf8(want.clone()).unwrap(), "cuts {cuts:?}");
+            assert_eq!(call.usage.map(|u| u.total), Some(11));
+        }
+        // The client asked: everything as sent.
+        assert_eq!(run(false, with.as_bytes(), &[7]).0, with.as_bytes());
     }
 
     #[test]

@@ -3,9 +3,10 @@
 //! never report it. Counted with OpenAI's `o200k_base` BPE (exact for current OpenAI models, a
 //! fair approximation for others); every estimate is flagged [`Usage::estimated`].
 //!
-//! Nothing here runs per request unless an estimate is needed: the prompt is walked once, at
-//! the end of a call that reported no usage, and output text is counted as it streams only
-//! when the route asks for it ([`OutputCounter`]).
+//! Nothing is tokenized per request unless an estimate is needed: the prompt is walked once, at
+//! the end of a call that reported no usage, and the output text of a stream (or of a whole
+//! body on routes that ask for it) is only kept as it passes ([`OutputCounter`]) and tokenized
+//! at the end of a call whose usage is missing or was cut short.
 //!
 //! Text is tokenized in pieces of at most [`PIECE`] bytes, cut before a space where possible.
 //! BPE cost grows with the square of a pre-token's length (a long run of CJK text or base64 is
@@ -38,9 +39,9 @@ pub enum EstimateError {
 /// Most bytes handed to the tokenizer at once (see the module docs).
 pub const PIECE: usize = 2048;
 
-/// Pending output text that triggers tokenizing: what an [`OutputCounter`] holds at most
-/// between deltas (plus one delta).
-const FLUSH_AT: usize = 4096;
+/// Output text an [`OutputCounter`] keeps to tokenize at the end of a call; longer outputs are
+/// extrapolated from it.
+pub const OUTPUT_BUDGET: usize = 32 * 1024;
 
 /// Framing tokens per message (role and separators) in chat-like prompts.
 pub const PER_MESSAGE: u64 = 3;
@@ -132,11 +133,18 @@ pub(crate) enum Piece<'a> {
     Tokens(u64),
 }
 
-/// Output tokens counted incrementally as deltas arrive: at most a few KB are held, so a
-/// streamed response is never buffered whole.
+/// Output tokens of a response, from its text as it streams past. Nothing is tokenized while
+/// the response streams: deltas are only appended (up to [`OUTPUT_BUDGET`] bytes; beyond it
+/// only their length is counted), and [`OutputCounter::finish`] tokenizes once, at the end of
+/// a call that needs an estimate, off the async workers (see `ObservedBody`). So a stream is
+/// never buffered whole and no CPU-heavy work runs per chunk.
 #[derive(Debug, Default)]
 pub struct OutputCounter {
-    pending: String,
+    /// Text kept to be tokenized at the end (at most [`OUTPUT_BUDGET`] bytes).
+    kept: String,
+    /// Bytes of text seen beyond the budget: extrapolated from the kept text's ratio.
+    extra: u64,
+    /// Tokens given as ids.
     tokens: u64,
 }
 
@@ -146,23 +154,19 @@ impl OutputCounter {
         Self::default()
     }
 
-    /// Add a text delta.
+    /// Add a text delta (appended, not tokenized).
     pub fn push(&mut self, text: &str) {
-        self.pending.push_str(text);
-        if self.pending.len() <= FLUSH_AT {
+        let room = OUTPUT_BUDGET.saturating_sub(self.kept.len());
+        if text.len() <= room {
+            self.kept.push_str(text);
             return;
         }
-        let Ok(bpe) = bpe() else {
-            self.pending.clear();
-            return;
-        };
-        let mut start = 0;
-        while self.pending.len() - start > FLUSH_AT {
-            let at = start + cut(&self.pending[start..], PIECE);
-            self.tokens += bpe.encode_ordinary(&self.pending[start..at]).len() as u64;
-            start = at;
+        let mut at = room;
+        while !text.is_char_boundary(at) {
+            at -= 1;
         }
-        self.pending.drain(..start);
+        self.kept.push_str(&text[..at]);
+        self.extra = self.extra.saturating_add((text.len() - at) as u64);
     }
 
     /// Add tokens known without tokenizing.
@@ -177,13 +181,23 @@ impl OutputCounter {
         }
     }
 
-    /// Tokenize what is pending; the total so far.
+    /// No output seen at all.
+    pub fn is_empty(&self) -> bool {
+        self.kept.is_empty() && self.extra == 0 && self.tokens == 0
+    }
+
+    /// Tokenize what was kept (CPU-heavy for long outputs: call off the async workers); the
+    /// total so far, text beyond the budget extrapolated at the kept text's bytes per token
+    /// (4 bytes per token when nothing was kept).
     pub fn finish(&mut self) -> u64 {
-        if !self.pending.is_empty() {
-            self.tokens += count(&self.pending);
-            self.pending.clear();
-        }
-        self.tokens
+        let kept = count(&self.kept);
+        let extra = match (self.kept.len() as u64, kept) {
+            (0, _) | (_, 0) => self.extra.div_ceil(4),
+            (bytes, n) => (self.extra.saturating_mul(n)).div_ceil(bytes),
+        };
+        self.kept.clear();
+        self.extra = 0;
+        self.tokens.saturating_add(kept).saturating_add(extra)
     }
 }
 
@@ -410,7 +424,7 @@ mod tests {
                     at += 1;
                 }
                 c.push(&rest[..at]);
-                assert!(c.pending.len() <= FLUSH_AT + step, "bounded pending");
+                assert!(c.kept.len() <= OUTPUT_BUDGET, "bounded");
                 rest = &rest[at..];
             }
             let got = c.finish();

@@ -67,6 +67,16 @@ impl<'a> Cursor<'a> {
         }
     }
 
+    /// Offset of the next byte to read (after any whitespace skipped so far).
+    pub(crate) fn pos(&self) -> usize {
+        self.i
+    }
+
+    /// `null` is next: consumed, true. Anything else is left for the caller.
+    pub(crate) fn take_null(&mut self) -> Fast<bool> {
+        self.null()
+    }
+
     /// Next non-whitespace byte is `{`.
     pub(crate) fn at_object(&mut self) -> bool {
         self.peek() == Some(b'{')

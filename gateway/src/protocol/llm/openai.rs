@@ -175,6 +175,47 @@ pub fn inject_include_usage(body: &[u8], info: &RequestInfo) -> Result<Bytes, Op
     serde_json::to_vec(&v).map(Bytes::from).map_err(|e| OpenAiError::NotAnObject(e.to_string()))
 }
 
+/// `json`, a chat-completion chunk, without its top-level `"usage": null` member, every other
+/// byte as the provider sent it; `None` when it has no such member (or is not a JSON object
+/// the cursor reads). OpenAI adds `"usage": null` to every chunk of a stream that asked for
+/// usage: when tollgate asked on the agent's behalf, the agent must not see it.
+pub fn without_null_usage(json: &[u8]) -> Option<Vec<u8>> {
+    memchr::memmem::find(json, b"\"usage\"")?;
+    let mut c = Cursor::new(json);
+    if !c.at_object() {
+        return None;
+    }
+    // End of the previous member's value (first: just past the brace), where a removal starts.
+    let mut last_end = c.pos() + 1;
+    let mut first = true;
+    let mut span = None;
+    c.object(|c, key| {
+        if key == b"usage" && span.is_none() && c.take_null()? {
+            span = Some((last_end, c.pos(), first));
+        } else {
+            c.skip()?;
+        }
+        last_end = c.pos();
+        first = false;
+        Ok(())
+    })
+    .ok()?;
+    c.end().ok()?;
+    let (start, mut end, first) = span?;
+    if first {
+        // `{"usage":null, "id":...}`: the following comma goes too.
+        let rest = &json[end..];
+        let ws = rest.iter().take_while(|b| b.is_ascii_whitespace()).count();
+        if rest.get(ws) == Some(&b',') {
+            end += ws + 1;
+        }
+    }
+    let mut out = Vec::with_capacity(json.len() - (end - start));
+    out.extend_from_slice(&json[..start]);
+    out.extend_from_slice(&json[end..]);
+    Some(out)
+}
+
 /// `usage` as OpenAI (and compatible servers) send it.
 #[derive(Debug, Default, Deserialize)]
 pub struct UsageWire {
@@ -571,6 +612,10 @@ pub(crate) fn parse_responses(json: &[u8], counting: bool) -> Fast<Seen<'_>> {
         Some("error") => Some(inner.error.or(top.error).unwrap_or_default()),
         _ => inner.error.or(top.error),
     };
+    // The last event of a stream: the response reached a terminal status, or an error.
+    let terminal = kind
+        .as_deref()
+        .is_some_and(|k| k == "error" || k.strip_prefix("response.").is_some_and(|s| TERMINAL.contains(&s)));
     let text = match (&kind, delta) {
         (Some(k), Some(d)) if counting && is_text_delta(k) => vec![Piece::Text(d)],
         (None, _) => top.output,
@@ -583,6 +628,7 @@ pub(crate) fn parse_responses(json: &[u8], counting: bool) -> Fast<Seen<'_>> {
         error,
         usage: inner.usage.or(top.usage),
         text,
+        terminal,
     })
 }
 
@@ -683,6 +729,34 @@ mod tests {
         assert!(!r.is_usage_only());
         assert_eq!(r.choices.unwrap().len, 1);
         assert!(parse_response(b"[DONE]").is_none());
+    }
+
+    #[test]
+    fn null_usage_is_removed_byte_exactly() {
+        let cases: &[(&str, &str)] = &[
+            (
+                r#"{"id":"c","choices":[{"delta":{"content":"usage"}}],"usage":null}"#,
+                r#"{"id":"c","choices":[{"delta":{"content":"usage"}}]}"#,
+            ),
+            (r#"{"usage":null,"id":"c"}"#, r#"{"id":"c"}"#),
+            (r#"{ "usage" : null , "id":"c"}"#, r#"{ "id":"c"}"#),
+            (r#"{"id":"c", "usage": null, "model":"m"}"#, r#"{"id":"c", "model":"m"}"#),
+            (r#"{"usage":null}"#, r#"{}"#),
+        ];
+        for (input, want) in cases {
+            let got = without_null_usage(input.as_bytes()).unwrap_or_else(|| panic!("not stripped: {input}"));
+            assert_eq!(String::from_utf8(got).unwrap(), *want);
+            serde_json::from_str::<serde_json::Value>(want).unwrap();
+        }
+        for kept in [
+            r#"{"id":"c","choices":[],"usage":{"prompt_tokens":1}}"#,
+            r#"{"id":"c","choices":[{"delta":{"usage":null}}]}"#,
+            r#"{"id":"c","choices":[{"delta":{"content":"\"usage\":null"}}]}"#,
+            r#"{"id":"c"}"#,
+            "[DONE]",
+        ] {
+            assert_eq!(without_null_usage(kept.as_bytes()), None, "{kept}");
+        }
     }
 
     /// Bodies of the usual shapes: all must take the fast path.
