@@ -271,7 +271,10 @@ fn cs2_estimate_burst_keeps_capture_on_and_a_frozen_proxy_fails_open() -> Result
     let busy = (cpu_seconds(pid)? - cpu_start) / started.elapsed().as_secs_f64();
     let served = probes.iter().filter(|p| p.ends_with("proxied")).count();
     eprintln!("cs2: {served}/{} probes proxied, tollgate busy {:.0}% of a CPU", probes.len(), busy * 100.0);
-    ensure!(busy > 0.5, "the load kept tollgate only {:.0}% busy: not a saturation test", busy * 100.0);
+    // Precondition, not the property: the prompts really are being tokenized. Fixed, that is one
+    // estimate thread on a 2-CPU machine (whatever share of a CPU the host leaves it); the
+    // unfixed proxy tokenized on both async workers and let this probe loop go direct.
+    ensure!(busy > 0.25, "the load kept tollgate only {:.0}% busy: not a saturation test", busy * 100.0);
     ensure!(served >= 3, "too few probes served under load:\n{}", probes.join("\n"));
     for event in ["skipped_proxy_down", "rejected_proxy_down"] {
         wait_metric(&t, "tollgate_capture_total", &[("event", event)], 0.0)?;
