@@ -27,14 +27,14 @@ use aya_ebpf::{
         },
     },
     macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
     programs::{SockAddrContext, SockOpsContext},
     EbpfContext,
 };
 use aya_log_ebpf::debug;
 use gateway_common::{
     CaptureRecord, Cidr4Key, Cidr6Key, Counter, FlowKey, RuntimeConfig, AF_INET, AF_INET6, COUNTER_SLOTS,
-    FLAG_FAIL_CLOSED, FLAG_POD_V4, FLAG_POD_V6, FLAG_SCOPE_ALL, MAX_CGROUP_DEPTH, SCOPE_EXCLUDE,
+    FLAG_FAIL_CLOSED, FLAG_POD_V4, FLAG_POD_V6, FLAG_SCOPE_ALL, MAX_CGROUP_DEPTH, RECORD_REKEYED, SCOPE_EXCLUDE,
 };
 
 /// `SOCK_STREAM`.
@@ -63,10 +63,15 @@ static TG_CIDR4_RULES: LpmTrie<Cidr4Key, u8> = LpmTrie::with_max_entries(DEFAULT
 static TG_CIDR6_RULES: LpmTrie<Cidr6Key, u8> = LpmTrie::with_max_entries(DEFAULT_MAX_RULES, 0);
 #[map]
 static TG_SCOPE: HashMap<u64, u8> = HashMap::with_max_entries(DEFAULT_MAX_SCOPE, 0);
+// Plain hash maps, not LRU: an LRU map makes room for a new connect by evicting the record of
+// another connection still waiting in the proxy's accept queue, which the proxy then has to
+// close. A full plain map refuses the insert and the new connect goes direct instead. The cookie
+// entry is the connection's slot until the proxy takes the record or the socket closes; the flow
+// entry always has a slot behind it, so the flow map can never fill before the cookie map.
 #[map]
-static TG_BY_COOKIE: LruHashMap<u64, CaptureRecord> = LruHashMap::with_max_entries(DEFAULT_MAX_RECORDS, 0);
+static TG_BY_COOKIE: HashMap<u64, CaptureRecord> = HashMap::with_max_entries(DEFAULT_MAX_RECORDS, 0);
 #[map]
-static TG_BY_FLOW: LruHashMap<FlowKey, CaptureRecord> = LruHashMap::with_max_entries(DEFAULT_MAX_RECORDS, 0);
+static TG_BY_FLOW: HashMap<FlowKey, CaptureRecord> = HashMap::with_max_entries(DEFAULT_MAX_RECORDS, 0);
 #[map]
 static TG_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
@@ -210,6 +215,9 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         return ALLOW;
     }
 
+    // SAFETY: `ctx` is a socket context, for which bpf_get_socket_cookie returns the cookie of
+    // the socket being connected (allocating it on first use).
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let uid_gid = bpf_get_current_uid_gid();
     let (family, orig_dst_addr, orig_dst_port) = match dest {
         Dest::V4 { addr, port } => {
@@ -227,19 +235,18 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         pid: bpf_get_current_pid_tgid() as u32,
         uid: uid_gid as u32,
         gid: (uid_gid >> 32) as u32,
-        _pad: 0,
+        flags: 0,
         comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
         // SAFETY: helper without arguments, available to cgroup sock_addr programs.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         netns_cookie,
         captured_at_ns: now,
+        cookie,
     };
-    // SAFETY: `ctx` is a socket context, for which bpf_get_socket_cookie returns the cookie of
-    // the socket being connected (allocating it on first use).
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // BPF_ANY: a socket connecting again after a failed connect reuses its own slot. A full map
+    // (E2BIG) refuses only new keys: this connect goes direct, every held record stays.
     if TG_BY_COOKIE.insert(&cookie, &rec, BPF_ANY as u64).is_err() {
-        // Without a record the proxy could not know where to connect: leave the socket alone.
-        count(Counter::RecordFailed);
+        count(Counter::SkipMapFull);
         return ALLOW;
     }
 
@@ -391,6 +398,10 @@ pub fn tg_sockops(ctx: SockOpsContext) -> u32 {
         if TG_BY_FLOW.remove(&key).is_ok() {
             count(Counter::ExpiredOnClose);
         }
+        // The slot, whether or not the proxy took the record (a take removes it too).
+        // SAFETY: sock_ops contexts support bpf_get_socket_cookie.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let _ = TG_BY_COOKIE.remove(&cookie);
     }
     // The return value of sock_ops is only consulted for ops that ask for a reply.
     1
@@ -401,18 +412,26 @@ pub fn tg_sockops(ctx: SockOpsContext) -> u32 {
 fn rekey(ctx: &SockOpsContext) {
     // SAFETY: sock_ops contexts support bpf_get_socket_cookie (the same cookie connect4/6 saw).
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(p) = TG_BY_COOKIE.get_ptr(&cookie) else {
+    let Some(p) = TG_BY_COOKIE.get_ptr_mut(&cookie) else {
         return;
     };
     // SAFETY: non-null value pointer from a map lookup, plain data, copied out immediately.
-    let rec: CaptureRecord = unsafe { *p };
+    let mut rec: CaptureRecord = unsafe { *p };
+    rec.flags |= RECORD_REKEYED;
 
     let key = flow_key(ctx);
     if TG_BY_FLOW.insert(&key, &rec, BPF_ANY as u64).is_err() {
+        // Cannot happen while every flow entry has a cookie slot; drop the slot so it does
+        // not leak (the proxy closes this one connection, which has no record).
+        let _ = TG_BY_COOKIE.remove(&cookie);
         count(Counter::RecordFailed);
         return;
     }
-    let _ = TG_BY_COOKIE.remove(&cookie);
+    // Keep the cookie entry as the connection's slot, marked so userspace does not reap it;
+    // the proxy's take or the close callback removes it.
+    // SAFETY: `p` still points at the live map value (hash values are freed under RCU, and
+    // this program runs inside an RCU read section); a 4-byte field write.
+    unsafe { (*p).flags |= RECORD_REKEYED };
     // Ask for state callbacks on this socket only, to clean up if the proxy never takes it.
     let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
     count(Counter::Rekeyed);

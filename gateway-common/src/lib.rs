@@ -21,8 +21,12 @@ pub mod maps {
     /// Cgroup ids whose subtree is in capture scope: `u64` -> `u8` (1).
     pub const SCOPE: &str = "TG_SCOPE";
     /// Records keyed by socket cookie, written by connect4/6: `u64` -> [`crate::CaptureRecord`].
+    /// A plain (non-LRU) hash map: its entry is the connection's slot, held from connect until
+    /// the proxy takes the record or the socket closes, so a full map refuses the *new* connect
+    /// (which then goes direct) instead of evicting another connection's record.
     pub const BY_COOKIE: &str = "TG_BY_COOKIE";
-    /// Records re-keyed by sock_ops: [`crate::FlowKey`] -> [`crate::CaptureRecord`].
+    /// Records re-keyed by sock_ops: [`crate::FlowKey`] -> [`crate::CaptureRecord`]. Every entry
+    /// has a live `TG_BY_COOKIE` entry (its slot), so it never holds more than that map.
     pub const BY_FLOW: &str = "TG_BY_FLOW";
     /// Per-CPU `u64` counters indexed by [`crate::Counter`].
     pub const COUNTERS: &str = "TG_COUNTERS";
@@ -154,8 +158,8 @@ pub struct CaptureRecord {
     pub uid: u32,
     /// Real gid of the caller.
     pub gid: u32,
-    /// Explicit padding (always 0).
-    pub _pad: u32,
+    /// `RECORD_*` bits (kernel bookkeeping).
+    pub flags: u32,
     /// `comm` of the calling thread, NUL padded.
     pub comm: [u8; 16],
     /// cgroup v2 id (inode of the cgroup directory).
@@ -164,7 +168,15 @@ pub struct CaptureRecord {
     pub netns_cookie: u64,
     /// CLOCK_MONOTONIC ns at connect.
     pub captured_at_ns: u64,
+    /// Socket cookie of the caller's socket: the `TG_BY_COOKIE` key holding this record's slot,
+    /// which whoever takes the `TG_BY_FLOW` record removes too.
+    pub cookie: u64,
 }
+
+/// [`CaptureRecord::flags`]: sock_ops has copied the record to `TG_BY_FLOW`. A cookie entry
+/// without it that is older than one `connect()` call belongs to a connect that failed before
+/// the SYN (no sock_ops callback ever fires for it), and userspace reaps it.
+pub const RECORD_REKEYED: u32 = 1;
 
 /// Per-CPU counters, so the hot path never contends on a shared cache line.
 #[repr(u32)]
@@ -186,7 +198,8 @@ pub enum Counter {
     RejectProxyDown = 6,
     /// Caller in another netns but no pod-side proxy address configured for the family.
     SkipNoPodAddress = 7,
-    /// Record map update failed (should not happen with an LRU map).
+    /// sock_ops could not copy a record to the flow map (should not happen: its entries are
+    /// bounded by the cookie map's).
     RecordFailed = 8,
     /// sock_ops moved a record from cookie to 4-tuple.
     Rekeyed = 9,
@@ -196,10 +209,13 @@ pub enum Counter {
     SkipPodLoopback = 11,
     /// A record the proxy never took was dropped when its socket closed.
     ExpiredOnClose = 12,
+    /// The record map was full (`capture.max_records` connections not yet taken by the proxy):
+    /// the connect went direct, and no other connection's record was touched.
+    SkipMapFull = 13,
 }
 
 /// Number of [`Counter`] slots.
-pub const COUNTER_SLOTS: u32 = 13;
+pub const COUNTER_SLOTS: u32 = 14;
 
 impl Counter {
     /// Every counter, in slot order, so userspace can name them without repeating the list.
@@ -217,6 +233,7 @@ impl Counter {
         Counter::SkipNotTcp,
         Counter::SkipPodLoopback,
         Counter::ExpiredOnClose,
+        Counter::SkipMapFull,
     ];
 
     /// Metric label for the counter.
@@ -235,6 +252,7 @@ impl Counter {
             Counter::SkipNotTcp => "skipped_not_tcp",
             Counter::SkipPodLoopback => "skipped_pod_loopback",
             Counter::ExpiredOnClose => "expired_on_close",
+            Counter::SkipMapFull => "skipped_map_full",
         }
     }
 }
@@ -264,7 +282,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<RuntimeConfig>(), 4 + 4 + 16 + 16 + 2 + 2 + 4 + 8 + 8 + 4 + 4);
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 2 + 2);
-        assert_eq!(size_of::<CaptureRecord>(), 16 + 2 + 2 + 4 * 5 + 16 + 8 * 3);
+        assert_eq!(size_of::<CaptureRecord>(), 16 + 2 + 2 + 4 * 5 + 16 + 8 * 4);
         assert_eq!(size_of::<Cidr4Key>(), 6);
         assert_eq!(size_of::<Cidr6Key>(), 18);
     }

@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 
 use tollgate::admin::{self, Health};
+use tollgate::capture::heartbeat::{AcceptProgress, Heartbeat};
 use tollgate::capture::kubernetes::{self, watch::KubeStats, PodStore};
 use tollgate::capture::scope::ScopeOwner;
 use tollgate::capture::{AgentResolver, Capture, FlowTable};
@@ -217,20 +218,12 @@ async fn serve(mut cfg: Arc<Config>, path: Option<PathBuf>, overrides: Overrides
         }
         None => (Arc::new(NoCapture), None),
     };
-    if let Some(c) = &capture {
-        c.heartbeat();
-        let hb = c.clone();
-        let mut stop = shutdown_rx.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(200));
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => hb.heartbeat(),
-                    _ = stop.wait_for(|v| *v) => return,
-                }
-            }
-        });
-    }
+    // From here on the heartbeat thread stamps while the captured listeners are accepted from.
+    let progress = Arc::new(AcceptProgress::default());
+    let heartbeat = match &capture {
+        Some(c) => Some(start_heartbeat(c, &progress, &listeners, cfg.capture.heartbeat_timeout)?),
+        None => None,
+    };
     let pods = if cfg.kubernetes.enabled {
         Some(start_kubernetes(&cfg, &ca, &capture, &telemetry, &shutdown_rx).await?)
     } else {
@@ -239,6 +232,7 @@ async fn serve(mut cfg: Arc<Config>, path: Option<PathBuf>, overrides: Overrides
     let agents = Arc::new(AgentResolver::new(&cfg.agents, cgroup_root.clone()).with_pods(pods.clone()));
     let deps = ProxyDeps { config: cfg.clone(), flows, agents, telemetry: telemetry.clone(), ca, observer: None };
     let proxy_server = connection::Proxy::new(deps).await?;
+    let proxy_server = proxy_server.with_accept_progress(progress);
     let handle = proxy_server.handle();
     let mut proxy = tokio::spawn(proxy_server.serve(listeners, shutdown_rx.clone()));
     let admin_task = tokio::spawn(admin::serve(admin_listener, telemetry.clone(), health.clone(), shutdown_rx.clone()));
@@ -278,6 +272,7 @@ async fn serve(mut cfg: Arc<Config>, path: Option<PathBuf>, overrides: Overrides
         if let Some(c) = &capture {
             c.shutdown();
         }
+        drop(heartbeat);
         let _ = shutdown_tx.send(true);
         telemetry.shutdown().await;
         return Err(err);
@@ -290,6 +285,7 @@ async fn serve(mut cfg: Arc<Config>, path: Option<PathBuf>, overrides: Overrides
     if let Some(c) = &capture {
         c.shutdown();
     }
+    drop(heartbeat);
     let _ = shutdown_tx.send(true);
     let started = std::time::Instant::now();
     match tokio::time::timeout(cfg.limits.drain_timeout, proxy).await {
@@ -304,6 +300,23 @@ async fn serve(mut cfg: Arc<Config>, path: Option<PathBuf>, overrides: Overrides
     admin_task.abort();
     telemetry.shutdown().await;
     Ok(())
+}
+
+/// The capture heartbeat on its own thread, watching the captured listeners' backlogs and
+/// accept loops (not the Tokio workers, which a CPU burst can hold up).
+fn start_heartbeat(
+    capture: &Arc<Capture>,
+    progress: &Arc<AcceptProgress>,
+    listeners: &[tokio::net::TcpListener],
+    timeout: Duration,
+) -> Result<Heartbeat> {
+    use std::os::fd::AsFd;
+    let fds = listeners
+        .iter()
+        .map(|l| l.as_fd().try_clone_to_owned())
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("duplicating the proxy listeners for the heartbeat")?;
+    Heartbeat::start(capture.clone(), progress.clone(), fds, timeout).context("starting the heartbeat thread")
 }
 
 /// Pod identity: the pod watcher (store + CA publishing), the pod scope syncer and the pod

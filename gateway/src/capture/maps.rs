@@ -6,7 +6,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
 use aya::Ebpf;
-use gateway_common::{maps, CaptureRecord, Cidr4Key, Cidr6Key, FlowKey, RuntimeConfig, AF_INET, AF_INET6};
+use gateway_common::{
+    maps, CaptureRecord, Cidr4Key, Cidr6Key, FlowKey, RuntimeConfig, AF_INET, AF_INET6, RECORD_REKEYED,
+};
 use parking_lot::Mutex;
 
 /// Errors touching a map; each names the map.
@@ -53,8 +55,7 @@ pub struct RuleMaps {
     pub cidr6: LpmTrie<MapData, Cidr6Key, u8>,
 }
 
-/// Every map userspace touches. `TG_BY_COOKIE` stays inside the `Ebpf` object: only the kernel
-/// uses it.
+/// Every map userspace touches.
 pub struct Maps {
     /// `TG_CONFIG`, written at start and on reload; locked because aya's writes take `&mut`.
     pub config: Mutex<Array<MapData, RuntimeConfig>>,
@@ -64,6 +65,9 @@ pub struct Maps {
     pub heartbeat: Mutex<Array<MapData, u64>>,
     /// `TG_BY_FLOW`; locked for the get-then-delete in `FlowTable::take`.
     pub by_flow: Mutex<HashMap<MapData, FlowKey, CaptureRecord>>,
+    /// `TG_BY_COOKIE`: the slot of every record; freed on take, and reaped when a connect
+    /// failed before sock_ops saw it ([`Maps::reap_stale_slots`]).
+    pub by_cookie: Mutex<HashMap<MapData, u64, CaptureRecord>>,
     /// `TG_COUNTERS`.
     pub counters: PerCpuArray<MapData, u64>,
     /// Rule maps, handed to the rule synchroniser.
@@ -75,9 +79,10 @@ impl Maps {
     pub fn take(ebpf: &mut Ebpf) -> Result<Maps, MapsError> {
         Ok(Maps {
             config: Mutex::new(take(ebpf, maps::CONFIG)?),
-            scope: super::scope::ScopeTable::new(take(ebpf, maps::SCOPE)?),
+            scope: super::scope::ScopeTable::new(take::<HashMap<MapData, u64, u8>>(ebpf, maps::SCOPE)?),
             heartbeat: Mutex::new(take(ebpf, maps::HEARTBEAT)?),
             by_flow: Mutex::new(take(ebpf, maps::BY_FLOW)?),
+            by_cookie: Mutex::new(take(ebpf, maps::BY_COOKIE)?),
             counters: take(ebpf, maps::COUNTERS)?,
             rules: Some(RuleMaps {
                 ports: take(ebpf, maps::PORT_RULES)?,
@@ -133,11 +138,35 @@ impl Maps {
             }
         };
         if let Err(e) = map.remove(&key) {
-            // The LRU evicts it eventually; a stale entry is only reused by the same 4-tuple,
-            // which the kernel overwrites on the next capture.
+            // Removed concurrently by the close callback; anything else the close callback
+            // cleans up when the agent's socket closes.
             tracing::debug!(map = maps::BY_FLOW, error = %e, "flow delete failed");
         }
+        drop(map);
+        // Free the connection's slot, so a held connection does not count against
+        // `capture.max_records`.
+        match self.by_cookie.lock().remove(&rec.cookie) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => tracing::debug!(map = maps::BY_COOKIE, error = %e, "slot delete failed"),
+        }
         Some(rec)
+    }
+
+    /// Remove cookie slots that sock_ops never re-keyed and that are older than `max_age`:
+    /// their `connect()` failed before the SYN (no source port, no route), so no callback will
+    /// ever free them. A connect re-keys within its own system call, so any age of a second or
+    /// more is safe. Returns how many were removed.
+    pub fn reap_stale_slots(&self, max_age: std::time::Duration) -> usize {
+        let now = monotonic_ns();
+        let max_age = u64::try_from(max_age.as_nanos()).unwrap_or(u64::MAX);
+        let mut map = self.by_cookie.lock();
+        let stale: Vec<u64> = map
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, r)| r.flags & RECORD_REKEYED == 0 && now.saturating_sub(r.captured_at_ns) > max_age)
+            .map(|(k, _)| k)
+            .collect();
+        stale.iter().filter(|k| map.remove(k).is_ok()).count()
     }
 }
 

@@ -6,6 +6,7 @@
 //! [`identity`] (record → agent).
 
 pub mod cgroup;
+pub mod heartbeat;
 pub mod identity;
 pub mod kubernetes;
 pub mod loader;
@@ -215,7 +216,8 @@ impl Capture {
         &self.maps.scope
     }
 
-    /// Stamp the heartbeat now (the lead calls it every 200 ms from the proxy runtime).
+    /// Stamp the heartbeat now. In `tollgate run` the [`heartbeat::Heartbeat`] thread calls it
+    /// while the proxy is accepting.
     pub fn heartbeat(&self) {
         if let Err(e) = self.maps.stamp_heartbeat() {
             tracing::warn!(error = %e, "capture heartbeat failed");

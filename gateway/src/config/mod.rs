@@ -139,7 +139,8 @@ pub struct CaptureConfig {
     pub heartbeat_timeout: Duration,
     /// SO_MARK set on tollgate's own upstream sockets so they are never redirected.
     pub self_mark: u32,
-    /// Capacity of each connection-record map (LRU: oldest evicted).
+    /// Capacity of each connection-record map: captured connects not yet accepted by the proxy
+    /// (one more goes direct, counted as `skipped_map_full`; none is evicted).
     pub max_records: u32,
     /// Capacity of each CIDR rule trie.
     pub max_rules: u32,

@@ -24,6 +24,7 @@ use tokio::task::JoinSet;
 
 use arc_swap::ArcSwap;
 
+use crate::capture::heartbeat::AcceptProgress;
 use crate::capture::{identity::orig_dst, Agent, AgentResolver, FlowTable};
 use crate::config::{Config, RouteConfig};
 use crate::policy::chain::{Policies, PolicyError};
@@ -156,6 +157,8 @@ struct Shared {
 pub struct Proxy {
     shared: Arc<Shared>,
     direct: Vec<(String, TcpListener)>,
+    /// Progress of the captured listeners' accept loops, for the capture heartbeat.
+    progress: Arc<AcceptProgress>,
 }
 
 /// Swaps in new config generations while the proxy runs (cheap to clone).
@@ -245,7 +248,14 @@ impl Proxy {
             }
             out
         }));
-        Ok(Proxy { shared, direct })
+        Ok(Proxy { shared, direct, progress: Arc::default() })
+    }
+
+    /// Report the captured listeners' accept progress to `progress`: the capture heartbeat
+    /// stamps only while they accept (see [`crate::capture::heartbeat`]).
+    pub fn with_accept_progress(mut self, progress: Arc<AcceptProgress>) -> Self {
+        self.progress = progress;
+        self
     }
 
     /// A handle for reloads.
@@ -261,10 +271,11 @@ impl Proxy {
         let shared = self.shared;
         let mut accepts = JoinSet::new();
         for l in listeners {
-            accepts.spawn(accept_loop(shared.clone(), l, Entry::Captured, shutdown.clone()));
+            let progress = Some(self.progress.clone());
+            accepts.spawn(accept_loop(shared.clone(), l, Entry::Captured, progress, shutdown.clone()));
         }
         for (name, l) in self.direct {
-            accepts.spawn(accept_loop(shared.clone(), l, Entry::Direct(Arc::from(name)), shutdown.clone()));
+            accepts.spawn(accept_loop(shared.clone(), l, Entry::Direct(Arc::from(name)), None, shutdown.clone()));
         }
         while accepts.join_next().await.is_some() {}
         // Every connection task holds a permit: all permits back means all connections done.
@@ -304,21 +315,34 @@ enum Entry {
 }
 
 /// Accept until shutdown, one task per connection, bounded by `limits.max_connections`.
-async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, entry: Entry, mut shutdown: watch::Receiver<bool>) {
+/// `progress` (captured listeners) learns of every accept and every wait for a permit.
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    entry: Entry,
+    progress: Option<Arc<AcceptProgress>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
-        let permit = tokio::select! {
-            biased;
-            _ = shutdown_requested(&mut shutdown) => return,
-            p = shared.permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
+        let permit = {
+            let _held_back = progress.as_ref().map(|p| p.waiting_for_permit());
+            tokio::select! {
+                biased;
+                _ = shutdown_requested(&mut shutdown) => return,
+                p = shared.permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+            }
         };
         let accepted = tokio::select! {
             biased;
             _ = shutdown_requested(&mut shutdown) => return,
             r = listener.accept() => r,
         };
+        if let Some(p) = &progress {
+            p.accepted();
+        }
         let (stream, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {

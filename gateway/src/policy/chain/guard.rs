@@ -38,14 +38,16 @@ impl GuardPolicy {
         self.guards.is_empty()
     }
 
-    fn check(&self, ctx: &mut PolicyCtx<'_>) -> Result<(), Deny> {
+    /// `tokens`: the prompt's token count, counted beforehand off the async workers when a
+    /// guard limits tokens.
+    fn check(&self, ctx: &mut PolicyCtx<'_>, tokens: Option<u64>) -> Result<(), Deny> {
         // The chain refuses a body it cannot read before any guard runs (`Policy::covers`):
         // one that still fails here is refused too, never forwarded unchecked.
         let mut body = match serde_json::from_slice::<Value>(&ctx.body) {
             Ok(b) => b,
             Err(e) => return Err(super::unreadable_body(e.to_string())),
         };
-        let out = self.guards.check_request(ctx.api, &ctx.body, &mut body);
+        let out = self.guards.check_request_with(ctx.api, ctx.body.len() as u64, &mut body, &mut || tokens);
         let agent = self.telemetry.metrics.agent_label(&ctx.agent.name);
         for v in &out.verdicts {
             ctx.events.push(record(&self.telemetry, &agent, v, "request"));
@@ -96,8 +98,13 @@ impl Policy for GuardPolicy {
     }
 
     fn on_request<'a>(&'a self, ctx: &'a mut PolicyCtx<'_>) -> HookFuture<'a> {
-        let r = self.check(ctx);
-        Box::pin(std::future::ready(r))
+        Box::pin(async move {
+            let tokens = match self.guards.needs_tokens() {
+                true => crate::protocol::llm::estimate::prompt_tokens_off_runtime(ctx.api, ctx.body.clone()).await,
+                false => None,
+            };
+            self.check(ctx, tokens)
+        })
     }
 }
 

@@ -67,9 +67,10 @@ impl RateLimitPolicy {
         &self.limiter
     }
 
-    fn estimate(&self, ctx: &PolicyCtx<'_>) -> Estimate {
+    /// `prompt` as counted off the async workers ([`estimate::prompt_tokens_off_runtime`]).
+    fn estimate(&self, ctx: &PolicyCtx<'_>, prompt: Option<u64>) -> Estimate {
         let body = &ctx.body;
-        let prompt = estimate::prompt_tokens(ctx.api, body).unwrap_or(body.len() as u64 / 4);
+        let prompt = prompt.unwrap_or(body.len() as u64 / 4);
         let completion = completion_cap(ctx.api, body).unwrap_or(self.default_max_tokens);
         let cost = self.prices.price(None, ctx.model).map_or(0.0, |p| {
             let u = crate::telemetry::Usage { input: prompt, output: completion, ..Default::default() };
@@ -167,7 +168,8 @@ impl Policy for RateLimitPolicy {
             if !self.limiter.applies(&subject) {
                 return Ok(());
             }
-            let est = self.estimate(ctx);
+            let prompt = estimate::prompt_tokens_off_runtime(ctx.api, ctx.body.clone()).await;
+            let est = self.estimate(ctx, prompt);
             match self.limiter.check_and_reserve(&subject, est).await {
                 Decision::Admit(a) => {
                     if !a.status.is_empty() {

@@ -247,6 +247,12 @@ impl Guardrails {
         Ok(out)
     }
 
+    /// Whether some `limits` guard limits prompt tokens, so the caller counts them (off the
+    /// async workers) before [`Guardrails::check_request_with`].
+    pub fn needs_tokens(&self) -> bool {
+        self.guards.iter().any(|g| matches!(g, Guard::Size(s) if s.needs_tokens()))
+    }
+
     /// No guards: callers can skip parsing bodies altogether.
     pub fn is_empty(&self) -> bool {
         self.guards.is_empty()

@@ -214,6 +214,28 @@ pub fn prompt_tokens(api: Api, body: &[u8]) -> Option<u64> {
     Some(p.total())
 }
 
+/// [`prompt_tokens`] on the estimate pool instead of the calling async worker: tokenizing a
+/// large prompt takes long enough (hundreds of ms in debug builds) to hold up every other
+/// connection on that worker. At most [`estimate_threads`] prompts are tokenized at once, on
+/// Tokio's blocking threads; further callers wait (asynchronously, holding only the body they
+/// already read, so the queue is bounded by `limits.max_connections`). Outside a Tokio runtime
+/// it counts inline.
+pub async fn prompt_tokens_off_runtime(api: Api, body: bytes::Bytes) -> Option<u64> {
+    static SLOTS: OnceLock<tokio::sync::Semaphore> = OnceLock::new();
+    if tokio::runtime::Handle::try_current().is_err() {
+        return prompt_tokens(api, &body);
+    }
+    let slots = SLOTS.get_or_init(|| tokio::sync::Semaphore::new(estimate_threads()));
+    let _slot = slots.acquire().await.ok()?;
+    tokio::task::spawn_blocking(move || prompt_tokens(api, &body)).await.ok().flatten()
+}
+
+/// Prompts tokenized at once by [`prompt_tokens_off_runtime`]: half the CPUs, at least one, so
+/// a burst of large prompts leaves the other half to the async workers (accepting, relaying).
+pub fn estimate_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
+
 /// A prompt count in progress.
 #[derive(Default)]
 struct Prompt {
