@@ -23,7 +23,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{ACCEPT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderValue, Request, Response};
-use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use tokio::sync::mpsc;
 
@@ -64,22 +64,15 @@ impl Reporter {
     }
 }
 
-/// Read the agent's request body, refusing more than `limits.max_request_body_bytes`.
+/// Read the agent's request body within `limits.max_request_body_bytes`,
+/// `limits.body_read_timeout` and the process budget `limits.max_buffered_body_bytes` (see
+/// [`crate::protocol::bounded`]).
 pub(crate) async fn read_request_body(
     ctx: &L7Context,
     headers: &http::HeaderMap,
     body: Incoming,
 ) -> Result<Bytes, ProtocolError> {
-    let max = ctx.config.limits.max_request_body_bytes;
-    let declared = headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
-        return Err(ProtocolError::BodyTooLarge { limit: max });
-    }
-    match Limited::new(body, max).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<LengthLimitError>() => Err(ProtocolError::BodyTooLarge { limit: max }),
-        Err(e) => Err(ProtocolError::ClientBody(e.to_string())),
-    }
+    crate::protocol::bounded::read_request_body(ctx, headers, body).await
 }
 
 /// Pass one recognised LLM call through to the original destination (or the route's
