@@ -10,6 +10,7 @@
 //! global lock keeps them serial even without that flag.
 
 mod a2a;
+mod bounds;
 mod gateway;
 mod governance;
 mod k8s;

@@ -178,36 +178,73 @@ where
         }
         buf.reserve_exact(n);
     }
-    let read = async {
-        let mut body = pin!(body);
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| ProtocolError::ClientBody(e.to_string()))?;
-            let Ok(data) = frame.into_data() else { continue };
-            let need = buf.len() + data.len();
-            if need > max {
-                return Err(too_large());
-            }
-            if need > buf.capacity() {
-                // Grow geometrically (bounded by the cap), charging the allocation itself.
-                let cap = need.max(buf.capacity().saturating_mul(2)).min(max);
-                if !charge.resize(cap.max(charge.bytes())) {
-                    return Err(exhausted());
-                }
-                buf.reserve_exact(cap - buf.len());
-            }
-            buf.extend_from_slice(&data);
-        }
-        Ok(())
-    };
-    match tokio::time::timeout(bounds.timeout, read).await {
+    match tokio::time::timeout(bounds.timeout, collect(body, max, &mut buf, &mut charge)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(e),
         Err(_) => return Err(ProtocolError::BodyTimeout(bounds.timeout)),
     }
-    // A declared length the body fell short of: give back what was not used.
+    Ok(seal(buf, charge))
+}
+
+/// Append `body` to `buf` up to `max` bytes, growing `charge` with the allocation.
+async fn collect<B>(body: B, max: usize, buf: &mut Vec<u8>, charge: &mut Charge) -> Result<(), ProtocolError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
+    let mut body = pin!(body);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ProtocolError::ClientBody(e.to_string()))?;
+        let Ok(data) = frame.into_data() else { continue };
+        let need = buf.len() + data.len();
+        if need > max {
+            return Err(ProtocolError::BodyTooLarge { limit: max });
+        }
+        if need > buf.capacity() {
+            // Grow geometrically (bounded by the cap), charging the allocation itself.
+            let cap = need.max(buf.capacity().saturating_mul(2)).min(max);
+            if !charge.resize(cap.max(charge.bytes())) {
+                return Err(ProtocolError::BodyBudget { budget: charge.budget.capacity() });
+            }
+            buf.reserve_exact(cap - buf.len());
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok(())
+}
+
+/// The buffer as [`Bytes`] that own its charge (a declared length the body fell short of gives
+/// back what was not used).
+fn seal(mut buf: Vec<u8>, mut charge: Charge) -> Bytes {
     buf.shrink_to_fit();
     charge.resize(buf.capacity());
-    Ok(Bytes::from_owner(Buffered { buf, _charge: charge }))
+    Bytes::from_owner(Buffered { buf, _charge: charge })
+}
+
+/// Read an upstream response tollgate must hold whole (to check, redact or translate it) up to
+/// `max` (`limits.max_inspect_bytes`), charged to the process budget like request bodies. The
+/// caller bounds the time. A response over `max` or broken off is
+/// [`ProtocolError::UpstreamBody`]; no room in the budget is [`ProtocolError::BodyBudget`] (503,
+/// counted).
+pub(crate) async fn read_held<B>(ctx: &L7Context, body: B, max: usize) -> Result<Bytes, ProtocolError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
+    let mut charge = budget().charge();
+    let mut buf = Vec::new();
+    match collect(body, max, &mut buf, &mut charge).await {
+        Ok(()) => Ok(seal(buf, charge)),
+        Err(e @ ProtocolError::BodyBudget { .. }) => {
+            ctx.reporter.telemetry().bounds.refused(Bound::BufferedBodyBytes);
+            Err(e)
+        }
+        Err(ProtocolError::BodyTooLarge { limit }) => {
+            Err(ProtocolError::UpstreamBody(format!("response body exceeds {limit} bytes (limits.max_inspect_bytes)")))
+        }
+        Err(ProtocolError::ClientBody(why)) => Err(ProtocolError::UpstreamBody(why)),
+        Err(e) => Err(ProtocolError::UpstreamBody(e.to_string())),
+    }
 }
 
 /// Read the agent's request body within the connection's `limits` and the process budget;

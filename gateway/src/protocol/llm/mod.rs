@@ -23,7 +23,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{ACCEPT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderValue, Request, Response};
-use http_body_util::{BodyExt, Either, Full, Limited};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tokio::sync::mpsc;
 
@@ -221,11 +221,10 @@ struct Held {
 impl Held {
     async fn respond(self, ctx: &L7Context, mut rparts: http::response::Parts, rbody: Incoming) -> Response<ProxyBody> {
         let Held { mut call, t0, shape, mut observer, mut filter, hooks, checks } = self;
-        let buf = match Limited::new(rbody, ctx.config.limits.max_inspect_bytes).collect().await {
-            Ok(c) => c.to_bytes(),
+        let buf = match crate::protocol::bounded::read_held(ctx, rbody, ctx.config.limits.max_inspect_bytes).await {
+            Ok(b) => b,
             Err(e) => {
                 hooks.finish(&mut call);
-                let e = ProtocolError::UpstreamBody(e.to_string());
                 return report_failure(ctx, shape, call, t0, e);
             }
         };
