@@ -11,6 +11,7 @@
 
 mod a2a;
 mod capture_safety;
+mod bounds;
 mod gateway;
 mod governance;
 mod k8s;

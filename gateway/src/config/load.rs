@@ -208,6 +208,7 @@ fn validate(file: &str, c: &Config) -> Result<(), ConfigError> {
             return Err(bad("telemetry.otlp.endpoint".into(), format!("{:?} is not a URL", o.endpoint)));
         }
     }
+    c.limits.validate().map_err(|(f, m)| bad(format!("limits.{f}"), m))?;
     if c.telemetry.max_label_values == 0 {
         return Err(bad("telemetry.max_label_values".into(), "must be positive".into()));
     }
@@ -392,6 +393,16 @@ fn validate_route(c: &Config, r: &RouteConfig) -> Result<(), (String, String)> {
         if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
             return Err(("balance.hash_header".into(), format!("{h:?} is not a header name")));
         }
+    }
+    if r.log_payloads.max_bytes > super::MAX_PAYLOAD_LOG_BYTES {
+        return Err((
+            "log_payloads.max_bytes".into(),
+            format!(
+                "{} is above the most accepted, {} (1 MiB)",
+                r.log_payloads.max_bytes,
+                super::MAX_PAYLOAD_LOG_BYTES
+            ),
+        ));
     }
     Ok(())
 }

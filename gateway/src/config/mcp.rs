@@ -26,6 +26,10 @@ use super::limits::{CountKind, LimitAlgorithm, LimitKeyBy, LimitRuleConfig, Limi
 
 /// Default of [`McpConfig::max_sessions`].
 pub const DEFAULT_MAX_SESSIONS: usize = 4096;
+/// Default of [`McpConfig::max_batch_len`].
+pub const DEFAULT_MAX_BATCH_LEN: usize = 64;
+/// Default of [`McpConfig::legacy_queue_len`].
+pub const DEFAULT_LEGACY_QUEUE_LEN: usize = 64;
 
 /// Root of the `mcp` section.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -44,6 +48,19 @@ pub struct McpConfig {
     pub max_sessions: usize,
     /// Federation endpoints: one MCP server offering the tools of several upstream servers.
     pub federations: Vec<super::federation::FederationConfig>,
+    /// Most messages in one JSON-RPC batch (a POST whose body is an array), on captured MCP
+    /// routes and federation endpoints alike. A longer batch is answered HTTP 400 with the
+    /// JSON-RPC error -32600 naming this limit and is never forwarded: each message may cost a
+    /// policy check, a counter update and an upstream call, so one request must not carry an
+    /// unbounded number of them. Parsing stops at the first message past the limit.
+    pub max_batch_len: usize,
+    /// Events tollgate may have queued for one legacy HTTP+SSE stream (its own answers to
+    /// refused calls, written into the agent's GET stream) that the agent has not read yet.
+    /// When the queue is full the refused POST's answers are not queued: the POST itself is
+    /// answered 503 with `retry-after` and the answers in its body, and
+    /// `tollgate_bound_refusals_total{bound="mcp.legacy_queue_len"}` counts it. An agent that
+    /// stops reading its stream therefore cannot make tollgate hold unbounded memory.
+    pub legacy_queue_len: usize,
 }
 
 impl Default for McpConfig {
@@ -53,6 +70,8 @@ impl Default for McpConfig {
             tool_limits: Vec::new(),
             max_sessions: DEFAULT_MAX_SESSIONS,
             federations: Vec::new(),
+            max_batch_len: DEFAULT_MAX_BATCH_LEN,
+            legacy_queue_len: DEFAULT_LEGACY_QUEUE_LEN,
         }
     }
 }
@@ -120,12 +139,24 @@ pub struct McpToolRule {
     pub deny: Vec<String>,
 }
 
+/// Largest `mcp.max_batch_len` accepted: a bound is the point, and JSON-RPC clients send a
+/// handful of messages per batch.
+const MAX_BATCH_LEN_CAP: usize = 10_000;
+/// Largest `mcp.legacy_queue_len` accepted.
+const MAX_LEGACY_QUEUE_CAP: usize = 65_536;
+
 impl McpConfig {
     /// Checks serde cannot express: unique non-empty rule names and globs that compile.
     /// Errors are `(field path below mcp, message)` so the loader can point at the line.
     pub fn validate(&self) -> Result<(), (String, String)> {
         if self.max_sessions == 0 {
             return Err(("max_sessions".into(), "must be at least 1".into()));
+        }
+        if !(1..=MAX_BATCH_LEN_CAP).contains(&self.max_batch_len) {
+            return Err(("max_batch_len".into(), format!("must be between 1 and {MAX_BATCH_LEN_CAP}")));
+        }
+        if !(1..=MAX_LEGACY_QUEUE_CAP).contains(&self.legacy_queue_len) {
+            return Err(("legacy_queue_len".into(), format!("must be between 1 and {MAX_LEGACY_QUEUE_CAP}")));
         }
         for (i, r) in self.tools.iter().enumerate() {
             let at = format!("tools[{i}]");

@@ -325,9 +325,14 @@ pub enum RouteProtocol {
 pub struct PayloadLogConfig {
     /// Log bodies for this route.
     pub enabled: bool,
-    /// Bytes kept of each body (request, response); the rest is cut and the line says so.
+    /// Bytes kept of each body (request, response); the rest is cut and the line says so. At
+    /// most [`MAX_PAYLOAD_LOG_BYTES`] (1 MiB): the prefixes are held in memory for the whole call.
     pub max_bytes: usize,
 }
+
+/// Largest `routes[].log_payloads.max_bytes` accepted: each logged call holds up to twice this
+/// in memory until it ends, and access-log lines beyond it are of no use to a reader.
+pub const MAX_PAYLOAD_LOG_BYTES: usize = 1 << 20;
 
 impl Default for PayloadLogConfig {
     fn default() -> Self {
@@ -498,6 +503,20 @@ pub struct LimitsConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub drain_timeout: Duration,
+    /// Time to receive the whole body of a request tollgate reads before forwarding (LLM calls,
+    /// MCP and A2A messages), counted from when its headers were read. A slower upload is
+    /// answered 408 in the caller's API shape and nothing is sent upstream, so a client that
+    /// trickles bytes cannot hold a buffer and a task for ever.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub body_read_timeout: Duration,
+    /// Bytes of bodies buffered at once by the whole process (request bodies read before
+    /// forwarding, held responses), shared by every connection: each body takes its bytes from
+    /// this budget before it is buffered and gives them back when it is dropped. A request
+    /// that finds no room is answered 503 with `retry-after` in the caller's API shape, before
+    /// anything is sent upstream. Bounds memory by bytes, whatever the number of connections;
+    /// must be at least `max_request_body_bytes`.
+    pub max_buffered_body_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -512,7 +531,29 @@ impl Default for LimitsConfig {
             connect_timeout: Duration::from_secs(10),
             pool_max_idle_per_host: 64,
             drain_timeout: Duration::from_secs(20),
+            body_read_timeout: Duration::from_secs(30),
+            max_buffered_body_bytes: 256 << 20,
         }
+    }
+}
+
+impl LimitsConfig {
+    /// Checks serde cannot express; the error is `(field below limits, message)` so the loader
+    /// can point at the line.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.body_read_timeout.is_zero() {
+            return Err(("body_read_timeout".into(), "must be positive".into()));
+        }
+        if self.max_buffered_body_bytes < self.max_request_body_bytes {
+            return Err((
+                "max_buffered_body_bytes".into(),
+                format!(
+                    "{} is below max_request_body_bytes ({}): a body of the allowed size could never be read",
+                    self.max_buffered_body_bytes, self.max_request_body_bytes
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -553,6 +594,9 @@ pub fn host_matches(pattern: &str, name: &str) -> bool {
         None => pattern.eq_ignore_ascii_case(name),
     }
 }
+
+#[cfg(test)]
+mod bounds_tests;
 
 #[cfg(test)]
 mod tests {

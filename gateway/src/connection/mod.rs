@@ -128,6 +128,7 @@ impl Generation {
         // Process-wide tables (they outlive a generation) take this generation's bounds.
         crate::protocol::mcp::session::set_max(config.mcp.max_sessions);
         crate::protocol::a2a::set_max_cards(config.a2a.max_cards);
+        crate::protocol::bounded::budget().set_capacity(config.limits.max_buffered_body_bytes);
         let kept = previous.map(|p| &*p.federations);
         let federations = Arc::new(Federations::build(&config, &upstream, telemetry, kept)?);
         let mut gates = std::collections::HashMap::new();

@@ -27,6 +27,8 @@ pub enum ErrorClass {
     Timeout,
     /// Every target is out (503).
     Unavailable,
+    /// tollgate itself has no room for the request now (503; retry shortly).
+    Overloaded,
 }
 
 impl ErrorClass {
@@ -37,6 +39,7 @@ impl ErrorClass {
             ErrorClass::Permission => "permission_error",
             ErrorClass::RateLimit => "rate_limit_error",
             ErrorClass::Upstream | ErrorClass::Timeout | ErrorClass::Unavailable => "upstream_error",
+            ErrorClass::Overloaded => "server_error",
         }
     }
 
@@ -44,12 +47,13 @@ impl ErrorClass {
         match self {
             ErrorClass::InvalidRequest if status == StatusCode::NOT_FOUND => "not_found_error",
             ErrorClass::InvalidRequest if status == StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
+            ErrorClass::InvalidRequest if status == StatusCode::REQUEST_TIMEOUT => "timeout_error",
             ErrorClass::InvalidRequest => "invalid_request_error",
             ErrorClass::Authentication => "authentication_error",
             ErrorClass::Permission => "permission_error",
             ErrorClass::RateLimit => "rate_limit_error",
             ErrorClass::Timeout => "timeout_error",
-            ErrorClass::Unavailable => "overloaded_error",
+            ErrorClass::Unavailable | ErrorClass::Overloaded => "overloaded_error",
             ErrorClass::Upstream => "api_error",
         }
     }
@@ -57,12 +61,13 @@ impl ErrorClass {
     fn gemini_status(self, status: StatusCode) -> &'static str {
         match self {
             ErrorClass::InvalidRequest if status == StatusCode::NOT_FOUND => "NOT_FOUND",
+            ErrorClass::InvalidRequest if status == StatusCode::REQUEST_TIMEOUT => "DEADLINE_EXCEEDED",
             ErrorClass::InvalidRequest => "INVALID_ARGUMENT",
             ErrorClass::Authentication => "UNAUTHENTICATED",
             ErrorClass::Permission => "PERMISSION_DENIED",
             ErrorClass::RateLimit => "RESOURCE_EXHAUSTED",
             ErrorClass::Timeout => "DEADLINE_EXCEEDED",
-            ErrorClass::Unavailable | ErrorClass::Upstream => "UNAVAILABLE",
+            ErrorClass::Unavailable | ErrorClass::Upstream | ErrorClass::Overloaded => "UNAVAILABLE",
         }
     }
 }

@@ -4,6 +4,7 @@
 //! transparently by [`http`].
 
 pub mod a2a;
+pub mod bounded;
 pub mod errors;
 pub mod http;
 pub mod llm;
@@ -36,6 +37,16 @@ pub enum ProtocolError {
     /// Reading the client's request body failed.
     #[error("reading request body: {0}")]
     ClientBody(String),
+    /// The request body did not arrive whole within `limits.body_read_timeout`.
+    #[error("request body not received within {} (limits.body_read_timeout)", humantime::format_duration(*.0))]
+    BodyTimeout(Duration),
+    /// The process-wide budget of buffered bodies (`limits.max_buffered_body_bytes`) had no
+    /// room for this body.
+    #[error("too many request bytes buffered at once (limits.max_buffered_body_bytes: {budget}); retry shortly")]
+    BodyBudget {
+        /// The budget in bytes.
+        budget: usize,
+    },
     /// The request body is not what the API expects (not JSON, unsupported field).
     #[error("{0}")]
     BadRequest(String),
@@ -78,6 +89,8 @@ impl ProtocolError {
                 _ => StatusCode::BAD_GATEWAY,
             },
             ProtocolError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProtocolError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ProtocolError::BodyBudget { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProtocolError::ClientBody(_) | ProtocolError::BadRequest(_) | ProtocolError::Unsupported(_) => {
                 StatusCode::BAD_REQUEST
             }
@@ -98,6 +111,8 @@ impl ProtocolError {
             },
             ProtocolError::BodyTooLarge { .. } => (ErrorClass::InvalidRequest, "request_too_large"),
             ProtocolError::ClientBody(_) => (ErrorClass::InvalidRequest, "bad_request_body"),
+            ProtocolError::BodyTimeout(_) => (ErrorClass::InvalidRequest, "request_body_timeout"),
+            ProtocolError::BodyBudget { .. } => (ErrorClass::Overloaded, "body_budget_exhausted"),
             ProtocolError::BadRequest(_) => (ErrorClass::InvalidRequest, "invalid_request"),
             ProtocolError::Unsupported(_) => (ErrorClass::InvalidRequest, "unsupported_by_target"),
             ProtocolError::NoModel(_) => (ErrorClass::InvalidRequest, "model_required"),
@@ -122,7 +137,21 @@ impl ProtocolError {
     /// The response for this failure in the caller's API shape.
     pub fn response(&self, shape: Shape) -> Response<ProxyBody> {
         let (class, code) = self.class_and_code();
-        shaped_error(shape, self.status(), class, code, &self.to_string())
+        let mut r = shaped_error(shape, self.status(), class, code, &self.to_string());
+        if let Some(secs) = self.retry_after_secs() {
+            r.headers_mut().insert(::http::header::RETRY_AFTER, ::http::HeaderValue::from(secs));
+        }
+        r
+    }
+
+    /// Seconds a client should wait before retrying, for failures that pass by themselves
+    /// (sent as `retry-after`, which the SDKs honour).
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            // Buffered bodies are given back as soon as their calls end.
+            ProtocolError::BodyBudget { .. } => Some(1),
+            _ => None,
+        }
     }
 }
 

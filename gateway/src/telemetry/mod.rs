@@ -4,6 +4,7 @@
 
 pub mod a2a;
 pub mod access_log;
+pub mod bounds;
 pub mod cost;
 pub mod federation;
 pub mod governance;
@@ -293,6 +294,8 @@ pub struct Telemetry {
     pub mcp: mcp::McpMetrics,
     /// MCP federation upstream health, restarts and sessions.
     pub federation: std::sync::Arc<federation::FederationMetrics>,
+    /// Refusals by the bounds on one request's work, buffered body bytes (same registry).
+    pub bounds: bounds::BoundMetrics,
     access: access_log::AccessLog,
     tracer: Option<trace::Tracer>,
     pusher: Option<otlp_metrics::MetricsPusher>,
@@ -343,6 +346,7 @@ impl Telemetry {
         let a2a = a2a::A2aMetrics::register(&metrics.registry, cfg.max_label_values)?;
         let mcp = mcp::McpMetrics::register(&metrics.registry, cfg.max_label_values)?;
         let federation = std::sync::Arc::new(federation::FederationMetrics::register(&metrics.registry)?);
+        let bounds = bounds::BoundMetrics::register(&metrics.registry)?;
         let otlp = cfg.otlp.as_ref();
         let tracer = match otlp.filter(|o| o.traces) {
             Some(o) => Some(trace::Tracer::new(o, metrics.dropped.with_label_values(&["otlp_spans"]))?),
@@ -360,7 +364,7 @@ impl Telemetry {
             &cfg.access_log,
             metrics.dropped.with_label_values(&["access_log"]),
         )?;
-        Ok(Telemetry { access, metrics, node, governance, mcp, federation, a2a, tracer, pusher })
+        Ok(Telemetry { access, metrics, node, governance, mcp, federation, bounds, a2a, tracer, pusher })
     }
 
     /// A captured connection was accepted and classified.

@@ -23,7 +23,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{ACCEPT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderValue, Request, Response};
-use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tokio::sync::mpsc;
 
@@ -64,22 +64,15 @@ impl Reporter {
     }
 }
 
-/// Read the agent's request body, refusing more than `limits.max_request_body_bytes`.
+/// Read the agent's request body within `limits.max_request_body_bytes`,
+/// `limits.body_read_timeout` and the process budget `limits.max_buffered_body_bytes` (see
+/// [`crate::protocol::bounded`]).
 pub(crate) async fn read_request_body(
     ctx: &L7Context,
     headers: &http::HeaderMap,
     body: Incoming,
 ) -> Result<Bytes, ProtocolError> {
-    let max = ctx.config.limits.max_request_body_bytes;
-    let declared = headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
-        return Err(ProtocolError::BodyTooLarge { limit: max });
-    }
-    match Limited::new(body, max).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<LengthLimitError>() => Err(ProtocolError::BodyTooLarge { limit: max }),
-        Err(e) => Err(ProtocolError::ClientBody(e.to_string())),
-    }
+    crate::protocol::bounded::read_request_body(ctx, headers, body).await
 }
 
 /// Pass one recognised LLM call through to the original destination (or the route's
@@ -228,11 +221,10 @@ struct Held {
 impl Held {
     async fn respond(self, ctx: &L7Context, mut rparts: http::response::Parts, rbody: Incoming) -> Response<ProxyBody> {
         let Held { mut call, t0, shape, mut observer, mut filter, hooks, checks } = self;
-        let buf = match Limited::new(rbody, ctx.config.limits.max_inspect_bytes).collect().await {
-            Ok(c) => c.to_bytes(),
+        let buf = match crate::protocol::bounded::read_held(ctx, rbody, ctx.config.limits.max_inspect_bytes).await {
+            Ok(b) => b,
             Err(e) => {
                 hooks.finish(&mut call);
-                let e = ProtocolError::UpstreamBody(e.to_string());
                 return report_failure(ctx, shape, call, t0, e);
             }
         };

@@ -214,7 +214,7 @@ pub struct McpBody<B = Incoming> {
     ex: Exchange,
     done: bool,
     /// tollgate's own events for a legacy stream (denials), written between server events.
-    inject: Option<mpsc::UnboundedReceiver<Bytes>>,
+    inject: Option<mpsc::Receiver<Bytes>>,
 }
 
 impl<B> McpBody<B> {
@@ -238,7 +238,7 @@ impl<B> McpBody<B> {
 
     /// Write the events `rx` yields into the stream, between the server's events (the stream
     /// must be held event by event, see [`Exchange::filters`]).
-    pub fn with_injection(mut self, rx: mpsc::UnboundedReceiver<Bytes>) -> Self {
+    pub fn with_injection(mut self, rx: mpsc::Receiver<Bytes>) -> Self {
         self.inject = Some(rx);
         self
     }

@@ -3,6 +3,11 @@
 //! denied call with, and removing denied tools from a `tools/list` result. Only the fields
 //! read are materialised (typed structs; everything else is skipped by the parser).
 
+use std::cell::Cell;
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -28,6 +33,73 @@ pub enum JsonRpcError {
     /// An empty batch.
     #[error("empty JSON-RPC batch")]
     EmptyBatch,
+    /// A batch longer than the limit (`mcp.max_batch_len`, carried here).
+    #[error("JSON-RPC batch of more than {0} messages (mcp.max_batch_len: {0})")]
+    BatchTooLong(usize),
+}
+
+/// JSON-RPC "Invalid Request": what a batch over `mcp.max_batch_len` is answered with.
+pub const INVALID_REQUEST_CODE: i64 = -32600;
+
+/// The error answering a batch longer than `max` (id null, as for any request that cannot be
+/// taken apart; `data.max_batch_len` tells the client how to split it).
+pub fn batch_too_long(max: usize) -> Value {
+    let message = format!("tollgate: {}; nothing was sent, split the batch", JsonRpcError::BatchTooLong(max));
+    error_message(None, INVALID_REQUEST_CODE, &message, serde_json::json!({"max_batch_len": max}))
+}
+
+/// Read a batch (a JSON array) of at most `max` messages of type `T`. Parsing stops at the first
+/// message past `max`, so a huge batch costs no more than `max + 1` messages' work.
+pub fn read_batch<T: for<'de> Deserialize<'de>>(body: &[u8], max: usize) -> Result<Vec<T>, JsonRpcError> {
+    let over = Cell::new(false);
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let read = CappedSeq { max, over: &over, _t: PhantomData }.deserialize(&mut de).and_then(|v| de.end().map(|()| v));
+    match read {
+        Err(_) if over.get() => Err(JsonRpcError::BatchTooLong(max)),
+        Err(e) => Err(e.into()),
+        Ok(v) if v.is_empty() => Err(JsonRpcError::EmptyBatch),
+        Ok(v) => Ok(v),
+    }
+}
+
+/// A sequence visitor that gives up past `max` elements (and says so in `over`).
+struct CappedSeq<'a, T> {
+    max: usize,
+    over: &'a Cell<bool>,
+    _t: PhantomData<T>,
+}
+
+impl<'de, T: Deserialize<'de>> DeserializeSeed<'de> for CappedSeq<'_, T> {
+    type Value = Vec<T>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<T>, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for CappedSeq<'_, T> {
+    type Value = Vec<T>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON-RPC batch (an array of messages)")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+        let mut out = Vec::new();
+        loop {
+            if out.len() == self.max {
+                if seq.next_element::<IgnoredAny>()?.is_some() {
+                    self.over.set(true);
+                    return Err(serde::de::Error::custom("batch too long"));
+                }
+                return Ok(out);
+            }
+            match seq.next_element::<T>()? {
+                Some(m) => out.push(m),
+                None => return Ok(out),
+            }
+        }
+    }
 }
 
 /// `name`/`version` of an MCP implementation (`clientInfo`, `serverInfo`).
@@ -138,15 +210,10 @@ pub struct ResponseFacts {
     pub server: Option<Implementation>,
 }
 
-/// The messages of a body: a single object or a batch array.
-fn messages(body: &[u8]) -> Result<Vec<Wire>, JsonRpcError> {
-    let first = body.iter().find(|b| !b.is_ascii_whitespace());
-    if first == Some(&b'[') {
-        let v: Vec<Wire> = serde_json::from_slice(body)?;
-        if v.is_empty() {
-            return Err(JsonRpcError::EmptyBatch);
-        }
-        Ok(v)
+/// The messages of a body: a single object or a batch array of at most `max_batch` messages.
+fn messages(body: &[u8], max_batch: usize) -> Result<Vec<Wire>, JsonRpcError> {
+    if is_batch(body) {
+        read_batch(body, max_batch)
     } else {
         Ok(vec![serde_json::from_slice(body)?])
     }
@@ -161,9 +228,10 @@ fn id_text(id: &Option<Value>) -> Option<String> {
     id.as_ref().filter(|v| !v.is_null()).map(Value::to_string)
 }
 
-/// The messages of a POST body, in order.
-pub fn parse_request(body: &[u8]) -> Result<Vec<RequestFacts>, JsonRpcError> {
-    Ok(messages(body)?
+/// The messages of a POST body, in order; a batch of more than `max_batch` messages
+/// (`mcp.max_batch_len`) is [`JsonRpcError::BatchTooLong`].
+pub fn parse_request(body: &[u8], max_batch: usize) -> Result<Vec<RequestFacts>, JsonRpcError> {
+    Ok(messages(body, max_batch)?
         .into_iter()
         .map(|w| {
             let p = w.params.unwrap_or_default();
@@ -183,7 +251,9 @@ pub fn parse_request(body: &[u8]) -> Result<Vec<RequestFacts>, JsonRpcError> {
 
 /// The messages of a response body or SSE event.
 pub fn parse_response(body: &[u8]) -> Result<Vec<ResponseFacts>, JsonRpcError> {
-    Ok(messages(body)?
+    // Not capped: a server answers the batches tollgate let through, and its answers are
+    // observed as they stream, bounded by `limits.max_inspect_bytes`.
+    Ok(messages(body, usize::MAX)?
         .into_iter()
         .map(|w| {
             let r = w.result.unwrap_or_default();
@@ -271,26 +341,50 @@ mod tests {
     fn reads_tools_call_initialize_discover_and_batches() {
         let r = parse_request(
             br#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"add","arguments":{"a":1}}}"#,
+            64,
         )
         .unwrap();
         assert_eq!(r[0].id.as_deref(), Some("3"));
         assert_eq!((r[0].method.as_deref(), r[0].name.as_deref()), (Some("tools/call"), Some("add")));
         let init = br#"{"jsonrpc":"2.0","id":"a","method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"cli","version":"1.0"}}}"#;
-        let r = parse_request(init).unwrap();
+        let r = parse_request(init, 64).unwrap();
         assert_eq!(r[0].id.as_deref(), Some("\"a\""));
         assert_eq!(r[0].protocol_version.as_deref(), Some("2025-06-18"));
         assert_eq!(r[0].client.as_ref().map(Implementation::label).as_deref(), Some("cli/1.0"));
         let disc = br#"{"jsonrpc":"2.0","id":1,"method":"server/discover","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"mcp","version":"0.1.0"}}}}"#;
-        let r = parse_request(disc).unwrap();
+        let r = parse_request(disc, 64).unwrap();
         assert_eq!(r[0].protocol_version.as_deref(), Some("2026-07-28"));
         assert_eq!(r[0].client.as_ref().map(|c| c.name.as_str()), Some("mcp"));
         let batch = br#" [{"jsonrpc":"2.0","method":"notifications/initialized"},{"jsonrpc":"2.0","id":2,"method":"tools/list"}]"#;
         assert!(is_batch(batch));
-        let r = parse_request(batch).unwrap();
+        let r = parse_request(batch, 64).unwrap();
         assert_eq!(r.len(), 2);
         assert_eq!((r[0].id.as_deref(), r[1].id.as_deref()), (None, Some("2")));
-        assert!(parse_request(b"[]").is_err());
-        assert!(parse_request(b"not json").is_err());
+        assert!(parse_request(b"[]", 64).is_err());
+        assert!(parse_request(b"not json", 64).is_err());
+    }
+
+    /// A batch longer than the limit is refused whatever its messages, and parsing stops past
+    /// the limit (the garbage after message 3 is never looked at).
+    #[test]
+    fn batches_past_the_limit_are_refused() {
+        let msg = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
+        let batch = |n: usize| format!("[{}]", vec![msg; n].join(","));
+        assert_eq!(parse_request(batch(3).as_bytes(), 3).unwrap().len(), 3);
+        let e = parse_request(batch(4).as_bytes(), 3).unwrap_err();
+        assert!(matches!(e, JsonRpcError::BatchTooLong(3)), "{e:?}");
+        assert_eq!(e.to_string(), "JSON-RPC batch of more than 3 messages (mcp.max_batch_len: 3)");
+        let cut = format!("[{msg},{msg},{msg},{msg},{{not json at all");
+        assert!(matches!(parse_request(cut.as_bytes(), 3), Err(JsonRpcError::BatchTooLong(3))));
+        assert!(matches!(parse_request(cut.as_bytes(), 10), Err(JsonRpcError::Syntax(_))));
+        assert!(parse_request(msg.as_bytes(), 1).is_ok(), "a single message is no batch");
+        assert!(matches!(read_batch::<Value>(b"[]", 3), Err(JsonRpcError::EmptyBatch)));
+        assert!(matches!(read_batch::<Value>(b"[1,2] x", 3), Err(JsonRpcError::Syntax(_))), "trailing bytes");
+        let v = batch_too_long(64);
+        assert_eq!((v["id"].clone(), v["error"]["code"].as_i64()), (Value::Null, Some(INVALID_REQUEST_CODE)));
+        assert_eq!(v["error"]["data"]["max_batch_len"], 64);
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(m.starts_with("tollgate: ") && m.contains("mcp.max_batch_len: 64"), "{m}");
     }
 
     #[test]

@@ -23,24 +23,53 @@ pub struct LegacyStream {
     pub agent: Arc<str>,
     /// Ids (JSON text) of `tools/list` requests whose answers must be filtered on the stream.
     pub list_ids: Mutex<Vec<String>>,
-    /// Events to write into the stream (tollgate's own answers).
-    pub inject: mpsc::UnboundedSender<Bytes>,
+    /// Events to write into the stream (tollgate's own answers), bounded by
+    /// `mcp.legacy_queue_len`: the stream's body takes them only as fast as the agent reads.
+    pub inject: mpsc::Sender<Bytes>,
+}
+
+/// Why answers could not be queued on a legacy stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InjectError {
+    /// The agent has not read the events queued before (`mcp.legacy_queue_len` of them).
+    #[error("the legacy stream's queue is full (mcp.legacy_queue_len)")]
+    Full,
+    /// The stream ended.
+    #[error("the legacy stream is closed")]
+    Closed,
 }
 
 impl LegacyStream {
-    /// A stream and the receiver its body polls for injected events.
-    pub fn new(agent: Arc<str>) -> (Arc<Self>, mpsc::UnboundedReceiver<Bytes>) {
-        let (tx, rx) = mpsc::unbounded_channel();
+    /// A stream whose queue holds at most `queue_len` events (at least 1), and the receiver
+    /// its body polls for injected events.
+    pub fn new(agent: Arc<str>, queue_len: usize) -> (Arc<Self>, mpsc::Receiver<Bytes>) {
+        let (tx, rx) = mpsc::channel(queue_len.max(1));
         (Arc::new(LegacyStream { agent, list_ids: Mutex::new(Vec::new()), inject: tx }), rx)
     }
 
-    /// Queue one JSON-RPC message as an SSE `message` event; false when the stream is gone.
-    pub fn send_message(&self, json: &[u8]) -> bool {
-        let mut ev = Vec::with_capacity(json.len() + 24);
-        ev.extend_from_slice(b"event: message\r\ndata: ");
-        ev.extend_from_slice(json);
-        ev.extend_from_slice(b"\r\n\r\n");
-        self.inject.send(Bytes::from(ev)).is_ok()
+    /// Queue JSON-RPC messages as SSE `message` events, all or none (a batch's answers are
+    /// never split, so the agent gets every answer or an error for the POST).
+    pub fn send_messages(&self, jsons: &[Vec<u8>]) -> Result<(), InjectError> {
+        if jsons.is_empty() {
+            return Ok(());
+        }
+        let permits = self.inject.try_reserve_many(jsons.len()).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(()) => InjectError::Full,
+            mpsc::error::TrySendError::Closed(()) => InjectError::Closed,
+        })?;
+        for (permit, json) in permits.zip(jsons) {
+            let mut ev = Vec::with_capacity(json.len() + 24);
+            ev.extend_from_slice(b"event: message\r\ndata: ");
+            ev.extend_from_slice(json);
+            ev.extend_from_slice(b"\r\n\r\n");
+            permit.send(Bytes::from(ev));
+        }
+        Ok(())
+    }
+
+    /// Queue one JSON-RPC message as an SSE `message` event.
+    pub fn send_message(&self, json: &[u8]) -> Result<(), InjectError> {
+        self.send_messages(&[json.to_vec()])
     }
 }
 
@@ -111,14 +140,32 @@ mod tests {
 
     #[test]
     fn injected_events_reach_the_receiver_until_dropped() {
-        let (s, mut rx) = LegacyStream::new(Arc::from("agent-a"));
+        let (s, mut rx) = LegacyStream::new(Arc::from("agent-a"), 4);
         register("leg-1", s.clone());
         assert!(lookup("leg-1", "agent-b").is_none(), "another agent's stream");
-        assert!(lookup("leg-1", "agent-a").is_some_and(|l| l.send_message(b"{}")));
+        assert!(lookup("leg-1", "agent-a").is_some_and(|l| l.send_message(b"{}").is_ok()));
         assert_eq!(rx.try_recv().ok().as_deref(), Some(&b"event: message\r\ndata: {}\r\n\r\n"[..]));
         unregister("leg-1");
         assert!(lookup("leg-1", "agent-a").is_none());
         drop(rx);
-        assert!(!s.send_message(b"{}"));
+        assert_eq!(s.send_message(b"{}"), Err(InjectError::Closed));
+    }
+
+    /// An agent that stops reading its stream fills the queue; answers past it are refused
+    /// whole (never half a batch) until the agent reads again.
+    #[test]
+    fn the_queue_is_bounded_and_refuses_whole_batches() {
+        let (s, mut rx) = LegacyStream::new(Arc::from("agent-a"), 3);
+        assert_eq!(s.send_messages(&[b"1".to_vec(), b"2".to_vec()]), Ok(()));
+        assert_eq!(s.send_messages(&[b"3".to_vec(), b"4".to_vec()]), Err(InjectError::Full));
+        assert_eq!(s.send_message(b"3"), Ok(()));
+        assert_eq!(s.send_message(b"5"), Err(InjectError::Full));
+        let mut got = Vec::new();
+        while let Ok(ev) = rx.try_recv() {
+            got.push(ev);
+        }
+        assert_eq!(got.len(), 3, "nothing of the refused batch was queued");
+        assert!(got[2].ends_with(b"data: 3\r\n\r\n"));
+        assert_eq!(s.send_message(b"6"), Ok(()), "room again once read");
     }
 }

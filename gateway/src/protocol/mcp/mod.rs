@@ -30,6 +30,7 @@ use serde_json::Value;
 use super::http::{forward, prepare, prepare_uri, send, L7Context, ProxyBody};
 use super::llm::read_request_body;
 use crate::policy::mcp_limits::ToolLimited;
+use crate::telemetry::bounds::Bound;
 use crate::telemetry::mcp::{McpCall, McpVerdict};
 use crate::telemetry::SpanIds;
 use body::{Exchange, McpBody, ToolFilter};
@@ -128,7 +129,7 @@ async fn pass_through(ctx: &L7Context, req: Request<Incoming>) -> Response<Proxy
             if http_method == "GET" && (limited || rules.covers(&ctx.agent, &ctx.groups)) {
                 // Possibly a legacy HTTP+SSE stream: it registers under the session its
                 // `endpoint` event names, so the session's POSTs can be governed on it.
-                let (stream, rx) = legacy::LegacyStream::new(ctx.agent.name.clone());
+                let (stream, rx) = legacy::LegacyStream::new(ctx.agent.name.clone(), ctx.config.mcp.legacy_queue_len);
                 ex.filter = Some(ToolFilter { rules, agent: ctx.agent.clone(), groups: ctx.groups.clone() });
                 ex.legacy = Some(stream);
                 inject = Some(rx);
@@ -176,8 +177,10 @@ async fn post(ctx: &L7Context, req: Request<Incoming>) -> Response<ProxyBody> {
     let limits = ctx.policies.mcp_tool_limits().clone();
     let governed = rules.covers(&ctx.agent, &ctx.groups);
     let limited = limits.applies(&ctx.agent, &ctx.groups);
-    let msgs = match jsonrpc::parse_request(&bytes) {
+    let msgs = match jsonrpc::parse_request(&bytes, ctx.config.mcp.max_batch_len) {
         Ok(m) => m,
+        // Governed or not: one POST must not carry an unbounded number of messages.
+        Err(jsonrpc::JsonRpcError::BatchTooLong(max)) => return batch_too_long(ctx, &parts, t0, max),
         // Servers parse more leniently than tollgate (duplicate keys, NaN, a BOM): what
         // tollgate cannot read it cannot govern or count, so such a body from an agent under
         // tool rules or limits is refused rather than passed to a server that might run a
@@ -279,6 +282,22 @@ fn unreadable(ctx: &L7Context, parts: &http::request::Parts, t0: Instant, why: &
     resp
 }
 
+/// Refuse a batch longer than `mcp.max_batch_len`: HTTP 400 with JSON-RPC "Invalid Request"
+/// (-32600) naming the limit; nothing is sent to the server.
+fn batch_too_long(ctx: &L7Context, parts: &http::request::Parts, t0: Instant, max: usize) -> Response<ProxyBody> {
+    let answer = jsonrpc::batch_too_long(max);
+    let mut c = new_call(ctx, "POST", parts, "unknown".into());
+    c.status = 400;
+    c.error = answer["error"]["message"].as_str().map(str::to_string);
+    c.duration = t0.elapsed();
+    ctx.reporter.telemetry().mcp_call(&c);
+    ctx.reporter.telemetry().bounds.refused(Bound::McpBatchLen);
+    let mut resp = Response::new(ProxyBody::Full(Some(Bytes::from(answer.to_string()))));
+    *resp.status_mut() = StatusCode::BAD_REQUEST;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
 /// Copy a message's facts into its call.
 fn fill(c: &mut McpCall, m: &RequestFacts) {
     c.request_id = m.id.clone();
@@ -331,23 +350,44 @@ fn refuse(
     for (c, _) in calls.iter_mut() {
         c.duration = t0.elapsed();
     }
-    drop(exchange(ctx, calls, t0, None));
-    let bytes = match stream {
+    let mut status = status;
+    let mut retry_after = false;
+    let queued = match stream {
         Some(s) if legacy => {
-            for a in &answers {
-                s.send_message(&serde_json::to_vec(a).unwrap_or_default());
+            let jsons: Vec<Vec<u8>> = answers.iter().map(|a| serde_json::to_vec(a).unwrap_or_default()).collect();
+            match s.send_messages(&jsons) {
+                // A stream that ended has no reader to answer: nothing more to do.
+                Ok(()) | Err(legacy::InjectError::Closed) => true,
+                Err(legacy::InjectError::Full) => {
+                    // The agent is not reading its stream: rather than queue without bound,
+                    // the POST carries the answers with a 503 the client can retry.
+                    ctx.reporter.telemetry().bounds.refused(Bound::McpLegacyQueue);
+                    status = StatusCode::SERVICE_UNAVAILABLE;
+                    retry_after = true;
+                    for (c, _) in calls.iter_mut() {
+                        c.status = status.as_u16();
+                        c.error = Some("legacy stream queue full (mcp.legacy_queue_len)".into());
+                    }
+                    false
+                }
             }
-            Vec::new()
         }
-        _ => {
-            let mut answers = answers;
-            let body = if batch { Value::Array(answers) } else { answers.pop().unwrap_or(Value::Null) };
-            serde_json::to_vec(&body).unwrap_or_default()
-        }
+        _ => false,
+    };
+    drop(exchange(ctx, calls, t0, None));
+    let bytes = if queued {
+        Vec::new()
+    } else {
+        let mut answers = answers;
+        let body = if batch { Value::Array(answers) } else { answers.pop().unwrap_or(Value::Null) };
+        serde_json::to_vec(&body).unwrap_or_default()
     };
     let mut resp = Response::new(ProxyBody::Full(Some(Bytes::from(bytes))));
     *resp.status_mut() = status;
     resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if retry_after {
+        resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from(1u32));
+    }
     if let Some(s) = parts.headers.get(SESSION) {
         resp.headers_mut().insert(SESSION, s.clone());
     }

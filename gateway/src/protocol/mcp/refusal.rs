@@ -92,7 +92,7 @@ mod tests {
     }
 
     fn calls(agent: &Arc<Agent>, body: &str) -> (Vec<RequestFacts>, Vec<(McpCall, bool)>) {
-        let msgs = jsonrpc::parse_request(body.as_bytes()).expect("json-rpc");
+        let msgs = jsonrpc::parse_request(body.as_bytes(), 64).expect("json-rpc");
         let calls = msgs
             .iter()
             .map(|m| {

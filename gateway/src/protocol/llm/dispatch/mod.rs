@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{ACCEPT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use http::{HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Either, Full, Limited};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
 use super::api::{self, Api, Detected, Observer, RequestFacts, Shape};
@@ -305,14 +305,13 @@ async fn respond(
     let remaining = (t0 + rt.failover.request_timeout).saturating_duration_since(Instant::now());
     let collected = tokio::time::timeout(
         remaining.max(Duration::from_millis(1)),
-        Limited::new(rbody, limits.max_inspect_bytes).collect(),
+        crate::protocol::bounded::read_held(ctx, rbody, limits.max_inspect_bytes),
     )
     .await;
     let buf = match collected {
-        Ok(Ok(c)) => c.to_bytes(),
+        Ok(Ok(b)) => b,
         Ok(Err(e)) => {
             hook(&mut call);
-            let e = ProtocolError::UpstreamBody(e.to_string());
             return report_failure(ctx, shape, call, t0, e);
         }
         Err(_) => {

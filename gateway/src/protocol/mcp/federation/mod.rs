@@ -29,10 +29,12 @@ use serde_json::{json, Value};
 
 use super::super::http::{L7Context, ProxyBody};
 use super::super::llm::read_request_body;
+use super::jsonrpc::{self, JsonRpcError};
 use crate::capture::Agent;
 use crate::config::federation::FederationConfig;
 use crate::config::Config;
 use crate::policy::mcp_auth::{Authenticator, Grant};
+use crate::telemetry::bounds::Bound;
 use crate::telemetry::federation::FederationMetrics;
 use crate::telemetry::Telemetry;
 use crate::upstream::Upstream;
@@ -301,14 +303,31 @@ async fn post(ctx: &L7Context, fed: &Arc<Federation>, caller: &Caller, req: Requ
     let bytes = match read_request_body(ctx, &parts.headers, body).await {
         Ok(b) => b,
         Err(e) => {
-            let status = e.response(super::super::http::shape_of(ctx.provider)).status();
-            return rpc_error(status, -32600, &format!("tollgate: {e}"));
+            let shaped = e.response(super::super::http::shape_of(ctx.provider));
+            let mut r = rpc_error(shaped.status(), -32600, &format!("tollgate: {e}"));
+            if let Some(v) = shaped.headers().get(http::header::RETRY_AFTER) {
+                r.headers_mut().insert(http::header::RETRY_AFTER, v.clone());
+            }
+            return r;
         }
     };
-    let (msgs, batch) = match serde_json::from_slice::<Value>(&bytes) {
-        Ok(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_object) => (a, true),
+    let max_batch = ctx.config.mcp.max_batch_len;
+    let parsed = if jsonrpc::is_batch(&bytes) {
+        jsonrpc::read_batch::<Value>(&bytes, max_batch).map(Value::Array)
+    } else {
+        serde_json::from_slice::<Value>(&bytes).map_err(Into::into)
+    };
+    let (msgs, batch) = match parsed {
+        Ok(Value::Array(a)) if a.iter().all(Value::is_object) => (a, true),
         Ok(m @ Value::Object(_)) => (vec![m], false),
-        Ok(_) => return rpc_error(StatusCode::BAD_REQUEST, -32600, "tollgate: not a JSON-RPC message or batch"),
+        Err(JsonRpcError::BatchTooLong(max)) => {
+            // Each message may be a call to an upstream server: one POST carries a bounded number.
+            ctx.reporter.telemetry().bounds.refused(Bound::McpBatchLen);
+            return json_response(StatusCode::BAD_REQUEST, &jsonrpc::batch_too_long(max));
+        }
+        Ok(_) | Err(JsonRpcError::EmptyBatch) => {
+            return rpc_error(StatusCode::BAD_REQUEST, -32600, "tollgate: not a JSON-RPC message or batch")
+        }
         Err(e) => return rpc_error(StatusCode::BAD_REQUEST, -32700, &format!("tollgate: parse error: {e}")),
     };
     let sid = parts.headers.get("mcp-session-id").and_then(|v| v.to_str().ok());
