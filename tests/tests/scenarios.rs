@@ -10,8 +10,8 @@
 //! global lock keeps them serial even without that flag.
 
 mod a2a;
-mod capture_safety;
 mod bounds;
+mod capture_safety;
 mod gateway;
 mod governance;
 mod k8s;
