@@ -147,7 +147,7 @@ fn bounds_a_slow_upload_gets_408_in_the_callers_shape_and_never_reaches_the_upst
         openai,
         "POST",
         "/v1/chat/completions",
-        &[],
+        &[("Authorization", "Bearer sk-test-e2e")],
         Some(&serde_json::to_vec(&body)?),
         Duration::from_secs(30),
     )?;
@@ -173,7 +173,7 @@ fn post_expecting(addr: SocketAddr, body: &[u8], start: &Barrier) -> Result<Outc
     let mut w = s.try_clone()?;
     let mut r = BufReader::new(s);
     let head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nAuthorization: Bearer sk-test-e2e\r\nExpect: 100-continue\r\n\r\n",
         body.len()
     );
     start.wait();
