@@ -128,6 +128,25 @@ async fn run_child_wrapped(
 /// down (which needs ownership) and start another behind the same listeners.
 type Slot = Arc<std::sync::Mutex<Option<Arc<Capture>>>>;
 
+/// Forget connections the proxy listeners accepted from probes that were still redirected.
+fn drain(rx: &mut mpsc::UnboundedReceiver<Accepted>) {
+    while rx.try_recv().is_ok() {}
+}
+
+/// Connect from the in-scope cgroup until the kernel's answer is `want` (at most 6 s: the 2 s
+/// heartbeat timeout and margin), instead of sleeping past the timeout; the last outcome.
+async fn probe_until(env: &Env, want: &str, rx: &mut mpsc::UnboundedReceiver<Accepted>) -> ChildOutcome {
+    let deadline = std::time::Instant::now() + Duration::from_secs(6);
+    loop {
+        let out = run_child(env, Some("scope"), "4", "127.0.0.2", env.target_port, 0).await;
+        drain(rx);
+        if out.reached == want || std::time::Instant::now() > deadline {
+            return out;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Listeners answering with a fixed word, so a child can tell whom it reached.
 async fn serve(listener: TcpListener, word: &'static str, capture: Option<(Slot, mpsc::UnboundedSender<Accepted>)>) {
     loop {
@@ -331,12 +350,23 @@ async fn capture_redirects_scoped_connects() {
     assert_eq!(out.reached, "ERR", "in a fresh netns (lo down) the connect is left alone and fails");
     assert_eq!(delta(&before, &capture.counters().unwrap()), vec![("seen", 1), ("skipped_pod_loopback", 1)]);
 
-    // 8b. Heartbeat stale: fail-open lets the connect through to the original destination.
-    tokio::time::sleep(Duration::from_millis(2200)).await;
-    let before = capture.counters().unwrap();
-    let out = run_child(&env, Some("scope"), "4", "127.0.0.2", target_port, 0).await;
+    // 8b. Heartbeat stale (no stamp for longer than the 2 s timeout): fail-open lets the connect
+    //     through to the original destination. Probe until the kernel says so; the counters are
+    //     compared around the probe that went through.
+    let stamped = std::time::Instant::now();
+    let (out, before) = loop {
+        let before = capture.counters().unwrap();
+        let out = run_child(&env, Some("scope"), "4", "127.0.0.2", target_port, 0).await;
+        if out.reached == "target" || stamped.elapsed() > Duration::from_secs(6) {
+            break (out, before);
+        }
+        drain(&mut rx);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(out.reached, "target", "stale heartbeat must fail open");
+    assert!(stamped.elapsed() >= Duration::from_secs(2), "failed open before the heartbeat timeout");
     assert_eq!(delta(&before, &capture.counters().unwrap()), vec![("seen", 1), ("skipped_proxy_down", 1)]);
+    drain(&mut rx);
     println!("scope / rule / self / fail-open checks ok");
 
     // 9. Detach (SIGTERM path): nothing is counted or redirected any more.
@@ -410,8 +440,7 @@ async fn fail_closed_phase(env: &Env, base: &Config, slot: &Slot, rx: &mut mpsc:
     // Simulate kill -9: the handle goes away without shutdown(); the pins keep the programs.
     drop(first);
     drop(take_slot(slot));
-    tokio::time::sleep(Duration::from_millis(2200)).await;
-    let out = run_child(env, Some("scope"), "4", "127.0.0.2", env.target_port, 0).await;
+    let out = probe_until(env, "EPERM", rx).await;
     assert_eq!(out.reached, "EPERM", "stale heartbeat with pinned programs must refuse");
     let out = run_child(env, Some("out"), "4", "127.0.0.2", env.target_port, 0).await;
     assert_eq!(out.reached, "target", "out-of-scope connects are unaffected");
@@ -434,8 +463,7 @@ async fn fail_closed_phase(env: &Env, base: &Config, slot: &Slot, rx: &mut mpsc:
     for p in &pins {
         assert!(!p.exists(), "shutdown must remove {}", p.display());
     }
-    tokio::time::sleep(Duration::from_millis(2200)).await;
-    let out = run_child(env, Some("scope"), "4", "127.0.0.2", env.target_port, 0).await;
+    let out = probe_until(env, "target", rx).await;
     assert_eq!(out.reached, "target", "after shutdown nothing is refused or redirected");
     let _ = std::fs::remove_dir(&cfg.capture.bpffs_dir);
     println!("fail-closed pin / refuse / restart / shutdown checks ok");

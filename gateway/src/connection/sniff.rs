@@ -144,12 +144,21 @@ fn classify_http(buf: &[u8], full: bool) -> Verdict {
             Verdict::Done(Sniffed::Http { host })
         }
         Ok(httparse::Status::Partial) if !full => Verdict::NeedMore,
+        // More headers than httparse takes: the Host line may still be on its way, so wait for
+        // the end of the head (or a full buffer) before scanning for it; deciding on a prefix
+        // would let a client that trickles many headers before `Host` skip host routing.
+        Err(httparse::Error::TooManyHeaders) if !full && !head_complete(buf) => Verdict::NeedMore,
         // A head larger than the buffer, or more headers than parsed: still HTTP.
         Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) if looks_like_request_line(buf) => {
             Verdict::Done(Sniffed::Http { host: scan_host(buf) })
         }
         _ => Verdict::Done(Sniffed::Other),
     }
+}
+
+/// The buffer holds the whole request head (its blank line).
+fn head_complete(buf: &[u8]) -> bool {
+    memchr::memmem::find(buf, b"\r\n\r\n").is_some() || memchr::memmem::find(buf, b"\n\n").is_some()
 }
 
 fn looks_like_request_line(buf: &[u8]) -> bool {
@@ -207,6 +216,23 @@ mod tests {
             conn.write_tls(&mut out).unwrap();
         }
         out
+    }
+
+    /// Found by the `sniff` fuzz target: a head with more headers than httparse takes was
+    /// classified on its first bytes, before its `Host` line arrived.
+    #[test]
+    fn many_headers_wait_for_the_host_line() {
+        let mut head = b"POST /v1/chat/completions HTTP/1.1\r\n".to_vec();
+        for i in 0..70 {
+            head.extend_from_slice(format!("x-junk-{i}: 1\r\n").as_bytes());
+        }
+        let before_host = head.len();
+        head.extend_from_slice(b"Host: api.openai.com\r\n\r\n");
+        assert_eq!(classify(&head[..before_host], false), Verdict::NeedMore);
+        let want = Verdict::Done(Sniffed::Http { host: Some("api.openai.com".into()) });
+        assert_eq!(classify(&head, false), want);
+        // A full buffer still decides on what it holds.
+        assert_eq!(classify(&head[..before_host], true), Verdict::Done(Sniffed::Http { host: None }));
     }
 
     #[test]

@@ -423,6 +423,16 @@ mod tests {
         assert_eq!(error_message(None, 1, "m", Value::Null)["id"], Value::Null);
     }
 
+    /// Found by the `jsonrpc` fuzz target: an integer id past u64 is a float; the reply
+    /// tollgate builds for it must read back as the same id.
+    #[test]
+    fn an_id_past_u64_reads_back_from_the_reply() {
+        let r = parse_request(br#"{"jsonrpc": "2.0", "id": 2222222222222226222222222221}"#, 64).expect("parse");
+        let reply = serde_json::to_vec(&tool_denied(r[0].raw_id.as_ref(), "t", "r", "a")).expect("json");
+        let back = parse_request(&reply, 64).expect("reply parses");
+        assert_eq!(back[0].id, r[0].id);
+    }
+
     #[test]
     fn tool_refusals_name_tool_rule_agent_and_retry_time() {
         let v = tool_denied(Some(&Value::from(4)), "delete_file", "no-delete", "bot");
