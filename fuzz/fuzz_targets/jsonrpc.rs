@@ -23,7 +23,7 @@ fn tools_count(v: &Value) -> usize {
 
 fuzz_target!(|data: &[u8]| {
     let batch = is_batch(data);
-    if let Ok(reqs) = parse_request(data) {
+    if let Ok(reqs) = parse_request(data, tollgate::config::mcp::DEFAULT_MAX_BATCH_LEN) {
         assert!(!reqs.is_empty(), "an empty batch was accepted");
         if !batch {
             assert_eq!(reqs.len(), 1, "a single message read as several");

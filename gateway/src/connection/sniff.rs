@@ -168,9 +168,12 @@ fn looks_like_request_line(buf: &[u8]) -> bool {
     line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0")
 }
 
-/// `Host` by line scan, for heads httparse could not finish.
+/// `Host` by line scan, for heads httparse could not finish; only the head's lines (a body
+/// that follows is not headers).
 fn scan_host(buf: &[u8]) -> Option<String> {
-    buf.split(|b| *b == b'\n').skip(1).find_map(|line| {
+    let head_end = [&b"\r\n\r\n"[..], &b"\n\n"[..]].iter().filter_map(|sep| memchr::memmem::find(buf, sep)).min();
+    let head = &buf[..head_end.unwrap_or(buf.len())];
+    head.split(|b| *b == b'\n').skip(1).find_map(|line| {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         let colon = memchr::memchr(b':', line)?;
         if !line[..colon].eq_ignore_ascii_case(b"host") {
@@ -233,6 +236,10 @@ mod tests {
         assert_eq!(classify(&head, false), want);
         // A full buffer still decides on what it holds.
         assert_eq!(classify(&head[..before_host], true), Verdict::Done(Sniffed::Http { host: None }));
+        // A body after the head is not scanned for headers.
+        let mut no_host = head[..before_host].to_vec();
+        no_host.extend_from_slice(b"\r\nhost: body.example\r\n");
+        assert_eq!(classify(&no_host, false), Verdict::Done(Sniffed::Http { host: None }));
     }
 
     #[test]

@@ -158,7 +158,7 @@ fn mcp_d_federation_oauth_with_jwks_and_token_exchange() -> Result<()> {
         "exchanges (web issued, vault refused): {ex:?}"
     );
     let seen: Vec<String> =
-        read_log(&web.log_path()).into_iter().filter_map(|l| l["authorization"].as_str().map(str::to_string)).collect();
+        read_log(web.log_path()).into_iter().filter_map(|l| l["authorization"].as_str().map(str::to_string)).collect();
     ensure!(!seen.is_empty(), "the upstream saw no token");
     ensure!(
         seen.iter().all(|a| issued.iter().any(|i| a == &format!("Bearer {i}")) && !a.contains(&good)),

@@ -138,33 +138,30 @@ pub(crate) fn headroom(status: &[LimitStatus]) -> Vec<(&str, &'static str, f64)>
     out
 }
 
+/// Who and what a call is, as the limit rules match it.
+fn subject<'a>(ctx: &'a PolicyCtx<'_>) -> LimitSubject<'a> {
+    LimitSubject {
+        agent: &ctx.agent.name,
+        groups: ctx.groups,
+        namespace: ctx.namespace(),
+        provider: ctx.provider,
+        model: ctx.model.unwrap_or(""),
+        route: ctx.route,
+    }
+}
+
 impl Policy for RateLimitPolicy {
     fn name(&self) -> &'static str {
         "rate_limit"
     }
 
     fn covers(&self, ctx: &PolicyCtx<'_>) -> bool {
-        let subject = LimitSubject {
-            agent: &ctx.agent.name,
-            groups: ctx.groups,
-            namespace: ctx.namespace(),
-            provider: ctx.provider,
-            model: ctx.model.unwrap_or(""),
-            route: ctx.route,
-        };
-        self.limiter.applies_to_any_model(&subject)
+        self.limiter.applies_to_any_model(&subject(ctx))
     }
 
     fn on_request<'a>(&'a self, ctx: &'a mut PolicyCtx<'_>) -> HookFuture<'a> {
         Box::pin(async move {
-            let subject = LimitSubject {
-                agent: &ctx.agent.name,
-                groups: ctx.groups,
-                namespace: ctx.namespace(),
-                provider: ctx.provider,
-                model: ctx.model.unwrap_or(""),
-                route: ctx.route,
-            };
+            let subject = subject(ctx);
             if !self.limiter.applies(&subject) {
                 return Ok(());
             }
