@@ -39,6 +39,19 @@ pub(crate) struct Outcome {
 }
 
 impl Outcome {
+    /// A target that could not run at all (install, build or start failed).
+    fn failed(target: &str, e: &anyhow::Error) -> Outcome {
+        Outcome {
+            target: target.to_string(),
+            seconds: 0,
+            runs: 0,
+            crashes: 0,
+            cov: None,
+            ft: None,
+            error: Some(format!("{e:#}")),
+        }
+    }
+
     pub(crate) fn ok(&self) -> bool {
         self.crashes == 0 && self.error.is_none()
     }
@@ -204,20 +217,7 @@ fn parse_log(target: &str, text: &str) -> Outcome {
 /// not run is an outcome with an error).
 pub(crate) fn run_all(targets: &[&str], seconds: u64) -> Result<Vec<Outcome>> {
     build_targets()?;
-    Ok(targets
-        .iter()
-        .map(|t| {
-            run_target(t, seconds).unwrap_or_else(|e| Outcome {
-                target: t.to_string(),
-                seconds: 0,
-                runs: 0,
-                crashes: 0,
-                cov: None,
-                ft: None,
-                error: Some(format!("{e:#}")),
-            })
-        })
-        .collect())
+    Ok(targets.iter().map(|t| run_target(t, seconds).unwrap_or_else(|e| Outcome::failed(t, &e))).collect())
 }
 
 /// `cargo xtask fuzz [--seconds N] [--target NAME]`.
@@ -243,15 +243,5 @@ pub(crate) fn fuzz(seconds: u64, target: Option<&str>) -> Result<()> {
 /// or could not run (including a failed build or install) is a failed step.
 pub(crate) fn test_step() -> Vec<Outcome> {
     step(&format!("test: fuzz targets, {TEST_SECONDS} s each (cargo xtask fuzz)"));
-    run_all(TARGETS, TEST_SECONDS).unwrap_or_else(|e| {
-        vec![Outcome {
-            target: "(build)".to_string(),
-            seconds: 0,
-            runs: 0,
-            crashes: 0,
-            cov: None,
-            ft: None,
-            error: Some(format!("{e:#}")),
-        }]
-    })
+    run_all(TARGETS, TEST_SECONDS).unwrap_or_else(|e| vec![Outcome::failed("(build)", &e)])
 }
