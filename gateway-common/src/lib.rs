@@ -178,6 +178,48 @@ pub struct CaptureRecord {
 /// the SYN (no sock_ops callback ever fires for it), and userspace reaps it.
 pub const RECORD_REKEYED: u32 = 1;
 
+/// Plaintext bytes per TLS uprobe event. Fixed because a BPF ring buffer reservation must be
+/// sized at verification time; a larger SSL call is split into several events.
+pub const TLS_CHUNK: usize = 16 * 1024;
+/// `TlsEventHeader::kind`: plaintext of one SSL_write/SSL_read call (or a piece of it).
+pub const TLS_EV_DATA: u8 = 1;
+/// `TlsEventHeader::kind`: the agent closed the fd; no more data for this connection.
+pub const TLS_EV_CLOSE: u8 = 2;
+/// `TlsEventHeader::direction`: the agent wrote it (requests).
+pub const TLS_DIR_EGRESS: u8 = 0;
+/// `TlsEventHeader::direction`: the agent read it (responses).
+pub const TLS_DIR_INGRESS: u8 = 1;
+/// `TlsEventHeader::flags`: bytes of this direction were lost before this event (ring buffer
+/// full, per-call cap); the stream cannot be parsed exactly across the gap.
+pub const TLS_FLAG_GAP_BEFORE: u8 = 1;
+
+/// Header of one TLS uprobe event in the ring buffer, followed by `TLS_CHUNK` bytes of which
+/// the first `len` are plaintext. It carries the whole capture record of the connection (who
+/// connected, where to) so userspace needs no second lookup that could race the close.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TlsEventHeader {
+    pub record: CaptureRecord,
+    pub ts_ns: u64,
+    pub fd: u32,
+    pub len: u32,
+    pub call_len: u32,
+    pub offset: u32,
+    pub kind: u8,
+    pub direction: u8,
+    pub flags: u8,
+    pub _pad: u8,
+    pub _pad2: u32,
+}
+
+/// One ring buffer event: header plus a fixed-size data area.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TlsEvent {
+    pub header: TlsEventHeader,
+    pub data: [u8; TLS_CHUNK],
+}
+
 /// Per-CPU counters, so the hot path never contends on a shared cache line.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -271,6 +313,7 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for CaptureRecord {}
+    unsafe impl aya::Pod for TlsEventHeader {}
 }
 
 #[cfg(test)]
@@ -283,6 +326,8 @@ mod tests {
         assert_eq!(size_of::<RuntimeConfig>(), 4 + 4 + 16 + 16 + 2 + 2 + 4 + 8 + 8 + 4 + 4);
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 2 + 2);
         assert_eq!(size_of::<CaptureRecord>(), 16 + 2 + 2 + 4 * 5 + 16 + 8 * 4);
+        assert_eq!(size_of::<TlsEventHeader>(), size_of::<CaptureRecord>() + 8 + 4 * 4 + 4 + 4);
+        assert_eq!(size_of::<TlsEvent>(), size_of::<TlsEventHeader>() + TLS_CHUNK);
         assert_eq!(size_of::<Cidr4Key>(), 6);
         assert_eq!(size_of::<Cidr6Key>(), 18);
     }

@@ -214,6 +214,8 @@ async fn serve(mut cfg: Arc<Config>, path: Option<PathBuf>, overrides: Overrides
                 let v = src.counters().ok()?;
                 Some(gateway_common::Counter::ALL.iter().map(|c| (c.label(), v[*c as usize])).collect())
             }));
+            let src = c.clone();
+            telemetry.metrics.set_scope_source(Box::new(move || src.scope().counts().to_vec()));
             (c.clone(), Some(c.cgroup_root().to_path_buf()))
         }
         None => (Arc::new(NoCapture), None),

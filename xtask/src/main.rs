@@ -322,7 +322,7 @@ fn setup_bpf_linker() -> Result<()> {
         "setup: building bpf-linker {BPF_LINKER_REQ} against the nightly's LLVM {major} (takes a few minutes)"
     ));
     // bpf-linker links `-lLLVM` from $LLVM_PREFIX/lib: point that at the nightly's own LLVM.
-    let prefix = root().join("target/xtask/llvm-prefix");
+    let prefix = target_dir().join("xtask/llvm-prefix");
     let lib = prefix.join("lib");
     std::fs::create_dir_all(&lib)?;
     let soname = llvm.file_name().expect("file name");
@@ -446,9 +446,13 @@ fn build_ebpf() -> Result<()> {
     Ok(())
 }
 
+/// Cargo's target directory (`CARGO_TARGET_DIR` when set): build outputs and xtask's own state.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
+}
+
 fn profile_dir(release: bool) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
-    target.join(if release { "release" } else { "debug" })
+    target_dir().join(if release { "release" } else { "debug" })
 }
 
 fn build(release: bool) -> Result<()> {

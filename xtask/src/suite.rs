@@ -256,6 +256,15 @@ pub(crate) fn test(filter: Option<&str>, skip_setup: bool, skip_unit: bool, time
         let (ok, text) = tee(cargo().args(["test", "--workspace", "--exclude", "xtask"]))?;
         unit = tally(&text);
         unit_ok = ok;
+        // xtask's own tests (a fresh machine's toolchain install, with a fake rustup): a
+        // separate run so the workspace run above keeps one feature resolution.
+        step("test: xtask tests (cargo test -p xtask)");
+        let (ok, text) = tee(cargo().args(["test", "-p", "xtask"]))?;
+        let x = tally(&text);
+        unit.passed += x.passed;
+        unit.failed += x.failed;
+        unit.ignored += x.ignored;
+        unit_ok &= ok;
     }
 
     step("test: end-to-end scenarios (serial, real kernel)");

@@ -13,6 +13,7 @@ pub mod loader;
 pub mod maps;
 pub mod rules;
 pub mod scope;
+pub mod uprobe;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

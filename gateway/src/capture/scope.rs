@@ -145,6 +145,15 @@ impl ScopeTable {
     pub fn installed(&self) -> StdHashMap<u64, u8> {
         self.inner.lock().installed.clone()
     }
+
+    /// How many entries of each kind the kernel map holds, for the scope gauge: the capture
+    /// scope in force, which can lag the owners' wishes (a full map) or the pod store (the
+    /// syncer runs after a store change).
+    pub fn counts(&self) -> [(&'static str, u64); 2] {
+        let g = self.inner.lock();
+        let n = |value: u8| g.installed.values().filter(|v| **v == value).count() as u64;
+        [("include", n(SCOPE_INCLUDE)), ("exclude", n(SCOPE_EXCLUDE))]
+    }
 }
 
 #[cfg(test)]
@@ -216,6 +225,7 @@ mod tests {
         assert_eq!(map.get(&11), Some(&SCOPE_EXCLUDE), "the opt-out is in the map: {map:?}");
         assert_eq!(map.len(), 2);
         assert_eq!(t.installed(), map);
+        assert_eq!(t.counts(), [("include", 1), ("exclude", 1)], "the gauge shows what is in force");
         // The pod goes away: the dropped include comes back on the next sync.
         let failed = t.set(ScopeOwner::Pods, [(10, ScopeEntry::Include)].into());
         assert_eq!(failed, 0);

@@ -53,6 +53,11 @@ const TOKEN_TYPES: [&str; 5] = ["input", "output", "total", "cached_input", "rea
 /// as-is rather than incremented).
 pub type CaptureSource = Box<dyn Fn() -> Option<Vec<(&'static str, u64)>> + Send + Sync>;
 
+/// Reads how many cgroups the kernel scope map holds, by entry kind (`include`, `exclude`), at
+/// scrape time: it is the capture scope actually in force (config plus pod entries), which is
+/// what an operator (or a test) waits on after a pod's capture decision changed.
+pub type ScopeSource = Box<dyn Fn() -> Vec<(&'static str, u64)> + Send + Sync>;
+
 /// Reads every gateway target's circuit state at scrape time: `(route, target, state)` with
 /// state 0 closed, 1 half-open, 2 open. States change with time alone (an open circuit
 /// half-opens when its timeout passes), so they are read rather than pushed.
@@ -359,6 +364,11 @@ impl Metrics {
         *self.gatherer.circuit_source.lock() = Some(source);
     }
 
+    /// Export the scope map's entry counts through `source` from now on.
+    pub fn set_scope_source(&self, source: ScopeSource) {
+        *self.capture.scope.lock() = Some(source);
+    }
+
     /// A snapshot source that outlives borrows of `self` (the OTLP push task holds one).
     pub fn gatherer(&self) -> Gatherer {
         self.gatherer.clone()
@@ -572,11 +582,16 @@ fn status_class(s: u16) -> &'static str {
     }
 }
 
-/// Exposes the kernel's absolute counters as `tollgate_capture_total{event}`.
+/// Exposes the kernel's absolute counters as `tollgate_capture_total{event}` and the scope map's
+/// entries as `tollgate_capture_scope_cgroups{entry}`.
 struct CaptureCollector {
     desc: Desc,
+    scope_desc: Desc,
     source: parking_lot::Mutex<Option<CaptureSource>>,
+    scope: parking_lot::Mutex<Option<ScopeSource>>,
 }
+
+const SCOPE_CGROUPS: &str = "tollgate_capture_scope_cgroups";
 
 impl CaptureCollector {
     fn new() -> Result<Self, prometheus::Error> {
@@ -586,7 +601,19 @@ impl CaptureCollector {
             vec!["event".into()],
             Default::default(),
         )?;
-        Ok(CaptureCollector { desc, source: parking_lot::Mutex::new(None) })
+        let scope_desc = Desc::new(
+            SCOPE_CGROUPS.into(),
+            "Cgroups in the kernel capture scope map by entry (include, exclude): config and pod entries in force"
+                .into(),
+            vec!["entry".into()],
+            Default::default(),
+        )?;
+        Ok(CaptureCollector {
+            desc,
+            scope_desc,
+            source: parking_lot::Mutex::new(None),
+            scope: parking_lot::Mutex::new(None),
+        })
     }
 }
 
@@ -594,20 +621,28 @@ struct SharedCollector(Arc<CaptureCollector>);
 
 impl Collector for SharedCollector {
     fn desc(&self) -> Vec<&Desc> {
-        vec![&self.0.desc]
+        vec![&self.0.desc, &self.0.scope_desc]
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let guard = self.0.source.lock();
-        let Some(values) = guard.as_ref().and_then(|s| s()) else { return Vec::new() };
-        let vec = match IntCounterVec::new(Opts::new("tollgate_capture_total", self.0.desc.help.clone()), &["event"]) {
-            Ok(v) => v,
-            Err(_) => return Vec::new(),
-        };
-        for (event, v) in values {
-            vec.with_label_values(&[event]).inc_by(v);
+        let mut out = Vec::new();
+        let values = self.0.source.lock().as_ref().and_then(|s| s());
+        let counters = IntCounterVec::new(Opts::new("tollgate_capture_total", self.0.desc.help.clone()), &["event"]);
+        if let (Some(values), Ok(vec)) = (values, counters) {
+            for (event, v) in values {
+                vec.with_label_values(&[event]).inc_by(v);
+            }
+            out.extend(vec.collect());
         }
-        vec.collect()
+        let entries = self.0.scope.lock().as_ref().map(|s| s());
+        let gauges = IntGaugeVec::new(Opts::new(SCOPE_CGROUPS, self.0.scope_desc.help.clone()), &["entry"]);
+        if let (Some(entries), Ok(vec)) = (entries, gauges) {
+            for (entry, v) in entries {
+                vec.with_label_values(&[entry]).set(i64::try_from(v).unwrap_or(i64::MAX));
+            }
+            out.extend(vec.collect());
+        }
+        out
     }
 }
 

@@ -153,6 +153,12 @@ fn capture_counters_exported_from_source() {
     m.set_capture_source(Box::new(|| Some(vec![("seen", 7), ("redirected", 3)])));
     let text = m.encode();
     assert!(text.contains(r#"tollgate_capture_total{event="redirected"} 3"#), "{text}");
+    assert!(!text.contains("tollgate_capture_scope_cgroups"), "{text}");
+    m.set_scope_source(Box::new(|| vec![("include", 2), ("exclude", 1)]));
+    let text = m.encode();
+    assert!(text.contains(r#"tollgate_capture_scope_cgroups{entry="exclude"} 1"#), "{text}");
+    assert!(text.contains(r#"tollgate_capture_scope_cgroups{entry="include"} 2"#), "{text}");
+    assert!(text.contains(r#"tollgate_capture_total{event="redirected"} 3"#), "{text}");
 }
 
 /// Every metric a bundled dashboard queries must be one tollgate emits; a panel over a

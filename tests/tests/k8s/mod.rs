@@ -104,8 +104,18 @@ fn wait_scrape(t: &Tollgate, what: &str, mut ok: impl FnMut(&Scrape) -> bool) ->
         ok(&last).then(|| last.clone())
     }) {
         Some(s) => Ok(s),
-        None => bail!("{what}: not seen\n{}\n--- stderr ---\n{}", last.dump("tollgate_k8s"), t.stderr_tail(30)),
+        None => bail!(
+            "{what}: not seen\n{}{}\n--- stderr ---\n{}",
+            last.dump("tollgate_k8s"),
+            last.dump("tollgate_capture_scope"),
+            t.stderr_tail(30)
+        ),
     }
+}
+
+/// Entries of kind `entry` in the kernel scope map (config and pods).
+fn scope_entries(s: &Scrape, entry: &str) -> f64 {
+    s.sum("tollgate_capture_scope_cgroups", &[("entry", entry)])
 }
 
 fn pod_info(s: &Scrape, pod: &str) -> f64 {
@@ -223,8 +233,8 @@ fn k1_pods_are_captured_and_named_from_the_api() -> Result<()> {
     ensure!(line["agent"]["k8s"]["workload"] == "StatefulSet/rag", "{line}");
 
     // Opted-out pod: goes direct (excluded below the included kubepods root), nothing counted.
-    // The scope syncer runs on the store change just seen; give it two resync periods.
-    std::thread::sleep(Duration::from_millis(1000));
+    // The scope syncer runs after the store change just seen: wait until its exclude is in force.
+    wait_scrape(&t, "batch-1's exclude in the scope map", |s| scope_entries(s, "exclude") == 1.0)?;
     let before = t.metrics()?.sum("tollgate_capture_total", &[("event", "skipped_scope")]);
     let r = chat(&c, port, "from batch")?;
     assert_direct(&r)?;
@@ -257,6 +267,7 @@ fn k1_pods_are_captured_and_named_from_the_api() -> Result<()> {
     kube.delete_pod("team-a", "batch-1");
     node.remove_nested(&c.pod_dir)?;
     wait_scrape(&t, "batch-1 gone", |s| pod_info(s, "batch-1") == 0.0 && s.sum("tollgate_k8s_pods", &[]) == 3.0)?;
+    wait_scrape(&t, "batch-1's exclude removed", |s| scope_entries(s, "exclude") == 0.0)?;
 
     // The CA was published to the namespaces with captured pods.
     let cms: Vec<(String, String)> = kube.configmaps().into_iter().map(|(ns, name, _)| (ns, name)).collect();
