@@ -157,6 +157,34 @@ pub struct Reloader {
     pub telemetry: Arc<Telemetry>,
 }
 
+/// How long a config file's content must stay the same before a watch or poll reload reads it
+/// as final.
+const SETTLE: Duration = Duration::from_millis(200);
+/// Most settle rounds before the content read last is taken anyway (a file rewritten without
+/// pause for this long is not going to settle).
+const MAX_SETTLE_ROUNDS: u32 = 25;
+
+/// The file's content once two reads `settle` apart agree: a poll tick or watch event can land
+/// between a writer's truncate and its write, and the half-written file must not be applied.
+async fn settled_read(path: &Path, settle: Duration) -> Option<Vec<u8>> {
+    let mut text = std::fs::read(path).ok();
+    for _ in 0..MAX_SETTLE_ROUNDS {
+        tokio::time::sleep(settle).await;
+        let again = std::fs::read(path).ok();
+        if again == text {
+            break;
+        }
+        text = again;
+    }
+    text
+}
+
+/// A config file with nothing but whitespace: as YAML it means "all defaults", which a reload
+/// reads only between a writer's truncate and its write.
+fn is_blank(text: Option<&[u8]>) -> bool {
+    text.is_some_and(|t| t.trim_ascii().is_empty())
+}
+
 impl Reloader {
     /// Load the file and apply it. Returns the restart-only settings that changed (they keep
     /// their running values).
@@ -205,18 +233,25 @@ impl Reloader {
                     _ = crate::connection::shutdown_requested(&mut shutdown) => return,
                     Some(()) = rx.recv() => {
                         // Editors and the kubelet write in several steps: let them settle.
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        tokio::time::sleep(SETTLE).await;
                         while rx.try_recv().is_ok() {}
                         false
                     }
                     _ = tick.tick() => false,
                     Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
                 };
-                let text = std::fs::read(&self.path).ok();
+                let text = if forced { std::fs::read(&self.path).ok() } else { settled_read(&self.path, SETTLE).await };
                 if !forced && text == last {
                     continue;
                 }
+                let empty = is_blank(text.as_deref());
                 last = text;
+                if empty {
+                    // A file truncated for rewriting reads empty until the write lands; as a
+                    // config it would mean "all defaults" (no capture rules, no policies).
+                    tracing::warn!(config = %self.path.display(), "config file is empty (a write in progress?): keeping the running config until it has content");
+                    continue;
+                }
                 self.apply_logged().await;
             }
         }))
@@ -261,6 +296,42 @@ mod tests {
         assert_eq!(eff.capture.ports, vec![81], "rules are reloadable");
         assert_eq!(eff.telemetry.access_log, "off");
         assert!(restart_only_changes(&old, &effective(&old, old.clone())).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_file_being_rewritten_is_read_once_its_content_settles() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tollgate.yaml");
+        std::fs::write(&path, "").unwrap();
+        let p = path.clone();
+        // A writer that truncated the file and writes the content 50 ms later.
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            std::fs::write(&p, "capture: {ports: [80]}\n").unwrap();
+        });
+        let text = settled_read(&path, Duration::from_millis(100)).await;
+        writer.await.unwrap();
+        assert_eq!(text.as_deref(), Some(&b"capture: {ports: [80]}\n"[..]), "read before the write landed");
+    }
+
+    #[tokio::test]
+    async fn a_stable_file_is_read_after_one_settle_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tollgate.yaml");
+        std::fs::write(&path, "listen: {port: 15001}\n").unwrap();
+        let t0 = std::time::Instant::now();
+        let text = settled_read(&path, Duration::from_millis(50)).await;
+        assert_eq!(text.as_deref(), Some(&b"listen: {port: 15001}\n"[..]));
+        assert!(t0.elapsed() < Duration::from_millis(500), "{:?}", t0.elapsed());
+        assert_eq!(settled_read(&dir.path().join("missing.yaml"), Duration::from_millis(10)).await, None);
+    }
+
+    #[test]
+    fn a_blank_file_is_not_a_config_to_reload() {
+        assert!(is_blank(Some(b"")));
+        assert!(is_blank(Some(b" \n\t\n")));
+        assert!(!is_blank(Some(b"{}\n")), "an explicit empty mapping still means defaults");
+        assert!(!is_blank(None), "an unreadable file fails the reload with its own error");
     }
 
     #[test]

@@ -325,17 +325,10 @@ async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
-        let permit = {
-            let _held_back = progress.as_ref().map(|p| p.waiting_for_permit());
-            tokio::select! {
-                biased;
-                _ = shutdown_requested(&mut shutdown) => return,
-                p = shared.permits.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
-            }
-        };
+        // Accept first, then wait for a permit: a listener waiting for a permit holds at most
+        // the one connection it accepted, never a permit it has no connection for (which with
+        // a small `limits.max_connections` would starve the other listeners, e.g. IPv6 or a
+        // route's own listener, while this one sits in accept()).
         let accepted = tokio::select! {
             biased;
             _ = shutdown_requested(&mut shutdown) => return,
@@ -351,6 +344,20 @@ async fn accept_loop(
                 tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
+            }
+        };
+        let permit = match shared.permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                let _held_back = progress.as_ref().map(|p| p.waiting_for_permit());
+                tokio::select! {
+                    biased;
+                    _ = shutdown_requested(&mut shutdown) => return,
+                    p = shared.permits.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                }
             }
         };
         let shared = shared.clone();

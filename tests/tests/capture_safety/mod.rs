@@ -90,11 +90,9 @@ fn cs1_full_record_map_sends_the_new_connect_direct_and_keeps_held_ones() -> Res
     let mut patch = plaintext_route(mock.http[0], &[&g], "cs1-agent", &g);
     // Four record slots; one connection served at a time, so the rest wait in the accept queue
     // with their records in the map.
-    // One listener (no IPv6): each accept loop takes a permit before it accepts.
-    merge(
-        &mut patch,
-        json!({"listen": {"ipv6": null}, "capture": {"max_records": 4}, "limits": {"max_connections": 1}}),
-    );
+    // The IPv6 listener stays on: its idle accept loop must not sit on the only permit (it did
+    // when loops took a permit before accepting, and then nothing on IPv4 was ever served).
+    merge(&mut patch, json!({"capture": {"max_records": 4}, "limits": {"max_connections": 1}}));
     let t = e.tollgate(patch, None)?;
 
     let out = g
