@@ -32,10 +32,10 @@ fn llm_call_counts_tokens_per_agent() {
     m.llm_call(&call("billing", "gpt-4o"));
     m.llm_call(&call("billing", "gpt-4o"));
     let text = m.encode();
-    assert!(text.contains(r#"tollgate_llm_tokens_total{agent="billing",model="gpt-4o-2024",provider="openai",route="openai",token_type="input"} 24"#), "{text}");
+    assert!(text.contains(r#"tollgate_llm_tokens_total{agent="billing",capture="intercept",model="gpt-4o-2024",provider="openai",route="openai",token_type="input"} 24"#), "{text}");
     assert!(text.contains(r#"token_type="cached_input"} 4"#));
-    assert!(text.contains(r#"tollgate_llm_requests_total{agent="billing",model="gpt-4o-2024",provider="openai",route="openai",status="200"} 2"#));
-    assert!(text.contains(r#"gen_ai_client_token_usage_sum{agent="billing",gen_ai_operation_name="chat",gen_ai_provider_name="openai",gen_ai_request_model="gpt-4o",gen_ai_token_type="output"} 10"#));
+    assert!(text.contains(r#"tollgate_llm_requests_total{agent="billing",capture="intercept",model="gpt-4o-2024",provider="openai",route="openai",status="200"} 2"#));
+    assert!(text.contains(r#"gen_ai_client_token_usage_sum{agent="billing",capture="intercept",gen_ai_operation_name="chat",gen_ai_provider_name="openai",gen_ai_request_model="gpt-4o",gen_ai_token_type="output"} 10"#));
     assert!(text.contains("gen_ai_server_time_to_first_token_seconds_count"));
 }
 
@@ -79,7 +79,7 @@ fn cached_series_appear_as_calls_need_them() {
     let last = format!("x{}", MAX_CACHED_SERIES + 9);
     m.llm_call(&call("b", &last));
     let want = format!(
-        r#"tollgate_llm_requests_total{{agent="b",model="{last}-2024",provider="openai",route="openai",status="200"}} 2"#
+        r#"tollgate_llm_requests_total{{agent="b",capture="intercept",model="{last}-2024",provider="openai",route="openai",status="200"}} 2"#
     );
     assert!(m.encode().contains(&want));
 }
@@ -108,9 +108,12 @@ fn cost_counted_at_cached_rate_per_model() {
     assert!((get("gpt-4o-mini-2024") - 2.0 * mini).abs() < 1e-15, "{}", get("gpt-4o-mini-2024"));
     assert!((get("gpt-4o-2024") - (12.0 * 2.5 + 5.0 * 10.0) / 1e6).abs() < 1e-15);
     let text = m.encode();
-    assert!(!text.contains(r#"tollgate_llm_cost_usd_total{agent="a",model="o3"#), "unpriced model: {text}");
+    assert!(
+        !text.contains(r#"tollgate_llm_cost_usd_total{agent="a",capture="intercept",model="o3"#),
+        "unpriced model: {text}"
+    );
     assert!(text.contains(
-        r#"tollgate_llm_cost_usd_total{agent="a",model="gpt-4o-mini-2024",provider="openai",route="openai"}"#
+        r#"tollgate_llm_cost_usd_total{agent="a",capture="intercept",model="gpt-4o-mini-2024",provider="openai",route="openai"}"#
     ));
     // Without prices the family is empty.
     let bare = Metrics::new(8).unwrap();
@@ -143,7 +146,7 @@ fn tpot_only_for_successful_streams_with_several_output_tokens() {
     assert_eq!(h.get_sample_count(), 1);
     assert!((h.get_sample_sum() - 0.0225).abs() < 1e-12);
     let text = m.encode();
-    assert!(text.contains(r#"gen_ai_server_time_per_output_token_seconds_bucket{agent="a",gen_ai_operation_name="chat",gen_ai_provider_name="openai",gen_ai_request_model="m",le="0.025"} 1"#), "{text}");
+    assert!(text.contains(r#"gen_ai_server_time_per_output_token_seconds_bucket{agent="a",capture="intercept",gen_ai_operation_name="chat",gen_ai_provider_name="openai",gen_ai_request_model="m",le="0.025"} 1"#), "{text}");
 }
 
 #[test]
@@ -235,6 +238,7 @@ fn dashboards_query_only_emitted_metrics() {
             traceparent: None,
             span_ids: None,
             server_address: None,
+            capture: crate::telemetry::Capture::Intercept,
         },
     );
     let exposed = m.encode();
