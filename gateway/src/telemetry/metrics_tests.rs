@@ -69,8 +69,8 @@ fn cached_series_appear_as_calls_need_them() {
     c.error = Some("boom".into());
     m.llm_call(&c);
     let text = m.encode();
-    assert!(text.contains(r#"duration_seconds_count{agent="a",error_type="429","#), "{text}");
-    assert!(text.contains(r#"duration_seconds_count{agent="a",error_type="transport","#), "{text}");
+    assert!(text.contains(r#"duration_seconds_count{agent="a",capture="intercept",error_type="429","#), "{text}");
+    assert!(text.contains(r#"duration_seconds_count{agent="a",capture="intercept",error_type="transport","#), "{text}");
     assert!(text.contains(r#"status="429"} 1"#), "{text}");
     // Past the cache bound, calls are still counted.
     for i in 0..MAX_CACHED_SERIES + 10 {
@@ -103,7 +103,7 @@ fn cost_counted_at_cached_rate_per_model() {
     est.usage = est.usage.map(|u| Usage { estimated: true, cached_input: None, ..u });
     m.llm_call(&est);
     m.llm_call(&call("a", "o3"));
-    let get = |model: &str| m.cost.with_label_values(&["a", "openai", "openai", model]).get();
+    let get = |model: &str| m.cost.with_label_values(&["a", "openai", "openai", model, "intercept"]).get();
     let mini = (10.0 * 0.15 + 2.0 * 0.075 + 5.0 * 0.6) / 1e6;
     assert!((get("gpt-4o-mini-2024") - 2.0 * mini).abs() < 1e-15, "{}", get("gpt-4o-mini-2024"));
     assert!((get("gpt-4o-2024") - (12.0 * 2.5 + 5.0 * 10.0) / 1e6).abs() < 1e-15);
@@ -142,7 +142,7 @@ fn tpot_only_for_successful_streams_with_several_output_tokens() {
         assert_eq!(time_per_output_token(&c), None, "{c:?}");
         m.llm_call(&c);
     }
-    let h = m.tpot.with_label_values(&["a", "chat", "openai", "m"]);
+    let h = m.tpot.with_label_values(&["a", "chat", "openai", "m", "intercept"]);
     assert_eq!(h.get_sample_count(), 1);
     assert!((h.get_sample_sum() - 0.0225).abs() < 1e-12);
     let text = m.encode();

@@ -450,9 +450,10 @@ mod tests {
     #[test]
     fn length_chunked_and_until_close_in_any_chunking() {
         let wire = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello\
-HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x=1\r\nabc\r\n2\r\nde\r\n0\r\nX-T: 1\r\n\r\n\
+HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x=1\r\nabc\r\n2\r\nde\r\nC\r\n, hello you!\r\n0\r\nX-T: 1\r\n\r\n\
 HTTP/1.1 200 OK\r\n\r\ntail bytes";
-        let want = vec!["head   200", "end hello", "head   200", "end abcde", "head   200", "closed tail bytes"];
+        let want =
+            vec!["head   200", "end hello", "head   200", "end abcde, hello you!", "head   200", "closed tail bytes"];
         for size in [1, 2, 3, 7, 16, wire.len()] {
             assert_eq!(frame(Role::Response, wire, size), want, "chunks of {size}");
         }

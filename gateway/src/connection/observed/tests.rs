@@ -421,3 +421,23 @@ async fn idle_connections_are_dropped() {
     assert_eq!(value(&text, "tollgate_uprobe_l7_connections", &[]), 0.0, "{text}");
     h.finish().await;
 }
+
+/// A gap after Anthropic reported its (partial) usage in `message_start`: the reported numbers
+/// are not final, so the call is flagged estimated rather than counted as exact.
+#[tokio::test]
+async fn gap_after_partial_usage_is_flagged() {
+    let mut h = Harness::start(ObservedLimits::default());
+    let c = TestConn::new(6, "support-bot", [160, 79, 104, 10]);
+    h.send(&c, Egress, &post("api.anthropic.com", "/v1/messages", "", ANTHROPIC_REQ), Split::Whole).await;
+    let stream = resp_chunked("text/event-stream", &ANTHROPIC_EVENTS);
+    let cut = stream.find("event: content_block_delta").expect("first delta");
+    h.send(&c, Ingress, &stream[..cut], Split::Every(5)).await;
+    h.event(c.data(Ingress, Bytes::from_static(b"\"message_stop\"}\n\n"), true)).await;
+    let calls = h.llm_calls(1).await;
+    let u = calls[0].usage.expect("usage");
+    assert!(u.estimated, "{u:?}");
+    assert_eq!(u.input, 472);
+    assert!(calls[0].error.is_none(), "{calls:?}");
+    h.event(c.close()).await;
+    h.finish().await;
+}
