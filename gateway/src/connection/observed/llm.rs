@@ -17,7 +17,7 @@ use crate::telemetry::{Capture, LlmCall, Payload, SpanIds};
 
 /// How the response body is read.
 enum Body {
-    /// No response head yet.
+    /// No response head yet, or a body that cannot be read (compressed).
     Waiting,
     /// `text/event-stream`: each event observed as it completes.
     Sse(SseParser),
@@ -113,7 +113,12 @@ impl LlmExchange {
             .is_some_and(|v| v.trim_start().get(..17).is_some_and(|p| p.eq_ignore_ascii_case("text/event-stream")));
         let request = std::mem::take(&mut self.request).freeze();
         let mut observer = Observer::new(self.det.api, request, self.provider == ProviderKind::OpenaiCompatible);
-        self.body = if sse {
+        // The agent negotiated the encoding (the proxy asks for identity; observation cannot):
+        // a compressed body is not read, and its usage is estimated from the request, flagged.
+        let encoded = head.header("content-encoding").is_some_and(|e| !e.trim().eq_ignore_ascii_case("identity"));
+        self.body = if encoded {
+            Body::Waiting
+        } else if sse {
             observer.streaming();
             Body::Sse(SseParser::new(self.max_sse_event))
         } else {

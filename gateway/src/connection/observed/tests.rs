@@ -441,3 +441,22 @@ async fn gap_after_partial_usage_is_flagged() {
     h.event(c.close()).await;
     h.finish().await;
 }
+
+/// A compressed response (the agent asked for gzip, as httpx does) cannot be read: the call is
+/// reported with an estimate flagged as such, never as exact numbers read from garbage.
+#[tokio::test]
+async fn compressed_response_is_estimated_not_misread() {
+    let mut h = Harness::start(ObservedLimits::default());
+    let c = TestConn::new(7, "billing-bot", [162, 159, 140, 245]);
+    let extra = "Accept-Encoding: gzip, deflate\r\n";
+    h.send(&c, Egress, &post("api.openai.com", "/v1/chat/completions", extra, OPENAI_CHAT_REQ), Split::Whole).await;
+    // Whatever the encoded bytes look like (here they would even parse), they are not read.
+    let resp =
+        resp_len("application/json", OPENAI_CHAT_RESP).replace("Content-Type", "Content-Encoding: br\r\nContent-Type");
+    h.send(&c, Ingress, &resp, Split::Every(4)).await;
+    let calls = h.llm_calls(1).await;
+    let u = calls[0].usage.expect("estimated usage");
+    assert!(u.estimated && u.input > 0 && u.input != 19, "{u:?}");
+    assert_eq!(calls[0].status, 200);
+    h.finish().await;
+}
