@@ -204,7 +204,7 @@ async fn openai_calls_on_one_connection_exact_in_any_split() {
         assert_eq!(value(&text, "tollgate_llm_requests_total", &req), 3.0, "{split:?}");
         assert_eq!(value(&text, "tollgate_llm_estimated_tokens_total", &[]), 0.0, "{split:?}");
         assert!(calls.iter().all(|c| c.usage.is_some_and(|u| !u.estimated) && c.error.is_none()), "{calls:?}");
-        assert_eq!(calls[1].stream, true);
+        assert!(calls[1].stream);
         assert_eq!(calls[1].response_model.as_deref(), Some("gpt-4o-mini-2024-07-18"));
         assert_eq!(calls[1].finish_reasons, vec!["stop"]);
         assert_eq!(calls[0].server_address.as_deref(), Some("api.openai.com"));
@@ -459,4 +459,29 @@ async fn compressed_response_is_estimated_not_misread() {
     assert!(u.estimated && u.input > 0 && u.input != 19, "{u:?}");
     assert_eq!(calls[0].status, 200);
     h.finish().await;
+}
+
+/// Requests piling up without responses, and bytes that are not HTTP, drop the connection's
+/// state and are counted; the calls in flight are reported, not lost.
+#[tokio::test]
+async fn pipeline_bound_and_non_http_are_counted() {
+    let mut h = Harness::start(ObservedLimits { max_pipeline: 2, ..Default::default() });
+    let a = TestConn::new(50, "billing-bot", [162, 159, 140, 245]);
+    let req = post("api.openai.com", "/v1/chat/completions", "", OPENAI_CHAT_REQ);
+    for _ in 0..3 {
+        h.send(&a, Egress, &req, Split::Whole).await;
+    }
+    let calls = h.llm_calls(2).await;
+    assert!(calls.iter().all(|c| c.error.as_deref().is_some_and(|e| e.contains("pipeline"))), "{calls:?}");
+    let b = TestConn::new(51, "billing-bot", [162, 159, 140, 245]);
+    h.send(&b, Egress, &req, Split::Whole).await;
+    h.send(&b, Ingress, "\x16\x03\x03\x00\x2a\x02\x00\x00\x26\x03\x03\n", Split::Whole).await;
+    let calls = h.llm_calls(1).await;
+    assert!(calls[0].error.as_deref().is_some_and(|e| e.contains("not_http")), "{calls:?}");
+    let text = h.finish().await;
+    for reason in ["pipeline", "not_http"] {
+        assert_eq!(value(&text, "tollgate_uprobe_l7_dropped_total", &[("reason", reason)]), 1.0, "{reason}\n{text}");
+    }
+    let failed = [("agent", "billing"), ("status", "0"), ("capture", "uprobe")];
+    assert_eq!(value(&text, "tollgate_llm_requests_total", &failed), 3.0, "{text}");
 }
