@@ -81,8 +81,12 @@ impl Harness {
     }
 
     pub(super) fn with_config(yaml: &str, limits: ObservedLimits) -> Harness {
+        Self::with_access_log(yaml, limits, "off")
+    }
+
+    pub(super) fn with_access_log(yaml: &str, limits: ObservedLimits, access_log: &str) -> Harness {
         let cfg = crate::config::from_str("t.yaml", yaml).expect("config");
-        let tcfg = TelemetryConfig { access_log: "off".into(), ..Default::default() };
+        let tcfg = TelemetryConfig { access_log: access_log.into(), ..Default::default() };
         let telemetry = Arc::new(Telemetry::new(&tcfg).expect("telemetry"));
         let agents = Arc::new(AgentResolver::new(&cfg.agents, None));
         let (tx, rx) = mpsc::channel(1024);
@@ -484,4 +488,37 @@ async fn pipeline_bound_and_non_http_are_counted() {
     }
     let failed = [("agent", "billing"), ("status", "0"), ("capture", "uprobe")];
     assert_eq!(value(&text, "tollgate_llm_requests_total", &failed), 3.0, "{text}");
+}
+
+/// Observed calls write the access-log lines intercepted ones do, with `capture: uprobe`.
+#[tokio::test]
+async fn access_log_lines_carry_capture() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("access.log");
+    let mut h = Harness::with_access_log(CONFIG, ObservedLimits::default(), &path.display().to_string());
+    let c = TestConn::new(60, "billing-bot", [162, 159, 140, 245]);
+    h.send(&c, Egress, &post("api.openai.com", "/v1/chat/completions", "", OPENAI_CHAT_REQ), Split::Every(3)).await;
+    h.send(&c, Ingress, &resp_len("application/json", OPENAI_CHAT_RESP), Split::Every(3)).await;
+    let extra = "Mcp-Session-Id: 5f1c\r\n";
+    let m = TestConn::new(61, "billing-bot", [10, 0, 0, 7]);
+    h.send(&m, Egress, &post("mcp.internal", "/mcp", extra, MCP_CALL), Split::Whole).await;
+    h.send(&m, Ingress, &resp_len("application/json", MCP_RESULT), Split::Whole).await;
+    h.llm_calls(1).await;
+    let telemetry = h.telemetry.clone();
+    h.finish().await;
+    telemetry.shutdown().await;
+    let text = std::fs::read_to_string(&path).expect("access log");
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).expect("json")).collect();
+    let llm = lines.iter().find(|l| l["kind"] == "llm").expect("llm line");
+    assert_eq!((&llm["capture"], &llm["agent"]["name"]), (&"uprobe".into(), &"billing".into()), "{llm}");
+    assert_eq!(
+        (&llm["input_tokens"], &llm["output_tokens"], &llm["tokens_estimated"]),
+        (&19.into(), &10.into(), &false.into())
+    );
+    let mcp = lines.iter().find(|l| l["kind"] == "mcp").expect("mcp line");
+    assert_eq!(
+        (&mcp["capture"], &mcp["tool"], &mcp["session_id"]),
+        (&"uprobe".into(), &"get_weather".into(), &"5f1c".into()),
+        "{mcp}"
+    );
 }
