@@ -39,7 +39,7 @@ struct Pending {
 
 impl Pending {
     fn finish(self, end: End) {
-        let end = if self.gap && end == End::Complete { End::Gap } else { end };
+        let end = if self.gap && end == End::Complete { End::Flagged } else { end };
         self.call.finish(end);
     }
 }

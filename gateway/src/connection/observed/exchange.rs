@@ -32,15 +32,23 @@ pub(super) enum End {
     Complete,
     /// The connection closed first.
     Closed,
-    /// Bytes of the connection were lost (capture gap).
+    /// Bytes of the response were lost (capture gap).
     Gap,
+    /// The response ended whole, but bytes of its request were lost, or responses before it
+    /// may have been (its pairing is in doubt): read, but its usage flagged estimated.
+    Flagged,
     /// tollgate dropped the connection's L7 state (a bound; the reason).
     Dropped(&'static str),
 }
 
 impl End {
     pub(super) fn is_complete(&self) -> bool {
-        *self == End::Complete
+        matches!(self, End::Complete | End::Flagged)
+    }
+
+    /// Usage read from the response cannot count as exact.
+    pub(super) fn flags(&self) -> bool {
+        matches!(self, End::Flagged)
     }
 
     /// What was observed is missing bytes: usage cannot be exact unless the terminal event
@@ -53,7 +61,7 @@ impl End {
     /// its observation: it shows as estimated usage).
     pub(super) fn cut_error(&self) -> Option<String> {
         match self {
-            End::Complete | End::Gap => None,
+            End::Complete | End::Flagged | End::Gap => None,
             End::Closed => Some("connection closed before the response ended".into()),
             End::Dropped(r) => Some(format!("observation dropped ({r}) before the response ended")),
         }
@@ -64,7 +72,7 @@ impl End {
         match self {
             End::Dropped(r) => format!("observation dropped ({r}) before a response"),
             End::Gap => "capture gap before a response".into(),
-            End::Complete | End::Closed => "connection closed before a response".into(),
+            End::Complete | End::Flagged | End::Closed => "connection closed before a response".into(),
         }
     }
 }
@@ -202,7 +210,7 @@ impl Call {
             Call::Mcp(x) => x.finish(end),
             Call::A2a(x) => x.finish(end),
             Call::Card(x) => {
-                if x.ok && !x.overflow && end.is_complete() {
+                if x.ok && !x.overflow && end == End::Complete {
                     crate::protocol::a2a::remember_card(x.key, &x.buf);
                 }
             }
@@ -386,7 +394,7 @@ impl McpExchange {
             McpBody::Json { .. } | McpBody::Waiting => {}
         }
         let error = match &end {
-            End::Complete => None,
+            End::Complete | End::Flagged => None,
             End::Gap => Some("capture gap: response not fully observed".to_string()),
             other => other.cut_error(),
         };
@@ -470,7 +478,7 @@ impl A2aExchange {
     fn finish(mut self, end: End) {
         self.request_end();
         let error = match (&end, self.responded) {
-            (End::Complete, _) => None,
+            (End::Complete | End::Flagged, _) => None,
             (End::Gap, true) => Some("capture gap: response not fully observed".to_string()),
             (_, true) => end.cut_error(),
             (_, false) => Some(end.no_response()),

@@ -192,8 +192,9 @@ impl LlmExchange {
                 call.error = Some(e);
             }
         }
-        // A gap (or a dropped state) leaves the count open unless the terminal event was seen.
-        let flag = !complete && end.loses_bytes();
+        // A gap (or a dropped state) leaves the count open unless the terminal event was seen;
+        // a response whose request lost bytes, or whose pairing is in doubt, is never exact.
+        let flag = (!complete && end.loses_bytes()) || end.flags();
         let estimate = observer.end(&call);
         let needs_tokenizer = estimate.is_some();
         let reporter = self.reporter.clone();

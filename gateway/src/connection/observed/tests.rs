@@ -522,3 +522,23 @@ async fn access_log_lines_carry_capture() {
         "{mcp}"
     );
 }
+
+/// Request bytes lost: the response is still read (its numbers are the provider's), but the
+/// call cannot be told apart from what was lost, so its usage is flagged estimated.
+#[tokio::test]
+async fn request_gap_reads_the_response_but_flags_it() {
+    let mut h = Harness::start(ObservedLimits::default());
+    let c = TestConn::new(8, "billing-bot", [162, 159, 140, 245]);
+    let req = post("api.openai.com", "/v1/chat/completions", "", OPENAI_STREAM_REQ);
+    let (first, rest) = req.split_at(req.len() - 20);
+    h.send(&c, Egress, first, Split::Whole).await;
+    h.event(c.data(Egress, Bytes::copy_from_slice(&rest.as_bytes()[10..]), true)).await;
+    h.send(&c, Ingress, &resp_chunked("text/event-stream", &OPENAI_STREAM_EVENTS), Split::Every(7)).await;
+    // The next exchange is exact again.
+    h.send(&c, Egress, &post("api.openai.com", "/v1/chat/completions", "", OPENAI_CHAT_REQ), Split::Whole).await;
+    h.send(&c, Ingress, &resp_len("application/json", OPENAI_CHAT_RESP), Split::Whole).await;
+    let calls = h.llm_calls(2).await;
+    h.finish().await;
+    assert_eq!(calls[0].usage.map(|u| (u.input, u.output, u.estimated)), Some((13, 7, true)), "{calls:?}");
+    assert_eq!(calls[1].usage.map(|u| (u.input, u.output, u.estimated)), Some((19, 10, false)), "{calls:?}");
+}
