@@ -5,6 +5,7 @@
 //! A connection without a kernel record is closed at once: tollgate is never an open proxy.
 
 pub mod listener;
+pub mod observed;
 pub mod sniff;
 pub mod splice;
 pub mod tls;

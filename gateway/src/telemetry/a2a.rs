@@ -15,7 +15,7 @@ use serde::Serialize;
 use super::access_log::{epoch_secs, AgentFields};
 use super::labels::LabelLimiter;
 use super::trace::{attr, caller_attributes};
-use super::{SpanIds, Telemetry};
+use super::{Capture, SpanIds, Telemetry};
 use crate::capture::Agent;
 
 /// Hop duration buckets (seconds): agent tasks run from milliseconds to minutes.
@@ -66,6 +66,8 @@ pub struct A2aHop {
     pub span_ids: Option<SpanIds>,
     /// Callee host and port.
     pub server_address: Option<(String, u16)>,
+    /// How the hop was seen (intercepted or observed through uprobes).
+    pub capture: Capture,
 }
 
 /// The A2A metric families (see the README's metrics table).
@@ -84,7 +86,7 @@ impl A2aMetrics {
                 "Agent-to-agent calls by calling agent (source), callee (target: card name or route), A2A \
                  JSON-RPC method and outcome (task state, message, error, denied, ...)",
             ),
-            &["source", "target", "method", "outcome"],
+            &["source", "target", "method", "outcome", "capture"],
         )?;
         let duration = HistogramVec::new(
             HistogramOpts::new(
@@ -92,7 +94,7 @@ impl A2aMetrics {
                 "Agent-to-agent call duration (request to end of response or stream) by source, target and method",
             )
             .buckets(HOP_BUCKETS.to_vec()),
-            &["source", "target", "method"],
+            &["source", "target", "method", "capture"],
         )?;
         registry.register(Box::new(hops.clone()))?;
         registry.register(Box::new(duration.clone()))?;
@@ -101,8 +103,9 @@ impl A2aMetrics {
 
     pub(crate) fn record(&self, source: &str, h: &A2aHop) {
         let target = self.targets.get(&h.target);
-        self.hops.with_label_values(&[source, &target, h.method, h.outcome]).inc();
-        self.duration.with_label_values(&[source, &target, h.method]).observe(h.duration.as_secs_f64());
+        let capture = h.capture.as_str();
+        self.hops.with_label_values(&[source, &target, h.method, h.outcome, capture]).inc();
+        self.duration.with_label_values(&[source, &target, h.method, capture]).observe(h.duration.as_secs_f64());
     }
 }
 
@@ -112,6 +115,7 @@ struct A2aLine<'a> {
     kind: &'static str,
     agent: AgentFields<'a>,
     route: &'a str,
+    capture: &'static str,
     target: &'a str,
     method: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -174,6 +178,7 @@ impl Telemetry {
             kind: "a2a",
             agent: AgentFields::from(&*h.agent),
             route: &h.route,
+            capture: h.capture.as_str(),
             target: &h.target,
             method: h.method,
             id: h.request_id.as_deref(),
@@ -209,6 +214,7 @@ fn hop_span(t: &super::trace::Tracer, h: &A2aHop) {
         KeyValue::new("tollgate.stream", h.stream),
         KeyValue::new(attr::STATUS_CODE, i64::from(h.status)),
         KeyValue::new(attr::ROUTE, h.route.to_string()),
+        KeyValue::new(attr::CAPTURE, h.capture.as_str()),
     ];
     let opt = [
         ("gen_ai.conversation.id", h.context_id.as_ref()),

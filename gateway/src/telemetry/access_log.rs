@@ -109,6 +109,7 @@ struct L4Line<'a> {
     ts: f64,
     kind: &'static str,
     agent: AgentFields<'a>,
+    capture: &'static str,
     sni: Option<&'a str>,
     dst: String,
     bytes_up: u64,
@@ -204,6 +205,7 @@ impl AccessLog {
             ts: epoch_secs(std::time::SystemTime::now() - c.duration),
             kind: "l4",
             agent: AgentFields::from(&*c.agent),
+            capture: super::Capture::Splice.as_str(),
             sni: c.sni.as_deref(),
             dst: c.dst.to_string(),
             bytes_up: c.bytes_up,
@@ -294,6 +296,8 @@ fn write_llm_line(buf: &mut Vec<u8>, c: &LlmCall) {
     }
     buf.extend_from_slice(b"},\"route\":");
     json_str(buf, &c.route);
+    buf.extend_from_slice(b",\"capture\":");
+    json_str(buf, c.capture.as_str());
     buf.extend_from_slice(b",\"provider\":");
     json_str(buf, c.provider.semconv_name());
     if let Some(t) = &c.target {
@@ -435,6 +439,7 @@ mod tests {
         kind: &'static str,
         agent: AgentFields<'a>,
         route: &'a str,
+        capture: &'static str,
         provider: &'static str,
         operation: &'static str,
         method: &'a str,
@@ -459,6 +464,7 @@ mod tests {
             kind: "llm",
             agent: AgentFields::from(&*c.agent),
             route: &c.route,
+            capture: c.capture.as_str(),
             provider: c.provider.semconv_name(),
             operation: c.operation,
             method: &c.method,

@@ -107,6 +107,7 @@ async fn lines() -> Vec<Value> {
         traceparent: None,
         span_ids: ids(),
         server_address: None,
+        capture: crate::telemetry::Capture::Intercept,
     });
 
     t.a2a_hop(&A2aHop {
@@ -130,6 +131,7 @@ async fn lines() -> Vec<Value> {
         traceparent: None,
         span_ids: ids(),
         server_address: None,
+        capture: crate::telemetry::Capture::Intercept,
     });
 
     t.access.flush().await;

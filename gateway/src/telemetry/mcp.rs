@@ -15,7 +15,7 @@ use serde::Serialize;
 use super::access_log::{epoch_secs, AgentFields};
 use super::labels::LabelLimiter;
 use super::trace::{attr, caller_attributes};
-use super::{SpanIds, Telemetry};
+use super::{Capture, SpanIds, Telemetry};
 use crate::capture::Agent;
 
 /// Buckets from the MCP semconv advice for `mcp.client.operation.duration` (seconds).
@@ -134,6 +134,8 @@ pub struct McpCall {
     pub span_ids: Option<SpanIds>,
     /// Upstream host and port.
     pub server_address: Option<(String, u16)>,
+    /// How the request was seen (intercepted or observed through uprobes).
+    pub capture: Capture,
 }
 
 impl McpCall {
@@ -163,6 +165,7 @@ impl McpCall {
             traceparent: None,
             span_ids: None,
             server_address: None,
+            capture: Capture::Intercept,
         }
     }
 
@@ -217,18 +220,18 @@ impl McpMetrics {
                  method, tool and error type",
             )
             .buckets(MCP_DURATION_BUCKETS.to_vec()),
-            &["agent", "mcp_method_name", "gen_ai_tool_name", "error_type"],
+            &["agent", "mcp_method_name", "gen_ai_tool_name", "error_type", "capture"],
         )?;
         let tool_calls = IntCounterVec::new(
             Opts::new("tollgate_mcp_tool_calls_total", "MCP tools/call requests by agent, tool and verdict"),
-            &["agent", "tool", "verdict"],
+            &["agent", "tool", "verdict", "capture"],
         )?;
         let requests = IntCounterVec::new(
             Opts::new(
                 "tollgate_mcp_requests_total",
                 "MCP requests (JSON-RPC messages) by agent, route, method and outcome",
             ),
-            &["agent", "route", "method", "outcome"],
+            &["agent", "route", "method", "outcome", "capture"],
         )?;
         let hidden = IntCounterVec::new(
             Opts::new(
@@ -263,16 +266,16 @@ impl McpMetrics {
         if c.http_method != "GET" {
             let error_type = c.error_type().unwrap_or_default();
             self.duration
-                .with_label_values(&[agent, &method, tool_label, &error_type])
+                .with_label_values(&[agent, &method, tool_label, &error_type, c.capture.as_str()])
                 .observe(c.duration.as_secs_f64());
         }
-        self.requests.with_label_values(&[agent, &c.route, &method, c.outcome()]).inc();
+        self.requests.with_label_values(&[agent, &c.route, &method, c.outcome(), c.capture.as_str()]).inc();
         if c.method == "tools/call" {
             let verdict = match c.verdict {
                 McpVerdict::None => "allowed",
                 ref v => v.as_str(),
             };
-            self.tool_calls.with_label_values(&[agent, tool_label, verdict]).inc();
+            self.tool_calls.with_label_values(&[agent, tool_label, verdict, c.capture.as_str()]).inc();
         }
         if c.tools_hidden > 0 {
             self.hidden.with_label_values(&[agent]).inc_by(u64::from(c.tools_hidden));
@@ -286,6 +289,7 @@ struct McpLine<'a> {
     kind: &'static str,
     agent: AgentFields<'a>,
     route: &'a str,
+    capture: &'static str,
     http_method: &'static str,
     path: &'a str,
     method: &'a str,
@@ -359,6 +363,7 @@ impl Telemetry {
             kind: "mcp",
             agent: AgentFields::from(&*c.agent),
             route: &c.route,
+            capture: c.capture.as_str(),
             http_method: c.http_method,
             path: &c.path,
             method: &c.method,
@@ -395,6 +400,7 @@ fn mcp_span(t: &super::trace::Tracer, c: &McpCall) {
     let mut attrs = vec![
         KeyValue::new("mcp.method.name", c.method.clone()),
         KeyValue::new("tollgate.mcp.verdict", c.verdict.as_str()),
+        KeyValue::new(attr::CAPTURE, c.capture.as_str()),
         KeyValue::new("network.protocol.name", "http"),
         KeyValue::new(attr::AGENT_NAME, a.name.to_string()),
         KeyValue::new(attr::STATUS_CODE, i64::from(c.status)),
@@ -458,16 +464,20 @@ mod tests {
         c.verdict = McpVerdict::RateLimited("budget".into());
         m.record("a", &c);
         let text = prometheus::TextEncoder::new().encode_to_string(&reg.gather()).expect("encode");
-        assert!(text.contains(r#"tollgate_mcp_tool_calls_total{agent="a",tool="get_weather",verdict="allowed"} 1"#));
+        assert!(text.contains(
+            r#"tollgate_mcp_tool_calls_total{agent="a",capture="intercept",tool="get_weather",verdict="allowed"} 1"#
+        ));
         assert!(
-            text.contains(r#"tollgate_mcp_tool_calls_total{agent="a",tool="get_weather",verdict="rate_limited"} 1"#),
+            text.contains(r#"tollgate_mcp_tool_calls_total{agent="a",capture="intercept",tool="get_weather",verdict="rate_limited"} 1"#),
             "{text}"
         );
         assert!(text.contains(r#"method="tools/call",outcome="rate_limited",route="r"} 1"#), "{text}");
-        assert!(text.contains(r#"tollgate_mcp_tool_calls_total{agent="a",tool="delete_file",verdict="denied"} 1"#));
+        assert!(text.contains(
+            r#"tollgate_mcp_tool_calls_total{agent="a",capture="intercept",tool="delete_file",verdict="denied"} 1"#
+        ));
         assert!(text.contains(r#"tool="other",verdict="denied"} 1"#), "{text}");
         assert!(
-            text.contains(r#"tollgate_mcp_requests_total{agent="a",method="tools/call",outcome="denied",route="r"} 2"#),
+            text.contains(r#"tollgate_mcp_requests_total{agent="a",capture="intercept",method="tools/call",outcome="denied",route="r"} 2"#),
             "{text}"
         );
         assert!(text.contains("mcp_client_operation_duration_seconds_bucket"));

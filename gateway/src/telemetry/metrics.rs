@@ -23,7 +23,7 @@ use prometheus::{
 
 use super::cost::{Price, PriceTable};
 use super::labels::LabelLimiter;
-use super::{ConnKind, L4Conn, LlmCall};
+use super::{Capture, ConnKind, L4Conn, LlmCall};
 use crate::capture::Agent;
 use crate::config::ProviderKind;
 
@@ -160,8 +160,9 @@ struct CallSeries {
     response_model: Option<Box<str>>,
     status: u16,
     error: bool,
-    /// Labels `agent, route, provider, model` (`tollgate_llm_*`).
-    base: [Arc<str>; 4],
+    capture: Capture,
+    /// Labels `agent, route, provider, model, capture` (`tollgate_llm_*`).
+    base: [Arc<str>; 5],
     /// Label `gen_ai_request_model` (semconv families).
     req_model: Arc<str>,
     requests: IntCounter,
@@ -182,18 +183,19 @@ impl CallSeries {
             && self.error == c.error.is_some()
             && self.provider == c.provider
             && self.operation == c.operation
+            && self.capture == c.capture
             && *self.agent == *c.agent.name
             && *self.route == *c.route
             && self.request_model.as_deref() == c.request_model.as_deref()
             && self.response_model.as_deref() == c.response_model.as_deref()
     }
 
-    fn base_labels(&self) -> [&str; 4] {
-        [&self.base[0], &self.base[1], &self.base[2], &self.base[3]]
+    fn base_labels(&self) -> [&str; 5] {
+        [&self.base[0], &self.base[1], &self.base[2], &self.base[3], &self.base[4]]
     }
 
-    fn sem(&self) -> [&str; 4] {
-        [&self.base[0], self.operation, self.provider.semconv_name(), &self.req_model]
+    fn sem(&self) -> [&str; 5] {
+        [&self.base[0], self.operation, self.provider.semconv_name(), &self.req_model, &self.base[4]]
     }
 }
 
@@ -207,10 +209,10 @@ impl Metrics {
     /// [`Metrics::new`] with a price table for `tollgate_llm_cost_usd_total`.
     pub fn with_pricing(max_label_values: usize, prices: PriceTable) -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
-        let llm = ["agent", "route", "provider", "model"];
+        let llm = ["agent", "route", "provider", "model", "capture"];
         let llm_requests = IntCounterVec::new(
             Opts::new("tollgate_llm_requests_total", "LLM calls by agent, route, provider, model and HTTP status"),
-            &[&llm[..], &["status"]].concat(),
+            &[&llm[..4], &["status", "capture"]].concat(),
         )?;
         let llm_tokens = IntCounterVec::new(
             Opts::new(
@@ -219,7 +221,7 @@ impl Metrics {
             ),
             &[&llm[..], &["token_type"]].concat(),
         )?;
-        let semconv = ["agent", "gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"];
+        let semconv = ["agent", "gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "capture"];
         let token_usage = HistogramVec::new(
             HistogramOpts::new(
                 "gen_ai_client_token_usage",
@@ -265,12 +267,12 @@ impl Metrics {
         )?;
         let l4_bytes = IntCounterVec::new(
             Opts::new("tollgate_l4_bytes_total", "Bytes of spliced connections by agent, SNI and direction (up, down)"),
-            &["agent", "sni", "direction"],
+            &["agent", "sni", "direction", "capture"],
         )?;
         let l4_duration = HistogramVec::new(
             HistogramOpts::new("tollgate_l4_connection_duration_seconds", "Lifetime of spliced connections")
                 .buckets(vec![0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0]),
-            &["agent", "sni"],
+            &["agent", "sni", "capture"],
         )?;
         let dropped = IntCounterVec::new(
             Opts::new(
@@ -404,9 +406,10 @@ impl Metrics {
     pub fn l4_done(&self, c: &L4Conn) {
         let agent = self.agent(Some(&c.agent));
         let sni = self.snis.get(c.sni.as_deref().unwrap_or("none"));
-        self.l4_bytes.with_label_values(&[&*agent, &*sni, "up"]).inc_by(c.bytes_up);
-        self.l4_bytes.with_label_values(&[&*agent, &*sni, "down"]).inc_by(c.bytes_down);
-        self.l4_duration.with_label_values(&[&*agent, &*sni]).observe(c.duration.as_secs_f64());
+        let capture = Capture::Splice.as_str();
+        self.l4_bytes.with_label_values(&[&*agent, &*sni, "up", capture]).inc_by(c.bytes_up);
+        self.l4_bytes.with_label_values(&[&*agent, &*sni, "down", capture]).inc_by(c.bytes_down);
+        self.l4_duration.with_label_values(&[&*agent, &*sni, capture]).observe(c.duration.as_secs_f64());
     }
 
     /// An LLM call ended.
@@ -483,6 +486,7 @@ impl Metrics {
             Some(&*c.route),
             Some(c.provider.semconv_name()),
             Some(c.operation),
+            Some(c.capture.as_str()),
             c.request_model.as_deref(),
             c.response_model.as_deref(),
         ];
@@ -512,10 +516,11 @@ impl Metrics {
         let model = self.models.get(c.response_model.as_deref().or(c.request_model.as_deref()).unwrap_or("unknown"));
         let req_model = self.models.get(c.request_model.as_deref().unwrap_or("unknown"));
         let provider = c.provider.semconv_name();
-        let base: [Arc<str>; 4] = [agent, c.route.clone(), Arc::from(provider), model];
-        let base_ref = [&*base[0], &*base[1], &*base[2], &*base[3]];
+        let capture = c.capture.as_str();
+        let base: [Arc<str>; 5] = [agent, c.route.clone(), Arc::from(provider), model, Arc::from(capture)];
+        let base_ref = [&*base[0], &*base[1], &*base[2], &*base[3], &*base[4]];
         let status = c.status.to_string();
-        let requests = self.llm_requests.with_label_values(&[&base_ref[..], &[status.as_str()]].concat());
+        let requests = self.llm_requests.with_label_values(&[&base_ref[..4], &[status.as_str(), capture]].concat());
         // An HTTP error status names the class even when a message was read from its body;
         // "transport" is for failures without one (broken stream, client gone).
         let error_type = match (&c.error, c.status) {
@@ -523,7 +528,7 @@ impl Metrics {
             (Some(_), _) => "transport",
             _ => "",
         };
-        let sem = [base_ref[0], c.operation, provider, &*req_model];
+        let sem = [base_ref[0], c.operation, provider, &*req_model, capture];
         let duration = self.op_duration.with_label_values(&[&sem[..], &[error_type]].concat());
         CallSeries {
             agent: c.agent.name.clone(),
@@ -534,6 +539,7 @@ impl Metrics {
             response_model: c.response_model.as_deref().map(Box::from),
             status: c.status,
             error: c.error.is_some(),
+            capture: c.capture,
             base,
             req_model,
             requests,

@@ -32,10 +32,10 @@ fn llm_call_counts_tokens_per_agent() {
     m.llm_call(&call("billing", "gpt-4o"));
     m.llm_call(&call("billing", "gpt-4o"));
     let text = m.encode();
-    assert!(text.contains(r#"tollgate_llm_tokens_total{agent="billing",model="gpt-4o-2024",provider="openai",route="openai",token_type="input"} 24"#), "{text}");
+    assert!(text.contains(r#"tollgate_llm_tokens_total{agent="billing",capture="intercept",model="gpt-4o-2024",provider="openai",route="openai",token_type="input"} 24"#), "{text}");
     assert!(text.contains(r#"token_type="cached_input"} 4"#));
-    assert!(text.contains(r#"tollgate_llm_requests_total{agent="billing",model="gpt-4o-2024",provider="openai",route="openai",status="200"} 2"#));
-    assert!(text.contains(r#"gen_ai_client_token_usage_sum{agent="billing",gen_ai_operation_name="chat",gen_ai_provider_name="openai",gen_ai_request_model="gpt-4o",gen_ai_token_type="output"} 10"#));
+    assert!(text.contains(r#"tollgate_llm_requests_total{agent="billing",capture="intercept",model="gpt-4o-2024",provider="openai",route="openai",status="200"} 2"#));
+    assert!(text.contains(r#"gen_ai_client_token_usage_sum{agent="billing",capture="intercept",gen_ai_operation_name="chat",gen_ai_provider_name="openai",gen_ai_request_model="gpt-4o",gen_ai_token_type="output"} 10"#));
     assert!(text.contains("gen_ai_server_time_to_first_token_seconds_count"));
 }
 
@@ -69,8 +69,8 @@ fn cached_series_appear_as_calls_need_them() {
     c.error = Some("boom".into());
     m.llm_call(&c);
     let text = m.encode();
-    assert!(text.contains(r#"duration_seconds_count{agent="a",error_type="429","#), "{text}");
-    assert!(text.contains(r#"duration_seconds_count{agent="a",error_type="transport","#), "{text}");
+    assert!(text.contains(r#"duration_seconds_count{agent="a",capture="intercept",error_type="429","#), "{text}");
+    assert!(text.contains(r#"duration_seconds_count{agent="a",capture="intercept",error_type="transport","#), "{text}");
     assert!(text.contains(r#"status="429"} 1"#), "{text}");
     // Past the cache bound, calls are still counted.
     for i in 0..MAX_CACHED_SERIES + 10 {
@@ -79,7 +79,7 @@ fn cached_series_appear_as_calls_need_them() {
     let last = format!("x{}", MAX_CACHED_SERIES + 9);
     m.llm_call(&call("b", &last));
     let want = format!(
-        r#"tollgate_llm_requests_total{{agent="b",model="{last}-2024",provider="openai",route="openai",status="200"}} 2"#
+        r#"tollgate_llm_requests_total{{agent="b",capture="intercept",model="{last}-2024",provider="openai",route="openai",status="200"}} 2"#
     );
     assert!(m.encode().contains(&want));
 }
@@ -103,14 +103,17 @@ fn cost_counted_at_cached_rate_per_model() {
     est.usage = est.usage.map(|u| Usage { estimated: true, cached_input: None, ..u });
     m.llm_call(&est);
     m.llm_call(&call("a", "o3"));
-    let get = |model: &str| m.cost.with_label_values(&["a", "openai", "openai", model]).get();
+    let get = |model: &str| m.cost.with_label_values(&["a", "openai", "openai", model, "intercept"]).get();
     let mini = (10.0 * 0.15 + 2.0 * 0.075 + 5.0 * 0.6) / 1e6;
     assert!((get("gpt-4o-mini-2024") - 2.0 * mini).abs() < 1e-15, "{}", get("gpt-4o-mini-2024"));
     assert!((get("gpt-4o-2024") - (12.0 * 2.5 + 5.0 * 10.0) / 1e6).abs() < 1e-15);
     let text = m.encode();
-    assert!(!text.contains(r#"tollgate_llm_cost_usd_total{agent="a",model="o3"#), "unpriced model: {text}");
+    assert!(
+        !text.contains(r#"tollgate_llm_cost_usd_total{agent="a",capture="intercept",model="o3"#),
+        "unpriced model: {text}"
+    );
     assert!(text.contains(
-        r#"tollgate_llm_cost_usd_total{agent="a",model="gpt-4o-mini-2024",provider="openai",route="openai"}"#
+        r#"tollgate_llm_cost_usd_total{agent="a",capture="intercept",model="gpt-4o-mini-2024",provider="openai",route="openai"}"#
     ));
     // Without prices the family is empty.
     let bare = Metrics::new(8).unwrap();
@@ -139,11 +142,11 @@ fn tpot_only_for_successful_streams_with_several_output_tokens() {
         assert_eq!(time_per_output_token(&c), None, "{c:?}");
         m.llm_call(&c);
     }
-    let h = m.tpot.with_label_values(&["a", "chat", "openai", "m"]);
+    let h = m.tpot.with_label_values(&["a", "chat", "openai", "m", "intercept"]);
     assert_eq!(h.get_sample_count(), 1);
     assert!((h.get_sample_sum() - 0.0225).abs() < 1e-12);
     let text = m.encode();
-    assert!(text.contains(r#"gen_ai_server_time_per_output_token_seconds_bucket{agent="a",gen_ai_operation_name="chat",gen_ai_provider_name="openai",gen_ai_request_model="m",le="0.025"} 1"#), "{text}");
+    assert!(text.contains(r#"gen_ai_server_time_per_output_token_seconds_bucket{agent="a",capture="intercept",gen_ai_operation_name="chat",gen_ai_provider_name="openai",gen_ai_request_model="m",le="0.025"} 1"#), "{text}");
 }
 
 #[test]
@@ -235,6 +238,7 @@ fn dashboards_query_only_emitted_metrics() {
             traceparent: None,
             span_ids: None,
             server_address: None,
+            capture: crate::telemetry::Capture::Intercept,
         },
     );
     let exposed = m.encode();

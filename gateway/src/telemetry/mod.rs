@@ -12,6 +12,7 @@ pub mod labels;
 pub mod mcp;
 pub mod metrics;
 pub mod node;
+pub mod observed;
 pub mod otlp_metrics;
 pub mod resource;
 pub mod trace;
@@ -49,6 +50,30 @@ impl ConnKind {
             ConnKind::Spliced => "spliced",
             ConnKind::NoRecord => "no_record",
             ConnKind::SniffFailed => "sniff_failed",
+        }
+    }
+}
+
+/// How tollgate saw a call or connection: the `capture` label, span attribute
+/// (`tollgate.capture`) and access-log field, so dashboards can tell (or ignore) the path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Capture {
+    /// TLS terminated by tollgate (or plaintext HTTP through the proxy): seen and governed.
+    #[default]
+    Intercept,
+    /// Plaintext read from the agent's TLS library by uprobes: seen, never governed.
+    Uprobe,
+    /// Bytes copied untouched: L4 facts only.
+    Splice,
+}
+
+impl Capture {
+    /// Label and attribute value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Capture::Intercept => "intercept",
+            Capture::Uprobe => "uprobe",
+            Capture::Splice => "splice",
         }
     }
 }
@@ -125,6 +150,8 @@ pub struct LlmCall {
     pub payload: Option<Box<Payload>>,
     /// What policies did to the call (guardrail verdicts, denials), as span events.
     pub policy_events: Vec<PolicyEvent>,
+    /// How the call was seen (intercepted or observed through uprobes).
+    pub capture: Capture,
 }
 
 /// One policy action on a call, exported as a span event so a trace shows why a call was
@@ -257,6 +284,7 @@ impl LlmCall {
             span_ids: None,
             payload: None,
             policy_events: Vec::new(),
+            capture: Capture::Intercept,
         }
     }
 }
@@ -296,6 +324,8 @@ pub struct Telemetry {
     pub federation: std::sync::Arc<federation::FederationMetrics>,
     /// Refusals by the bounds on one request's work, buffered body bytes (same registry).
     pub bounds: bounds::BoundMetrics,
+    /// Bounds of the uprobe observation path (same registry).
+    pub observed: observed::ObservedMetrics,
     access: access_log::AccessLog,
     tracer: Option<trace::Tracer>,
     pusher: Option<otlp_metrics::MetricsPusher>,
@@ -347,6 +377,7 @@ impl Telemetry {
         let mcp = mcp::McpMetrics::register(&metrics.registry, cfg.max_label_values)?;
         let federation = std::sync::Arc::new(federation::FederationMetrics::register(&metrics.registry)?);
         let bounds = bounds::BoundMetrics::register(&metrics.registry)?;
+        let observed = observed::ObservedMetrics::register(&metrics.registry)?;
         let otlp = cfg.otlp.as_ref();
         let tracer = match otlp.filter(|o| o.traces) {
             Some(o) => Some(trace::Tracer::new(o, metrics.dropped.with_label_values(&["otlp_spans"]))?),
@@ -364,7 +395,7 @@ impl Telemetry {
             &cfg.access_log,
             metrics.dropped.with_label_values(&["access_log"]),
         )?;
-        Ok(Telemetry { access, metrics, node, governance, mcp, federation, bounds, a2a, tracer, pusher })
+        Ok(Telemetry { access, metrics, node, governance, mcp, federation, bounds, observed, a2a, tracer, pusher })
     }
 
     /// A captured connection was accepted and classified.

@@ -56,6 +56,7 @@ pub(super) mod attr {
     pub const ESTIMATED: &str = "tollgate.usage.estimated";
     pub const STREAM: &str = "tollgate.stream";
     pub const ROUTE: &str = "tollgate.route";
+    pub const CAPTURE: &str = "tollgate.capture";
     pub const TARGET: &str = "tollgate.target";
     pub const ATTEMPTS: &str = "tollgate.attempts";
     pub const REASONING_TOKENS: &str = "gen_ai.usage.reasoning.output_tokens";
@@ -120,6 +121,7 @@ impl Tracer {
             KeyValue::new(attr::STATUS_CODE, i64::from(c.status)),
             KeyValue::new(attr::STREAM, c.stream),
             KeyValue::new(attr::ROUTE, c.route.to_string()),
+            KeyValue::new(attr::CAPTURE, c.capture.as_str()),
         ];
         let opt = [
             (attr::RESPONSE_MODEL, c.response_model.as_ref()),

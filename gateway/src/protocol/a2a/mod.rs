@@ -44,7 +44,7 @@ use rpc::{CardInfo, ResponseReader, RpcRequest};
 pub const DENIED_CODE: i64 = -32050;
 
 /// Largest agent card read for its name (bigger cards pass through unread).
-const MAX_CARD_BYTES: usize = 256 * 1024;
+pub(crate) const MAX_CARD_BYTES: usize = 256 * 1024;
 /// Destinations whose card is remembered (`a2a.max_cards` of the current config generation).
 static MAX_CARDS: AtomicUsize = AtomicUsize::new(crate::config::a2a::DEFAULT_MAX_CARDS);
 
@@ -82,7 +82,7 @@ pub async fn handle(ctx: &L7Context, req: Request<Incoming>) -> Response<ProxyBo
 }
 
 /// Whether `path` is an agent-card well-known path (current or legacy name).
-fn is_card_path(path: &str) -> bool {
+pub(crate) fn is_card_path(path: &str) -> bool {
     path.ends_with("/.well-known/agent-card.json") || path.ends_with("/.well-known/agent.json")
 }
 
@@ -94,9 +94,14 @@ fn destination(ctx: &L7Context) -> String {
 /// The callee's name: its card's `name` when seen, else the destination pod's agent name, else
 /// the route name.
 fn callee(ctx: &L7Context) -> Arc<str> {
-    match CARDS.read().get(&destination(ctx)) {
+    callee_at(&destination(ctx), ctx.callee_pod.as_ref(), &ctx.route)
+}
+
+/// [`callee`] for a destination key `host:port` (shared with the uprobe observation path).
+pub(crate) fn callee_at(destination: &str, pod: Option<&Arc<str>>, route: &Arc<str>) -> Arc<str> {
+    match CARDS.read().get(destination) {
         Some(c) => Arc::from(c.name.as_str()),
-        None => ctx.callee_pod.clone().unwrap_or_else(|| ctx.route.clone()),
+        None => pod.cloned().unwrap_or_else(|| route.clone()),
     }
 }
 
@@ -190,7 +195,8 @@ impl Body for CardBody {
     }
 }
 
-fn remember_card(key: String, body: &[u8]) {
+/// Remember the card `body` fetched from destination `key` (`host:port`).
+pub(crate) fn remember_card(key: String, body: &[u8]) {
     let Some(info) = rpc::parse_card(body) else { return };
     tracing::debug!(destination = %key, card = %info.name, skills = info.skills.len(), "a2a agent card seen");
     let max = MAX_CARDS.load(Ordering::Relaxed).max(1);
@@ -305,6 +311,7 @@ fn new_hop(ctx: &L7Context, parts: &http::request::Parts) -> A2aHop {
         traceparent,
         span_ids,
         server_address: Some((ctx.target.server_address.clone(), ctx.target.server_port)),
+        capture: crate::telemetry::Capture::Intercept,
     }
 }
 
@@ -362,8 +369,17 @@ struct HopBody {
 impl HopBody {
     fn finish(&mut self, error: Option<String>) {
         let Some(mut h) = self.hop.take() else { return };
-        self.reader.finish();
-        let o = std::mem::take(&mut self.reader.outcome);
+        settle(&mut h, &mut self.reader, self.t0, error);
+        self.reporter.telemetry().a2a_hop(&h);
+    }
+}
+
+/// Fill a hop from the answer read so far, once its body ended (`error`: how it failed).
+/// Shared with the uprobe observation path, so both report the same hop.
+pub(crate) fn settle(h: &mut A2aHop, reader: &mut ResponseReader, t0: Instant, error: Option<String>) {
+    {
+        reader.finish();
+        let o = std::mem::take(&mut reader.outcome);
         h.outcome = match (o.outcome, h.status) {
             (Some(x), _) => x,
             (None, s) if s >= 400 => "http_error",
@@ -381,9 +397,8 @@ impl HopBody {
         if error.is_some() {
             h.error = error;
         }
-        h.events = self.reader.events;
-        h.duration = self.t0.elapsed();
-        self.reporter.telemetry().a2a_hop(&h);
+        h.events = reader.events;
+        h.duration = t0.elapsed();
     }
 }
 

@@ -174,6 +174,12 @@ impl Exchange {
         out
     }
 
+    /// Observe one server message (a JSON body or one SSE event's data) without filtering:
+    /// the uprobe observation path, which sees the response but cannot change it.
+    pub(crate) fn observe_message(&mut self, data: &[u8]) {
+        let _ = self.message(data);
+    }
+
     /// Report every call: unanswered ones end now, with `error` when the stream failed.
     pub fn finish(&mut self, error: Option<String>) {
         let elapsed = self.t0.elapsed();

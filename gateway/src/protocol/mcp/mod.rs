@@ -37,9 +37,9 @@ use body::{Exchange, McpBody, ToolFilter};
 use jsonrpc::RequestFacts;
 
 /// `Mcp-Session-Id` (Streamable HTTP session).
-const SESSION: &str = "mcp-session-id";
+pub(crate) const SESSION: &str = "mcp-session-id";
 /// `MCP-Protocol-Version` (negotiated version on every request after initialisation).
-const VERSION: &str = "mcp-protocol-version";
+pub(crate) const VERSION: &str = "mcp-protocol-version";
 
 /// Serve one request of an MCP route.
 pub async fn handle(ctx: &L7Context, req: Request<Incoming>) -> Response<ProxyBody> {
@@ -298,8 +298,9 @@ fn batch_too_long(ctx: &L7Context, parts: &http::request::Parts, t0: Instant, ma
     resp
 }
 
-/// Copy a message's facts into its call.
-fn fill(c: &mut McpCall, m: &RequestFacts) {
+/// Copy a message's facts into its call (shared with the uprobe observation path, so an
+/// observed call carries what an intercepted one does).
+pub(crate) fn fill(c: &mut McpCall, m: &RequestFacts) {
     c.request_id = m.id.clone();
     if let Some(s) = c.session_id.as_deref().and_then(session::get) {
         c.client.clone_from(&s.client);

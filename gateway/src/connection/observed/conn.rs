@@ -1,0 +1,283 @@
+//! One observed connection: the request and response framers, and the exchanges between them.
+//! Requests queue in order; response *i* belongs to request *i* (pipelining is FIFO in
+//! HTTP/1.1), interim 1xx responses (`Expect: 100-continue`) belong to none.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use super::exchange::{Call, End, Meta, RouteInfo};
+use super::http1::{BodyKind, FrameError, Framer, Head, Piece, Role};
+use super::ObservedLimits;
+use crate::capture::{Agent, AgentResolver};
+use crate::config::{Config, RouteProtocol};
+use crate::protocol::llm::Reporter;
+
+/// What a connection needs from the task to start exchanges.
+pub(super) struct Env<'a> {
+    /// The config generation current now.
+    pub(super) config: &'a Config,
+    /// Names callees of A2A hops.
+    pub(super) agents: &'a AgentResolver,
+    /// Where calls are reported.
+    pub(super) reporter: &'a Arc<Reporter>,
+    /// The task's bounds.
+    pub(super) limits: &'a ObservedLimits,
+}
+
+/// One request and what is known of its fate.
+struct Pending {
+    call: Call,
+    /// `HEAD`: its response has no body whatever its headers say.
+    head_method: bool,
+    /// Bytes were lost while it was in flight: its usage cannot be exact.
+    gap: bool,
+}
+
+impl Pending {
+    fn finish(self, end: End) {
+        let end = if self.gap && end == End::Complete { End::Flagged } else { end };
+        self.call.finish(end);
+    }
+}
+
+/// The L7 state of one observed connection.
+pub(super) struct Conn {
+    agent: Arc<Agent>,
+    orig: SocketAddr,
+    req: Framer,
+    resp: Framer,
+    /// The request being read (head seen, body in progress).
+    req_call: Option<Pending>,
+    /// Requests read whole, waiting for (the start of) their responses.
+    pending: VecDeque<Pending>,
+    /// The exchange whose response is being read.
+    resp_call: Option<Pending>,
+    /// The response being read is an interim 1xx: its end belongs to no exchange.
+    interim: bool,
+    /// Response bytes were lost: until a response head has a single request to belong to,
+    /// whole responses may have been lost with them and the pairing is in doubt.
+    doubt: bool,
+    /// Last event seen (idle timeout).
+    pub(super) last: Instant,
+}
+
+impl Conn {
+    /// A connection of `agent` to `orig`.
+    pub(super) fn new(agent: Arc<Agent>, orig: SocketAddr, limits: &ObservedLimits) -> Self {
+        Conn {
+            agent,
+            orig,
+            req: Framer::new(Role::Request, limits.max_head_bytes),
+            resp: Framer::new(Role::Response, limits.max_head_bytes),
+            req_call: None,
+            pending: VecDeque::new(),
+            resp_call: None,
+            interim: false,
+            doubt: false,
+            last: Instant::now(),
+        }
+    }
+
+    /// The agent of this connection.
+    pub(super) fn agent(&self) -> &Arc<Agent> {
+        &self.agent
+    }
+
+    /// Plaintext the agent wrote. `Err(reason)`: the state must be dropped.
+    pub(super) fn egress(&mut self, env: &Env<'_>, mut data: Bytes, gap: bool) -> Result<(), &'static str> {
+        self.last = Instant::now();
+        if gap {
+            // The request in flight lost bytes. Whole requests lost with them leave no
+            // exchange, so their responses find none to belong to (an agent sends its next
+            // request once it has read the previous response).
+            if let Some(mut p) = self.req_call.take() {
+                p.gap = true;
+                p.call.request_end();
+                self.pending.push_back(p);
+            }
+            self.req.gap();
+        }
+        while let Some(piece) = self.req.next(&mut data).map_err(reason)? {
+            match piece {
+                Piece::Head(h) => {
+                    if let Some(mut prev) = self.req_call.take() {
+                        prev.call.request_end();
+                        self.pending.push_back(prev);
+                    }
+                    if self.pending.len() >= env.limits.max_pipeline {
+                        return Err("pipeline");
+                    }
+                    let meta = self.meta(env, &h);
+                    let call = Call::start(meta, &h, env.limits.max_body_bytes);
+                    self.req.set_body(h.body_kind(Role::Request));
+                    self.req_call = Some(Pending { call, head_method: h.method == "HEAD", gap: false });
+                }
+                Piece::Body(b) => {
+                    if let Some(p) = self.req_call.as_mut() {
+                        p.call.request_body(&b).map_err(|_| "body_bytes")?;
+                    }
+                }
+                Piece::End => {
+                    if let Some(mut p) = self.req_call.take() {
+                        p.call.request_end();
+                        self.pending.push_back(p);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Plaintext the agent read. `Err(reason)`: the state must be dropped.
+    pub(super) fn ingress(&mut self, mut data: Bytes, gap: bool) -> Result<(), &'static str> {
+        self.last = Instant::now();
+        if gap {
+            if let Some(p) = self.resp_call.take() {
+                p.finish(End::Gap);
+            }
+            // Whole responses may have been lost too: see `doubt`.
+            self.doubt = true;
+            self.interim = false;
+            self.resp.gap();
+        }
+        while let Some(piece) = self.resp.next(&mut data).map_err(reason)? {
+            match piece {
+                Piece::Head(h) => self.response_head(h)?,
+                Piece::Body(b) => {
+                    if let Some(p) = self.resp_call.as_mut() {
+                        p.call.response_body(&b);
+                    }
+                }
+                Piece::End => {
+                    if std::mem::take(&mut self.interim) {
+                        continue;
+                    }
+                    if let Some(p) = self.resp_call.take() {
+                        p.finish(End::Complete);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn response_head(&mut self, h: Head) -> Result<(), &'static str> {
+        if h.status == 101 {
+            return Err("upgrade");
+        }
+        if (100..200).contains(&h.status) {
+            self.interim = true;
+            self.resp.set_body(BodyKind::None);
+            return Ok(());
+        }
+        // A response before its request ended (an early error) belongs to that request.
+        let waiting = self.pending.len();
+        let mut p = self.pending.pop_front().or_else(|| self.req_call.take());
+        if self.doubt {
+            // One request waiting: this is its response, whatever was lost. More: the
+            // responses of the first ones may have been lost, so none of them can be exact
+            // until the queue drains.
+            match waiting {
+                0 | 1 => self.doubt = false,
+                _ => {
+                    if let Some(p) = p.as_mut() {
+                        p.gap = true;
+                    }
+                }
+            }
+        }
+        let no_body = p.as_ref().is_some_and(|p| p.head_method) || h.status == 204 || h.status == 304;
+        self.resp.set_body(if no_body { BodyKind::None } else { h.body_kind(Role::Response) });
+        if let Some(p) = p.as_mut() {
+            p.call.response_head(&h);
+        }
+        self.resp_call = p;
+        Ok(())
+    }
+
+    /// The agent closed the socket: a read-until-close response ends, anything else in flight
+    /// is cut.
+    pub(super) fn close(mut self) {
+        let until_close = self.resp.close();
+        self.req.close();
+        if let Some(p) = self.resp_call.take() {
+            p.finish(if until_close { End::Complete } else { End::Closed });
+        }
+        self.end_all(End::Closed);
+    }
+
+    /// The state is dropped (a bound, shutdown): everything in flight ends as cut.
+    pub(super) fn drop_state(mut self, why: &'static str) {
+        if let Some(p) = self.resp_call.take() {
+            p.finish(End::Dropped(why));
+        }
+        self.end_all(End::Dropped(why));
+    }
+
+    fn end_all(&mut self, end: End) {
+        for p in self.pending.drain(..) {
+            p.finish(end.clone());
+        }
+        if let Some(p) = self.req_call.take() {
+            p.finish(end);
+        }
+    }
+
+    /// The route of a request by its `Host` (else the original destination), as the proxy
+    /// chooses it by SNI; `None` when no route matches (the exchange is only framed).
+    fn meta(&self, env: &Env<'_>, h: &Head) -> Option<Meta> {
+        let host = h.header("host").map(strip_port);
+        let route = env.config.route_for(host, Some(self.orig))?;
+        let callee_pod = (route.protocol == RouteProtocol::A2a).then(|| env.agents.pod_agent_at(self.orig.ip()));
+        let server = match &route.upstream {
+            // As the proxy reports a route with an `upstream` override.
+            Some(url) => (
+                url.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string(),
+                url.port_or_known_default().unwrap_or(self.orig.port()),
+            ),
+            None => (host.map_or_else(|| self.orig.ip().to_string(), str::to_string), self.orig.port()),
+        };
+        let limits = &env.config.limits;
+        Some(Meta {
+            agent: self.agent.clone(),
+            route: RouteInfo {
+                name: Arc::from(route.name.as_str()),
+                protocol: route.protocol,
+                provider: route.provider,
+                log_payloads: route.log_payloads.enabled.then_some(route.log_payloads.max_bytes),
+                paths: Arc::from(route.matcher.paths.as_slice()),
+                server,
+                callee_pod: callee_pod.flatten(),
+            },
+            reporter: env.reporter.clone(),
+            max_sse_event: limits.max_sse_event_bytes,
+            max_inspect: limits.max_inspect_bytes,
+            max_batch: env.config.mcp.max_batch_len,
+        })
+    }
+}
+
+/// `host[:port]` → `host` (`[v6]:port` → `v6`).
+fn strip_port(h: &str) -> &str {
+    let h = h.trim();
+    if let Some(rest) = h.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match h.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => h,
+    }
+}
+
+/// The drop reason of a framing failure.
+fn reason(e: FrameError) -> &'static str {
+    match e {
+        FrameError::HeadTooLarge(_) => "header_bytes",
+        FrameError::Http2 => "http2",
+        FrameError::NotHttp(_) | FrameError::BadChunk => "not_http",
+    }
+}
