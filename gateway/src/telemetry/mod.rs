@@ -15,6 +15,7 @@ pub mod node;
 pub mod otlp_metrics;
 pub mod resource;
 pub mod trace;
+pub mod uprobe_metrics;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

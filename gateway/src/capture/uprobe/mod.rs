@@ -6,6 +6,14 @@
 //! buffer reader: [`TlsEvent`]s out) and the L7 side (`connection::observed`: HTTP/1.1
 //! reassembly feeding the same LLM, MCP and A2A observers as interception).
 
+mod attach;
+pub mod discover;
+mod reader;
+mod runtime;
+
+pub use attach::field_offset;
+pub use runtime::{attach_delay_bound, kernel_supports_uprobes, start, UprobeError, UprobeHandle, UPROBE_PMU};
+
 use bytes::Bytes;
 use gateway_common::CaptureRecord;
 
