@@ -27,7 +27,7 @@ pub struct UprobesConfig {
     /// 64 KiB. Each event takes 16 KiB of it; when it is full events are dropped and counted
     /// (`ring_full`) and the connection is marked with a gap.
     pub ring_buffer_bytes: u64,
-    /// Plaintext bytes emitted per SSL call at most (1 to 1048576); the rest of a larger call
+    /// Plaintext bytes emitted per SSL call at most (1 to 262144, 256 KiB); the rest of a larger call
     /// is dropped, counted (`per_call_cap`) and marked as a gap.
     pub max_bytes_per_call: u32,
     /// Captured connections (and threads inside an SSL call) the kernel tracks at once; the
