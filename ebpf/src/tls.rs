@@ -124,8 +124,8 @@ pub fn tg_tls_connect_exit(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// `sys_enter_{write,writev,sendto,sendmsg,read,readv,recvfrom,recvmsg}`: the first fd a thread
-/// inside an SSL call uses is the call's socket.
+/// `sys_enter_{write,writev,sendto,sendmsg,read,readv,recvfrom,recvmsg}`: the fd a thread inside
+/// an SSL call uses is the call's socket (the first one, or a captured one seen later).
 #[tracepoint]
 pub fn tg_tls_sys_fd(ctx: TracePointContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
@@ -136,9 +136,12 @@ pub fn tg_tls_sys_fd(ctx: TracePointContext) -> u32 {
     let Ok(fd) = (unsafe { ctx.read_at::<u64>(SYSCALL_ARG0) }) else {
         return 0;
     };
+    let key = (id & 0xffff_ffff_0000_0000) | (fd & 0xffff_ffff);
+    // The first fd, unless a captured connection's comes later (a call can read a file before
+    // the socket, e.g. the time zone while checking a certificate).
     // SAFETY: value pointer of a live map entry owned by this thread; a 4-byte field.
     unsafe {
-        if (*call).fd < 0 {
+        if (*call).fd < 0 || TG_TLS_CONNS.get_ptr(&key).is_some() {
             (*call).fd = fd as i32;
         }
     }

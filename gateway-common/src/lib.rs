@@ -268,7 +268,8 @@ pub struct SslCall {
     pub buf: u64,
     /// `_ex` forms: where the library stores the byte count (`size_t *`); 0 otherwise.
     pub len_ptr: u64,
-    /// First socket fd the call used in a syscall, -1 until one is seen.
+    /// fd the call used in a syscall, -1 until one is seen: the first one, or a captured
+    /// connection's (a call may read a file first, e.g. the time zone during certificate checks).
     pub fd: i32,
     /// [`TLS_DIR_EGRESS`] or [`TLS_DIR_INGRESS`].
     pub direction: u8,

@@ -24,8 +24,8 @@ use tollgate::capture::{cgroup, Capture};
 use tollgate::config::{Config, DestinationRule};
 
 /// A CPython client: joins the cgroup, then one HTTPS request over `http.client` + `ssl`
-/// (OpenSSL through `_ssl`). Mode `get`, or `big N`: a POST whose body is one N-byte write
-/// followed by a 4-byte write `tail`.
+/// (OpenSSL through `_ssl`). Mode `get`, or `big N`: a POST whose body is one N-byte write, then,
+/// once the response is in (so the ring buffer has long been drained), a 4-byte write `tail`.
 const PY_CLIENT: &str = r#"
 import os, sys, ssl, http.client
 cg, ca, host, port, mode, size = sys.argv[1:7]
@@ -38,13 +38,24 @@ if mode == 'get':
 else:
     big = b'x' * int(size)
     c.putrequest('POST', '/big')
-    c.putheader('Content-Length', str(len(big) + 4))
+    c.putheader('Content-Length', str(len(big)))
     c.endheaders()
     c.send(big)
-    c.send(b'tail')
 r = c.getresponse()
 print(r.read().decode())
+if mode == 'big':
+    c.sock.sendall(b'tail')
 c.close()
+"#;
+
+/// A Node.js client (official build: OpenSSL linked statically into `/usr/bin/node`, memory
+/// BIOs): joins the cgroup, then one `fetch` trusting the CA through NODE_EXTRA_CA_CERTS.
+const NODE_CLIENT: &str = r#"
+const fs = require('fs');
+const [cg, url] = process.argv.slice(1);
+fs.writeFileSync(cg, String(process.pid));
+fetch(url).then(r => r.text()).then(t => { console.log(t); process.exit(0); },
+                                   e => { console.error(String(e)); process.exit(1); });
 "#;
 
 /// Removes the test cgroups and moves this process back, even when an assertion fails.
@@ -84,7 +95,8 @@ fn tls_acceptor(ca_path: &Path) -> tokio_rustls::TlsAcceptor {
 }
 
 /// HTTPS server: reads one request (head and Content-Length body), answers `resp-for:<path>`
-/// and closes.
+/// and closes; after a POST it keeps the connection (reading and ignoring) until the client
+/// closes it.
 async fn serve_https(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor) {
     loop {
         let Ok((s, _)) = listener.accept().await else { return };
@@ -116,8 +128,16 @@ async fn serve_https(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor)
             }
             let path = head.split_whitespace().nth(1).unwrap_or("?").to_owned();
             let body = format!("resp-for:{path}");
-            let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            let post = head.starts_with("POST");
+            let close = if post { "" } else { "Connection: close\r\n" };
+            let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{close}\r\n{body}", body.len());
             let _ = tls.write_all(resp.as_bytes()).await;
+            while post {
+                match tls.read(&mut tmp).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
             let _ = tls.shutdown().await;
         });
     }
@@ -265,6 +285,11 @@ async fn uprobes_observe_captured_tls() {
     cfg.capture.bpffs_dir = PathBuf::from(format!("/sys/fs/bpf/tollgate-uprobe-smoke-{}", std::process::id()));
     cfg.capture.uprobes.max_bytes_per_call = 64 << 10;
     cfg.capture.uprobes.static_executables = false;
+    let node = Path::new("/usr/bin/node");
+    if node.exists() {
+        // Attached at start through `paths` (the scan would find it only while a node runs).
+        cfg.capture.uprobes.paths = vec![node.to_path_buf()];
+    }
     let env = Env {
         scope_procs: dir.join("scope/cgroup.procs").display().to_string(),
         ca: ca_path.display().to_string(),
@@ -321,7 +346,38 @@ async fn uprobes_observe_captured_tls() {
     assert!(contains(&inb, b"resp-for:/hello-python"), "python ingress");
     println!("python ok");
 
-    // Per-call cap: a 200 KiB write is cut at 64 KiB; the next write carries the gap.
+    // Node.js fetch: static OpenSSL in /usr/bin/node, probed through `paths`. Node encrypts into
+    // memory BIOs (no syscall inside SSL_read/SSL_write), so its calls cannot be tied to the
+    // socket yet: they must reach the probes (counted as no_fd) and emit nothing.
+    if node.exists() {
+        let before = handle.snapshot();
+        assert!(snapshot_value(&before.attached_files, "static") >= 1, "node not probed");
+        let url = format!("https://127.0.0.2:{target_port}/hello-node");
+        let child = tokio::process::Command::new(node)
+            .args(["-e", NODE_CLIENT, &env.scope_procs, &url])
+            .env("NODE_EXTRA_CA_CERTS", &env.ca)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn node");
+        let pid = child.id().expect("pid");
+        let out = child.wait_with_output().await.expect("node");
+        assert!(out.status.success(), "node failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "resp-for:/hello-node");
+        let after = handle.snapshot();
+        let no_fd = snapshot_value(&after.dropped, "no_fd") - snapshot_value(&before.dropped, "no_fd");
+        assert!(no_fd >= 2, "node's SSL_write/SSL_read must reach the probes: {before:?} -> {after:?}");
+        // Kernel order: node's events (there must be none) precede this curl's CLOSE.
+        let pid2 = curl(&env, "/after-node").await;
+        let evs = until_close(&mut rx, pid2).await;
+        assert!(
+            evs.iter().all(|e| !matches!(e, TlsEvent::Data { record, .. } if record.tgid == pid)),
+            "node data joined to a connection although its fd was never learnt"
+        );
+        println!("node: static OpenSSL probed, {no_fd} calls counted as no_fd (memory BIOs, not joined yet)");
+    }
+
+    // Per-call cap: a 200 KiB write is cut at 64 KiB; the next write (`tail`) carries the gap.
     let before = handle.snapshot();
     let pid = py_client(&env, target_port, "big", 200 << 10).await;
     let evs = until_close(&mut rx, pid).await;
