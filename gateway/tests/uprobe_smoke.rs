@@ -132,10 +132,11 @@ async fn serve_https(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor)
             let close = if post { "" } else { "Connection: close\r\n" };
             let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{close}\r\n{body}", body.len());
             let _ = tls.write_all(resp.as_bytes()).await;
-            while post {
-                match tls.read(&mut tmp).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
+            if post {
+                while let Ok(n) = tls.read(&mut tmp).await {
+                    if n == 0 {
+                        break;
+                    }
                 }
             }
             let _ = tls.shutdown().await;

@@ -163,6 +163,7 @@ pub fn start(
     }
     if !kernel_supports_uprobes() {
         unavailable();
+        tracing::warn!(pmu = UPROBE_PMU, "kernel lacks uprobe support: TLS plaintext is not observed, L4 only");
         return Err(UprobeError::Unsupported);
     }
     let setup = capture.with_ebpf(|ebpf| -> Result<_, UprobeError> {
