@@ -301,3 +301,16 @@ pub fn unpin_links(pinned: Pinned) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uprobe_flag_follows_config() {
+        let mut cfg = Config::default();
+        assert_ne!(runtime_config(&cfg, 1).flags & FLAG_UPROBES, 0, "on by default");
+        cfg.capture.uprobes.enabled = false;
+        assert_eq!(runtime_config(&cfg, 1).flags & FLAG_UPROBES, 0, "off: connect4/6 never touch the TLS maps");
+    }
+}

@@ -41,6 +41,22 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), UprobeError> {
     Ok(())
 }
 
+/// Detach and unload every TLS program (a start that failed half-way leaves nothing running:
+/// tracepoints on every read/write syscall would cost without any probe to serve).
+pub fn unload_all(ebpf: &mut Ebpf) {
+    let probes = ENTRY_PROBES.iter().map(|(_, n, _)| *n).chain([progs::SSL_RET]);
+    for name in probes {
+        if let Ok(p) = uprobe(ebpf, name) {
+            let _ = p.unload();
+        }
+    }
+    for name in [progs::TLS_SYS_FD, progs::TLS_CONNECT_ENTER, progs::TLS_CONNECT_EXIT, progs::TLS_CLOSE] {
+        if let Ok(p) = tracepoint(ebpf, name) {
+            let _ = p.unload();
+        }
+    }
+}
+
 fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, UprobeError> {
     let p = ebpf.program_mut(name).ok_or(UprobeError::MissingProgram(name))?;
     p.try_into().map_err(|source| UprobeError::Load { name, source })

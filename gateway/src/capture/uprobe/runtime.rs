@@ -147,7 +147,7 @@ impl Drop for UprobeHandle {
 ///
 /// With `metrics`, the `tollgate_uprobe_*` families are exported from now on, including
 /// `tollgate_uprobe_available 0` when this fails. Needs a tokio runtime. On error nothing keeps
-/// running (programs loaded before the error stay loaded but emit nothing without uprobes).
+/// running: TLS programs loaded or attached before the error are unloaded again.
 pub fn start(
     capture: &Arc<Capture>,
     cfg: &UprobesConfig,
@@ -166,12 +166,18 @@ pub fn start(
         tracing::warn!(pmu = UPROBE_PMU, "kernel lacks uprobe support: TLS plaintext is not observed, L4 only");
         return Err(UprobeError::Unsupported);
     }
-    let setup = capture.with_ebpf(|ebpf| -> Result<_, UprobeError> {
-        attach::load_programs(ebpf)?;
-        let ring = take_map::<RingBuf<MapData>>(ebpf, maps::TLS_EVENTS)?;
-        let counters = take_map::<PerCpuArray<MapData, u64>>(ebpf, maps::TLS_COUNTERS)?;
-        attach::attach_tracepoints(ebpf)?;
-        Ok((ring, counters))
+    let setup = capture.with_ebpf(|ebpf| {
+        let r = (|| -> Result<_, UprobeError> {
+            attach::load_programs(ebpf)?;
+            let ring = take_map::<RingBuf<MapData>>(ebpf, maps::TLS_EVENTS)?;
+            let counters = take_map::<PerCpuArray<MapData, u64>>(ebpf, maps::TLS_COUNTERS)?;
+            attach::attach_tracepoints(ebpf)?;
+            Ok((ring, counters))
+        })();
+        if r.is_err() {
+            attach::unload_all(ebpf);
+        }
+        r
     });
     let (ring, counters) = match setup {
         Some(Ok(v)) => v,
