@@ -422,6 +422,10 @@ async fn uprobes_observe_captured_tls() {
     let mut cfg2 = cfg.clone();
     cfg2.capture.uprobes.ring_buffer_bytes = 64 << 10;
     cfg2.capture.uprobes.max_bytes_per_call = 256 << 10;
+    // The periodic rescan finds static OpenSSL executables of processes started later.
+    cfg2.capture.uprobes.paths = Vec::new();
+    cfg2.capture.uprobes.static_executables = true;
+    cfg2.capture.uprobes.rescan_interval = Duration::from_millis(200);
     let capture = Arc::new(Capture::start(&cfg2).await.expect("Capture::start (small ring)"));
     let beat = {
         let c = capture.clone();
@@ -446,6 +450,30 @@ async fn uprobes_observe_captured_tls() {
     let (inb, _) = stream(&evs, pid, Direction::Ingress);
     assert!(contains(&inb, b"resp-for:/big"), "response still observed after the overflow");
     println!("ring overflow ok: {ring_full} chunks dropped");
+
+    // A process started now from an executable no one ran before (a copy of node: a new inode)
+    // is found by the rescan and probed within the documented bound.
+    if node.exists() {
+        let copy = tmp.path().join("node-copy");
+        std::fs::copy(node, &copy).expect("copy node");
+        let static_before = snapshot_value(&handle.snapshot().attached_files, "static");
+        let mut idle = tokio::process::Command::new(&copy)
+            .args(["-e", "setInterval(() => {}, 1000)"])
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn node copy");
+        let started = std::time::Instant::now();
+        let bound = uprobe::attach_delay_bound(&cfg2.capture.uprobes) + Duration::from_secs(5);
+        loop {
+            if snapshot_value(&handle.snapshot().attached_files, "static") > static_before {
+                break;
+            }
+            assert!(started.elapsed() < bound, "new static OpenSSL executable not probed within {bound:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        println!("rescan ok: new executable probed after {:?}", started.elapsed());
+        let _ = idle.kill().await;
+    }
 
     drop(handle);
     beat.abort();
