@@ -55,6 +55,8 @@ static TG_TLS_ACTIVE: LruHashMap<u64, SslCall> = LruHashMap::with_max_entries(DE
 #[map]
 static TG_TLS_SSL_FD: LruHashMap<SslKey, u32> = LruHashMap::with_max_entries(DEFAULT_CONNS, 0);
 #[map]
+static TG_TLS_EXECS: RingBuf = RingBuf::with_byte_size(4096, 0);
+#[map]
 static TG_TLS_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(TLS_COUNTER_SLOTS, 0);
 #[map]
 static TG_TLS_SCRATCH: PerCpuArray<TlsConn> = PerCpuArray::with_max_entries(1, 0);
@@ -145,6 +147,15 @@ pub fn tg_tls_sys_fd(ctx: TracePointContext) -> u32 {
             (*call).fd = fd as i32;
         }
     }
+    0
+}
+
+/// `sched_process_exec`: a new program runs; wake the library rescan (a full ring means a wake
+/// is already pending, so the error is ignored).
+#[tracepoint]
+pub fn tg_tls_exec(_ctx: TracePointContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let _ = TG_TLS_EXECS.output::<u32>(&tgid, 0);
     0
 }
 

@@ -45,6 +45,9 @@ pub mod maps {
     /// Last fd seen per SSL object: [`crate::SslKey`] -> `u32` (LRU), for calls served from the
     /// library's buffer without a syscall.
     pub const TLS_SSL_FD: &str = "TG_TLS_SSL_FD";
+    /// One-page ring buffer of exec wake-ups (`u32` tgids) from `sched_process_exec`: a new
+    /// program may map a TLS library no one mapped before, so userspace rescans early.
+    pub const TLS_EXECS: &str = "TG_TLS_EXECS";
     /// Per-CPU `u64` counters indexed by [`crate::TlsCounter`].
     pub const TLS_COUNTERS: &str = "TG_TLS_COUNTERS";
     /// Per-CPU scratch [`crate::TlsConn`] (keeps it off connect4/6's 512-byte stack).
@@ -84,6 +87,8 @@ pub mod progs {
     pub const TLS_CONNECT_EXIT: &str = "tg_tls_connect_exit";
     /// Tracepoint `syscalls/sys_enter_close`.
     pub const TLS_CLOSE: &str = "tg_tls_close";
+    /// Tracepoint `sched/sched_process_exec`: wakes the library rescan.
+    pub const TLS_EXEC: &str = "tg_tls_exec";
 }
 
 /// `AF_INET`, duplicated so the no_std side needs no libc.

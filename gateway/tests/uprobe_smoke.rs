@@ -422,10 +422,12 @@ async fn uprobes_observe_captured_tls() {
     let mut cfg2 = cfg.clone();
     cfg2.capture.uprobes.ring_buffer_bytes = 64 << 10;
     cfg2.capture.uprobes.max_bytes_per_call = 256 << 10;
-    // The periodic rescan finds static OpenSSL executables of processes started later.
+    // The exec wake-up (not the periodic scan: a minute away) finds static OpenSSL executables
+    // of processes started later.
     cfg2.capture.uprobes.paths = Vec::new();
     cfg2.capture.uprobes.static_executables = true;
-    cfg2.capture.uprobes.rescan_interval = Duration::from_millis(200);
+    cfg2.capture.uprobes.rescan_interval = Duration::from_secs(60);
+    cfg2.capture.uprobes.rescan_on_exec = true;
     let capture = Arc::new(Capture::start(&cfg2).await.expect("Capture::start (small ring)"));
     let beat = {
         let c = capture.clone();
@@ -452,7 +454,7 @@ async fn uprobes_observe_captured_tls() {
     println!("ring overflow ok: {ring_full} chunks dropped");
 
     // A process started now from an executable no one ran before (a copy of node: a new inode)
-    // is found by the rescan and probed within the documented bound.
+    // is found by the exec-triggered rescan and probed within the documented bound.
     if node.exists() {
         let copy = tmp.path().join("node-copy");
         std::fs::copy(node, &copy).expect("copy node");

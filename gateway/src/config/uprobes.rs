@@ -41,6 +41,9 @@ pub struct UprobesConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub rescan_interval: Duration,
+    /// Also rescan soon after any program starts (`sched_process_exec`, at most every 250ms),
+    /// so a new library file is probed before the next periodic scan.
+    pub rescan_on_exec: bool,
     /// Probe shared `libssl.so*` files found mapped by running processes (curl, CPython's
     /// `_ssl`, Ruby, PHP, Debian's nodejs).
     pub shared_libraries: bool,
@@ -62,6 +65,7 @@ impl Default for UprobesConfig {
             max_connections: 65_536,
             channel_capacity: 4_096,
             rescan_interval: Duration::from_secs(2),
+            rescan_on_exec: true,
             shared_libraries: true,
             static_executables: true,
             paths: Vec::new(),

@@ -26,6 +26,10 @@ const ENTRY_PROBES: [(&str, &str, bool); 4] = [
     ("SSL_read_ex", progs::SSL_READ_EX, false),
 ];
 
+/// The tracepoint programs.
+const TRACEPOINT_PROGRAMS: [&str; 5] =
+    [progs::TLS_SYS_FD, progs::TLS_CONNECT_ENTER, progs::TLS_CONNECT_EXIT, progs::TLS_CLOSE, progs::TLS_EXEC];
+
 /// Offset the kernel programs read the first syscall argument (or `ret`) at.
 const ARG0_OFFSET: usize = 16;
 
@@ -35,7 +39,7 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), UprobeError> {
         uprobe(ebpf, name)?.load().map_err(|source| UprobeError::Load { name, source })?;
     }
     uprobe(ebpf, progs::SSL_RET)?.load().map_err(|source| UprobeError::Load { name: progs::SSL_RET, source })?;
-    for name in [progs::TLS_SYS_FD, progs::TLS_CONNECT_ENTER, progs::TLS_CONNECT_EXIT, progs::TLS_CLOSE] {
+    for name in TRACEPOINT_PROGRAMS {
         tracepoint(ebpf, name)?.load().map_err(|source| UprobeError::Load { name, source })?;
     }
     Ok(())
@@ -50,7 +54,7 @@ pub fn unload_all(ebpf: &mut Ebpf) {
             let _ = p.unload();
         }
     }
-    for name in [progs::TLS_SYS_FD, progs::TLS_CONNECT_ENTER, progs::TLS_CONNECT_EXIT, progs::TLS_CLOSE] {
+    for name in TRACEPOINT_PROGRAMS {
         if let Ok(p) = tracepoint(ebpf, name) {
             let _ = p.unload();
         }
@@ -123,8 +127,9 @@ fn check_offset(event: &str, field: &str) -> Result<(), UprobeError> {
     }
 }
 
-/// Attach the syscall tracepoints (connect enter/exit, close, the read/write family).
-pub fn attach_tracepoints(ebpf: &mut Ebpf) -> Result<(), UprobeError> {
+/// Attach the syscall tracepoints (connect enter/exit, close, the read/write family), and with
+/// `exec_wake` the exec tracepoint that wakes the rescan.
+pub fn attach_tracepoints(ebpf: &mut Ebpf, exec_wake: bool) -> Result<(), UprobeError> {
     let _mount = TracefsMount::ensure()?;
     let mut plan: Vec<(&'static str, String, &'static str)> = vec![
         (progs::TLS_CONNECT_ENTER, "sys_enter_connect".into(), "fd"),
@@ -137,6 +142,11 @@ pub fn attach_tracepoints(ebpf: &mut Ebpf) -> Result<(), UprobeError> {
         tracepoint(ebpf, name)?
             .attach("syscalls", &event)
             .map_err(|source| UprobeError::AttachTracepoint { event: event.clone(), source })?;
+    }
+    if exec_wake {
+        tracepoint(ebpf, progs::TLS_EXEC)?
+            .attach("sched", "sched_process_exec")
+            .map_err(|source| UprobeError::AttachTracepoint { event: "sched/sched_process_exec".into(), source })?;
     }
     Ok(())
 }

@@ -9,6 +9,8 @@ use std::time::Duration;
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use aya::programs::ProgramError;
 use gateway_common::{maps, TlsCounter, TLS_COUNTER_SLOTS};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -75,10 +77,11 @@ pub enum UprobeError {
         /// aya's reason.
         source: ProgramError,
     },
-    /// The ring buffer could not be registered with the runtime.
-    #[error("cannot poll the TLS ring buffer: {0}")]
-    Poll(#[source] std::io::Error),
 }
+
+/// Wait after an exec before rescanning (the new program maps its libraries meanwhile); also the
+/// shortest gap between exec-triggered scans.
+const EXEC_SETTLE: Duration = Duration::from_millis(250);
 
 /// Does this kernel support uprobes?
 pub fn kernel_supports_uprobes() -> bool {
@@ -171,15 +174,19 @@ pub fn start(
             attach::load_programs(ebpf)?;
             let ring = take_map::<RingBuf<MapData>>(ebpf, maps::TLS_EVENTS)?;
             let counters = take_map::<PerCpuArray<MapData, u64>>(ebpf, maps::TLS_COUNTERS)?;
-            attach::attach_tracepoints(ebpf)?;
-            Ok((ring, counters))
+            let execs = match cfg.rescan_on_exec {
+                true => Some(take_map::<RingBuf<MapData>>(ebpf, maps::TLS_EXECS)?),
+                false => None,
+            };
+            attach::attach_tracepoints(ebpf, cfg.rescan_on_exec)?;
+            Ok((ring, counters, execs))
         })();
         if r.is_err() {
             attach::unload_all(ebpf);
         }
         r
     });
-    let (ring, counters) = match setup {
+    let (ring, counters, execs) = match setup {
         Some(Ok(v)) => v,
         Some(Err(e)) => {
             unavailable();
@@ -221,12 +228,50 @@ pub fn start(
     });
     let interval = cfg.rescan_interval;
     let (cap, sh, c) = (capture.clone(), shared.clone(), cfg.clone());
+    let mut execs = match execs {
+        // SAFETY: the ring owns its map fd, open and unchanged until the ring (moved into the
+        // AsyncFd) is dropped with it.
+        Some(r) => match unsafe { AsyncFd::register_with_interest(r, Interest::READABLE) } {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                let e: std::io::Error = e.into();
+                tracing::warn!(error = %e, "cannot poll exec wake-ups; periodic rescans only");
+                None
+            }
+        },
+        None => None,
+    };
     let rescanner = tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         loop {
-            tick.tick().await;
+            match execs.as_mut() {
+                Some(fd) => {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        r = fd.readable_mut() => match r {
+                            Ok(mut guard) => {
+                                while guard.get_inner_mut().next().is_some() {}
+                                guard.clear_ready();
+                                drop(guard);
+                                // Let the new program map its libraries; bounds the scan rate.
+                                tokio::time::sleep(EXEC_SETTLE).await;
+                                while fd.get_mut().next().is_some() {}
+                                tick.reset();
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "exec wake-ups stopped; periodic rescans go on");
+                                execs = None;
+                                continue;
+                            }
+                        },
+                    }
+                }
+                None => {
+                    tick.tick().await;
+                }
+            }
             let (cap2, sh2, c2) = (cap.clone(), sh.clone(), c.clone());
             // /proc walks and ELF reads block: off the async workers. The scanner moves in and
             // back out so its memory of checked files persists.
@@ -291,8 +336,13 @@ fn attach_candidate(capture: &Capture, shared: &Shared, scanner: &mut Scanner, c
     }
 }
 
-/// How long after a new library file appears its processes are observed, at most: the rescan
-/// period plus one scan. Documented, and what tests wait for.
+/// How long after a new library file appears its processes are observed, about: the exec
+/// settle time (with `rescan_on_exec`) or the rescan period, plus one scan (taken as as long
+/// again). Documented, and what tests wait for.
 pub fn attach_delay_bound(cfg: &UprobesConfig) -> Duration {
-    cfg.rescan_interval * 2
+    if cfg.rescan_on_exec {
+        EXEC_SETTLE * 2
+    } else {
+        cfg.rescan_interval * 2
+    }
 }
