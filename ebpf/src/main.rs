@@ -7,6 +7,9 @@
 //!   SYN has left yet, so the record is moved from the cookie key to the 4-tuple key the proxy
 //!   sees on `accept()` before the proxy can possibly accept the connection.
 //!
+//! * `tls` (uprobes on OpenSSL, syscall tracepoints): plaintext of captured TLS connections into
+//!   a ring buffer, see that module.
+//!
 //! Policy lives in maps written by userspace (`gateway-common` is the contract); nothing here is
 //! compiled in except safe map-size defaults, which the loader overrides from config.
 #![no_std]
@@ -32,9 +35,12 @@ use aya_ebpf::{
     EbpfContext,
 };
 use aya_log_ebpf::debug;
+
+mod tls;
 use gateway_common::{
     CaptureRecord, Cidr4Key, Cidr6Key, Counter, FlowKey, RuntimeConfig, AF_INET, AF_INET6, COUNTER_SLOTS,
-    FLAG_FAIL_CLOSED, FLAG_POD_V4, FLAG_POD_V6, FLAG_SCOPE_ALL, MAX_CGROUP_DEPTH, RECORD_REKEYED, SCOPE_EXCLUDE,
+    FLAG_FAIL_CLOSED, FLAG_POD_V4, FLAG_POD_V6, FLAG_SCOPE_ALL, FLAG_UPROBES, MAX_CGROUP_DEPTH, RECORD_REKEYED,
+    SCOPE_EXCLUDE,
 };
 
 /// `SOCK_STREAM`.
@@ -248,6 +254,9 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     if TG_BY_COOKIE.insert(&cookie, &rec, BPF_ANY as u64).is_err() {
         count(Counter::SkipMapFull);
         return ALLOW;
+    }
+    if cfg.flags & FLAG_UPROBES != 0 {
+        tls::on_captured_connect(&rec);
     }
 
     let proxy_port_be = u32::from(cfg.proxy_port.to_be());

@@ -30,6 +30,34 @@ pub mod maps {
     pub const BY_FLOW: &str = "TG_BY_FLOW";
     /// Per-CPU `u64` counters indexed by [`crate::Counter`].
     pub const COUNTERS: &str = "TG_COUNTERS";
+    /// TLS uprobe ring buffer of [`crate::TlsEvent`]s (DATA) and [`crate::TlsEventHeader`]s
+    /// (CLOSE), sized by `capture.uprobes.ring_buffer_bytes`.
+    pub const TLS_EVENTS: &str = "TG_TLS_EVENTS";
+    /// Captured connections by `(tgid << 32) | fd`: `u64` -> [`crate::TlsConn`]. Written by
+    /// connect4/6 (same thread, inside `connect()`), removed on `close()`. LRU so entries of
+    /// processes that exit without closing age out instead of filling it.
+    pub const TLS_CONNS: &str = "TG_TLS_CONNS";
+    /// Threads inside `connect()`: pid_tgid -> fd (`u32`), from `sys_enter_connect` to
+    /// `sys_exit_connect`.
+    pub const TLS_CONNECTING: &str = "TG_TLS_CONNECTING";
+    /// Threads inside an SSL call: pid_tgid -> [`crate::SslCall`].
+    pub const TLS_ACTIVE: &str = "TG_TLS_ACTIVE";
+    /// Last fd seen per SSL object: [`crate::SslKey`] -> `u32` (LRU), for calls served from the
+    /// library's buffer without a syscall.
+    pub const TLS_SSL_FD: &str = "TG_TLS_SSL_FD";
+    /// One-page ring buffer of exec wake-ups (`u32` tgids) from `sched_process_exec`: a new
+    /// program may map a TLS library no one mapped before, so userspace rescans early.
+    pub const TLS_EXECS: &str = "TG_TLS_EXECS";
+    /// Per-CPU `u64` counters indexed by [`crate::TlsCounter`].
+    pub const TLS_COUNTERS: &str = "TG_TLS_COUNTERS";
+    /// Per-CPU scratch [`crate::TlsConn`] (keeps it off connect4/6's 512-byte stack).
+    pub const TLS_SCRATCH: &str = "TG_TLS_SCRATCH";
+}
+
+/// Globals of the object the loader overrides (`EbpfLoader::override_global`).
+pub mod globals {
+    /// `u32`: plaintext bytes emitted per SSL call at most (`capture.uprobes.max_bytes_per_call`).
+    pub const TLS_MAX_CALL_BYTES: &str = "TG_TLS_MAX_CALL_BYTES";
 }
 
 /// Program names as they appear in the object file.
@@ -40,6 +68,27 @@ pub mod progs {
     pub const CONNECT6: &str = "tg_connect6";
     /// `sockops`.
     pub const SOCK_OPS: &str = "tg_sockops";
+    /// uprobe on `SSL_write`.
+    pub const SSL_WRITE: &str = "tg_ssl_write";
+    /// uprobe on `SSL_write_ex`.
+    pub const SSL_WRITE_EX: &str = "tg_ssl_write_ex";
+    /// uprobe on `SSL_read`.
+    pub const SSL_READ: &str = "tg_ssl_read";
+    /// uprobe on `SSL_read_ex`.
+    pub const SSL_READ_EX: &str = "tg_ssl_read_ex";
+    /// uretprobe on all four SSL functions: emits the plaintext.
+    pub const SSL_RET: &str = "tg_ssl_ret";
+    /// Tracepoint attached to `sys_enter_{write,writev,sendto,sendmsg,read,readv,recvfrom,recvmsg}`:
+    /// the fd an SSL call uses.
+    pub const TLS_SYS_FD: &str = "tg_tls_sys_fd";
+    /// Tracepoint `syscalls/sys_enter_connect`.
+    pub const TLS_CONNECT_ENTER: &str = "tg_tls_connect_enter";
+    /// Tracepoint `syscalls/sys_exit_connect`.
+    pub const TLS_CONNECT_EXIT: &str = "tg_tls_connect_exit";
+    /// Tracepoint `syscalls/sys_enter_close`.
+    pub const TLS_CLOSE: &str = "tg_tls_close";
+    /// Tracepoint `sched/sched_process_exec`: wakes the library rescan.
+    pub const TLS_EXEC: &str = "tg_tls_exec";
 }
 
 /// `AF_INET`, duplicated so the no_std side needs no libc.
@@ -56,6 +105,9 @@ pub const FLAG_SCOPE_ALL: u32 = 1 << 1;
 pub const FLAG_POD_V4: u32 = 1 << 2;
 /// `pod_proxy_v6` is set.
 pub const FLAG_POD_V6: u32 = 1 << 3;
+/// TLS uprobes are on: connect4/6 also records captured connections by (tgid, fd) in
+/// `TG_TLS_CONNS`. Off, the connect path does not touch the TLS maps at all.
+pub const FLAG_UPROBES: u32 = 1 << 4;
 
 /// Scope map value: this cgroup and its descendants are in scope.
 pub const SCOPE_INCLUDE: u8 = 1;
@@ -192,6 +244,104 @@ pub const TLS_DIR_INGRESS: u8 = 1;
 /// `TlsEventHeader::flags`: bytes of this direction were lost before this event (ring buffer
 /// full, per-call cap); the stream cannot be parsed exactly across the gap.
 pub const TLS_FLAG_GAP_BEFORE: u8 = 1;
+/// Most [`TLS_CHUNK`] events one SSL call emits: bounds the kernel's loop for the verifier, and
+/// so `capture.uprobes.max_bytes_per_call` (256 KiB at most).
+pub const TLS_MAX_CALL_CHUNKS: u32 = 16;
+/// Upper bound of `capture.uprobes.max_bytes_per_call`.
+pub const TLS_MAX_CALL_BYTES_LIMIT: u32 = TLS_MAX_CALL_CHUNKS * TLS_CHUNK as u32;
+
+/// Value of `TG_TLS_CONNS`: the connection's capture record plus the per-direction "bytes were
+/// lost" marks the next event of that direction reports as [`TLS_FLAG_GAP_BEFORE`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TlsConn {
+    /// What connect4/6 recorded.
+    pub record: CaptureRecord,
+    /// Indexed by direction ([`TLS_DIR_EGRESS`], [`TLS_DIR_INGRESS`]): 1 = gap pending.
+    pub gap: [u8; 2],
+    /// Explicit padding (always 0).
+    pub _pad: [u8; 6],
+}
+
+/// Value of `TG_TLS_ACTIVE`: an SSL call in flight on a thread, saved at entry for its return.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SslCall {
+    /// The `SSL*`.
+    pub ssl: u64,
+    /// The plaintext buffer.
+    pub buf: u64,
+    /// `_ex` forms: where the library stores the byte count (`size_t *`); 0 otherwise.
+    pub len_ptr: u64,
+    /// fd the call used in a syscall, -1 until one is seen: the first one, or a captured
+    /// connection's (a call may read a file first, e.g. the time zone during certificate checks).
+    pub fd: i32,
+    /// [`TLS_DIR_EGRESS`] or [`TLS_DIR_INGRESS`].
+    pub direction: u8,
+    /// Explicit padding (always 0).
+    pub _pad: [u8; 3],
+}
+
+/// Key of `TG_TLS_SSL_FD`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SslKey {
+    /// Process (thread group) id, as a u64 so the struct has no padding.
+    pub tgid: u64,
+    /// The `SSL*`.
+    pub ssl: u64,
+}
+
+/// Per-CPU counters of the TLS uprobe programs (`TG_TLS_COUNTERS`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsCounter {
+    /// DATA events written to the ring buffer.
+    Events = 0,
+    /// Plaintext bytes in those events.
+    Bytes = 1,
+    /// CLOSE events written.
+    Closes = 2,
+    /// Chunks (DATA) or CLOSE events lost because the ring buffer was full.
+    DropRingFull = 3,
+    /// SSL calls cut at `max_bytes_per_call` (the rest of the call is not emitted).
+    DropPerCallCap = 4,
+    /// SSL calls on a captured process whose fd was never learnt (no syscall in the call and no
+    /// earlier call on the same SSL object): nothing emitted.
+    DropNoFd = 5,
+    /// SSL calls on a connection that is not captured: nothing leaves the kernel. Not a drop.
+    NotCaptured = 6,
+    /// Chunks whose user memory could not be read (paged out): nothing emitted for them.
+    DropReadFailed = 7,
+}
+
+/// Number of [`TlsCounter`] slots.
+pub const TLS_COUNTER_SLOTS: u32 = 8;
+
+impl TlsCounter {
+    /// Every counter, in slot order.
+    pub const ALL: [TlsCounter; TLS_COUNTER_SLOTS as usize] = [
+        TlsCounter::Events,
+        TlsCounter::Bytes,
+        TlsCounter::Closes,
+        TlsCounter::DropRingFull,
+        TlsCounter::DropPerCallCap,
+        TlsCounter::DropNoFd,
+        TlsCounter::NotCaptured,
+        TlsCounter::DropReadFailed,
+    ];
+
+    /// The `reason` label when the counter is a drop, `None` otherwise.
+    pub const fn drop_reason(self) -> Option<&'static str> {
+        match self {
+            TlsCounter::DropRingFull => Some("ring_full"),
+            TlsCounter::DropPerCallCap => Some("per_call_cap"),
+            TlsCounter::DropNoFd => Some("no_fd"),
+            TlsCounter::DropReadFailed => Some("read_failed"),
+            _ => None,
+        }
+    }
+}
 
 /// Header of one TLS uprobe event in the ring buffer, followed by `TLS_CHUNK` bytes of which
 /// the first `len` are plaintext. It carries the whole capture record of the connection (who
@@ -199,16 +349,27 @@ pub const TLS_FLAG_GAP_BEFORE: u8 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TlsEventHeader {
+    /// The connection's capture record (connect4/6); `record.cookie` identifies it.
     pub record: CaptureRecord,
+    /// CLOCK_MONOTONIC ns when the event was written.
     pub ts_ns: u64,
+    /// The agent's socket fd.
     pub fd: u32,
+    /// Plaintext bytes that follow the header (at most [`TLS_CHUNK`]; 0 for CLOSE).
     pub len: u32,
+    /// Bytes the whole SSL call moved (before the per-call cap).
     pub call_len: u32,
+    /// Where this chunk starts inside the call.
     pub offset: u32,
+    /// [`TLS_EV_DATA`] or [`TLS_EV_CLOSE`].
     pub kind: u8,
+    /// [`TLS_DIR_EGRESS`] or [`TLS_DIR_INGRESS`].
     pub direction: u8,
+    /// `TLS_FLAG_*` bits.
     pub flags: u8,
+    /// Explicit padding (always 0).
     pub _pad: u8,
+    /// Explicit padding (always 0).
     pub _pad2: u32,
 }
 
@@ -216,7 +377,9 @@ pub struct TlsEventHeader {
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct TlsEvent {
+    /// What and whose.
     pub header: TlsEventHeader,
+    /// Plaintext; only the first `header.len` bytes are meaningful.
     pub data: [u8; TLS_CHUNK],
 }
 
@@ -313,7 +476,14 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for CaptureRecord {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for TlsEventHeader {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for TlsConn {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SslCall {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SslKey {}
 }
 
 #[cfg(test)]
@@ -328,6 +498,10 @@ mod tests {
         assert_eq!(size_of::<CaptureRecord>(), 16 + 2 + 2 + 4 * 5 + 16 + 8 * 4);
         assert_eq!(size_of::<TlsEventHeader>(), size_of::<CaptureRecord>() + 8 + 4 * 4 + 4 + 4);
         assert_eq!(size_of::<TlsEvent>(), size_of::<TlsEventHeader>() + TLS_CHUNK);
+        assert_eq!(size_of::<TlsConn>(), size_of::<CaptureRecord>() + 8);
+        assert_eq!(size_of::<SslCall>(), 8 * 3 + 4 + 4);
+        assert_eq!(size_of::<SslKey>(), 16);
+        assert_eq!(core::mem::align_of::<TlsEvent>(), 8);
         assert_eq!(size_of::<Cidr4Key>(), 6);
         assert_eq!(size_of::<Cidr6Key>(), 18);
     }
@@ -335,6 +509,9 @@ mod tests {
     #[test]
     fn counters_are_in_slot_order() {
         for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
+        for (i, c) in TlsCounter::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i);
         }
     }

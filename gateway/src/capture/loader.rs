@@ -19,7 +19,9 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps};
 use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader};
-use gateway_common::{maps, progs, RuntimeConfig, FLAG_FAIL_CLOSED, FLAG_POD_V4, FLAG_POD_V6, FLAG_SCOPE_ALL};
+use gateway_common::{
+    globals, maps, progs, RuntimeConfig, FLAG_FAIL_CLOSED, FLAG_POD_V4, FLAG_POD_V6, FLAG_SCOPE_ALL, FLAG_UPROBES,
+};
 
 use crate::config::Config;
 
@@ -135,7 +137,19 @@ pub fn load_object(cfg: &Config) -> Result<Ebpf, LoaderError> {
     } else {
         aya_log::Level::Info as u8
     };
+    // TLS uprobes off: the maps exist (the object declares them) at their smallest, and their
+    // programs are never loaded.
+    let u = &c.uprobes;
+    let (ring, conns) =
+        if u.enabled { (u32::try_from(u.ring_buffer_bytes).unwrap_or(1 << 30), u.max_connections) } else { (4096, 1) };
+    let max_call = u.max_bytes_per_call;
     EbpfLoader::new()
+        .map_max_entries(maps::TLS_EVENTS, ring)
+        .map_max_entries(maps::TLS_CONNS, conns.max(1))
+        .map_max_entries(maps::TLS_CONNECTING, conns.max(1))
+        .map_max_entries(maps::TLS_ACTIVE, conns.max(1))
+        .map_max_entries(maps::TLS_SSL_FD, conns.max(1))
+        .override_global(globals::TLS_MAX_CALL_BYTES, &max_call, false)
         .map_max_entries(maps::BY_COOKIE, c.max_records.max(1))
         .map_max_entries(maps::BY_FLOW, c.max_records.max(1))
         .map_max_entries(maps::PORT_RULES, c.max_rules.max(1))
@@ -180,6 +194,9 @@ pub fn runtime_config(cfg: &Config, host_netns_cookie: u64) -> RuntimeConfig {
     // "no host cgroups", not "everything".
     if c.scope.is_empty() && !cfg.kubernetes.enabled {
         flags |= FLAG_SCOPE_ALL;
+    }
+    if c.uprobes.enabled {
+        flags |= FLAG_UPROBES;
     }
     if l.pod_ipv4.is_some() {
         flags |= FLAG_POD_V4;
@@ -282,5 +299,18 @@ pub fn unpin_links(pinned: Pinned) {
             Ok(fd_link) => drop(fd_link),
             Err(e) => tracing::warn!(error = %e, "cannot remove pinned link"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uprobe_flag_follows_config() {
+        let mut cfg = Config::default();
+        assert_ne!(runtime_config(&cfg, 1).flags & FLAG_UPROBES, 0, "on by default");
+        cfg.capture.uprobes.enabled = false;
+        assert_eq!(runtime_config(&cfg, 1).flags & FLAG_UPROBES, 0, "off: connect4/6 never touch the TLS maps");
     }
 }

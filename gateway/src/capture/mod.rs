@@ -235,6 +235,13 @@ impl Capture {
         &self.cgroup_root
     }
 
+    /// Run `f` on the loaded object (programs, and the maps not taken by [`Maps::take`]); `None`
+    /// after [`Capture::shutdown`]. The TLS uprobes load and attach their programs through it,
+    /// so their links live and die with the capture's programs.
+    pub fn with_ebpf<R>(&self, f: impl FnOnce(&mut Ebpf) -> R) -> Option<R> {
+        self.ebpf.lock().as_mut().map(f)
+    }
+
     /// Detach and unpin (SIGTERM path). Idempotent; the record maps stay readable so
     /// connections accepted before the detach still find their identity.
     pub fn shutdown(&self) {

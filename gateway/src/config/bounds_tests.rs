@@ -54,3 +54,34 @@ fn payload_log_size_is_capped_at_one_mebibyte() {
     );
     assert!(err(&route(1 << 40)).starts_with("b.yaml:6:16: routes[0].log_payloads.max_bytes:"));
 }
+
+#[test]
+fn uprobe_defaults_and_bounds_point_at_the_line() {
+    let c = from_str("b.yaml", "{}\n").expect("valid");
+    let u = &c.capture.uprobes;
+    assert!(u.enabled && u.shared_libraries && u.static_executables);
+    assert_eq!((u.ring_buffer_bytes, u.max_bytes_per_call, u.max_connections), (8 << 20, 256 << 10, 65_536));
+    assert_eq!(u.rescan_interval, Duration::from_secs(2));
+    let c = from_str("b.yaml", "capture:\n  uprobes:\n    ring_buffer_bytes: 65536\n    paths: [/usr/bin/node]\n")
+        .expect("valid");
+    assert_eq!(c.capture.uprobes.ring_buffer_bytes, 64 << 10);
+    assert_eq!(
+        err("capture:\n  uprobes:\n    ring_buffer_bytes: 1000000\n"),
+        "b.yaml:3:24: capture.uprobes.ring_buffer_bytes: 1000000 must be a power of two between 65536 (64 KiB) and 1073741824 (1 GiB)"
+    );
+    assert!(err("capture:\n  uprobes:\n    ring_buffer_bytes: 4096\n")
+        .starts_with("b.yaml:3:24: capture.uprobes.ring_buffer_bytes:"));
+    assert_eq!(
+        err("capture:\n  uprobes:\n    max_bytes_per_call: 0\n"),
+        "b.yaml:3:25: capture.uprobes.max_bytes_per_call: must be between 1 and 262144"
+    );
+    assert_eq!(
+        err("capture:\n  uprobes:\n    max_bytes_per_call: 262145\n"),
+        "b.yaml:3:25: capture.uprobes.max_bytes_per_call: must be between 1 and 262144"
+    );
+    assert_eq!(
+        err("capture:\n  uprobes:\n    rescan_interval: 10ms\n"),
+        "b.yaml:3:22: capture.uprobes.rescan_interval: must be at least 100ms"
+    );
+    assert!(err("capture:\n  uprobes:\n    libssl: true\n").contains("unknown field"));
+}

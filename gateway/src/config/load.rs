@@ -150,6 +150,7 @@ fn validate(file: &str, c: &Config) -> Result<(), ConfigError> {
     if c.capture.max_records == 0 || c.capture.max_rules == 0 || c.capture.max_scope_cgroups == 0 {
         return Err(bad("capture.max_*".into(), "map capacities must be positive".into()));
     }
+    c.capture.uprobes.validate().map_err(|(f, m)| bad(format!("capture.uprobes.{f}"), m))?;
     validate_providers(c).map_err(|(f, m)| bad(f, m))?;
     let mut names = std::collections::HashSet::new();
     let mut listeners = std::collections::HashSet::new();

@@ -13,6 +13,7 @@ pub mod mcp;
 pub mod mcp_auth;
 pub mod reference;
 mod telemetry;
+mod uprobes;
 
 pub use gateway::{
     BalanceConfig, CircuitConfig, CredentialSource, FailoverConfig, FailoverOn, LatencyMetric, ListenerAuthConfig,
@@ -21,6 +22,7 @@ pub use gateway::{
 pub use kubernetes::{KubernetesConfig, PodCaptureMode};
 pub use load::{from_path, from_str, ConfigError, DEFAULT_CONFIG_YAML};
 pub use telemetry::{ModelPrice, OtlpMetricsConfig};
+pub use uprobes::UprobesConfig;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
@@ -148,6 +150,8 @@ pub struct CaptureConfig {
     pub max_scope_cgroups: u32,
     /// bpffs directory for pinned links (fail_closed).
     pub bpffs_dir: PathBuf,
+    /// TLS plaintext of captured connections from uprobes on OpenSSL (no interception).
+    pub uprobes: UprobesConfig,
 }
 
 impl Default for CaptureConfig {
@@ -167,6 +171,7 @@ impl Default for CaptureConfig {
             max_rules: 4_096,
             max_scope_cgroups: 1_024,
             bpffs_dir: PathBuf::from("/sys/fs/bpf/tollgate"),
+            uprobes: UprobesConfig::default(),
         }
     }
 }

@@ -115,6 +115,7 @@ pub struct Metrics {
     /// Dropped telemetry records (full queues), by sink.
     pub dropped: IntCounterVec,
     capture: Arc<CaptureCollector>,
+    uprobe: Arc<super::uprobe_metrics::UprobeCollector>,
     /// Upstream attempts of gateway routes by outcome.
     attempts: IntCounterVec,
     /// Tokens of calls whose usage tollgate estimated.
@@ -310,6 +311,8 @@ impl Metrics {
         registry.register(Box::new(estimated_tokens.clone()))?;
         registry.register(Box::new(circuit_state.clone()))?;
         let capture = Arc::new(CaptureCollector::new()?);
+        let uprobe = Arc::new(super::uprobe_metrics::UprobeCollector::new()?);
+        registry.register(Box::new(SharedUprobe(uprobe.clone())))?;
         registry.register(Box::new(llm_requests.clone()))?;
         registry.register(Box::new(llm_tokens.clone()))?;
         registry.register(Box::new(token_usage.clone()))?;
@@ -350,6 +353,7 @@ impl Metrics {
             l4_duration,
             dropped,
             capture,
+            uprobe,
             attempts,
             estimated_tokens,
             models: LabelLimiter::new(max_label_values),
@@ -386,6 +390,11 @@ impl Metrics {
     /// Export the kernel counters through `source` from now on.
     pub fn set_capture_source(&self, source: CaptureSource) {
         *self.capture.source.lock() = Some(source);
+    }
+
+    /// Export the TLS uprobe counters through `source` from now on.
+    pub fn set_uprobe_source(&self, source: super::uprobe_metrics::UprobeSource) {
+        self.uprobe.set_source(source);
     }
 
     /// The bounded `agent` label value of `name` (policy metrics share the call metrics' limit).
@@ -649,6 +658,19 @@ impl Collector for SharedCollector {
             out.extend(vec.collect());
         }
         out
+    }
+}
+
+/// Registers the shared uprobe collector (the registry takes ownership of a box).
+struct SharedUprobe(Arc<super::uprobe_metrics::UprobeCollector>);
+
+impl Collector for SharedUprobe {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.0.collect()
     }
 }
 

@@ -16,6 +16,7 @@ pub mod observed;
 pub mod otlp_metrics;
 pub mod resource;
 pub mod trace;
+pub mod uprobe_metrics;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

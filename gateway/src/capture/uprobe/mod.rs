@@ -5,6 +5,27 @@
 //! This module is the contract between the kernel side (the eBPF programs, attaching, the ring
 //! buffer reader: [`TlsEvent`]s out) and the L7 side (`connection::observed`: HTTP/1.1
 //! reassembly feeding the same LLM, MCP and A2A observers as interception).
+//!
+//! Wiring (the integrator's part, in `main.rs` after `Capture::start`):
+//!
+//! ```ignore
+//! match capture::uprobe::start(&capture, &cfg.capture.uprobes, Some(&metrics)) {
+//!     Ok((handle, events)) => { /* keep `handle` alive; feed `events` to the L7 side */ }
+//!     // Disabled, or no kernel support (already logged): keep running, L4 only.
+//!     Err(e) => tracing::warn!(error = %e, "TLS uprobes not started"),
+//! }
+//! ```
+//!
+//! Submodules: [`discover`] (which files to probe), `attach` (programs and links), `reader`
+//! (ring buffer to channel), `runtime` ([`start`], [`UprobeHandle`], [`UprobeError`]).
+
+mod attach;
+pub mod discover;
+mod reader;
+mod runtime;
+
+pub use attach::field_offset;
+pub use runtime::{attach_delay_bound, kernel_supports_uprobes, start, UprobeError, UprobeHandle, UPROBE_PMU};
 
 use bytes::Bytes;
 use gateway_common::CaptureRecord;
