@@ -232,6 +232,12 @@ async fn serve(mut cfg: Arc<Config>, path: Option<PathBuf>, overrides: Overrides
         None
     };
     let agents = Arc::new(AgentResolver::new(&cfg.agents, cgroup_root.clone()).with_pods(pods.clone()));
+    // TLS plaintext from uprobes, reassembled and reported like intercepted calls.
+    let observed_config = Arc::new(arc_swap::ArcSwap::new(cfg.clone()));
+    let (_uprobes, observed_task) = match &capture {
+        Some(c) => start_uprobes(c, &cfg, &observed_config, &agents, &telemetry, &shutdown_rx),
+        None => (None, None),
+    };
     let deps = ProxyDeps { config: cfg.clone(), flows, agents, telemetry: telemetry.clone(), ca, observer: None };
     let proxy_server = connection::Proxy::new(deps).await?;
     let proxy_server = proxy_server.with_accept_progress(progress);
@@ -248,6 +254,7 @@ async fn serve(mut cfg: Arc<Config>, path: Option<PathBuf>, overrides: Overrides
             cgroup_root,
             pods,
             telemetry: telemetry.clone(),
+            observed: observed_task.as_ref().map(|_| observed_config.clone()),
         };
         reloader.spawn(Duration::from_secs(10), shutdown_rx.clone())?;
     }
@@ -299,9 +306,48 @@ async fn serve(mut cfg: Arc<Config>, path: Option<PathBuf>, overrides: Overrides
         ),
         _ => tracing::info!(drained = draining, took_ms = started.elapsed().as_millis() as u64, "drained"),
     }
+    // Observed calls still in flight are reported (cut) before the last export.
+    if let Some(t) = observed_task {
+        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+    }
     admin_task.abort();
     telemetry.shutdown().await;
     Ok(())
+}
+
+/// The TLS uprobes and the task that turns their plaintext into calls. Neither is fatal: a
+/// kernel without uprobes, or `capture.uprobes.enabled: false`, leaves tollgate L4-only for
+/// spliced routes (logged, and `tollgate_uprobe_available` is 0).
+fn start_uprobes(
+    capture: &Arc<Capture>,
+    cfg: &Config,
+    config: &Arc<arc_swap::ArcSwap<Config>>,
+    agents: &Arc<AgentResolver>,
+    telemetry: &Arc<Telemetry>,
+    shutdown: &watch::Receiver<bool>,
+) -> (Option<tollgate::capture::uprobe::UprobeHandle>, Option<tokio::task::JoinHandle<()>>) {
+    use tollgate::capture::uprobe;
+    use tollgate::connection::observed::{self, ObservedDeps, ObservedLimits};
+    match uprobe::start(capture, &cfg.capture.uprobes, Some(&telemetry.metrics)) {
+        Ok((handle, events)) => {
+            let deps = ObservedDeps {
+                config: config.clone(),
+                agents: agents.clone(),
+                telemetry: telemetry.clone(),
+                limits: ObservedLimits::from(&cfg.capture.uprobes.l7),
+                observer: None,
+            };
+            (Some(handle), Some(observed::spawn(events, deps, shutdown.clone())))
+        }
+        Err(uprobe::UprobeError::Disabled) => {
+            tracing::info!("TLS uprobes disabled (capture.uprobes.enabled: false): spliced routes are L4 only");
+            (None, None)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "TLS uprobes not started: spliced routes are L4 only");
+            (None, None)
+        }
+    }
 }
 
 /// The capture heartbeat on its own thread, watching the captured listeners' backlogs and

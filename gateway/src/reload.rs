@@ -155,6 +155,8 @@ pub struct Reloader {
     pub pods: Option<Arc<PodStore>>,
     /// Reload metrics.
     pub telemetry: Arc<Telemetry>,
+    /// The config the uprobe observation task reads (routes by `Host`), when it runs.
+    pub observed: Option<Arc<arc_swap::ArcSwap<Config>>>,
 }
 
 /// How long a config file's content must stay the same before a watch or poll reload reads it
@@ -199,6 +201,9 @@ impl Reloader {
             c.apply_config(&next).await?;
         }
         self.proxy.commit(prepared);
+        if let Some(o) = &self.observed {
+            o.store(next.clone());
+        }
         self.current = next;
         Ok(pending)
     }

@@ -84,4 +84,14 @@ fn uprobe_defaults_and_bounds_point_at_the_line() {
         "b.yaml:3:22: capture.uprobes.rescan_interval: must be at least 100ms"
     );
     assert!(err("capture:\n  uprobes:\n    libssl: true\n").contains("unknown field"));
+    assert_eq!(u.l7, crate::config::ObservedL7Config::default());
+    assert_eq!(
+        err("capture:\n  uprobes:\n    l7:\n      max_pipeline: 0\n"),
+        "b.yaml:4:21: capture.uprobes.l7.max_pipeline: 0 must be between 1 and 1024"
+    );
+    assert_eq!(
+        err("capture:\n  uprobes:\n    l7:\n      idle_timeout: 10ms\n"),
+        "b.yaml:4:21: capture.uprobes.l7.idle_timeout: must be at least 1s"
+    );
+    assert!(err("capture:\n  uprobes:\n    l7:\n      max_body: 1\n").contains("unknown field"));
 }

@@ -22,7 +22,7 @@ pub use gateway::{
 pub use kubernetes::{KubernetesConfig, PodCaptureMode};
 pub use load::{from_path, from_str, ConfigError, DEFAULT_CONFIG_YAML};
 pub use telemetry::{ModelPrice, OtlpMetricsConfig};
-pub use uprobes::UprobesConfig;
+pub use uprobes::{ObservedL7Config, UprobesConfig};
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;

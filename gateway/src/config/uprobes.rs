@@ -54,6 +54,44 @@ pub struct UprobesConfig {
     /// processes started later are observed from their first call (e.g. `/usr/bin/node`,
     /// `/usr/lib/x86_64-linux-gnu/libssl.so.3`). Missing files are logged and skipped.
     pub paths: Vec<PathBuf>,
+    /// Bounds of the userspace HTTP/1.1 reassembly of observed plaintext.
+    pub l7: ObservedL7Config,
+}
+
+/// `capture.uprobes.l7`: memory bounds of reassembling observed plaintext into HTTP exchanges.
+/// A connection over a bound loses its L7 state (counted in
+/// `tollgate_uprobe_l7_dropped_total{reason}`); what it had in flight is reported cut.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObservedL7Config {
+    /// Observed connections with L7 state at once (1 to 1048576); more are not parsed
+    /// (reason `max_connections`).
+    pub max_connections: usize,
+    /// Largest HTTP message head held per direction, in bytes (1 KiB to 1 MiB; reason
+    /// `header_bytes`).
+    pub max_head_bytes: usize,
+    /// Largest request body held to read its model and flags, in bytes (1 KiB to 256 MiB;
+    /// reason `body_bytes`).
+    pub max_body_bytes: usize,
+    /// Requests awaiting their responses on one connection (1 to 1024; reason `pipeline`).
+    pub max_pipeline: usize,
+    /// A connection silent this long loses its state (reason `idle`): its close was missed.
+    /// At least 1s.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for ObservedL7Config {
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            max_head_bytes: 64 << 10,
+            max_body_bytes: 8 << 20,
+            max_pipeline: 64,
+            idle_timeout: Duration::from_secs(600),
+        }
+    }
 }
 
 impl Default for UprobesConfig {
@@ -69,6 +107,7 @@ impl Default for UprobesConfig {
             shared_libraries: true,
             static_executables: true,
             paths: Vec::new(),
+            l7: ObservedL7Config::default(),
         }
     }
 }
@@ -96,6 +135,21 @@ impl UprobesConfig {
         }
         if self.rescan_interval < Duration::from_millis(100) {
             return Err(("rescan_interval".into(), "must be at least 100ms".into()));
+        }
+        let l = &self.l7;
+        let bounds: [(&str, usize, usize, usize); 4] = [
+            ("l7.max_connections", l.max_connections, 1, 1 << 20),
+            ("l7.max_head_bytes", l.max_head_bytes, 1 << 10, 1 << 20),
+            ("l7.max_body_bytes", l.max_body_bytes, 1 << 10, 256 << 20),
+            ("l7.max_pipeline", l.max_pipeline, 1, 1024),
+        ];
+        for (field, v, lo, hi) in bounds {
+            if !(lo..=hi).contains(&v) {
+                return Err((field.into(), format!("{v} must be between {lo} and {hi}")));
+            }
+        }
+        if l.idle_timeout < Duration::from_secs(1) {
+            return Err(("l7.idle_timeout".into(), "must be at least 1s".into()));
         }
         Ok(())
     }

@@ -54,13 +54,20 @@ pub struct ObservedLimits {
 }
 
 impl Default for ObservedLimits {
+    /// The config's defaults (`capture.uprobes.l7`).
     fn default() -> Self {
+        ObservedLimits::from(&crate::config::ObservedL7Config::default())
+    }
+}
+
+impl From<&crate::config::ObservedL7Config> for ObservedLimits {
+    fn from(c: &crate::config::ObservedL7Config) -> Self {
         ObservedLimits {
-            max_connections: 4096,
-            max_head_bytes: 64 * 1024,
-            max_body_bytes: 8 * 1024 * 1024,
-            max_pipeline: 64,
-            idle_timeout: Duration::from_secs(600),
+            max_connections: c.max_connections,
+            max_head_bytes: c.max_head_bytes,
+            max_body_bytes: c.max_body_bytes,
+            max_pipeline: c.max_pipeline,
+            idle_timeout: c.idle_timeout,
         }
     }
 }
