@@ -105,7 +105,12 @@ impl Harness {
 
     /// Send `bytes` of `conn` in `dir`, cut by `split`.
     pub(super) async fn send(&self, c: &TestConn, dir: Direction, bytes: &str, split: Split) {
-        for data in split.cut(bytes.as_bytes()) {
+        self.send_bytes(c, dir, bytes.as_bytes(), split).await;
+    }
+
+    /// Send binary `bytes` (compressed bodies) of `conn` in `dir`, cut by `split`.
+    pub(super) async fn send_bytes(&self, c: &TestConn, dir: Direction, bytes: &[u8], split: Split) {
+        for data in split.cut(bytes) {
             self.event(c.data(dir, data, false)).await;
         }
     }
@@ -172,7 +177,7 @@ pub(super) fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-fn tokens(text: &str, agent: &str, token_type: &str) -> f64 {
+pub(super) fn tokens(text: &str, agent: &str, token_type: &str) -> f64 {
     let l = [("agent", agent), ("token_type", token_type), ("capture", "uprobe")];
     value(text, "tollgate_llm_tokens_total", &l)
 }
