@@ -270,9 +270,7 @@ impl Decoder {
             if end {
                 plain.extend(stage.finish()?);
             }
-            if plain.len() > self.at_once {
-                return Err(DecodeError::TooLarge(self.at_once));
-            }
+            // Each stage holds at most `at_once` (its sink, or `zstd_run`).
             b = plain;
         }
         Ok(b)
