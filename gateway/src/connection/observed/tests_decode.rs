@@ -13,13 +13,12 @@ use super::tests_wire::*;
 use super::*;
 use Direction::{Egress, Ingress};
 
+/// Bytes in (`true`: the last), compressed bytes out so far.
+type Encode = Box<dyn FnMut(&[u8], bool) -> Vec<u8>>;
+
 /// A streaming encoder: each `flush` ends what was written so far (how servers send SSE).
-fn encoder(coding: &str) -> Box<dyn FnMut(&[u8], bool) -> Vec<u8>> {
-    fn run<W: Write + 'static>(
-        w: W,
-        take: fn(&mut W) -> Vec<u8>,
-        end: fn(W) -> Vec<u8>,
-    ) -> Box<dyn FnMut(&[u8], bool) -> Vec<u8>> {
+fn encoder(coding: &str) -> Encode {
+    fn run<W: Write + 'static>(w: W, take: fn(&mut W) -> Vec<u8>, end: fn(W) -> Vec<u8>) -> Encode {
         let mut w = Some(w);
         Box::new(move |b, last| {
             let Some(mut e) = w.take() else { return Vec::new() };
