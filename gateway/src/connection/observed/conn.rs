@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::exchange::{Call, End, Meta, RouteInfo};
+use super::decode::{DecodeError, Decoder};
+use super::exchange::{is_sse, Call, End, Meta, Overflow, RouteInfo};
 use super::http1::{BodyKind, FrameError, Framer, Head, Piece, Role};
 use super::ObservedLimits;
 use crate::capture::{Agent, AgentResolver};
@@ -28,17 +29,112 @@ pub(super) struct Env<'a> {
     pub(super) limits: &'a ObservedLimits,
 }
 
+/// The decoding of the body in flight.
+enum Dec {
+    /// Not encoded (or not read).
+    Plain,
+    /// Encoded: decoded before the call reads it.
+    On(Box<Decoder>),
+    /// It could not be decoded: the rest is not read.
+    Failed,
+}
+
 /// One request and what is known of its fate.
 struct Pending {
     call: Call,
     /// `HEAD`: its response has no body whatever its headers say.
     head_method: bool,
-    /// Bytes were lost while it was in flight: its usage cannot be exact.
+    /// Bytes were lost while it was in flight, or a body of it did not decode: its usage
+    /// cannot be exact.
     gap: bool,
+    /// The body of the direction in flight (request, then response).
+    dec: Dec,
 }
 
 impl Pending {
-    fn finish(self, end: End) {
+    /// The decoding a head's `Content-Encoding` asks for, when the call reads the body.
+    fn decode(&mut self, h: &Head, at_once: Option<usize>, whole: bool) {
+        self.dec = Dec::Plain;
+        let (Some(at_once), Some(coding)) = (at_once, h.header("content-encoding")) else { return };
+        match Decoder::new(coding, at_once, whole) {
+            Ok(Some(d)) => self.dec = Dec::On(Box::new(d)),
+            Ok(None) => {}
+            Err(e) => self.fail(&e),
+        }
+    }
+
+    /// A body did not decode: counted, the rest not read, the call flagged.
+    fn fail(&mut self, e: &DecodeError) {
+        tracing::debug!(error = %e, "observed body not decoded");
+        if let Some(r) = self.call.reporter() {
+            r.telemetry().observed.dropped(e.reason());
+        }
+        self.dec = Dec::Failed;
+        self.gap = true;
+    }
+
+    /// Request body bytes, decoded. `Err`: over the request bound.
+    fn request_body(&mut self, b: &Bytes) -> Result<(), Overflow> {
+        match &mut self.dec {
+            Dec::Plain => self.call.request_body(b),
+            Dec::Failed => Ok(()),
+            Dec::On(d) => {
+                let call = &mut self.call;
+                let mut over = Ok(());
+                let r = d.feed(b, |p| {
+                    if over.is_ok() {
+                        over = call.request_body(p);
+                    }
+                });
+                if let Err(e) = r {
+                    self.fail(&e);
+                }
+                over
+            }
+        }
+    }
+
+    /// The request body ended: what its decoder holds is read.
+    fn request_end(&mut self) {
+        if let Dec::On(d) = &mut self.dec {
+            let call = &mut self.call;
+            let mut over = false;
+            let r = d.finish(|p| over |= call.request_body(p).is_err());
+            if let Err(e) = r {
+                self.fail(&e);
+            } else if over {
+                self.fail(&DecodeError::TooLarge(0));
+            }
+        }
+        self.dec = Dec::Plain;
+        self.call.request_end();
+    }
+
+    /// Response body bytes, decoded.
+    fn response_body(&mut self, b: &Bytes) {
+        match &mut self.dec {
+            Dec::Plain => self.call.response_body(b),
+            Dec::Failed => {}
+            Dec::On(d) => {
+                let call = &mut self.call;
+                if let Err(e) = d.feed(b, |p| call.response_body(p)) {
+                    self.fail(&e);
+                    self.call.lose_response_body();
+                }
+            }
+        }
+    }
+
+    fn finish(mut self, end: End) {
+        if end == End::Complete {
+            if let Dec::On(d) = &mut self.dec {
+                let call = &mut self.call;
+                if let Err(e) = d.finish(|p| call.response_body(p)) {
+                    self.fail(&e);
+                    self.call.lose_response_body();
+                }
+            }
+        }
         let end = if self.gap && end == End::Complete { End::Flagged } else { end };
         self.call.finish(end);
     }
@@ -96,7 +192,8 @@ impl Conn {
             // request once it has read the previous response).
             if let Some(mut p) = self.req_call.take() {
                 p.gap = true;
-                p.call.request_end();
+                p.dec = Dec::Plain;
+                p.request_end();
                 self.pending.push_back(p);
             }
             self.req.gap();
@@ -105,7 +202,7 @@ impl Conn {
             match piece {
                 Piece::Head(h) => {
                     if let Some(mut prev) = self.req_call.take() {
-                        prev.call.request_end();
+                        prev.request_end();
                         self.pending.push_back(prev);
                     }
                     if self.pending.len() >= env.limits.max_pipeline {
@@ -114,16 +211,19 @@ impl Conn {
                     let meta = self.meta(env, &h);
                     let call = Call::start(meta, &h, env.limits.max_body_bytes);
                     self.req.set_body(h.body_kind(Role::Request));
-                    self.req_call = Some(Pending { call, head_method: h.method == "HEAD", gap: false });
+                    let mut p = Pending { call, head_method: h.method == "HEAD", gap: false, dec: Dec::Plain };
+                    let bound = p.call.body_bound().map(|_| env.limits.max_body_bytes);
+                    p.decode(&h, bound, true);
+                    self.req_call = Some(p);
                 }
                 Piece::Body(b) => {
                     if let Some(p) = self.req_call.as_mut() {
-                        p.call.request_body(&b).map_err(|_| "body_bytes")?;
+                        p.request_body(&b).map_err(|_| "body_bytes")?;
                     }
                 }
                 Piece::End => {
                     if let Some(mut p) = self.req_call.take() {
-                        p.call.request_end();
+                        p.request_end();
                         self.pending.push_back(p);
                     }
                 }
@@ -149,7 +249,7 @@ impl Conn {
                 Piece::Head(h) => self.response_head(h)?,
                 Piece::Body(b) => {
                     if let Some(p) = self.resp_call.as_mut() {
-                        p.call.response_body(&b);
+                        p.response_body(&b);
                     }
                 }
                 Piece::End => {
@@ -193,7 +293,11 @@ impl Conn {
         let no_body = p.as_ref().is_some_and(|p| p.head_method) || h.status == 204 || h.status == 304;
         self.resp.set_body(if no_body { BodyKind::None } else { h.body_kind(Role::Response) });
         if let Some(p) = p.as_mut() {
+            // A response before its request's end: the request decoder ends here.
+            p.request_end();
             p.call.response_head(&h);
+            let bound = p.call.body_bound();
+            p.decode(&h, bound, !is_sse(&h));
         }
         self.resp_call = p;
         Ok(())

@@ -185,6 +185,43 @@ impl Call {
         }
     }
 
+    /// The plaintext a body of this exchange may hold (and so its decoder); `None`: its bodies
+    /// are not read, so not decoded either.
+    pub(super) fn body_bound(&self) -> Option<usize> {
+        match self {
+            Call::Llm(x) => Some(x.max_inspect()),
+            Call::Mcp(x) => Some(x.meta.max_inspect),
+            Call::A2a(x) => Some(x.meta.max_inspect),
+            Call::Card(_) => Some(crate::protocol::a2a::MAX_CARD_BYTES),
+            Call::Other => None,
+        }
+    }
+
+    /// Where a body given up is counted.
+    pub(super) fn reporter(&self) -> Option<&Arc<Reporter>> {
+        match self {
+            Call::Llm(x) => Some(x.reporter()),
+            Call::Mcp(x) => Some(&x.meta.reporter),
+            Call::A2a(x) => Some(&x.meta.reporter),
+            Call::Card(_) | Call::Other => None,
+        }
+    }
+
+    /// The response body cannot be decoded: what was read of it is let go, nothing more is
+    /// read (the exchange ends flagged, its usage estimated).
+    pub(super) fn lose_response_body(&mut self) {
+        match self {
+            Call::Llm(x) => x.lose_response_body(),
+            Call::Mcp(x) => x.body = McpBody::Waiting,
+            Call::A2a(x) => x.reader = ResponseReader::new(x.hop.stream, 0),
+            Call::Card(x) => {
+                x.overflow = true;
+                x.buf = Vec::new();
+            }
+            Call::Other => {}
+        }
+    }
+
     /// Response body bytes.
     pub(super) fn response_body(&mut self, b: &Bytes) {
         match self {
@@ -227,7 +264,7 @@ fn keep(buf: &mut BytesMut, b: &[u8], max: usize) -> Result<(), Overflow> {
     Ok(())
 }
 
-fn is_sse(head: &Head) -> bool {
+pub(super) fn is_sse(head: &Head) -> bool {
     head.header("content-type")
         .is_some_and(|v| v.trim_start().get(..17).is_some_and(|p| p.eq_ignore_ascii_case("text/event-stream")))
 }
@@ -249,7 +286,7 @@ enum McpBody {
 
 /// The MCP messages of one observed HTTP request.
 pub(super) struct McpExchange {
-    meta: Meta,
+    pub(super) meta: Meta,
     head: Head,
     request: BytesMut,
     max_request: usize,
@@ -404,7 +441,7 @@ impl McpExchange {
 
 /// One observed A2A hop.
 pub(super) struct A2aExchange {
-    meta: Meta,
+    pub(super) meta: Meta,
     hop: Box<A2aHop>,
     request: BytesMut,
     max_request: usize,

@@ -17,7 +17,7 @@ use crate::telemetry::{Capture, LlmCall, Payload, SpanIds};
 
 /// How the response body is read.
 enum Body {
-    /// No response head yet, or a body that cannot be read (compressed).
+    /// No response head yet, or a body that cannot be read (it does not decode).
     Waiting,
     /// `text/event-stream`: each event observed as it completes.
     Sse(SseParser),
@@ -113,18 +113,30 @@ impl LlmExchange {
             .is_some_and(|v| v.trim_start().get(..17).is_some_and(|p| p.eq_ignore_ascii_case("text/event-stream")));
         let request = std::mem::take(&mut self.request).freeze();
         let mut observer = Observer::new(self.det.api, request, self.provider == ProviderKind::OpenaiCompatible);
-        // The agent negotiated the encoding (the proxy asks for identity; observation cannot):
-        // a compressed body is not read, and its usage is estimated from the request, flagged.
-        let encoded = head.header("content-encoding").is_some_and(|e| !e.trim().eq_ignore_ascii_case("identity"));
-        self.body = if encoded {
-            Body::Waiting
-        } else if sse {
+        // A compressed body arrives decoded (`super::decode`); one that cannot be is given up
+        // by `lose_response_body`.
+        self.body = if sse {
             observer.streaming();
             Body::Sse(SseParser::new(self.max_sse_event))
         } else {
             Body::Json { copy: Vec::new(), max: self.max_inspect, truncated: false }
         };
         self.observer = Some(observer);
+    }
+
+    /// `limits.max_inspect_bytes`: the plaintext a body may hold.
+    pub(super) fn max_inspect(&self) -> usize {
+        self.max_inspect
+    }
+
+    /// Where the call is reported.
+    pub(super) fn reporter(&self) -> &Arc<Reporter> {
+        &self.reporter
+    }
+
+    /// The body cannot be decoded: nothing of it is read (usage estimated from the request).
+    pub(super) fn lose_response_body(&mut self) {
+        self.body = Body::Waiting;
     }
 
     /// Response body bytes.

@@ -10,12 +10,15 @@
 //! what it had in flight is reported cut with usage flagged estimated.
 
 mod conn;
+mod decode;
 mod exchange;
 mod http1;
 mod llm;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_decode;
 #[cfg(test)]
 mod tests_wire;
 

@@ -105,7 +105,12 @@ impl Harness {
 
     /// Send `bytes` of `conn` in `dir`, cut by `split`.
     pub(super) async fn send(&self, c: &TestConn, dir: Direction, bytes: &str, split: Split) {
-        for data in split.cut(bytes.as_bytes()) {
+        self.send_bytes(c, dir, bytes.as_bytes(), split).await;
+    }
+
+    /// Send binary `bytes` (compressed bodies) of `conn` in `dir`, cut by `split`.
+    pub(super) async fn send_bytes(&self, c: &TestConn, dir: Direction, bytes: &[u8], split: Split) {
+        for data in split.cut(bytes) {
             self.event(c.data(dir, data, false)).await;
         }
     }
@@ -172,7 +177,7 @@ pub(super) fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-fn tokens(text: &str, agent: &str, token_type: &str) -> f64 {
+pub(super) fn tokens(text: &str, agent: &str, token_type: &str) -> f64 {
     let l = [("agent", agent), ("token_type", token_type), ("capture", "uprobe")];
     value(text, "tollgate_llm_tokens_total", &l)
 }
@@ -446,15 +451,15 @@ async fn gap_after_partial_usage_is_flagged() {
     h.finish().await;
 }
 
-/// A compressed response (the agent asked for gzip, as httpx does) cannot be read: the call is
-/// reported with an estimate flagged as such, never as exact numbers read from garbage.
+/// A response whose `Content-Encoding` does not match its bytes (here plain JSON sent as `br`)
+/// is not read: the call is reported with an estimate flagged as such, never as exact numbers.
 #[tokio::test]
 async fn compressed_response_is_estimated_not_misread() {
     let mut h = Harness::start(ObservedLimits::default());
     let c = TestConn::new(7, "billing-bot", [162, 159, 140, 245]);
     let extra = "Accept-Encoding: gzip, deflate\r\n";
     h.send(&c, Egress, &post("api.openai.com", "/v1/chat/completions", extra, OPENAI_CHAT_REQ), Split::Whole).await;
-    // Whatever the encoded bytes look like (here they would even parse), they are not read.
+    // The bytes would even parse, but they are not brotli: they are not read.
     let resp =
         resp_len("application/json", OPENAI_CHAT_RESP).replace("Content-Type", "Content-Encoding: br\r\nContent-Type");
     h.send(&c, Ingress, &resp, Split::Every(4)).await;
