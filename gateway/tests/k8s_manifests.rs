@@ -513,10 +513,24 @@ fn daemonset_runs_the_node_agent_with_least_privilege() {
         assert!(volume["emptyDir"].is_mapping(), "{n}: /run/tollgate is an emptyDir");
         assert_eq!(mount_path(mount), Path::new("/run/tollgate"), "{n}");
 
+        // TLS uprobes: the host's tracefs read-only where the tracepoint ids are looked up
+        // (hostPID gives the agents' /proc/<pid>/maps and /proc/<pid>/root, checked above).
+        assert!(cfg.capture.uprobes.enabled, "{n}: capture.uprobes off in the DaemonSet's config");
+        let (volume, mount) = volume_and_mount(r, "tracefs");
+        assert_eq!(volume["hostPath"]["path"].as_str(), Some("/sys/kernel/tracing"), "{n}");
+        assert_eq!(volume["hostPath"]["type"].as_str(), Some("Directory"), "{n}");
+        assert_eq!(mount_path(mount), Path::new("/sys/kernel/tracing"), "{n}");
+        assert_eq!(mount["readOnly"].as_bool(), Some(true), "{n}: tracefs is only read");
+        assert_eq!(mount["mountPropagation"].as_str(), Some("HostToContainer"), "{n}");
+
         // Nothing else is mounted from the host.
         let host_paths: BTreeSet<&str> =
             seq(&spec["volumes"], "volumes").iter().filter_map(|v| v["hostPath"]["path"].as_str()).collect();
-        assert_eq!(host_paths, ["/sys/fs/bpf", "/sys/fs/cgroup"].into(), "{n}: hostPath volumes");
+        assert_eq!(
+            host_paths,
+            ["/sys/fs/bpf", "/sys/fs/cgroup", "/sys/kernel/tracing"].into(),
+            "{n}: hostPath volumes"
+        );
     }
 }
 

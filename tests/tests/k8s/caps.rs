@@ -9,7 +9,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{json, Value};
+use tollgate_e2e::certs::TestCa;
 use tollgate_e2e::cgroup::{command_in, Group};
 use tollgate_e2e::openai::{self, ChatRequest};
 use tollgate_e2e::tollgate::{base_config, Tollgate};
@@ -74,6 +75,66 @@ fn call_as_user(e: &Env, g: &Group, url: &str, text: &str) -> Result<()> {
     Ok(())
 }
 
+/// The HTTPS provider of k4 (spliced, observed through the uprobes).
+const K4_HOST: &str = "k4-provider.test";
+const K4_TLS: &str = "127.0.0.3:8443";
+
+/// `patch` plus a spliced route for [`K4_HOST`] at [`K4_TLS`].
+fn with_tls_route(mut patch: Value) -> Value {
+    if let Some(d) = patch["capture"]["destinations"].as_array_mut() {
+        d.push(json!({"cidr": "127.0.0.3/32", "port": 8443}));
+    }
+    if let Some(r) = patch["routes"].as_array_mut() {
+        r.push(json!({"name": "k4-tls", "provider": "openai", "match": {"hosts": [K4_HOST]}}));
+    }
+    patch
+}
+
+/// A chat call over HTTPS by uid 1000 in `g`, trusting only the provider's CA.
+fn tls_call_as_user(g: &Group, cacert: &Path, text: &str) -> Result<()> {
+    let req = ChatRequest::simple(MODEL, text);
+    let resolve = format!("{K4_HOST}:8443:127.0.0.3");
+    let out = command_in(Some(g), None, "setpriv")
+        .args(["--reuid=1000", "--regid=1000", "--clear-groups", "curl", "-sS", "--max-time", "10"])
+        .arg("--cacert")
+        .arg(cacert)
+        .args(["--resolve", &resolve, "-H", "Content-Type: application/json", "-H", "Authorization: Bearer sk-e2e"])
+        .args(["--data-binary", &serde_json::to_string(&req.to_json())?])
+        .arg(format!("https://{K4_HOST}:8443/v1/chat/completions"))
+        .output()?;
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    ensure!(
+        out.status.success() && v["choices"][0]["message"]["content"] == openai::reply_for(&req).content,
+        "TLS call as uid 1000 failed: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+fn tracefs_mounted() -> bool {
+    std::fs::read_to_string("/proc/mounts")
+        .is_ok_and(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/kernel/tracing")))
+}
+
+/// tracefs mounted for the test (as a host that mounts it would have it), unmounted on drop.
+struct HostTracefs;
+
+impl HostTracefs {
+    fn mount() -> Result<HostTracefs> {
+        let st =
+            std::process::Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]).status()?;
+        ensure!(st.success(), "mount -t tracefs: {st}");
+        Ok(HostTracefs)
+    }
+}
+
+impl Drop for HostTracefs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("/sys/kernel/tracing").status();
+    }
+}
+
 fn llm_line(t: &Tollgate, n: usize) -> Result<Value> {
     wait_for(Duration::from_secs(5), Duration::from_millis(100), || {
         t.access_log().into_iter().filter(|l| l["kind"] == "llm").nth(n)
@@ -97,11 +158,30 @@ fn k4_daemonset_capabilities_are_enough_and_each_is_needed() -> Result<()> {
     let url = format!("http://{addr}/v1/chat/completions");
     let patch = plaintext_route(addr, &[&g], "k4", &g);
 
-    // The DaemonSet's set as written, then the kernel's minimum: captured, counted, and the
-    // agent's executable is known.
+    // An HTTPS provider the agent trusts by its own CA, spliced: the TLS uprobes observe it.
+    let ca = TestCa::new(e.scratch.path(), "k4-provider", "tollgate e2e k4 provider CA")?;
+    std::fs::set_permissions(&ca.cert_path, std::fs::Permissions::from_mode(0o644))?;
+    let cert = ca.issue(e.scratch.path(), "k4-provider", &[K4_HOST])?;
+    let tls_mock = e.mock(&[
+        "--tls-listen",
+        K4_TLS,
+        "--listen",
+        "127.0.0.1:0",
+        "--cert",
+        &cert.cert_path.to_string_lossy(),
+        "--key",
+        &cert.key_path.to_string_lossy(),
+    ])?;
+    let patch = with_tls_route(patch);
+    let tracefs_on_host = tracefs_mounted();
+
+    // The DaemonSet's set as written, then the kernel's minimum: captured, counted, the
+    // agent's executable is known, and its TLS is observed by the uprobes.
     let manifest = daemonset_caps()?;
     let manifest: Vec<&str> = manifest.iter().map(String::as_str).collect();
     for (i, caps) in [manifest.as_slice(), &MINIMAL_CAPS[..]].into_iter().enumerate() {
+        // Without SYS_ADMIN tollgate cannot mount tracefs itself: the host's mount serves.
+        let _tracefs = (i == 1 && !tracefs_on_host).then(HostTracefs::mount).transpose()?;
         let t = start(&e, caps, patch.clone())?;
         call_as_user(&e, &g, &url, &format!("caps {i}"))?;
         wait_metric(&t, "tollgate_llm_requests_total", &[("agent", "k4")], 1.0)?;
@@ -110,6 +190,22 @@ fn k4_daemonset_capabilities_are_enough_and_each_is_needed() -> Result<()> {
         ensure!(
             a["uid"] == 1000 && a["exe"].as_str().is_some_and(|x| x.ends_with("/curl")),
             "caps {caps:?}: agent facts {a}"
+        );
+        wait_metric(&t, "tollgate_uprobe_available", &[], 1.0)?;
+        tls_call_as_user(&g, &ca.cert_path, &format!("caps {i} over TLS"))?;
+        wait_metric(&t, "tollgate_llm_requests_total", &[("agent", "k4"), ("capture", "uprobe")], 1.0)?;
+    }
+    ensure!(tls_mock.chat_requests()? == 2, "TLS mock stats {}", tls_mock.stats(None)?);
+
+    // SYS_ADMIN is what mounts tracefs on a host without it: the minimum set then runs L4-only
+    // (started, uprobes reported unavailable), not broken.
+    if !tracefs_on_host {
+        let t = start(&e, &MINIMAL_CAPS, patch.clone())?;
+        wait_metric(&t, "tollgate_uprobe_available", &[], 0.0)?;
+        ensure!(
+            t.stderr_tail(40).contains("TLS uprobes not started"),
+            "no start-up warning without tracefs:\n{}",
+            t.stderr_tail(40)
         );
     }
 

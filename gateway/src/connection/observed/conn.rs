@@ -336,6 +336,11 @@ impl Conn {
     fn meta(&self, env: &Env<'_>, h: &Head) -> Option<Meta> {
         let host = h.header("host").map(strip_port);
         let route = env.config.route_for(host, Some(self.orig))?;
+        if route.intercept {
+            // tollgate terminates this TLS itself and reports the call from the proxy: the
+            // plaintext the uprobes see is the agent's side of that same call.
+            return None;
+        }
         let callee_pod = (route.protocol == RouteProtocol::A2a).then(|| env.agents.pod_agent_at(self.orig.ip()));
         let server = match &route.upstream {
             // As the proxy reports a route with an `upstream` override.

@@ -23,6 +23,7 @@ routes:
 - {name: anthropic, match: {hosts: [api.anthropic.com]}, provider: anthropic}
 - {name: tools, match: {hosts: [mcp.internal]}, protocol: mcp}
 - {name: booking, match: {hosts: [booking.internal]}, protocol: a2a}
+- {name: terminated, match: {hosts: [intercepted.internal]}, provider: openai, intercept: true}
 ";
 
 /// How a byte stream is cut into events.
@@ -220,6 +221,26 @@ async fn openai_calls_on_one_connection_exact_in_any_split() {
         let ttft = [("capture", "uprobe"), ("gen_ai_request_model", "gpt-4o-mini")];
         assert_eq!(value(&text, "gen_ai_server_time_to_first_token_seconds_count", &ttft), 1.0);
     }
+}
+
+/// A route tollgate intercepts reports its calls from the proxy; the uprobes see the agent's
+/// side of the same TLS session (with tollgate), which must not be counted a second time.
+#[tokio::test]
+async fn intercepted_routes_are_not_counted_again_from_uprobes() {
+    let mut h = Harness::start(ObservedLimits::default());
+    let c = TestConn::new(1, "billing-bot", [162, 159, 140, 245]);
+    let auth = "Authorization: Bearer sk-test\r\n";
+    h.send(&c, Egress, &post("intercepted.internal", "/v1/chat/completions", auth, OPENAI_CHAT_REQ), Split::Whole)
+        .await;
+    h.send(&c, Ingress, &resp_len("application/json", OPENAI_CHAT_RESP), Split::Whole).await;
+    h.send(&c, Egress, &post("api.openai.com", "/v1/chat/completions", auth, OPENAI_CHAT_REQ), Split::Whole).await;
+    h.send(&c, Ingress, &resp_len("application/json", OPENAI_CHAT_RESP), Split::Whole).await;
+    let calls = h.llm_calls(1).await;
+    h.event(c.close()).await;
+    let text = h.finish().await;
+    assert_eq!(calls[0].route.as_ref(), "openai", "{calls:?}");
+    assert_eq!(value(&text, "tollgate_llm_requests_total", &[]), 1.0, "{text}");
+    assert_eq!(value(&text, "tollgate_llm_requests_total", &[("route", "terminated")]), 0.0, "{text}");
 }
 
 #[tokio::test]
