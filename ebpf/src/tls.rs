@@ -11,6 +11,10 @@
 //!   return probe looks the connection up by (tgid, fd) and copies the plaintext straight from
 //!   user memory into ring buffer reservations. A call the library serves from its own buffer
 //!   (no syscall) uses the last fd seen for that `SSL*`.
+//! * Memory-BIO stacks (Node.js, Python asyncio) never make a syscall inside an SSL call: a read
+//!   on a captured fd leaves a per-thread receive token ([`tg_tls_recv_enter`],
+//!   [`tg_tls_recv_exit`]) that the next SSL call on the thread consumes, binding its `SSL*`
+//!   under the rules of [`bind_at_entry`].
 //! * Only calls whose (tgid, fd) is a captured connection emit anything: the plaintext of any
 //!   other TLS connection never leaves the kernel (counted as `NotCaptured`).
 //! * `sys_enter_close` emits CLOSE for a captured fd and forgets it.
@@ -389,7 +393,10 @@ fn bind_at_entry(id: u64, ssl: u64) -> u8 {
 ///   or a file it read first), unless the entry bound by token: a memory-BIO call does no
 ///   socket I/O, so what it read was a file (the time zone during certificate checks);
 /// * otherwise the binding, if it is a real fd (not [`SSL_SEEN_NO_FD`]).
-#[inline(always)]
+///
+/// Out of line: its paths join at the return, so the verifier walks the data return's chunk
+/// loop once per length path rather than once per binding path.
+#[inline(never)]
 fn call_fd(id: u64, call: &SslCall) -> Option<u32> {
     let skey = SslKey { tgid: id >> 32, ssl: call.ssl };
     if call.fd >= 0 {

@@ -43,7 +43,8 @@ pub mod maps {
     /// Threads inside an SSL call: pid_tgid -> [`crate::SslCall`].
     pub const TLS_ACTIVE: &str = "TG_TLS_ACTIVE";
     /// Last fd seen per SSL object: [`crate::SslKey`] -> `u32` (LRU), for calls served from the
-    /// library's buffer without a syscall.
+    /// library's buffer without a syscall; `u32::MAX` marks an object seen in calls without any
+    /// syscall and not bound yet (memory BIO). Dropped on `SSL_free`.
     pub const TLS_SSL_FD: &str = "TG_TLS_SSL_FD";
     /// One-page ring buffer of exec wake-ups (`u32` tgids) from `sched_process_exec`: a new
     /// program may map a TLS library no one mapped before, so userspace rescans early.
