@@ -43,11 +43,17 @@ pub mod maps {
     /// Threads inside an SSL call: pid_tgid -> [`crate::SslCall`].
     pub const TLS_ACTIVE: &str = "TG_TLS_ACTIVE";
     /// Last fd seen per SSL object: [`crate::SslKey`] -> `u32` (LRU), for calls served from the
-    /// library's buffer without a syscall.
+    /// library's buffer without a syscall; `u32::MAX` marks an object seen in calls without any
+    /// syscall and not bound yet (memory BIO). Dropped on `SSL_free`.
     pub const TLS_SSL_FD: &str = "TG_TLS_SSL_FD";
     /// One-page ring buffer of exec wake-ups (`u32` tgids) from `sched_process_exec`: a new
     /// program may map a TLS library no one mapped before, so userspace rescans early.
     pub const TLS_EXECS: &str = "TG_TLS_EXECS";
+    /// Last captured receive per thread: pid_tgid -> [`crate::RecvToken`] (LRU). Memory-BIO
+    /// TLS stacks (Node.js, Python asyncio) read the socket and then feed the bytes to OpenSSL
+    /// on the same thread, with no syscall inside the SSL call: this is how such an `SSL*` finds
+    /// its fd.
+    pub const TLS_LAST_RECV: &str = "TG_TLS_LAST_RECV";
     /// Per-CPU `u64` counters indexed by [`crate::TlsCounter`].
     pub const TLS_COUNTERS: &str = "TG_TLS_COUNTERS";
     /// Per-CPU scratch [`crate::TlsConn`] (keeps it off connect4/6's 512-byte stack).
@@ -78,9 +84,21 @@ pub mod progs {
     pub const SSL_READ_EX: &str = "tg_ssl_read_ex";
     /// uretprobe on all four SSL functions: emits the plaintext.
     pub const SSL_RET: &str = "tg_ssl_ret";
-    /// Tracepoint attached to `sys_enter_{write,writev,sendto,sendmsg,read,readv,recvfrom,recvmsg}`:
-    /// the fd an SSL call uses.
+    /// uprobe on `SSL_do_handshake`: binds a memory-BIO `SSL*` to its fd before the first write.
+    pub const SSL_HANDSHAKE: &str = "tg_ssl_handshake";
+    /// uretprobe on `SSL_do_handshake`.
+    pub const SSL_HANDSHAKE_RET: &str = "tg_ssl_handshake_ret";
+    /// uprobe on `SSL_free`: forgets the object's fd (its address may be reused for another
+    /// connection).
+    pub const SSL_FREE: &str = "tg_ssl_free";
+    /// Tracepoint attached to `sys_enter_{write,writev,sendto,sendmsg}`: the fd an SSL call uses.
     pub const TLS_SYS_FD: &str = "tg_tls_sys_fd";
+    /// Tracepoint attached to `sys_enter_{read,readv,recvfrom,recvmsg}`: the fd an SSL call
+    /// uses, and the thread's last captured receive ([`crate::RecvToken`]).
+    pub const TLS_RECV_ENTER: &str = "tg_tls_recv_enter";
+    /// Tracepoint attached to `sys_exit_{read,readv,recvfrom,recvmsg}`: a receive that brought
+    /// no bytes arms no binding.
+    pub const TLS_RECV_EXIT: &str = "tg_tls_recv_exit";
     /// Tracepoint `syscalls/sys_enter_connect`.
     pub const TLS_CONNECT_ENTER: &str = "tg_tls_connect_enter";
     /// Tracepoint `syscalls/sys_exit_connect`.
@@ -244,6 +262,46 @@ pub const TLS_DIR_INGRESS: u8 = 1;
 /// `TlsEventHeader::flags`: bytes of this direction were lost before this event (ring buffer
 /// full, per-call cap); the stream cannot be parsed exactly across the gap.
 pub const TLS_FLAG_GAP_BEFORE: u8 = 1;
+/// `SslCall::direction` of `SSL_do_handshake`: binds, never emits.
+pub const TLS_DIR_HANDSHAKE: u8 = 2;
+/// How long after a captured receive returned bytes an fd-less SSL call on the same thread may
+/// take that receive's fd (50 ms). Memory-BIO stacks call OpenSSL in the same callback that read
+/// the socket (microseconds later); the slack covers preemption and GC pauses on a busy node,
+/// while [`RecvToken`] rules (first SSL call after the receive, no other read in between) keep
+/// a stale receive from binding anything.
+pub const TLS_BIND_WINDOW_NS: u64 = 50_000_000;
+/// [`RecvToken::state`]: `read()` entered on a captured fd, bytes not yet confirmed.
+pub const RECV_PENDING: u32 = 1;
+/// [`RecvToken::state`]: that read returned bytes: the next SSL call may bind to `fd`.
+pub const RECV_READY: u32 = 2;
+
+/// Value of `TG_TLS_LAST_RECV`: the thread's last receive on a captured connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecvToken {
+    /// The captured connection's fd.
+    pub fd: u32,
+    /// [`RECV_PENDING`] or [`RECV_READY`].
+    pub state: u32,
+    /// `bpf_ktime_get_ns()` when the read returned bytes (entered, while pending).
+    pub ts_ns: u64,
+}
+
+impl RecvToken {
+    /// The fd an SSL call that saw no syscall and whose `SSL*` has no fd yet may bind to at
+    /// `now_ns`: only a receive that returned bytes at most `window_ns` earlier. Shared by the
+    /// kernel (which consumes the token on every SSL call, so only the first call after the
+    /// receive can bind) and the tests.
+    #[inline(always)]
+    pub fn bindable_fd(&self, now_ns: u64, window_ns: u64) -> Option<u32> {
+        if self.state == RECV_READY && now_ns >= self.ts_ns && now_ns - self.ts_ns <= window_ns {
+            Some(self.fd)
+        } else {
+            None
+        }
+    }
+}
+
 /// Most [`TLS_CHUNK`] events one SSL call emits: bounds the kernel's loop for the verifier, and
 /// so `capture.uprobes.max_bytes_per_call` (256 KiB at most).
 pub const TLS_MAX_CALL_CHUNKS: u32 = 16;
@@ -276,10 +334,13 @@ pub struct SslCall {
     /// fd the call used in a syscall, -1 until one is seen: the first one, or a captured
     /// connection's (a call may read a file first, e.g. the time zone during certificate checks).
     pub fd: i32,
-    /// [`TLS_DIR_EGRESS`] or [`TLS_DIR_INGRESS`].
+    /// [`TLS_DIR_EGRESS`], [`TLS_DIR_INGRESS`] or [`TLS_DIR_HANDSHAKE`].
     pub direction: u8,
+    /// 1 when the entry bound the `SSL*` to `token_fd` (a memory-BIO object's first call after
+    /// a captured receive): files the call reads then do not rebind it.
+    pub bound_by_token: u8,
     /// Explicit padding (always 0).
-    pub _pad: [u8; 3],
+    pub _pad: [u8; 2],
 }
 
 /// Key of `TG_TLS_SSL_FD`.
@@ -484,12 +545,27 @@ mod pod {
     unsafe impl aya::Pod for SslCall {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SslKey {}
+    // SAFETY: repr(C), plain integers, no padding (4 + 4 + 8).
+    unsafe impl aya::Pod for RecvToken {}
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use core::mem::size_of;
+
+    #[test]
+    fn recv_token_binds_only_a_recent_receive_that_returned_bytes() {
+        let w = TLS_BIND_WINDOW_NS;
+        let ready = RecvToken { fd: 7, state: RECV_READY, ts_ns: 1_000 };
+        assert_eq!(ready.bindable_fd(1_000, w), Some(7));
+        assert_eq!(ready.bindable_fd(1_000 + w, w), Some(7));
+        assert_eq!(ready.bindable_fd(1_001 + w, w), None, "outside the window");
+        assert_eq!(ready.bindable_fd(999, w), None, "clock before the receive");
+        let pending = RecvToken { state: RECV_PENDING, ..ready };
+        assert_eq!(pending.bindable_fd(1_000, w), None, "a read that brought nothing");
+        assert_eq!(RecvToken::default().bindable_fd(0, w), None);
+    }
 
     #[test]
     fn layouts_have_no_implicit_padding() {
@@ -501,6 +577,7 @@ mod tests {
         assert_eq!(size_of::<TlsConn>(), size_of::<CaptureRecord>() + 8);
         assert_eq!(size_of::<SslCall>(), 8 * 3 + 4 + 4);
         assert_eq!(size_of::<SslKey>(), 16);
+        assert_eq!(size_of::<RecvToken>(), 16);
         assert_eq!(core::mem::align_of::<TlsEvent>(), 8);
         assert_eq!(size_of::<Cidr4Key>(), 6);
         assert_eq!(size_of::<Cidr6Key>(), 18);

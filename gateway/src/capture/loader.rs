@@ -149,6 +149,7 @@ pub fn load_object(cfg: &Config) -> Result<Ebpf, LoaderError> {
         .map_max_entries(maps::TLS_CONNECTING, conns.max(1))
         .map_max_entries(maps::TLS_ACTIVE, conns.max(1))
         .map_max_entries(maps::TLS_SSL_FD, conns.max(1))
+        .map_max_entries(maps::TLS_LAST_RECV, conns.max(1))
         .override_global(globals::TLS_MAX_CALL_BYTES, &max_call, false)
         .map_max_entries(maps::BY_COOKIE, c.max_records.max(1))
         .map_max_entries(maps::BY_FLOW, c.max_records.max(1))

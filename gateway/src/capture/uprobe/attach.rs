@@ -15,8 +15,16 @@ use super::UprobeError;
 /// Where tracefs is expected (aya looks here first).
 const TRACEFS: &str = "/sys/kernel/tracing";
 
-/// Syscalls whose entry tells the fd an SSL call uses.
-const FD_SYSCALLS: [&str; 8] = ["write", "writev", "sendto", "sendmsg", "read", "readv", "recvfrom", "recvmsg"];
+/// Send syscalls: their entry tells the fd an SSL call uses.
+const SEND_SYSCALLS: [&str; 4] = ["write", "writev", "sendto", "sendmsg"];
+/// Receive syscalls: their entry tells the fd an SSL call uses and, with their exit, arms the
+/// thread's receive token (how memory-BIO stacks' `SSL*`s find their fd).
+const RECV_SYSCALLS: [&str; 4] = ["read", "readv", "recvfrom", "recvmsg"];
+
+/// Probes with their own return program, optional: (symbol, entry, return or none). The
+/// handshake binds memory-BIO `SSL*`s early; `SSL_free` forgets a freed object's fd.
+const EXTRA_PROBES: [(&str, &str, Option<&str>); 2] =
+    [("SSL_do_handshake", progs::SSL_HANDSHAKE, Some(progs::SSL_HANDSHAKE_RET)), ("SSL_free", progs::SSL_FREE, None)];
 
 /// Entry probes by symbol, and whether the symbol is required (OpenSSL < 1.1.1 has no `_ex`).
 const ENTRY_PROBES: [(&str, &str, bool); 4] = [
@@ -27,18 +35,33 @@ const ENTRY_PROBES: [(&str, &str, bool); 4] = [
 ];
 
 /// The tracepoint programs.
-const TRACEPOINT_PROGRAMS: [&str; 5] =
-    [progs::TLS_SYS_FD, progs::TLS_CONNECT_ENTER, progs::TLS_CONNECT_EXIT, progs::TLS_CLOSE, progs::TLS_EXEC];
+const TRACEPOINT_PROGRAMS: [&str; 7] = [
+    progs::TLS_SYS_FD,
+    progs::TLS_RECV_ENTER,
+    progs::TLS_RECV_EXIT,
+    progs::TLS_CONNECT_ENTER,
+    progs::TLS_CONNECT_EXIT,
+    progs::TLS_CLOSE,
+    progs::TLS_EXEC,
+];
+
+/// Every uprobe program: the entry probes, their shared return, the extra probes.
+fn uprobe_programs() -> impl Iterator<Item = &'static str> {
+    ENTRY_PROBES
+        .iter()
+        .map(|(_, n, _)| *n)
+        .chain([progs::SSL_RET])
+        .chain(EXTRA_PROBES.iter().flat_map(|(_, e, r)| std::iter::once(*e).chain(*r)))
+}
 
 /// Offset the kernel programs read the first syscall argument (or `ret`) at.
 const ARG0_OFFSET: usize = 16;
 
 /// Load every TLS program into the kernel (the verifier runs here).
 pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), UprobeError> {
-    for (_, name, _) in ENTRY_PROBES {
+    for name in uprobe_programs() {
         uprobe(ebpf, name)?.load().map_err(|source| UprobeError::Load { name, source })?;
     }
-    uprobe(ebpf, progs::SSL_RET)?.load().map_err(|source| UprobeError::Load { name: progs::SSL_RET, source })?;
     for name in TRACEPOINT_PROGRAMS {
         tracepoint(ebpf, name)?.load().map_err(|source| UprobeError::Load { name, source })?;
     }
@@ -48,8 +71,7 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), UprobeError> {
 /// Detach and unload every TLS program (a start that failed half-way leaves nothing running:
 /// tracepoints on every read/write syscall would cost without any probe to serve).
 pub fn unload_all(ebpf: &mut Ebpf) {
-    let probes = ENTRY_PROBES.iter().map(|(_, n, _)| *n).chain([progs::SSL_RET]);
-    for name in probes {
+    for name in uprobe_programs() {
         if let Ok(p) = uprobe(ebpf, name) {
             let _ = p.unload();
         }
@@ -136,7 +158,9 @@ pub fn attach_tracepoints(ebpf: &mut Ebpf, exec_wake: bool) -> Result<(), Uprobe
         (progs::TLS_CONNECT_EXIT, "sys_exit_connect".into(), "ret"),
         (progs::TLS_CLOSE, "sys_enter_close".into(), "fd"),
     ];
-    plan.extend(FD_SYSCALLS.iter().map(|s| (progs::TLS_SYS_FD, format!("sys_enter_{s}"), "fd")));
+    plan.extend(SEND_SYSCALLS.iter().map(|s| (progs::TLS_SYS_FD, format!("sys_enter_{s}"), "fd")));
+    plan.extend(RECV_SYSCALLS.iter().map(|s| (progs::TLS_RECV_ENTER, format!("sys_enter_{s}"), "fd")));
+    plan.extend(RECV_SYSCALLS.iter().map(|s| (progs::TLS_RECV_EXIT, format!("sys_exit_{s}"), "ret")));
     for (name, event, field) in plan {
         check_offset(&event, field)?;
         tracepoint(ebpf, name)?
@@ -173,6 +197,20 @@ pub fn attach_file(ebpf: &mut Ebpf, c: &Candidate) -> Result<usize, UprobeError>
         })?;
         n += 1;
     }
+    for (symbol, entry, ret) in EXTRA_PROBES {
+        // Optional: without them memory-BIO stacks bind later (first data call) or not at all.
+        if let Err(e) = attach_one(uprobe(ebpf, entry)?, symbol, &c.path) {
+            tracing::debug!(file = %c.path.display(), symbol, error = %e, "optional TLS symbol not probed");
+            continue;
+        }
+        if let Some(ret) = ret {
+            attach_one(uprobe(ebpf, ret)?, symbol, &c.path).map_err(|source| UprobeError::AttachFile {
+                path: c.path.clone(),
+                symbol,
+                source,
+            })?;
+        }
+    }
     Ok(n)
 }
 
@@ -185,6 +223,19 @@ mod tests {
     use super::*;
 
     const CONNECT: &str = "name: sys_enter_connect\nID: 1\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\tfield:int __syscall_nr;\toffset:8;\tsize:4;\tsigned:1;\n\tfield:int fd;\toffset:16;\tsize:8;\tsigned:0;\n\tfield:struct sockaddr * uservaddr;\toffset:24;\tsize:8;\tsigned:0;\n";
+
+    #[test]
+    fn every_program_loaded_once() {
+        let all: Vec<_> = uprobe_programs().chain(TRACEPOINT_PROGRAMS).collect();
+        let unique: std::collections::HashSet<_> = all.iter().collect();
+        assert_eq!(all.len(), unique.len(), "{all:?}");
+        for p in [progs::SSL_HANDSHAKE, progs::SSL_HANDSHAKE_RET, progs::SSL_FREE, progs::SSL_RET] {
+            assert!(all.contains(&p), "{p} not loaded");
+        }
+        assert!(
+            TRACEPOINT_PROGRAMS.contains(&progs::TLS_RECV_ENTER) && TRACEPOINT_PROGRAMS.contains(&progs::TLS_RECV_EXIT)
+        );
+    }
 
     #[test]
     fn format_offsets() {
