@@ -293,6 +293,27 @@ fn pin_err(name: &'static str, dir: Option<&Path>, e: impl std::fmt::Display) ->
     LoaderError::Pin { name, path: pin_path(dir.unwrap_or(Path::new("")), name), reason: e.to_string() }
 }
 
+/// Detach the three cgroup programs (fail-open mode: their links are owned by `ebpf`) before
+/// anything else of the object is dropped. Dropping the whole object detaches them too, but in
+/// no set order, and tearing down the TLS uprobes can take a while (every probed file, every
+/// tracepoint): new connects must go direct from the first moment of a shutdown, not keep
+/// reaching a proxy that is about to stop accepting.
+pub fn detach_cgroup_programs(ebpf: &mut Ebpf) {
+    for name in PROGRAMS {
+        let Some(prog) = ebpf.program_mut(name) else { continue };
+        let r = if name == progs::SOCK_OPS {
+            <&mut SockOps>::try_from(prog).map(|p| p.unload())
+        } else {
+            <&mut CgroupSockAddr>::try_from(prog).map(|p| p.unload())
+        };
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(program = name, error = %e, "detaching eBPF program failed"),
+            Err(e) => tracing::warn!(program = name, error = %e, "eBPF program of an unexpected type"),
+        }
+    }
+}
+
 /// Remove the pins (the links detach when the returned fds close, i.e. right away).
 pub fn unpin_links(pinned: Pinned) {
     for link in pinned {

@@ -249,8 +249,14 @@ impl Capture {
             t.abort();
         }
         loader::unpin_links(std::mem::take(&mut *self.pinned.lock()));
-        // Dropping the object closes the program fds and the links it owns (fail-open mode).
-        drop(self.ebpf.lock().take());
+        let mut ebpf = self.ebpf.lock().take();
+        // Connects go direct first; then the rest (TLS uprobes, maps) is dropped, which closes
+        // the program fds and the links the object owns.
+        if let Some(e) = ebpf.as_mut() {
+            loader::detach_cgroup_programs(e);
+        }
+        tracing::info!(cgroup = %self.cgroup_root.display(), "kernel capture programs detached");
+        drop(ebpf);
         tracing::info!(cgroup = %self.cgroup_root.display(), "kernel capture detached");
     }
 }
