@@ -70,6 +70,47 @@ pub struct A2aHop {
     pub capture: Capture,
 }
 
+impl A2aHop {
+    /// A hop that has just arrived: nothing read of it yet, `incomplete` until its answer is.
+    /// One constructor for the intercepting proxy and the uprobe observer, which differ only in
+    /// where the facts come from. The span ids are made here when spans are exported, from the
+    /// incoming `traceparent`.
+    pub fn arrived(
+        telemetry: &Telemetry,
+        agent: Arc<Agent>,
+        route: Arc<str>,
+        target: Arc<str>,
+        traceparent: Option<String>,
+        server_address: (String, u16),
+        capture: Capture,
+    ) -> Self {
+        let span_ids = telemetry.tracing().then(|| SpanIds::new(traceparent.as_deref()));
+        A2aHop {
+            agent,
+            route,
+            target,
+            method: "invalid",
+            request_id: None,
+            skill: None,
+            task_id: None,
+            context_id: None,
+            outcome: "incomplete",
+            denied_by: None,
+            error_code: None,
+            error: None,
+            status: 0,
+            stream: false,
+            events: 0,
+            start: SystemTime::now(),
+            duration: Duration::ZERO,
+            traceparent,
+            span_ids,
+            server_address: Some(server_address),
+            capture,
+        }
+    }
+}
+
 /// The A2A metric families (see the README's metrics table).
 pub struct A2aMetrics {
     hops: IntCounterVec,

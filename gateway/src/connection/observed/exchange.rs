@@ -4,7 +4,7 @@
 //! report through the same telemetry, marked `capture = uprobe`.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 
@@ -454,31 +454,16 @@ impl A2aExchange {
     fn new(meta: Meta, head: &Head, max_request: usize) -> Self {
         let r = &meta.route;
         let traceparent = head.header("traceparent").map(str::to_string);
-        let span_ids = meta.reporter.telemetry().tracing().then(|| SpanIds::new(traceparent.as_deref()));
         let destination = format!("{}:{}", r.server.0, r.server.1);
-        let hop = Box::new(A2aHop {
-            agent: meta.agent.clone(),
-            route: r.name.clone(),
-            target: crate::protocol::a2a::callee_at(&destination, r.callee_pod.as_ref(), &r.name),
-            method: "invalid",
-            request_id: None,
-            skill: None,
-            task_id: None,
-            context_id: None,
-            outcome: "incomplete",
-            denied_by: None,
-            error_code: None,
-            error: None,
-            status: 0,
-            stream: false,
-            events: 0,
-            start: SystemTime::now(),
-            duration: std::time::Duration::ZERO,
+        let hop = Box::new(A2aHop::arrived(
+            meta.reporter.telemetry(),
+            meta.agent.clone(),
+            r.name.clone(),
+            crate::protocol::a2a::callee_at(&destination, r.callee_pod.as_ref(), &r.name),
             traceparent,
-            span_ids,
-            server_address: Some(r.server.clone()),
-            capture: Capture::Uprobe,
-        });
+            r.server.clone(),
+            Capture::Uprobe,
+        ));
         let max = meta.max_inspect;
         A2aExchange {
             meta,

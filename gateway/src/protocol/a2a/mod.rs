@@ -19,7 +19,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::task::{ready, Context, Poll};
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{ACCEPT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
@@ -34,7 +34,6 @@ use super::llm::read_request_body;
 use super::llm::Reporter;
 use crate::policy::a2a_hops::{Denial, Hop};
 use crate::telemetry::a2a::A2aHop;
-use crate::telemetry::SpanIds;
 use rpc::{CardInfo, ResponseReader, RpcRequest};
 
 /// JSON-RPC error code of a hop refused by an `a2a.rules` entry: in the implementation-defined
@@ -289,30 +288,15 @@ async fn hop(ctx: &L7Context, req: Request<Incoming>) -> Response<ProxyBody> {
 /// The hop record for a request on this connection: who calls whom, and the trace context.
 fn new_hop(ctx: &L7Context, parts: &http::request::Parts) -> A2aHop {
     let traceparent = parts.headers.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_string);
-    let span_ids = ctx.reporter.telemetry().tracing().then(|| SpanIds::new(traceparent.as_deref()));
-    A2aHop {
-        agent: ctx.agent.clone(),
-        route: ctx.route.clone(),
-        target: callee(ctx),
-        method: "invalid",
-        request_id: None,
-        skill: None,
-        task_id: None,
-        context_id: None,
-        outcome: "incomplete",
-        denied_by: None,
-        error_code: None,
-        error: None,
-        status: 0,
-        stream: false,
-        events: 0,
-        start: SystemTime::now(),
-        duration: std::time::Duration::ZERO,
+    A2aHop::arrived(
+        ctx.reporter.telemetry(),
+        ctx.agent.clone(),
+        ctx.route.clone(),
+        callee(ctx),
         traceparent,
-        span_ids,
-        server_address: Some((ctx.target.server_address.clone(), ctx.target.server_port)),
-        capture: crate::telemetry::Capture::Intercept,
-    }
+        (ctx.target.server_address.clone(), ctx.target.server_port),
+        crate::telemetry::Capture::Intercept,
+    )
 }
 
 /// Refuse a hop: a JSON-RPC error with the caller's id, reported with the rule.
