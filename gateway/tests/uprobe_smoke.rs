@@ -263,6 +263,60 @@ async fn node_fetch(env: &Env, targets: &[(u16, &str)]) -> u32 {
     mem_bio_client("/usr/bin/node", &args, env, &paths).await
 }
 
+/// A memory-BIO client stack (no syscall inside its SSL calls).
+#[derive(Clone, Copy)]
+enum MemBio {
+    PyAsync,
+    Node,
+}
+
+impl MemBio {
+    fn name(self) -> &'static str {
+        match self {
+            MemBio::PyAsync => "asyncio",
+            MemBio::Node => "node",
+        }
+    }
+
+    async fn run(self, env: &Env, targets: &[(u16, &str)]) -> u32 {
+        match self {
+            MemBio::PyAsync => py_async(env, targets).await,
+            MemBio::Node => node_fetch(env, targets).await,
+        }
+    }
+}
+
+/// The safety of joining memory-BIO calls to sockets: a captured and an uncaptured connection
+/// on the same thread emit only the captured one's plaintext, and an uncaptured connection
+/// alone emits nothing; the uncaptured calls reach the probes and are held back.
+async fn memory_bio_safety(
+    client: MemBio,
+    rx: &mut mpsc::Receiver<TlsEvent>,
+    env: &Env,
+    handle: &uprobe::UprobeHandle,
+    target_port: u16,
+    other_port: u16,
+) {
+    let n = client.name();
+    let (captured, uncaptured) = (format!("/{n}-captured"), format!("/{n}-uncaptured"));
+    let before = handle.snapshot();
+    let pid = client.run(env, &[(target_port, &captured), (other_port, &uncaptured)]).await;
+    let evs = events_of(rx, env, pid, &format!("/after-{n}-mixed")).await;
+    let after = handle.snapshot();
+    assert_joined(&evs, pid, env, &captured, Some(&uncaptured));
+    let held = held_back(&before, &after);
+    assert!(held >= 2, "{n}: the uncaptured connection's write and read must be held back: {before:?} -> {after:?}");
+    println!("{n} mixed ok: {held} calls held back");
+
+    let before = handle.snapshot();
+    let pid = client.run(env, &[(other_port, &format!("/{n}-only-uncaptured"))]).await;
+    let evs = events_of(rx, env, pid, &format!("/after-{n}-uncaptured")).await;
+    let after = handle.snapshot();
+    assert!(evs.is_empty(), "uncaptured {n} connection leaked: {evs:#?}");
+    assert!(held_back(&before, &after) >= 2, "uncaptured {n} calls reach the probes: {before:?} -> {after:?}");
+    println!("{n} uncaptured ok");
+}
+
 /// Every event up to a later curl's CLOSE: one ring buffer, one reader, so whatever a client
 /// that finished before produced (its connections may end by exit, without `close()`) is in.
 async fn events_of(rx: &mut mpsc::Receiver<TlsEvent>, env: &Env, pid: u32, marker: &str) -> Vec<TlsEvent> {
@@ -498,23 +552,7 @@ async fn uprobes_observe_captured_tls() {
 
     // Same thread, a captured and a non-captured connection interleaved: only the captured
     // one's plaintext leaves the kernel; the other's calls reach the probes and stay unbound.
-    let before = handle.snapshot();
-    let pid = py_async(&env, &[(target_port, "/asyncio-captured"), (other_port, "/asyncio-uncaptured")]).await;
-    let evs = events_of(&mut rx, &env, pid, "/after-asyncio-mixed").await;
-    let after = handle.snapshot();
-    assert_joined(&evs, pid, &env, "/asyncio-captured", Some("/asyncio-uncaptured"));
-    let held = held_back(&before, &after);
-    assert!(held >= 2, "the uncaptured connection's write and read must be held back: {before:?} -> {after:?}");
-    println!("python asyncio mixed ok: {held} calls held back");
-
-    // Uncaptured only: nothing at all for the pid.
-    let before = handle.snapshot();
-    let pid = py_async(&env, &[(other_port, "/asyncio-only-uncaptured")]).await;
-    let evs = events_of(&mut rx, &env, pid, "/after-asyncio-uncaptured").await;
-    let after = handle.snapshot();
-    assert!(evs.is_empty(), "uncaptured asyncio connection leaked: {evs:#?}");
-    assert!(held_back(&before, &after) >= 2, "uncaptured asyncio calls reach the probes: {before:?} -> {after:?}");
-    println!("python asyncio uncaptured ok");
+    memory_bio_safety(MemBio::PyAsync, &mut rx, &env, &handle, target_port, other_port).await;
 
     // Node.js fetch: static OpenSSL in /usr/bin/node, probed through `paths`, memory BIOs.
     if node.exists() {
@@ -524,22 +562,7 @@ async fn uprobes_observe_captured_tls() {
         assert_joined(&evs, pid, &env, "/hello-node", None);
         println!("node ok");
 
-        let before = handle.snapshot();
-        let pid = node_fetch(&env, &[(target_port, "/node-captured"), (other_port, "/node-uncaptured")]).await;
-        let evs = events_of(&mut rx, &env, pid, "/after-node-mixed").await;
-        let after = handle.snapshot();
-        assert_joined(&evs, pid, &env, "/node-captured", Some("/node-uncaptured"));
-        let held = held_back(&before, &after);
-        assert!(held >= 2, "node's uncaptured calls must be held back: {before:?} -> {after:?}");
-        println!("node mixed ok: {held} calls held back");
-
-        let before = handle.snapshot();
-        let pid = node_fetch(&env, &[(other_port, "/node-only-uncaptured")]).await;
-        let evs = events_of(&mut rx, &env, pid, "/after-node-uncaptured").await;
-        let after = handle.snapshot();
-        assert!(evs.is_empty(), "uncaptured node connection leaked: {evs:#?}");
-        assert!(held_back(&before, &after) >= 2, "uncaptured node calls reach the probes: {before:?} -> {after:?}");
-        println!("node uncaptured ok");
+        memory_bio_safety(MemBio::Node, &mut rx, &env, &handle, target_port, other_port).await;
     }
 
     // Per-call cap: a 200 KiB write is cut at 64 KiB; the next write (`tail`) carries the gap.
