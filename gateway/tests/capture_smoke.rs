@@ -352,8 +352,11 @@ async fn capture_redirects_scoped_connects() {
 
     // 8b. Heartbeat stale (no stamp for longer than the 2 s timeout): fail-open lets the connect
     //     through to the original destination. Probe until the kernel says so; the counters are
-    //     compared around the probe that went through.
+    //     compared around the probe that went through. The clock starts before a fresh stamp,
+    //     so the kernel's stamp is never earlier than it (an earlier step's stamp could be
+    //     hundreds of ms older under load and make a correct fail-open look premature).
     let stamped = std::time::Instant::now();
+    capture.heartbeat();
     let (out, before) = loop {
         let before = capture.counters().unwrap();
         let out = run_child(&env, Some("scope"), "4", "127.0.0.2", target_port, 0).await;
