@@ -135,8 +135,14 @@ fn load(path: Option<&Path>) -> Result<Config> {
 
 fn check(file: &Path) -> ExitCode {
     match config::from_path(file) {
-        Ok(_) => {
+        Ok(cfg) => {
             println!("{}: ok", file.display());
+            // The config is valid either way; this says what `tollgate run` will get from this
+            // host's kernel for TLS that is not intercepted.
+            let support = tollgate::capture::uprobe::support::Support::probe(Path::new("/"));
+            for line in support.report(cfg.capture.uprobes.enabled) {
+                println!("{line}");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -686,7 +686,33 @@ fn s9_check_reports_typo_position() -> Result<()> {
     let good = e.path("good.yaml");
     std::fs::write(&good, "listen:\n  port: 15001\ncapture:\n  ports: [443]\n")?;
     let (code, out, err) = tg::check(&e.tg_bin, &good)?;
-    ensure!(code == 0 && out.trim_end().ends_with("ok"), "valid config: exit {code}, stdout {out:?}, stderr {err:?}");
+    let first = out.lines().next().unwrap_or_default();
+    ensure!(
+        code == 0 && first == format!("{}: ok", good.display()),
+        "valid config: exit {code}, stdout {out:?}, stderr {err:?}"
+    );
+    // Then what this host's kernel offers the TLS uprobes: this machine has it all.
+    ensure!(out.trim_end().ends_with("(tollgate_uprobe_available 1)"), "uprobe verdict on this host: {out}");
+    ensure!(out.lines().any(|l| l.starts_with("uprobes: ok uprobe PMU:")), "no PMU line: {out}");
+    // Without CAP_SYS_ADMIN (dropped from the bounding set) the verdict says L4 only, and why;
+    // the config is still valid.
+    let o = std::process::Command::new("setpriv")
+        .args(["--bounding-set", "-sys_admin"])
+        .arg(&e.tg_bin)
+        .arg("check")
+        .arg(&good)
+        .output()?;
+    let out = String::from_utf8_lossy(&o.stdout);
+    ensure!(o.status.success(), "check without CAP_SYS_ADMIN: {o:?}");
+    ensure!(
+        out.lines().any(|l| l.starts_with("uprobes: MISSING capabilities") && l.contains("CAP_SYS_ADMIN"))
+            && out.trim_end().ends_with("L4 only (tollgate_uprobe_available 0)"),
+        "check without CAP_SYS_ADMIN: {out}"
+    );
+    // Disabled in config: said so.
+    std::fs::write(&good, "capture:\n  uprobes: { enabled: false }\n")?;
+    let (code, out, _) = tg::check(&e.tg_bin, &good)?;
+    ensure!(code == 0 && out.contains("uprobes: disabled in config"), "disabled: {out}");
     Ok(())
 }
 

@@ -17,12 +17,14 @@
 //! ```
 //!
 //! Submodules: [`discover`] (which files to probe), `attach` (programs and links), `reader`
-//! (ring buffer to channel), `runtime` ([`start`], [`UprobeHandle`], [`UprobeError`]).
+//! (ring buffer to channel), `runtime` ([`start`], [`UprobeHandle`], [`UprobeError`]),
+//! [`support`] (what this host offers them, for `tollgate check`).
 
 mod attach;
 pub mod discover;
 mod reader;
 mod runtime;
+pub mod support;
 
 pub use attach::field_offset;
 pub use runtime::{attach_delay_bound, kernel_supports_uprobes, start, UprobeError, UprobeHandle, UPROBE_PMU};
