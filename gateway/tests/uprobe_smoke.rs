@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tollgate::capture::uprobe::{self, Direction, TlsEvent};
 use tollgate::capture::{cgroup, Capture};
 use tollgate::config::{Config, DestinationRule};
@@ -121,11 +121,13 @@ fn tls_acceptor(ca_path: &Path) -> tokio_rustls::TlsAcceptor {
 
 /// HTTPS server: reads one request (head and Content-Length body), answers `resp-for:<path>`
 /// and closes; after a POST it keeps the connection (reading and ignoring) until the client
-/// closes it.
-async fn serve_https(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor) {
+/// closes it. A POST is answered only once `post_gate` hands out a permit, so a test can hold a
+/// response back until the ring buffer has drained.
+async fn serve_https(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor, post_gate: Arc<Semaphore>) {
     loop {
         let Ok((s, _)) = listener.accept().await else { return };
         let acceptor = acceptor.clone();
+        let post_gate = post_gate.clone();
         tokio::spawn(async move {
             let Ok(mut tls) = acceptor.accept(s).await else { return };
             let mut buf = Vec::new();
@@ -154,6 +156,12 @@ async fn serve_https(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor)
             let path = head.split_whitespace().nth(1).unwrap_or("?").to_owned();
             let body = format!("resp-for:{path}");
             let post = head.starts_with("POST");
+            if post {
+                match post_gate.acquire().await {
+                    Ok(p) => p.forget(),
+                    Err(_) => return,
+                }
+            }
             let close = if post { "" } else { "Connection: close\r\n" };
             let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{close}\r\n{body}", body.len());
             let _ = tls.write_all(resp.as_bytes()).await;
@@ -447,8 +455,9 @@ async fn uprobes_observe_captured_tls() {
         let l = std::net::TcpListener::bind(("127.0.0.2", 0)).expect("probe port");
         l.local_addr().expect("addr").port()
     };
-    tokio::spawn(serve_https(proxy, acceptor.clone()));
-    tokio::spawn(serve_https(other, acceptor));
+    let post_gate = Arc::new(Semaphore::new(0));
+    tokio::spawn(serve_https(proxy, acceptor.clone(), post_gate.clone()));
+    tokio::spawn(serve_https(other, acceptor, post_gate.clone()));
 
     // A process that maps the system libssl before tollgate starts: the initial scan must find
     // and probe it (curl and CPython use that same file).
@@ -567,6 +576,7 @@ async fn uprobes_observe_captured_tls() {
 
     // Per-call cap: a 200 KiB write is cut at 64 KiB; the next write (`tail`) carries the gap.
     let before = handle.snapshot();
+    post_gate.add_permits(1);
     let pid = py_client(&env, target_port, "big", 200 << 10).await;
     let evs = until_close(&mut rx, pid).await;
     let (out, chunks) = stream(&evs, pid, Direction::Egress);
@@ -627,9 +637,31 @@ async fn uprobes_observe_captured_tls() {
         })
     };
     let (handle, mut rx) = uprobe::start(&capture, &cfg2.capture.uprobes, None).expect("uprobe::start (small ring)");
+    while rx.try_recv().is_ok() {}
     let before = handle.snapshot();
-    let pid = py_client(&env, target_port, "big", 256 << 10).await;
-    let evs = until_close(&mut rx, pid).await;
+    // The server holds its answer until the overflow has happened and every event the kernel
+    // did emit has come through the reader (the ring is empty again): the response must then be
+    // observed whatever the load on the machine.
+    let (pid, mut evs) = tokio::join!(py_client(&env, target_port, "big", 256 << 10), async {
+        let mut early = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = handle.snapshot();
+            let emitted = snapshot_value(&now.events, "data") - snapshot_value(&before.events, "data");
+            let ring_full = snapshot_value(&now.dropped, "ring_full") - snapshot_value(&before.dropped, "ring_full");
+            let received = early.iter().filter(|e| matches!(e, TlsEvent::Data { .. })).count() as u64;
+            if ring_full > 0 && emitted > 0 && received >= emitted {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no overflow, or the ring never drained: {now:?}");
+            if let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(20), rx.recv()).await {
+                early.push(ev);
+            }
+        }
+        post_gate.add_permits(1);
+        early
+    });
+    evs.extend(until_close(&mut rx, pid).await);
     let after = handle.snapshot();
     let ring_full = snapshot_value(&after.dropped, "ring_full") - snapshot_value(&before.dropped, "ring_full");
     assert!(ring_full > 0, "a 256 KiB call into a 64 KiB ring must drop: {after:?}");

@@ -1,5 +1,5 @@
 //! `cargo xtask test`: setup, build, the unit tests, the real-kernel scenarios (each its own
-//! process with a timeout, leftovers cleaned up), the capture smoke test and the fuzz targets,
+//! process with a timeout, leftovers cleaned up), the capture and TLS uprobe smoke tests and the fuzz targets,
 //! then one summary with `summary: N passed, M failed`.
 
 use super::*;
@@ -295,24 +295,22 @@ pub(crate) fn test(filter: Option<&str>, skip_setup: bool, skip_unit: bool, time
         results.insert(n.clone(), o);
     }
 
-    // The loader's own kernel test (exact counter deltas, IPv4-mapped, pod-without-address,
-    // fail-closed pins): root-only like the scenarios, so it runs here.
+    // The loader's and the TLS uprobes' own kernel tests (exact counter deltas, IPv4-mapped,
+    // pod-without-address, fail-closed pins; the probes' joins, caps and ring overflow):
+    // root-only like the scenarios, so they run here.
     let mut smoke = Tally::default();
     let mut smoke_ok = true;
     if filter.is_none() {
-        step("test: capture smoke test (gateway/tests/capture_smoke.rs, real kernel)");
-        let (ok, text) = tee(cargo().args([
-            "test",
-            "-p",
-            "tollgate",
-            "--test",
-            "capture_smoke",
-            "--",
-            "--ignored",
-            "--test-threads=1",
-        ]))?;
-        smoke = tally(&text);
-        smoke_ok = ok && smoke.passed > 0;
+        for (name, what) in [("capture_smoke", "capture"), ("uprobe_smoke", "TLS uprobe")] {
+            step(&format!("test: {what} smoke test (gateway/tests/{name}.rs, real kernel)"));
+            let (ok, text) =
+                tee(cargo().args(["test", "-p", "tollgate", "--test", name, "--", "--ignored", "--test-threads=1"]))?;
+            let t = tally(&text);
+            smoke_ok &= ok && t.passed > 0;
+            smoke.passed += t.passed;
+            smoke.failed += t.failed;
+            smoke.ignored += t.ignored;
+        }
     }
     // Every fuzz target for a few seconds on its committed corpus (a crash fails the run).
     let fuzzed = if filter.is_none() { fuzz::test_step() } else { Vec::new() };
@@ -333,7 +331,7 @@ pub(crate) fn test(filter: Option<&str>, skip_setup: bool, skip_unit: bool, time
     }
     if filter.is_none() {
         println!(
-            "capture smoke test: {} passed, {} failed{}",
+            "kernel smoke tests (capture, TLS uprobe): {} passed, {} failed{}",
             smoke.passed,
             smoke.failed,
             if smoke_ok { "" } else { "  (FAILED)" }
