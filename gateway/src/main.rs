@@ -240,11 +240,21 @@ async fn serve(mut cfg: Arc<Config>, path: Option<PathBuf>, overrides: Overrides
     let agents = Arc::new(AgentResolver::new(&cfg.agents, cgroup_root.clone()).with_pods(pods.clone()));
     // TLS plaintext from uprobes, reassembled and reported like intercepted calls.
     let observed_config = Arc::new(arc_swap::ArcSwap::new(cfg.clone()));
+    let intercepted = Arc::new(connection::trust::Intercepted::default());
     let (_uprobes, observed_task) = match &capture {
-        Some(c) => start_uprobes(c, &cfg, &observed_config, &agents, &telemetry, &shutdown_rx),
+        Some(c) => {
+            let shared = Observing {
+                config: &observed_config,
+                agents: &agents,
+                telemetry: &telemetry,
+                intercepted: &intercepted,
+            };
+            start_uprobes(c, &cfg, &shared, &shutdown_rx)
+        }
         None => (None, None),
     };
-    let deps = ProxyDeps { config: cfg.clone(), flows, agents, telemetry: telemetry.clone(), ca, observer: None };
+    let deps =
+        ProxyDeps { config: cfg.clone(), flows, agents, telemetry: telemetry.clone(), ca, observer: None, intercepted };
     let proxy_server = connection::Proxy::new(deps).await?;
     let proxy_server = proxy_server.with_accept_progress(progress);
     let handle = proxy_server.handle();
@@ -324,24 +334,31 @@ async fn serve(mut cfg: Arc<Config>, path: Option<PathBuf>, overrides: Overrides
 /// The TLS uprobes and the task that turns their plaintext into calls. Neither is fatal: a
 /// kernel without uprobes, or `capture.uprobes.enabled: false`, leaves tollgate L4-only for
 /// spliced routes (logged, and `tollgate_uprobe_available` is 0).
+/// What the uprobe observation task shares with the proxy.
+struct Observing<'a> {
+    config: &'a Arc<arc_swap::ArcSwap<Config>>,
+    agents: &'a Arc<AgentResolver>,
+    telemetry: &'a Arc<Telemetry>,
+    intercepted: &'a Arc<connection::trust::Intercepted>,
+}
+
 fn start_uprobes(
     capture: &Arc<Capture>,
     cfg: &Config,
-    config: &Arc<arc_swap::ArcSwap<Config>>,
-    agents: &Arc<AgentResolver>,
-    telemetry: &Arc<Telemetry>,
+    shared: &Observing<'_>,
     shutdown: &watch::Receiver<bool>,
 ) -> (Option<tollgate::capture::uprobe::UprobeHandle>, Option<tokio::task::JoinHandle<()>>) {
     use tollgate::capture::uprobe;
     use tollgate::connection::observed::{self, ObservedDeps, ObservedLimits};
-    match uprobe::start(capture, &cfg.capture.uprobes, Some(&telemetry.metrics)) {
+    match uprobe::start(capture, &cfg.capture.uprobes, Some(&shared.telemetry.metrics)) {
         Ok((handle, events)) => {
             let deps = ObservedDeps {
-                config: config.clone(),
-                agents: agents.clone(),
-                telemetry: telemetry.clone(),
+                config: shared.config.clone(),
+                agents: shared.agents.clone(),
+                telemetry: shared.telemetry.clone(),
                 limits: ObservedLimits::from(&cfg.capture.uprobes.l7),
                 observer: None,
+                intercepted: shared.intercepted.clone(),
             };
             (Some(handle), Some(observed::spawn(events, deps, shutdown.clone())))
         }

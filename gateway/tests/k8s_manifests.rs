@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde_yaml_ng::Value;
-use tollgate::config::{Config, PodCaptureMode};
+use tollgate::config::{Config, InterceptMode, PodCaptureMode};
 
 /// Kubernetes version the manifests are validated against (oldest supported minor we target).
 const KUBERNETES_VERSION: &str = "1.32.0";
@@ -344,8 +344,12 @@ fn overlays_change_the_config_as_intended() {
     let (enforce_text, enforce) = embedded_config(render(ENFORCE));
     assert_ne!(base_text, observe_text);
     assert_ne!(base_text, enforce_text);
-    let intercepted =
-        |c: &Config| -> Vec<String> { c.routes.iter().filter(|r| r.intercept).map(|r| r.name.clone()).collect() };
+    let intercepted = |c: &Config| -> Vec<String> {
+        c.routes.iter().filter(|r| r.intercept.may_intercept()).map(|r| r.name.clone()).collect()
+    };
+    let auto = |c: &Config| {
+        c.routes.iter().filter(|r| r.intercept.may_intercept()).all(|r| r.intercept == InterceptMode::Auto)
+    };
     let gateways = |c: &Config| -> Vec<String> {
         c.routes.iter().filter(|r| !r.targets.is_empty()).map(|r| r.name.clone()).collect()
     };
@@ -353,13 +357,14 @@ fn overlays_change_the_config_as_intended() {
     // Base: opted-in pods, token counts on the main providers with the agents' own keys.
     assert_eq!(base.kubernetes.capture, PodCaptureMode::OptIn);
     assert_eq!(intercepted(&base), ["openai", "anthropic", "gemini"]);
+    assert!(auto(&base) && auto(&enforce), "base and enforce intercept only where trust is proven");
     assert!(gateways(&base).is_empty() && base.providers.is_empty());
     assert_eq!(base.kubernetes.ca_configmap.as_deref(), Some("tollgate-ca"));
 
     // Observe-only: every pod, nothing intercepted, no keys, no CA published.
     assert_eq!(observe.kubernetes.capture, PodCaptureMode::All);
     assert!(intercepted(&observe).is_empty(), "observe-only intercepts {:?}", intercepted(&observe));
-    assert!(!observe_text.contains("intercept: true"));
+    assert!(!observe_text.contains("intercept: true") && !observe_text.contains("intercept: auto"));
     assert!(gateways(&observe).is_empty() && observe.providers.is_empty());
     assert_eq!(observe.kubernetes.ca_configmap, None);
     assert_eq!(observe.kubernetes.exclude_namespaces, ["kube-system", "kube-public", "kube-node-lease"]);

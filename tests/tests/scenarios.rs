@@ -18,6 +18,7 @@ mod k8s;
 mod mcp;
 mod observe;
 mod support;
+mod trust;
 mod uprobe;
 
 use std::io::{Read, Write};

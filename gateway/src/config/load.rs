@@ -194,6 +194,7 @@ fn validate(file: &str, c: &Config) -> Result<(), ConfigError> {
             ),
         ));
     }
+    c.tls.auto.validate().map_err(|(f, m)| bad(f, m))?;
     for (i, a) in c.agents.iter().enumerate() {
         if a.name.is_empty() {
             return Err(bad(format!("agents[{i}].name"), "must not be empty".into()));
@@ -416,7 +417,7 @@ mod tests {
     fn embedded_default_is_valid() {
         let c = from_str("<default>", DEFAULT_CONFIG_YAML).unwrap();
         assert!(c.capture.hosts.iter().any(|h| h.host == "api.openai.com" && h.port == 443));
-        assert!(c.routes.iter().all(|r| !r.intercept));
+        assert!(c.routes.iter().all(|r| r.intercept == crate::config::InterceptMode::Auto));
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod federation;
 mod gateway;
 pub mod governance;
 pub mod guards;
+mod intercept;
 mod kubernetes;
 pub mod limits;
 mod load;
@@ -19,6 +20,7 @@ pub use gateway::{
     BalanceConfig, CircuitConfig, CredentialSource, FailoverConfig, FailoverOn, LatencyMetric, ListenerAuthConfig,
     ProviderConfig, ProviderOptions, Strategy, TargetConfig,
 };
+pub use intercept::{AutoInterceptConfig, InterceptMode};
 pub use kubernetes::{KubernetesConfig, PodCaptureMode};
 pub use load::{from_path, from_str, ConfigError, DEFAULT_CONFIG_YAML};
 pub use telemetry::{ModelPrice, OtlpMetricsConfig};
@@ -279,10 +281,11 @@ pub struct RouteConfig {
     /// for calls passed through to the original destination.
     #[serde(default)]
     pub provider: ProviderKind,
-    /// Terminate TLS for this destination with a minted cert (otherwise TLS to it is spliced and
-    /// only L4 stats are recorded).
+    /// TLS to this destination: `true` terminates it with a minted cert for every caller;
+    /// `false` splices it (L4 stats, L7 through the TLS uprobes); `auto` (default) terminates it
+    /// only for callers whose trust store holds tollgate's CA and splices it for the others.
     #[serde(default)]
-    pub intercept: bool,
+    pub intercept: InterceptMode,
     /// Send requests here instead of the original destination (self-hosted models, tests).
     /// Mutually exclusive with `targets`.
     #[serde(default)]
@@ -381,6 +384,8 @@ pub struct TlsConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub leaf_validity: Duration,
+    /// What `routes[].intercept: auto` remembers: trust decisions and learned splices.
+    pub auto: AutoInterceptConfig,
 }
 
 impl Default for TlsConfig {
@@ -389,6 +394,7 @@ impl Default for TlsConfig {
             ca_dir: PathBuf::from("/var/lib/tollgate/ca"),
             extra_roots: Vec::new(),
             leaf_validity: Duration::from_secs(7 * 24 * 3600),
+            auto: AutoInterceptConfig::default(),
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod observed;
 pub mod sniff;
 pub mod splice;
 pub mod tls;
+pub mod trust;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,7 +28,7 @@ use arc_swap::ArcSwap;
 
 use crate::capture::heartbeat::AcceptProgress;
 use crate::capture::{identity::orig_dst, Agent, AgentResolver, FlowTable};
-use crate::config::{Config, RouteConfig};
+use crate::config::{Config, InterceptMode, RouteConfig};
 use crate::policy::chain::{Policies, PolicyError};
 use crate::policy::limits::BackendState;
 use crate::policy::CircuitState;
@@ -54,6 +55,9 @@ pub struct ProxyDeps {
     /// Optional copy of every reported [`LlmCall`] (tests, in-process consumers); `None` in
     /// production.
     pub observer: Option<mpsc::Sender<LlmCall>>,
+    /// Connections the proxy terminates now, shared with the uprobe observer so it does not
+    /// count their calls again.
+    pub intercepted: Arc<trust::Intercepted>,
 }
 
 /// Why the proxy could not start.
@@ -150,6 +154,9 @@ struct Shared {
     telemetry: Arc<Telemetry>,
     current: ArcSwap<Generation>,
     tls_server: Arc<ServerConfig>,
+    /// `intercept: auto` decisions and learned splices.
+    trust: Arc<trust::Trust>,
+    intercepted: Arc<trust::Intercepted>,
     reporter: Arc<Reporter>,
     permits: Arc<Semaphore>,
     max: usize,
@@ -197,6 +204,7 @@ impl Proxy {
     /// Build the first generation and bind every route's explicit listener.
     pub async fn new(deps: ProxyDeps) -> Result<Proxy, ProxyError> {
         let tls_server = deps.ca.server_config()?;
+        let trust = Arc::new(trust::Trust::new(deps.ca.cert_der().to_vec(), &deps.config.tls.auto));
         let reporter = Arc::new(Reporter::new(deps.telemetry.clone(), deps.observer.clone()));
         let max = deps.config.limits.max_connections.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
         let permits = Arc::new(Semaphore::new(max));
@@ -217,6 +225,8 @@ impl Proxy {
             telemetry: deps.telemetry,
             current: ArcSwap::from_pointee(first),
             tls_server,
+            trust,
+            intercepted: deps.intercepted,
             reporter,
             permits,
             max,
@@ -416,6 +426,7 @@ async fn handle(c: &Conn<'_>, stream: TcpStream, peer: SocketAddr, local: Socket
         return;
     };
     let orig = orig_dst(&rec);
+    let caller = (rec.tgid, rec.cgroup_id, rec.cookie);
     let resolver = c.generation.agents.clone();
     let agent = match tokio::task::spawn_blocking(move || resolver.resolve(&rec)).await {
         Ok(a) => Arc::new(a),
@@ -431,10 +442,20 @@ async fn handle(c: &Conn<'_>, stream: TcpStream, peer: SocketAddr, local: Socket
         }
     };
     match sniffed {
-        Sniffed::Tls { sni: Some(name) } => match cfg.route_for(Some(&name), Some(orig)).filter(|r| r.intercept) {
-            Some(route) => intercept(c, stream, agent, orig, route, name, shutdown).await,
-            None => do_splice(c, stream, agent, orig, Some(name)).await,
-        },
+        Sniffed::Tls { sni: Some(name) } => {
+            match cfg.route_for(Some(&name), Some(orig)).filter(|r| r.intercept.may_intercept()) {
+                Some(route) => {
+                    let (pid, cgroup, cookie) = caller;
+                    if decide(c, route.intercept, &agent, pid, cgroup, &name).await {
+                        let _mark = shared.intercepted.mark(cookie);
+                        intercept(c, stream, agent, orig, route, name, shutdown).await;
+                    } else {
+                        do_splice(c, stream, agent, orig, Some(name)).await;
+                    }
+                }
+                None => do_splice(c, stream, agent, orig, Some(name)).await,
+            }
+        }
         Sniffed::Tls { sni: None } | Sniffed::Other => do_splice(c, stream, agent, orig, None).await,
         Sniffed::Http { host } => match cfg.route_for(host.as_deref(), Some(orig)) {
             Some(route) => {
@@ -448,6 +469,23 @@ async fn handle(c: &Conn<'_>, stream: TcpStream, peer: SocketAddr, local: Socket
             None => do_splice(c, stream, agent, orig, None).await,
         },
     }
+}
+
+/// Whether to terminate this TLS connection (see [`trust`]), counted by agent and reason.
+async fn decide(c: &Conn<'_>, mode: InterceptMode, agent: &Arc<Agent>, pid: u32, cgroup: u64, sni: &str) -> bool {
+    let trust = c.shared.trust.clone();
+    let (name, sni_owned) = (agent.name.clone(), sni.to_owned());
+    let verdict = match mode {
+        InterceptMode::Always => trust.decide(mode, trust::Caller { agent: &name, pid, cgroup }, sni),
+        _ => tokio::task::spawn_blocking(move || {
+            trust.decide(mode, trust::Caller { agent: &name, pid, cgroup }, &sni_owned)
+        })
+        .await
+        .unwrap_or(trust::Verdict { intercept: false, reason: trust::Reason::Unreadable }),
+    };
+    let label = c.shared.telemetry.metrics.agent_label(&agent.name);
+    c.shared.telemetry.intercept.decision(&label, verdict.intercept, verdict.reason.as_str());
+    verdict.intercept
 }
 
 async fn do_splice(c: &Conn<'_>, stream: TcpStream, agent: Arc<Agent>, orig: SocketAddr, sni: Option<String>) {
@@ -470,14 +508,28 @@ async fn intercept(
     c.shared.telemetry.connection(Some(&agent), ConnKind::Intercepted);
     let acceptor = tokio_rustls::TlsAcceptor::from(c.shared.tls_server.clone());
     let handshake = tokio::time::timeout(c.generation.config.limits.sniff_timeout, acceptor.accept(stream)).await;
-    match handshake {
-        Ok(Ok(tls)) => serve_http(tls, PerRequest::new(c, ctx, None), shutdown).await,
-        Ok(Err(e)) => {
-            // Usually the agent does not trust the interception CA.
-            tracing::warn!(sni = %name, agent = %agent.name, error = %e, "interception handshake failed");
-        }
-        Err(_) => tracing::debug!(sni = %name, "interception handshake timed out"),
+    let failure = match handshake {
+        Ok(Ok(tls)) => return serve_http(tls, PerRequest::new(c, ctx, None), shutdown).await,
+        Ok(Err(e)) => (trust::HandshakeFailure::of(&e), e.to_string()),
+        Err(_) => (trust::HandshakeFailure::Timeout, "timed out".to_owned()),
+    };
+    let (why, error) = failure;
+    let label = c.shared.telemetry.metrics.agent_label(&agent.name);
+    c.shared.telemetry.intercept.failure(&label, why.as_str());
+    // Under `auto`, a client that rejected tollgate's certificate is spliced from its next
+    // connection on: it fails this once. `intercept: true` stays strict.
+    let learned = route.intercept == InterceptMode::Auto && why.teaches_splice();
+    if learned {
+        c.shared.trust.learn_failure(&agent.name, &name);
     }
+    tracing::warn!(
+        sni = %name,
+        agent = %agent.name,
+        reason = why.as_str(),
+        error = %error,
+        spliced_from_now_on = learned,
+        "interception handshake failed"
+    );
 }
 
 /// Where a connection was going: the kernel's original destination for captured connections;

@@ -8,6 +8,7 @@ pub mod bounds;
 pub mod cost;
 pub mod federation;
 pub mod governance;
+pub mod intercept;
 pub mod labels;
 pub mod mcp;
 pub mod metrics;
@@ -327,6 +328,8 @@ pub struct Telemetry {
     pub bounds: bounds::BoundMetrics,
     /// Bounds of the uprobe observation path (same registry).
     pub observed: observed::ObservedMetrics,
+    /// `intercept: auto` decisions and failed interception handshakes (same registry).
+    pub intercept: intercept::InterceptMetrics,
     access: access_log::AccessLog,
     tracer: Option<trace::Tracer>,
     pusher: Option<otlp_metrics::MetricsPusher>,
@@ -379,6 +382,7 @@ impl Telemetry {
         let federation = std::sync::Arc::new(federation::FederationMetrics::register(&metrics.registry)?);
         let bounds = bounds::BoundMetrics::register(&metrics.registry)?;
         let observed = observed::ObservedMetrics::register(&metrics.registry)?;
+        let intercept = intercept::InterceptMetrics::register(&metrics.registry)?;
         let otlp = cfg.otlp.as_ref();
         let tracer = match otlp.filter(|o| o.traces) {
             Some(o) => Some(trace::Tracer::new(o, metrics.dropped.with_label_values(&["otlp_spans"]))?),
@@ -396,7 +400,20 @@ impl Telemetry {
             &cfg.access_log,
             metrics.dropped.with_label_values(&["access_log"]),
         )?;
-        Ok(Telemetry { access, metrics, node, governance, mcp, federation, bounds, observed, a2a, tracer, pusher })
+        Ok(Telemetry {
+            access,
+            metrics,
+            node,
+            governance,
+            mcp,
+            federation,
+            bounds,
+            observed,
+            intercept,
+            a2a,
+            tracer,
+            pusher,
+        })
     }
 
     /// A captured connection was accepted and classified.

@@ -539,7 +539,7 @@ mod tests {
             protocol: Default::default(),
             federation: None,
             provider: ProviderKind::Openai,
-            intercept: true,
+            intercept: crate::config::InterceptMode::Always,
             upstream: upstream.map(|u| url::Url::parse(u).unwrap()),
             listener: None,
             listener_auth: Default::default(),

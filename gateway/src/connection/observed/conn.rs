@@ -14,7 +14,7 @@ use super::exchange::{is_sse, Call, End, Meta, Overflow, RouteInfo};
 use super::http1::{BodyKind, FrameError, Framer, Head, Piece, Role};
 use super::ObservedLimits;
 use crate::capture::{Agent, AgentResolver};
-use crate::config::{Config, RouteProtocol};
+use crate::config::{Config, InterceptMode, RouteProtocol};
 use crate::protocol::llm::Reporter;
 
 /// What a connection needs from the task to start exchanges.
@@ -159,6 +159,9 @@ pub(super) struct Conn {
     doubt: bool,
     /// Last event seen (idle timeout).
     pub(super) last: Instant,
+    /// The proxy terminates this connection's TLS (`intercept: auto` decided so): its calls
+    /// are reported by the proxy, not from here.
+    pub(super) intercepted: bool,
 }
 
 impl Conn {
@@ -175,6 +178,7 @@ impl Conn {
             interim: false,
             doubt: false,
             last: Instant::now(),
+            intercepted: false,
         }
     }
 
@@ -336,7 +340,7 @@ impl Conn {
     fn meta(&self, env: &Env<'_>, h: &Head) -> Option<Meta> {
         let host = h.header("host").map(strip_port);
         let route = env.config.route_for(host, Some(self.orig))?;
-        if route.intercept {
+        if route.intercept == InterceptMode::Always || self.intercepted {
             // tollgate terminates this TLS itself and reports the call from the proxy: the
             // plaintext the uprobes see is the agent's side of that same call.
             return None;

@@ -87,6 +87,8 @@ pub struct ObservedDeps {
     pub limits: ObservedLimits,
     /// Optional copy of every reported [`LlmCall`] (tests, in-process consumers).
     pub observer: Option<mpsc::Sender<LlmCall>>,
+    /// Connections the proxy terminates (under `intercept: auto`): not counted here again.
+    pub intercepted: Arc<super::trust::Intercepted>,
 }
 
 /// Start the observation task: it reads `rx` until the sender is gone or `shutdown` flips to
@@ -161,7 +163,9 @@ impl Task {
                 return;
             }
             let agent = self.resolve(record).await;
-            let c = Conn::new(agent, orig_dst(&record), &self.deps.limits);
+            let mut c = Conn::new(agent, orig_dst(&record), &self.deps.limits);
+            // Marked by the proxy before its handshake, so before any plaintext exists.
+            c.intercepted = self.deps.intercepted.contains(record.cookie);
             self.conns.insert(id, Slot::Live(Box::new(c)));
             self.live += 1;
             self.gauge();

@@ -72,6 +72,8 @@ pub(super) struct Harness {
     pub(super) tx: mpsc::Sender<TlsEvent>,
     pub(super) telemetry: Arc<Telemetry>,
     pub(super) calls: mpsc::Receiver<LlmCall>,
+    /// What the proxy marks as intercepted (under `intercept: auto`).
+    pub(super) intercepted: Arc<crate::connection::trust::Intercepted>,
     handle: JoinHandle<()>,
     _shutdown: watch::Sender<bool>,
 }
@@ -93,15 +95,17 @@ impl Harness {
         let (tx, rx) = mpsc::channel(1024);
         let (otx, calls) = mpsc::channel(1024);
         let (stx, srx) = watch::channel(false);
+        let intercepted = Arc::new(crate::connection::trust::Intercepted::default());
         let deps = ObservedDeps {
             config: Arc::new(ArcSwap::from_pointee(cfg)),
             agents,
             telemetry: telemetry.clone(),
             limits,
             observer: Some(otx),
+            intercepted: intercepted.clone(),
         };
         let handle = spawn(rx, deps, srx);
-        Harness { tx, telemetry, calls, handle, _shutdown: stx }
+        Harness { tx, telemetry, calls, intercepted, handle, _shutdown: stx }
     }
 
     /// Send `bytes` of `conn` in `dir`, cut by `split`.
@@ -241,6 +245,29 @@ async fn intercepted_routes_are_not_counted_again_from_uprobes() {
     assert_eq!(calls[0].route.as_ref(), "openai", "{calls:?}");
     assert_eq!(value(&text, "tollgate_llm_requests_total", &[]), 1.0, "{text}");
     assert_eq!(value(&text, "tollgate_llm_requests_total", &[("route", "terminated")]), 0.0, "{text}");
+}
+
+/// Under `intercept: auto` (the `openai` route here) the proxy marks the connections it
+/// terminates; only those are left to it, the spliced ones are counted from the uprobes.
+#[tokio::test]
+async fn auto_routes_skip_only_the_connections_the_proxy_terminates() {
+    let mut h = Harness::start(ObservedLimits::default());
+    let auth = "Authorization: Bearer sk-test\r\n";
+    let proxied = TestConn::new(1, "billing-bot", [162, 159, 140, 245]);
+    let mark = h.intercepted.mark(proxied.record.cookie);
+    h.send(&proxied, Egress, &post("api.openai.com", "/v1/chat/completions", auth, OPENAI_CHAT_REQ), Split::Whole)
+        .await;
+    h.send(&proxied, Ingress, &resp_len("application/json", OPENAI_CHAT_RESP), Split::Whole).await;
+    let spliced = TestConn::new(2, "support-bot", [162, 159, 140, 245]);
+    h.send(&spliced, Egress, &post("api.openai.com", "/v1/chat/completions", auth, OPENAI_CHAT_REQ), Split::Whole)
+        .await;
+    h.send(&spliced, Ingress, &resp_len("application/json", OPENAI_CHAT_RESP), Split::Whole).await;
+    let calls = h.llm_calls(1).await;
+    drop(mark);
+    let text = h.finish().await;
+    assert_eq!(&*calls[0].agent.name, "support", "{calls:?}");
+    assert_eq!(value(&text, "tollgate_llm_requests_total", &[("agent", "support")]), 1.0, "{text}");
+    assert_eq!(value(&text, "tollgate_llm_requests_total", &[("agent", "billing")]), 0.0, "{text}");
 }
 
 #[tokio::test]
