@@ -136,7 +136,10 @@ fn four_agents_under_load(tag: &str, subnet: u8, asynchronous: bool) -> Result<(
     let want = (agents.len() * (2 * CALLS + OTHER_CALLS)) as u64;
     ensure!(o.mock.chat_requests()? == want, "mock stats {}", o.mock.stats(None)?);
     let requests = last.sum("tollgate_llm_requests_total", &[]);
-    ensure!(requests == (agents.len() * 2 * CALLS) as f64, "tollgate saw {requests} calls, want only the captured ones");
+    ensure!(
+        requests == (agents.len() * 2 * CALLS) as f64,
+        "tollgate saw {requests} calls, want only the captured ones"
+    );
     // No loss on captured connections (`no_fd` counts SSL calls of any process, not only these).
     // An uncaptured request body emitted would also show here: one SSL_write over the cap.
     for reason in ["ring_full", "per_call_cap", "read_failed", "channel_full"] {
