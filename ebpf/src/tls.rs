@@ -28,7 +28,7 @@ use aya_ebpf::{
 };
 use gateway_common::{
     CaptureRecord, RecvToken, SslCall, SslKey, TlsConn, TlsCounter, TlsEvent, TlsEventHeader, TLS_CHUNK, TLS_COUNTER_SLOTS,
-    TLS_DIR_EGRESS, TLS_DIR_INGRESS, TLS_EV_CLOSE, TLS_EV_DATA, TLS_FLAG_GAP_BEFORE, TLS_MAX_CALL_CHUNKS, RECV_PENDING, RECV_READY, TLS_BIND_WINDOW_NS, TLS_DIR_HANDSHAKE,
+    TLS_DIR_EGRESS, TLS_DIR_INGRESS, TLS_EV_CLOSE, TLS_EV_DATA, TLS_FLAG_GAP_BEFORE, TLS_FLAG_GAP_OTHER, TLS_MAX_CALL_CHUNKS, RECV_PENDING, RECV_READY, TLS_BIND_WINDOW_NS, TLS_DIR_HANDSHAKE,
 };
 
 // Defaults only; the loader sizes every map from `capture.uprobes`.
@@ -514,9 +514,12 @@ fn emit(conn: *mut TlsConn, buf: u64, len: u64, fd: u32, direction: u8) {
                     unsafe { (*conn).gap[dir] = 1 };
                 } else {
                     // SAFETY: `conn` is a live map value (RCU-protected for this run); header
-                    // write into the reservation. `gap` is 0 or 1 = TLS_FLAG_GAP_BEFORE.
+                    // write into the reservation. `gap` is 0 or 1 = TLS_FLAG_GAP_BEFORE; the other
+                    // direction's pending mark is reported, not cleared (its own next event
+                    // still reports it as GAP_BEFORE).
                     unsafe {
-                        let gap = (*conn).gap[dir] & TLS_FLAG_GAP_BEFORE;
+                        let other = if (*conn).gap[dir ^ 1] != 0 { TLS_FLAG_GAP_OTHER } else { 0 };
+                        let gap = ((*conn).gap[dir] & TLS_FLAG_GAP_BEFORE) | other;
                         (*conn).gap[dir] = 0;
                         core::ptr::addr_of_mut!((*ev).header).write(TlsEventHeader {
                             record: (*conn).record,

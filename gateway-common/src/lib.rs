@@ -262,6 +262,11 @@ pub const TLS_DIR_INGRESS: u8 = 1;
 /// `TlsEventHeader::flags`: bytes of this direction were lost before this event (ring buffer
 /// full, per-call cap); the stream cannot be parsed exactly across the gap.
 pub const TLS_FLAG_GAP_BEFORE: u8 = 1;
+/// `TlsEventHeader::flags`: bytes of the *other* direction were lost and that direction has
+/// emitted nothing since. Set on every event until it does, because the loss may be the tail of
+/// a request whose next event in its own direction comes only after the response (or never):
+/// without it, a response to a request that lost its last bytes would look exact.
+pub const TLS_FLAG_GAP_OTHER: u8 = 2;
 /// `SslCall::direction` of `SSL_do_handshake`: binds, never emits.
 pub const TLS_DIR_HANDSHAKE: u8 = 2;
 /// How long after a captured receive returned bytes an fd-less SSL call on the same thread may
@@ -309,7 +314,8 @@ pub const TLS_MAX_CALL_CHUNKS: u32 = 16;
 pub const TLS_MAX_CALL_BYTES_LIMIT: u32 = TLS_MAX_CALL_CHUNKS * TLS_CHUNK as u32;
 
 /// Value of `TG_TLS_CONNS`: the connection's capture record plus the per-direction "bytes were
-/// lost" marks the next event of that direction reports as [`TLS_FLAG_GAP_BEFORE`].
+/// lost" marks the next event of that direction reports as [`TLS_FLAG_GAP_BEFORE`] (and events
+/// of the other direction, until then, as [`TLS_FLAG_GAP_OTHER`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TlsConn {

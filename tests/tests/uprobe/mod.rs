@@ -19,59 +19,90 @@ use tollgate_e2e::{anyhow, ensure, wait_for, Result};
 
 use crate::support::*;
 
-const HOST: &str = "api.openai.com";
+mod late;
+mod load;
+mod overflow;
+
+pub(super) const HOST: &str = "api.openai.com";
 
 /// An agent in its own cgroup and netns whose `api.openai.com` is an HTTPS mock on the node,
 /// behind a spliced (not intercepted) route.
-struct Observed {
-    t: Tollgate,
-    mock: MockLlm,
-    ns: Netns,
-    g: Group,
-    mock_ca: String,
-    _e: Env,
+pub(super) struct Observed {
+    pub(super) t: Tollgate,
+    pub(super) mock: MockLlm,
+    pub(super) ns: Netns,
+    pub(super) g: Group,
+    pub(super) mock_ca: String,
+    /// The agents of [`Opts::more_agents`], each in its own cgroup named after it (same netns).
+    pub(super) more: Vec<Group>,
+    pub(super) _e: Env,
+}
+
+/// What the scenarios beyond u1/u2 change in the common setup.
+pub(super) struct Opts {
+    /// More agents, each in a cgroup of its own, in scope and named after their cgroup.
+    pub(super) more_agents: Vec<String>,
+    /// More HTTPS ports of the mock on the same address, outside every capture rule.
+    pub(super) uncaptured_ports: Vec<u16>,
+    /// The mock's delay between streamed events.
+    pub(super) chunk_delay_ms: u64,
+    /// Merged into `capture.uprobes`.
+    pub(super) uprobes: Value,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts { more_agents: Vec::new(), uncaptured_ports: Vec::new(), chunk_delay_ms: 2, uprobes: json!({}) }
+    }
 }
 
 fn setup(name: &str, subnet: u8) -> Result<Observed> {
+    setup_with(name, subnet, Opts::default())
+}
+
+pub(super) fn setup_with(name: &str, subnet: u8, opts: Opts) -> Result<Observed> {
     let e = env()?;
     let g = e.cg.group(name)?;
+    let more = opts.more_agents.iter().map(|n| e.cg.group(n)).collect::<Result<Vec<_>>>()?;
     let ns = Netns::create(name, subnet)?;
     ns.set_hosts(&[(ns.host_addr().to_string(), HOST)])?;
     let ca = TestCa::new(e.scratch.path(), "provider", "tollgate e2e provider CA")?;
     let cert = ca.issue(e.scratch.path(), "provider", &[HOST])?;
     let listen = format!("{}:443", ns.host_addr());
-    let mock = e.mock(&[
-        "--tls-listen",
-        &listen,
-        "--listen",
-        "127.0.0.1:0",
-        "--cert",
-        &cert.cert_path.to_string_lossy(),
-        "--key",
-        &cert.key_path.to_string_lossy(),
-        "--chunk-delay-ms",
-        "2",
-    ])?;
+    let delay = opts.chunk_delay_ms.to_string();
+    let (cert_path, key_path) = (cert.cert_path.to_string_lossy(), cert.key_path.to_string_lossy());
+    let mut args = vec!["--tls-listen", &listen, "--listen", "127.0.0.1:0", "--cert", &cert_path, "--key", &key_path];
+    args.extend(["--chunk-delay-ms", &delay]);
+    let uncaptured: Vec<String> = opts.uncaptured_ports.iter().map(|p| format!("{}:{p}", ns.host_addr())).collect();
+    for l in &uncaptured {
+        args.extend(["--tls-listen", l.as_str()]);
+    }
+    let mock = e.mock(&args)?;
+    let groups: Vec<&Group> = std::iter::once(&g).chain(more.iter()).collect();
+    let names = std::iter::once(name).chain(opts.more_agents.iter().map(String::as_str));
+    let agents: Vec<Value> =
+        names.zip(&groups).map(|(n, g)| json!({"name": n, "match": {"cgroup": g.rel()}})).collect();
     let t = e.tollgate(
         json!({
             "listen": {"pod_ipv4": ns.host_addr().to_string()},
             "capture": {
-                "scope": [g.rel()],
+                "scope": groups.iter().map(|g| g.rel()).collect::<Vec<_>>(),
                 "destinations": [{"cidr": format!("{}/32", ns.host_addr()), "port": 443}],
+                "uprobes": opts.uprobes,
             },
             // Spliced: tollgate never terminates this TLS.
             "routes": [{"name": "openai", "provider": "openai", "match": {"hosts": [HOST]}}],
-            "agents": [{"name": name, "match": {"cgroup": g.rel()}}],
+            "agents": agents,
         }),
         None,
     )?;
     wait_metric(&t, "tollgate_uprobe_available", &[], 1.0)?;
     let mock_ca = ca.cert_path.to_string_lossy().into_owned();
-    Ok(Observed { t, mock, ns, g, mock_ca, _e: e })
+    Ok(Observed { t, mock, ns, g, mock_ca, more, _e: e })
 }
 
 /// Run `openai_keepalive.py` with `plan` in the agent's cgroup and netns.
-fn sdk_calls(o: &Observed, plan: &str, asynchronous: bool) -> Result<Vec<Value>> {
+pub(super) fn sdk_calls(o: &Observed, plan: &str, asynchronous: bool) -> Result<Vec<Value>> {
     let mut args = vec!["--model", MODEL, "--plan", plan];
     if asynchronous {
         args.push("--async");
@@ -92,13 +123,13 @@ fn sdk_calls(o: &Observed, plan: &str, asynchronous: bool) -> Result<Vec<Value>>
 }
 
 /// What the agent was told it used, summed: (input, output, total).
-fn usage_sum(calls: &[Value]) -> (f64, f64, f64) {
+pub(super) fn usage_sum(calls: &[Value]) -> (f64, f64, f64) {
     let f = |k: &str| calls.iter().map(|c| c["usage"][k].as_f64().unwrap_or(f64::NAN)).sum::<f64>();
     (f("prompt_tokens"), f("completion_tokens"), f("total_tokens"))
 }
 
 /// Per-agent tokens and requests of observed calls equal the agent's own usage figures.
-fn assert_observed(o: &Observed, agent: &str, calls: &[Value]) -> Result<()> {
+pub(super) fn assert_observed(o: &Observed, agent: &str, calls: &[Value]) -> Result<()> {
     let (input, output, total) = usage_sum(calls);
     ensure!(input > 0.0 && output > 0.0, "usage missing in the SDK results: {calls:?}");
     let base = [("agent", agent), ("capture", "uprobe"), ("provider", "openai"), ("model", MODEL)];

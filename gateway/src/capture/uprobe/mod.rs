@@ -41,6 +41,16 @@ pub enum Direction {
     Ingress,
 }
 
+impl Direction {
+    /// The opposite side of the same connection (where a `gap_other` loss happened).
+    pub fn other(self) -> Direction {
+        match self {
+            Direction::Egress => Direction::Ingress,
+            Direction::Ingress => Direction::Egress,
+        }
+    }
+}
+
 /// One connection as the kernel identifies it: the socket cookie of the agent's socket, unique
 /// for the kernel's uptime (fds and ports are reused, cookies are not).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -64,6 +74,10 @@ pub enum TlsEvent {
         /// cap): the parser must resynchronise and usage of the call in flight becomes an
         /// estimate.
         gap_before: bool,
+        /// Bytes of the other direction were lost and it has had no event since (a request
+        /// that lost its tail is answered before its side reports `gap_before`): the exchange
+        /// in flight on that side is not exact.
+        gap_other: bool,
     },
     /// The agent closed the socket: finish what is in flight (a response read to EOF ends).
     Close {

@@ -9,6 +9,7 @@ use aya::maps::{MapData, RingBuf};
 use bytes::Bytes;
 use gateway_common::{
     TlsEventHeader, TLS_CHUNK, TLS_DIR_EGRESS, TLS_DIR_INGRESS, TLS_EV_CLOSE, TLS_EV_DATA, TLS_FLAG_GAP_BEFORE,
+    TLS_FLAG_GAP_OTHER,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
@@ -53,6 +54,7 @@ pub fn parse(raw: &[u8]) -> Option<TlsEvent> {
                 direction,
                 data: Bytes::copy_from_slice(&raw[HEADER..HEADER + len]),
                 gap_before: h.flags & TLS_FLAG_GAP_BEFORE != 0,
+                gap_other: h.flags & TLS_FLAG_GAP_OTHER != 0,
             })
         }
         TLS_EV_CLOSE => Some(TlsEvent::Close { conn, record: h.record }),
@@ -86,12 +88,16 @@ impl PendingGaps {
         // A lost CLOSE: the L7 side ends the connection when it goes idle.
     }
 
-    /// Apply a pending mark to `ev` before it is sent (and forget marks of a closed conn).
+    /// Apply a pending mark to `ev` before it is sent (and forget marks of a closed conn); a
+    /// mark of the other direction is reported too, and kept for that direction's next event.
     pub fn apply(&mut self, ev: &mut TlsEvent) {
         match ev {
-            TlsEvent::Data { conn, direction, gap_before, .. } => {
+            TlsEvent::Data { conn, direction, gap_before, gap_other, .. } => {
                 if self.set.remove(&(*conn, *direction)) {
                     *gap_before = true;
+                }
+                if self.set.contains(&(*conn, direction.other())) {
+                    *gap_other = true;
                 }
             }
             TlsEvent::Close { conn, .. } => {
@@ -176,7 +182,7 @@ mod tests {
     #[test]
     fn records_parse_into_contract_events() {
         match parse(&raw(TLS_EV_DATA, TLS_DIR_EGRESS, TLS_FLAG_GAP_BEFORE, b"GET / HTTP/1.1\r\n")) {
-            Some(TlsEvent::Data { conn, record, direction, data, gap_before }) => {
+            Some(TlsEvent::Data { conn, record, direction, data, gap_before, gap_other: false }) => {
                 assert_eq!((conn, record.tgid, record.orig_dst_port), (ConnId(77), 5, 443));
                 assert_eq!(direction, Direction::Egress);
                 assert_eq!(&data[..], b"GET / HTTP/1.1\r\n");
@@ -185,7 +191,11 @@ mod tests {
             other => panic!("{other:?}"),
         }
         match parse(&raw(TLS_EV_DATA, TLS_DIR_INGRESS, 0, b"x")) {
-            Some(TlsEvent::Data { direction: Direction::Ingress, gap_before: false, .. }) => {}
+            Some(TlsEvent::Data { direction: Direction::Ingress, gap_before: false, gap_other: false, .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        match parse(&raw(TLS_EV_DATA, TLS_DIR_INGRESS, TLS_FLAG_GAP_OTHER, b"x")) {
+            Some(TlsEvent::Data { gap_before: false, gap_other: true, .. }) => {}
             other => panic!("{other:?}"),
         }
         assert!(matches!(parse(&raw(TLS_EV_CLOSE, 0, 0, b"")), Some(TlsEvent::Close { conn: ConnId(77), .. })));
@@ -215,5 +225,30 @@ mod tests {
         }
         drop(rx);
         assert!(!deliver(&tx, &mut gaps, &stats, ev(b"4")));
+    }
+
+    /// A request chunk the channel dropped is reported on the response events that follow
+    /// (`gap_other`, as long as the request side sends nothing) and on the next request chunk.
+    #[tokio::test]
+    async fn channel_drop_of_a_request_tail_marks_the_response_events() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let stats = ReaderStats::default();
+        let mut gaps = PendingGaps::new(16);
+        let ev = |dir: u8, b: &'static [u8]| parse(&raw(TLS_EV_DATA, dir, 0, b)).expect("parses");
+        assert!(deliver(&tx, &mut gaps, &stats, ev(TLS_DIR_EGRESS, b"head")));
+        assert!(deliver(&tx, &mut gaps, &stats, ev(TLS_DIR_EGRESS, b"tail")));
+        assert_eq!(stats.channel_full.load(Ordering::Relaxed), 1);
+        assert!(matches!(rx.recv().await, Some(TlsEvent::Data { gap_before: false, gap_other: false, .. })));
+        for _ in 0..2 {
+            assert!(deliver(&tx, &mut gaps, &stats, ev(TLS_DIR_INGRESS, b"response")));
+            match rx.recv().await {
+                Some(TlsEvent::Data { direction: Direction::Ingress, gap_before: false, gap_other: true, .. }) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(deliver(&tx, &mut gaps, &stats, ev(TLS_DIR_EGRESS, b"next")));
+        assert!(matches!(rx.recv().await, Some(TlsEvent::Data { gap_before: true, gap_other: false, .. })));
+        assert!(deliver(&tx, &mut gaps, &stats, ev(TLS_DIR_INGRESS, b"answer")));
+        assert!(matches!(rx.recv().await, Some(TlsEvent::Data { gap_before: false, gap_other: false, .. })));
     }
 }

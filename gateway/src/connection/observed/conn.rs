@@ -191,16 +191,7 @@ impl Conn {
     pub(super) fn egress(&mut self, env: &Env<'_>, mut data: Bytes, gap: bool) -> Result<(), &'static str> {
         self.last = Instant::now();
         if gap {
-            // The request in flight lost bytes. Whole requests lost with them leave no
-            // exchange, so their responses find none to belong to (an agent sends its next
-            // request once it has read the previous response).
-            if let Some(mut p) = self.req_call.take() {
-                p.gap = true;
-                p.dec = Dec::Plain;
-                p.request_end();
-                self.pending.push_back(p);
-            }
-            self.req.gap();
+            self.egress_lost();
         }
         while let Some(piece) = self.req.next(&mut data).map_err(reason)? {
             match piece {
@@ -234,6 +225,21 @@ impl Conn {
             }
         }
         Ok(())
+    }
+
+    /// Request bytes were lost (reported before the next request bytes, or by a response event
+    /// when the loss was a request's tail): the request in flight ends flagged, and the
+    /// request side looks for the next message start. Repeating it changes nothing more.
+    pub(super) fn egress_lost(&mut self) {
+        // Whole requests lost with them leave no exchange, so their responses find none to
+        // belong to (an agent sends its next request once it has read the previous response).
+        if let Some(mut p) = self.req_call.take() {
+            p.gap = true;
+            p.dec = Dec::Plain;
+            p.request_end();
+            self.pending.push_back(p);
+        }
+        self.req.gap();
     }
 
     /// Plaintext the agent read. `Err(reason)`: the state must be dropped.

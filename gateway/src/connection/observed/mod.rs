@@ -151,7 +151,9 @@ impl Task {
                 self.gauge();
                 return;
             }
-            TlsEvent::Data { record, direction, data, gap_before, .. } => (record, (direction, data, gap_before)),
+            TlsEvent::Data { record, direction, data, gap_before, gap_other, .. } => {
+                (record, (direction, data, gap_before, gap_other))
+            }
         };
         if !self.conns.contains_key(&id) {
             if self.live >= self.deps.limits.max_connections {
@@ -174,10 +176,18 @@ impl Task {
         let config = self.deps.config.load();
         let env =
             Env { config: &config, agents: &self.deps.agents, reporter: &self.reporter, limits: &self.deps.limits };
-        let (direction, data, gap) = data;
+        let (direction, data, gap, gap_other) = data;
         let r = match direction {
             Direction::Egress => c.egress(&env, data, gap),
-            Direction::Ingress => c.ingress(data, gap),
+            Direction::Ingress => {
+                // Response bytes while request bytes are missing: the request those bytes
+                // belonged to cannot be exact (lost response bytes need no such signal: the
+                // response cannot end without them, so its next event or the close reports it).
+                if gap_other {
+                    c.egress_lost();
+                }
+                c.ingress(data, gap)
+            }
         };
         if let Err(why) = r {
             self.drop_conn(id, why);

@@ -165,7 +165,7 @@ impl TestConn {
     }
 
     pub(super) fn data(&self, direction: Direction, data: Bytes, gap_before: bool) -> TlsEvent {
-        TlsEvent::Data { conn: ConnId(self.id), record: self.record, direction, data, gap_before }
+        TlsEvent::Data { conn: ConnId(self.id), record: self.record, direction, data, gap_before, gap_other: false }
     }
 
     pub(super) fn close(&self) -> TlsEvent {
@@ -593,5 +593,31 @@ async fn request_gap_reads_the_response_but_flags_it() {
     let calls = h.llm_calls(2).await;
     h.finish().await;
     assert_eq!(calls[0].usage.map(|u| (u.input, u.output, u.estimated)), Some((13, 7, true)), "{calls:?}");
+    assert_eq!(calls[1].usage.map(|u| (u.input, u.output, u.estimated)), Some((19, 10, false)), "{calls:?}");
+}
+
+/// The tail of a request lost, and nothing more written before the response: only the
+/// response's events can say so (`gap_other`). The response is read but flagged estimated,
+/// never reported exact; the next exchange (whose first bytes carry `gap_before`) is exact.
+#[tokio::test]
+async fn request_tail_gap_reported_by_the_response_flags_it() {
+    let mut h = Harness::start(ObservedLimits::default());
+    let c = TestConn::new(9, "billing-bot", [162, 159, 140, 245]);
+    let req = post("api.openai.com", "/v1/chat/completions", "", OPENAI_CHAT_REQ);
+    h.send(&c, Egress, &req[..req.len() - 20], Split::Whole).await;
+    let resp = resp_len("application/json", OPENAI_CHAT_RESP);
+    for piece in Split::Every(64).cut(resp.as_bytes()) {
+        let mut ev = c.data(Ingress, piece, false);
+        if let TlsEvent::Data { gap_other, .. } = &mut ev {
+            *gap_other = true;
+        }
+        h.event(ev).await;
+    }
+    let next = post("api.openai.com", "/v1/chat/completions", "", OPENAI_CHAT_REQ);
+    h.event(c.data(Egress, Bytes::from(next), true)).await;
+    h.send(&c, Ingress, &resp, Split::Whole).await;
+    let calls = h.llm_calls(2).await;
+    h.finish().await;
+    assert_eq!(calls[0].usage.map(|u| (u.input, u.output, u.estimated)), Some((19, 10, true)), "{calls:?}");
     assert_eq!(calls[1].usage.map(|u| (u.input, u.output, u.estimated)), Some((19, 10, false)), "{calls:?}");
 }
