@@ -19,6 +19,8 @@ use tollgate_e2e::{anyhow, ensure, wait_for, Result};
 
 use crate::support::*;
 
+mod protocols;
+
 const HOST: &str = "api.openai.com";
 
 /// An agent in its own cgroup and netns whose `api.openai.com` is an HTTPS mock on the node,
