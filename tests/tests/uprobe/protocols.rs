@@ -24,23 +24,22 @@ const A2A_HOST: &str = "booking.a2a.internal";
 const A2A_PORT: u16 = 9443;
 const CALLEE_CARD: &str = "booking-agent";
 
-/// An agent in its own cgroup and netns whose `host` is the netns's host address, a server
-/// certificate for `host` from a CA of its own, and tollgate capturing `ports` there through
-/// the spliced route `route`.
+/// Agents, each in its own cgroup, sharing one netns whose `host` is the netns's host address;
+/// a server certificate for `host` from a CA of its own; tollgate capturing `ports` there
+/// through the spliced route `route`.
 struct Observed {
     t: Tollgate,
     ns: Netns,
-    g: Group,
+    agents: Vec<(&'static str, Group)>,
     cert: ServerCert,
     ca: String,
-    name: &'static str,
     e: Env,
 }
 
-fn setup(name: &'static str, subnet: u8, host: &str, ports: &[u16], route: Value) -> Result<Observed> {
+fn setup(names: &[&'static str], subnet: u8, host: &str, ports: &[u16], route: Value) -> Result<Observed> {
     let e = env()?;
-    let g = e.cg.group(name)?;
-    let ns = Netns::create(name, subnet)?;
+    let agents = names.iter().map(|n| Ok((*n, e.cg.group(n)?))).collect::<Result<Vec<_>>>()?;
+    let ns = Netns::create(names[0], subnet)?;
     ns.set_hosts(&[(ns.host_addr().to_string(), host)])?;
     let ca = TestCa::new(e.scratch.path(), "server", "tollgate e2e server's own CA")?;
     let cert = ca.issue(e.scratch.path(), "server", &[host])?;
@@ -48,7 +47,7 @@ fn setup(name: &'static str, subnet: u8, host: &str, ports: &[u16], route: Value
         json!({
             "listen": {"pod_ipv4": ns.host_addr().to_string()},
             "capture": {
-                "scope": [g.rel()],
+                "scope": agents.iter().map(|(_, g)| g.rel()).collect::<Vec<_>>(),
                 "destinations": ports
                     .iter()
                     .map(|p| json!({"cidr": format!("{}/32", ns.host_addr()), "port": p}))
@@ -56,13 +55,13 @@ fn setup(name: &'static str, subnet: u8, host: &str, ports: &[u16], route: Value
             },
             // Spliced (no `intercept`): tollgate never terminates this TLS.
             "routes": [route],
-            "agents": [{"name": name, "match": {"cgroup": g.rel()}}],
+            "agents": agents.iter().map(|(n, g)| json!({"name": n, "match": {"cgroup": g.rel()}})).collect::<Vec<_>>(),
         }),
         None,
     )?;
     wait_metric(&t, "tollgate_uprobe_available", &[], 1.0)?;
     let ca = ca.cert_path.to_string_lossy().into_owned();
-    Ok(Observed { t, ns, g, cert, ca, name, e })
+    Ok(Observed { t, ns, agents, cert, ca, e })
 }
 
 impl Observed {
@@ -76,9 +75,10 @@ impl Observed {
         ]
     }
 
-    /// Run `script` in the agent's cgroup and netns, trusting the server's CA only; its JSON.
-    fn run(&self, script: &str, args: &[&str]) -> Result<Value> {
-        let out = python(Some(&self.g), Some(&self.ns), script, args, &[("SSL_CERT_FILE", self.ca.as_str())])?;
+    /// Run `script` as agent `i` (its cgroup, the netns), trusting the server's CA only; its JSON.
+    fn run(&self, i: usize, script: &str, args: &[&str]) -> Result<Value> {
+        let g = &self.agents[i].1;
+        let out = python(Some(g), Some(&self.ns), script, args, &[("SSL_CERT_FILE", self.ca.as_str())])?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         serde_json::from_str(stdout.trim()).map_err(|e| {
             anyhow!(
@@ -89,42 +89,54 @@ impl Observed {
         })
     }
 
-    /// Nothing of `family` was counted as intercepted, and the agent's connections were spliced.
-    fn assert_not_intercepted(&self, family: &str, agent_label: (&str, &str)) -> Result<()> {
+    /// Nothing of `family` was counted as intercepted for agent `i` (labelled `agent_label`), and
+    /// its connections were spliced.
+    fn assert_not_intercepted(&self, i: usize, family: &str, agent_label: &str) -> Result<()> {
+        let name = self.agents[i].0;
         let m = self.t.metrics()?;
         ensure!(
-            m.sum(family, &[agent_label, ("capture", "intercept")]) == 0.0,
+            m.sum(family, &[(agent_label, name), ("capture", "intercept")]) == 0.0,
             "{family} counted as intercepted:\n{}",
             m.dump(family)
         );
-        wait_metric_at_least(&self.t, "tollgate_connections_total", &[("agent", self.name), ("kind", "spliced")], 1.0)?;
+        wait_metric_at_least(&self.t, "tollgate_connections_total", &[("agent", name), ("kind", "spliced")], 1.0)?;
         Ok(())
     }
 }
 
-/// u5: the `mcp` SDK client calls the `mcp` SDK server over HTTPS, over Streamable HTTP in
-/// both protocol generations (current and the legacy `initialize` handshake) and over the
-/// legacy HTTP+SSE transport: every `tools/call` is counted per agent and tool with `capture="uprobe"`, exactly as many as the
-/// client made and the server served, and none as intercepted.
+/// u5: two agents (two cgroups, one netns) run the `mcp` SDK client at the same time against
+/// the `mcp` SDK server over HTTPS, over Streamable HTTP in both protocol generations (current
+/// and the legacy `initialize` handshake) and over the legacy HTTP+SSE transport, each with its
+/// own mix of tools: every `tools/call` is counted per agent and tool with `capture="uprobe"`,
+/// exactly as many as that agent made (and the servers served), and none as intercepted.
 #[test]
 #[ignore = "needs root, BPF and built binaries: run via `cargo xtask test`"]
 fn u5_mcp_sdk_over_https_tool_calls_observed_per_agent_and_tool() -> Result<()> {
-    const AGENT: &str = "u5-agent";
     let route = json!({"name": "mcp-tools", "protocol": "mcp", "match": {"hosts": [MCP_HOST]}});
-    let o = setup(AGENT, 45, MCP_HOST, &[MCP_PORT, MCP_SSE_PORT], route)?;
+    let o = setup(&["u5-agent-a", "u5-agent-b"], 45, MCP_HOST, &[MCP_PORT, MCP_SSE_PORT], route)?;
     let host = o.ns.host_addr().to_string();
     let tls = o.tls_args();
     let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
     let server = McpServer::start_with(&o.e, &host, MCP_PORT, "streamable-http", "tls", &tls)?;
     let legacy = McpServer::start_with(&o.e, &host, MCP_SSE_PORT, "sse", "tls-sse", &tls)?;
 
-    let calls = [
-        ("get_weather", json!({"city": "Paris"})),
-        ("add", json!({"a": 2, "b": 40})),
-        ("get_weather", json!({"city": "Lisbon"})),
-        ("add", json!({"a": 1, "b": 1})),
-        ("get_weather", json!({"city": "Oslo"})),
+    // Each agent's calls; the first is checked by its answer.
+    let plans: [&[(&str, Value)]; 2] = [
+        &[
+            ("get_weather", json!({"city": "Paris"})),
+            ("add", json!({"a": 2, "b": 40})),
+            ("get_weather", json!({"city": "Lisbon"})),
+            ("add", json!({"a": 1, "b": 1})),
+            ("get_weather", json!({"city": "Oslo"})),
+        ],
+        &[
+            ("add", json!({"a": 40, "b": 2})),
+            ("delete_file", json!({"path": "/tmp/u5"})),
+            ("add", json!({"a": 3, "b": 4})),
+            ("add", json!({"a": 5, "b": 6})),
+        ],
     ];
+    let first_answer = ["Sunny in Paris, 21C", "42"];
     let (url, sse_url) =
         (format!("https://{MCP_HOST}:{MCP_PORT}/mcp"), format!("https://{MCP_HOST}:{MCP_SSE_PORT}/sse"));
     // Streamable HTTP in the current protocol and the legacy handshake, then the legacy
@@ -134,53 +146,81 @@ fn u5_mcp_sdk_over_https_tool_calls_observed_per_agent_and_tool() -> Result<()> 
         ("legacy", &["--url", &url, "--mode", "legacy"]),
         ("legacy+sse", &["--url", &sse_url, "--mode", "legacy", "--sse"]),
     ];
-    let mut call_args: Vec<String> = Vec::new();
-    for (tool, a) in &calls {
-        call_args.extend(["--call".into(), tool.to_string(), a.to_string()]);
-    }
+    let call_args: Vec<Vec<String>> = plans
+        .iter()
+        .map(|p| p.iter().flat_map(|(tool, a)| ["--call".into(), tool.to_string(), a.to_string()]).collect())
+        .collect();
     for (mode, args) in runs {
-        let argv = [args, &call_args.iter().map(String::as_str).collect::<Vec<_>>()].concat();
-        let v = o.run("mcp_client.py", &argv)?;
-        let got = v["calls"].as_array().cloned().unwrap_or_default();
-        ensure!(
-            got.len() == calls.len() && got.iter().all(|c| c["ok"] == true),
-            "client ({mode}) calls failed: {v}\n{}",
-            o.t.stderr_tail(30)
-        );
-        ensure!(got[1]["result"] == "42" && got[0]["result"] == "Sunny in Paris, 21C", "answers ({mode}): {v}");
+        // Both agents at once: their connections interleave on the node.
+        let outs: Vec<Result<Value>> = std::thread::scope(|s| {
+            let handles: Vec<_> = call_args
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let o = &o;
+                    s.spawn(move || {
+                        let argv = [args, &c.iter().map(String::as_str).collect::<Vec<_>>()].concat();
+                        o.run(i, "mcp_client.py", &argv)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("client thread panicked")))).collect()
+        });
+        for (i, v) in outs.into_iter().enumerate() {
+            let v = v?;
+            let got = v["calls"].as_array().cloned().unwrap_or_default();
+            ensure!(
+                got.len() == plans[i].len() && got.iter().all(|c| c["ok"] == true),
+                "agent {i}'s client ({mode}) calls failed: {v}\n{}",
+                o.t.stderr_tail(30)
+            );
+            ensure!(got[0]["result"] == first_answer[i], "agent {i}'s answers ({mode}): {v}");
+        }
     }
 
-    // The server served every call over the client's own TLS session.
     let n = runs.len() as f64;
-    let per_tool = |tool: &str| calls.iter().filter(|(t, _)| *t == tool).count() as f64 * n;
-    for tool in ["get_weather", "add"] {
-        let served = server.tool_calls(tool).len() + legacy.tool_calls(tool).len();
-        ensure!(served as f64 == per_tool(tool), "the servers served {served} {tool} calls");
+    let made = |i: usize, tool: &str| plans[i].iter().filter(|(t, _)| *t == tool).count() as f64 * n;
+    for tool in ["get_weather", "add", "delete_file"] {
+        // The servers served every call over the clients' own TLS sessions.
+        let served = (server.tool_calls(tool).len() + legacy.tool_calls(tool).len()) as f64;
+        ensure!(served == made(0, tool) + made(1, tool), "the servers served {served} {tool} calls");
+        for (i, (agent, _)) in o.agents.iter().enumerate() {
+            wait_metric(
+                &o.t,
+                "tollgate_mcp_tool_calls_total",
+                &[("agent", agent), ("tool", tool), ("verdict", "allowed"), ("capture", "uprobe")],
+                made(i, tool),
+            )?;
+        }
+    }
+    for (i, (agent, _)) in o.agents.iter().enumerate() {
+        let all = plans[i].len() as f64 * n;
+        wait_metric(&o.t, "tollgate_mcp_tool_calls_total", &[("agent", agent), ("capture", "uprobe")], all)?;
         wait_metric(
             &o.t,
-            "tollgate_mcp_tool_calls_total",
-            &[("agent", AGENT), ("tool", tool), ("verdict", "allowed"), ("capture", "uprobe")],
-            per_tool(tool),
+            "tollgate_mcp_requests_total",
+            &[
+                ("agent", agent),
+                ("route", "mcp-tools"),
+                ("method", "tools/call"),
+                ("outcome", "ok"),
+                ("capture", "uprobe"),
+            ],
+            all,
         )?;
+        o.assert_not_intercepted(i, "tollgate_mcp_tool_calls_total", "agent")?;
+        o.assert_not_intercepted(i, "tollgate_mcp_requests_total", "agent")?;
+        // The access log names the path of each observed tool call.
+        let lines: Vec<Value> =
+            o.t.access_log()
+                .into_iter()
+                .filter(|l| l["kind"] == "mcp" && l["method"] == "tools/call" && l["agent"]["name"] == *agent)
+                .collect();
+        ensure!(
+            lines.len() as f64 == all && lines.iter().all(|l| l["capture"] == "uprobe" && l["tool"].is_string()),
+            "{agent}'s mcp tools/call access-log lines: {lines:#?}"
+        );
     }
-    let all = calls.len() as f64 * n;
-    wait_metric(&o.t, "tollgate_mcp_tool_calls_total", &[("agent", AGENT), ("capture", "uprobe")], all)?;
-    wait_metric(
-        &o.t,
-        "tollgate_mcp_requests_total",
-        &[("agent", AGENT), ("route", "mcp-tools"), ("method", "tools/call"), ("outcome", "ok"), ("capture", "uprobe")],
-        all,
-    )?;
-    o.assert_not_intercepted("tollgate_mcp_tool_calls_total", ("agent", AGENT))?;
-    o.assert_not_intercepted("tollgate_mcp_requests_total", ("agent", AGENT))?;
-    // The access log names the path of each observed tool call.
-    let lines: Vec<Value> =
-        o.t.access_log().into_iter().filter(|l| l["kind"] == "mcp" && l["method"] == "tools/call").collect();
-    ensure!(
-        lines.len() as f64 == all
-            && lines.iter().all(|l| l["capture"] == "uprobe" && l["agent"]["name"] == AGENT && l["tool"].is_string()),
-        "mcp tools/call access-log lines: {lines:#?}"
-    );
     Ok(())
 }
 
@@ -192,7 +232,7 @@ fn u5_mcp_sdk_over_https_tool_calls_observed_per_agent_and_tool() -> Result<()> 
 fn u6_a2a_sdk_hop_over_https_observed_with_caller_and_callee() -> Result<()> {
     const CALLER: &str = "u6-caller";
     let route = json!({"name": "booking", "protocol": "a2a", "match": {"hosts": [A2A_HOST]}});
-    let o = setup(CALLER, 46, A2A_HOST, &[A2A_PORT], route)?;
+    let o = setup(&[CALLER], 46, A2A_HOST, &[A2A_PORT], route)?;
     let host = o.ns.host_addr().to_string();
     // The callee answers with the mock LLM (plaintext, outside the capture: not under test).
     let llm = format!("127.0.0.2:{}", free_port("127.0.0.2"));
@@ -213,7 +253,7 @@ fn u6_a2a_sdk_hop_over_https_observed_with_caller_and_callee() -> Result<()> {
     let plan: [&[&str]; 3] = [&["--stream"], &[], &["--stream", "--skill", "book-flight"]];
     for extra in plan {
         let args = [&["--url", url.as_str(), "--text", "Book a flight to Lisbon"][..], extra].concat();
-        let v = o.run("a2a_orchestrator.py", &args)?;
+        let v = o.run(0, "a2a_orchestrator.py", &args)?;
         ensure!(
             v["ok"] == true && v["card_name"] == CALLEE_CARD,
             "hop failed ({extra:?}): {v}\n{}",
@@ -235,7 +275,7 @@ fn u6_a2a_sdk_hop_over_https_observed_with_caller_and_callee() -> Result<()> {
     wait_metric(&o.t, hops, &with("method", "SendStreamingMessage"), 2.0)?;
     wait_metric(&o.t, hops, &with("method", "SendMessage"), 1.0)?;
     wait_metric(&o.t, "tollgate_a2a_hop_duration_seconds_count", &edge, plan.len() as f64)?;
-    o.assert_not_intercepted(hops, ("source", CALLER))?;
+    o.assert_not_intercepted(0, hops, "source")?;
     let lines: Vec<Value> = o.t.access_log().into_iter().filter(|l| l["kind"] == "a2a").collect();
     ensure!(
         lines.len() == plan.len()
