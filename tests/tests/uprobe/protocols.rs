@@ -22,7 +22,9 @@ const MCP_PORT: u16 = 8443;
 const MCP_SSE_PORT: u16 = 8444;
 const A2A_HOST: &str = "booking.a2a.internal";
 const A2A_PORT: u16 = 9443;
+const A2A_PORT_2: u16 = 9444;
 const CALLEE_CARD: &str = "booking-agent";
+const CALLEE_CARD_2: &str = "payments-agent";
 
 /// Agents, each in its own cgroup, sharing one netns whose `host` is the netns's host address;
 /// a server certificate for `host` from a CA of its own; tollgate capturing `ports` there
@@ -224,64 +226,73 @@ fn u5_mcp_sdk_over_https_tool_calls_observed_per_agent_and_tool() -> Result<()> 
     Ok(())
 }
 
-/// u6: the `a2a-sdk` client (caller agent) resolves the callee's card and sends it messages
-/// (streamed and not) over HTTPS: each hop is counted with caller, callee (its card name) and
-/// `capture="uprobe"`, exactly, and none as intercepted.
+/// u6: the `a2a-sdk` client (caller agent) resolves the cards of two callees on the same host
+/// (two ports) and sends them messages (streamed and not) over HTTPS: each hop is counted with
+/// the caller, the right callee (its card name) and `capture="uprobe"`, exactly, and none as
+/// intercepted.
 #[test]
 #[ignore = "needs root, BPF and built binaries: run via `cargo xtask test`"]
 fn u6_a2a_sdk_hop_over_https_observed_with_caller_and_callee() -> Result<()> {
     const CALLER: &str = "u6-caller";
-    let route = json!({"name": "booking", "protocol": "a2a", "match": {"hosts": [A2A_HOST]}});
-    let o = setup(&[CALLER], 46, A2A_HOST, &[A2A_PORT], route)?;
+    let route = json!({"name": "agents", "protocol": "a2a", "match": {"hosts": [A2A_HOST]}});
+    let o = setup(&[CALLER], 46, A2A_HOST, &[A2A_PORT, A2A_PORT_2], route)?;
     let host = o.ns.host_addr().to_string();
-    // The callee answers with the mock LLM (plaintext, outside the capture: not under test).
+    // The callees answer with the mock LLM (plaintext, outside the capture: not under test).
     let llm = format!("127.0.0.2:{}", free_port("127.0.0.2"));
     let mock = o.e.mock(&["--listen", &llm])?;
-    let callee_g = o.e.cg.group("u6-callee")?;
+    let callee_g = o.e.cg.group("u6-callees")?;
     let tls = o.tls_args();
     let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
-    let url = format!("https://{A2A_HOST}:{A2A_PORT}/");
-    let _callee = Agent::start_serving(
-        &callee_g,
-        CALLEE_CARD,
-        &format!("{host}:{A2A_PORT}"),
-        &url,
-        &format!("http://{llm}/v1/chat/completions"),
-        &tls,
-    )?;
+    let llm_url = format!("http://{llm}/v1/chat/completions");
+    let mut callees = Vec::new();
+    let mut urls = Vec::new();
+    for (card, port) in [(CALLEE_CARD, A2A_PORT), (CALLEE_CARD_2, A2A_PORT_2)] {
+        let url = format!("https://{A2A_HOST}:{port}/");
+        callees.push(Agent::start_serving(&callee_g, card, &format!("{host}:{port}"), &url, &llm_url, &tls)?);
+        urls.push(url);
+    }
 
-    let plan: [&[&str]; 3] = [&["--stream"], &[], &["--stream", "--skill", "book-flight"]];
-    for extra in plan {
-        let args = [&["--url", url.as_str(), "--text", "Book a flight to Lisbon"][..], extra].concat();
+    // (callee, SDK options): three hops to the first callee, two to the second.
+    let plan: [(usize, &[&str]); 5] =
+        [(0, &["--stream"]), (1, &[]), (0, &[]), (1, &["--stream"]), (0, &["--stream", "--skill", "book-flight"])];
+    let cards = [CALLEE_CARD, CALLEE_CARD_2];
+    for (callee, extra) in plan {
+        let args = [&["--url", urls[callee].as_str(), "--text", "Book a flight to Lisbon"][..], extra].concat();
         let v = o.run(0, "a2a_orchestrator.py", &args)?;
         ensure!(
-            v["ok"] == true && v["card_name"] == CALLEE_CARD,
-            "hop failed ({extra:?}): {v}\n{}",
+            v["ok"] == true && v["card_name"] == cards[callee],
+            "hop failed ({callee}, {extra:?}): {v}\n{}",
             o.t.stderr_tail(30)
         );
         ensure!(v["state"] == "TASK_STATE_COMPLETED" && v["answer"].is_string(), "task ({extra:?}): {v}");
     }
-    ensure!(mock.chat_requests()? == plan.len() as u64, "the callee did not answer every hop");
+    ensure!(mock.chat_requests()? == plan.len() as u64, "the callees did not answer every hop");
 
     let hops = "tollgate_a2a_hops_total";
-    let edge = [("source", CALLER), ("target", CALLEE_CARD), ("capture", "uprobe")];
-    let with = |k: &'static str, v: &'static str| {
-        let mut l = edge.to_vec();
-        l.push((k, v));
-        l
-    };
-    wait_metric(&o.t, hops, &with("outcome", "completed"), plan.len() as f64)?;
-    wait_metric(&o.t, hops, &edge, plan.len() as f64)?;
-    wait_metric(&o.t, hops, &with("method", "SendStreamingMessage"), 2.0)?;
-    wait_metric(&o.t, hops, &with("method", "SendMessage"), 1.0)?;
-    wait_metric(&o.t, "tollgate_a2a_hop_duration_seconds_count", &edge, plan.len() as f64)?;
+    for (i, card) in cards.iter().enumerate() {
+        let to = |stream: Option<bool>| {
+            plan.iter().filter(|(c, x)| *c == i && stream.is_none_or(|s| x.contains(&"--stream") == s)).count() as f64
+        };
+        let edge = [("source", CALLER), ("target", card), ("capture", "uprobe")];
+        let with = |k: &'static str, v: &'static str| {
+            let mut l = edge.to_vec();
+            l.push((k, v));
+            l
+        };
+        wait_metric(&o.t, hops, &edge, to(None))?;
+        wait_metric(&o.t, hops, &with("outcome", "completed"), to(None))?;
+        wait_metric(&o.t, hops, &with("method", "SendStreamingMessage"), to(Some(true)))?;
+        wait_metric(&o.t, hops, &with("method", "SendMessage"), to(Some(false)))?;
+        wait_metric(&o.t, "tollgate_a2a_hop_duration_seconds_count", &edge, to(None))?;
+    }
+    wait_metric(&o.t, hops, &[("source", CALLER)], plan.len() as f64)?;
     o.assert_not_intercepted(0, hops, "source")?;
     let lines: Vec<Value> = o.t.access_log().into_iter().filter(|l| l["kind"] == "a2a").collect();
+    let to_first = lines.iter().filter(|l| l["target"] == CALLEE_CARD).count();
     ensure!(
         lines.len() == plan.len()
-            && lines
-                .iter()
-                .all(|l| l["capture"] == "uprobe" && l["agent"]["name"] == CALLER && l["target"] == CALLEE_CARD),
+            && to_first == 3
+            && lines.iter().all(|l| l["capture"] == "uprobe" && l["agent"]["name"] == CALLER),
         "a2a access-log lines: {lines:#?}"
     );
     Ok(())
