@@ -39,11 +39,12 @@ impl Agent {
 
     /// Like [`Agent::start`], answering with the chat completions endpoint at `llm`.
     pub(crate) fn start_with_llm(group: &Group, name: &str, listen: &str, llm: &str) -> Result<Self> {
-        Self::start_serving(group, name, listen, &format!("http://{listen}/"), llm, &[])
+        Self::start_serving(group, name, listen, &format!("http://{listen}/"), llm, &[], &[])
     }
 
     /// Like [`Agent::start_with_llm`], announcing `url` in its card, with more `a2a_booking.py`
-    /// arguments (e.g. its own TLS certificate, for the uprobe scenarios).
+    /// arguments (e.g. its own TLS certificate, for the uprobe scenarios) and environment
+    /// variables (e.g. `SSL_CERT_FILE` for an HTTPS LLM).
     pub(crate) fn start_serving(
         group: &Group,
         name: &str,
@@ -51,6 +52,7 @@ impl Agent {
         url: &str,
         llm: &str,
         extra: &[&str],
+        env: &[(&str, &str)],
     ) -> Result<Self> {
         let py = venv_python();
         let mut cmd = group.command(&py.to_string_lossy(), None);
@@ -61,6 +63,7 @@ impl Agent {
             .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
             .env("HOME", std::env::temp_dir())
             .env("PYTHONDONTWRITEBYTECODE", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());

@@ -27,8 +27,8 @@ const CALLEE_CARD: &str = "booking-agent";
 const CALLEE_CARD_2: &str = "payments-agent";
 
 /// Agents, each in its own cgroup, sharing one netns whose `host` is the netns's host address;
-/// a server certificate for `host` from a CA of its own; tollgate capturing `ports` there
-/// through the spliced route `route`.
+/// a server certificate for `host` from a CA of its own; tollgate capturing `ports` there (and
+/// `more_dests`) through the spliced `routes`.
 struct Observed {
     t: Tollgate,
     ns: Netns,
@@ -38,7 +38,14 @@ struct Observed {
     e: Env,
 }
 
-fn setup(names: &[&'static str], subnet: u8, host: &str, ports: &[u16], route: Value) -> Result<Observed> {
+fn setup(
+    names: &[&'static str],
+    subnet: u8,
+    host: &str,
+    ports: &[u16],
+    more_dests: &[Value],
+    routes: &[Value],
+) -> Result<Observed> {
     let e = env()?;
     let agents = names.iter().map(|n| Ok((*n, e.cg.group(n)?))).collect::<Result<Vec<_>>>()?;
     let ns = Netns::create(names[0], subnet)?;
@@ -53,10 +60,11 @@ fn setup(names: &[&'static str], subnet: u8, host: &str, ports: &[u16], route: V
                 "destinations": ports
                     .iter()
                     .map(|p| json!({"cidr": format!("{}/32", ns.host_addr()), "port": p}))
+                    .chain(more_dests.iter().cloned())
                     .collect::<Vec<_>>(),
             },
             // Spliced (no `intercept`): tollgate never terminates this TLS.
-            "routes": [route],
+            "routes": routes,
             "agents": agents.iter().map(|(n, g)| json!({"name": n, "match": {"cgroup": g.rel()}})).collect::<Vec<_>>(),
         }),
         None,
@@ -115,7 +123,7 @@ impl Observed {
 #[ignore = "needs root, BPF and built binaries: run via `cargo xtask test`"]
 fn u5_mcp_sdk_over_https_tool_calls_observed_per_agent_and_tool() -> Result<()> {
     let route = json!({"name": "mcp-tools", "protocol": "mcp", "match": {"hosts": [MCP_HOST]}});
-    let o = setup(&["u5-agent-a", "u5-agent-b"], 45, MCP_HOST, &[MCP_PORT, MCP_SSE_PORT], route)?;
+    let o = setup(&["u5-agent-a", "u5-agent-b"], 45, MCP_HOST, &[MCP_PORT, MCP_SSE_PORT], &[], &[route])?;
     let host = o.ns.host_addr().to_string();
     let tls = o.tls_args();
     let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
@@ -235,7 +243,7 @@ fn u5_mcp_sdk_over_https_tool_calls_observed_per_agent_and_tool() -> Result<()> 
 fn u6_a2a_sdk_hop_over_https_observed_with_caller_and_callee() -> Result<()> {
     const CALLER: &str = "u6-caller";
     let route = json!({"name": "agents", "protocol": "a2a", "match": {"hosts": [A2A_HOST]}});
-    let o = setup(&[CALLER], 46, A2A_HOST, &[A2A_PORT, A2A_PORT_2], route)?;
+    let o = setup(&[CALLER], 46, A2A_HOST, &[A2A_PORT, A2A_PORT_2], &[], &[route])?;
     let host = o.ns.host_addr().to_string();
     // The callees answer with the mock LLM (plaintext, outside the capture: not under test).
     let llm = format!("127.0.0.2:{}", free_port("127.0.0.2"));
@@ -248,7 +256,7 @@ fn u6_a2a_sdk_hop_over_https_observed_with_caller_and_callee() -> Result<()> {
     let mut urls = Vec::new();
     for (card, port) in [(CALLEE_CARD, A2A_PORT), (CALLEE_CARD_2, A2A_PORT_2)] {
         let url = format!("https://{A2A_HOST}:{port}/");
-        callees.push(Agent::start_serving(&callee_g, card, &format!("{host}:{port}"), &url, &llm_url, &tls)?);
+        callees.push(Agent::start_serving(&callee_g, card, &format!("{host}:{port}"), &url, &llm_url, &tls, &[])?);
         urls.push(url);
     }
 
@@ -295,5 +303,88 @@ fn u6_a2a_sdk_hop_over_https_observed_with_caller_and_callee() -> Result<()> {
             && lines.iter().all(|l| l["capture"] == "uprobe" && l["agent"]["name"] == CALLER),
         "a2a access-log lines: {lines:#?}"
     );
+    Ok(())
+}
+
+/// u7: an A2A chain observed end to end without interception: the caller's hop to the callee
+/// over HTTPS (asyncio, memory BIO) and the callee's own calls to its LLM over HTTPS (`urllib`,
+/// on a worker thread of the process that serves the hop's TLS) are both counted: the hop per
+/// (caller, callee card), the LLM tokens per callee agent, exactly the mock's usage.
+#[test]
+#[ignore = "needs root, BPF and built binaries: run via `cargo xtask test`"]
+fn u7_a2a_chain_hop_and_callees_llm_tokens_observed_per_agent() -> Result<()> {
+    const CALLER: &str = "u7-caller";
+    const CALLEE: &str = "u7-callee";
+    const LLM_IP: &str = "127.0.0.2";
+    const TEXT: &str = "Book a flight to Porto";
+    let llm_port = free_port(LLM_IP);
+    let llm = format!("{LLM_IP}:{llm_port}");
+    let routes = [
+        json!({"name": "agents", "protocol": "a2a", "match": {"hosts": [A2A_HOST]}}),
+        // Spliced too: the callee trusts its provider's CA, never tollgate's.
+        json!({"name": "llm", "provider": "openai", "match": {"addresses": [llm]}}),
+    ];
+    let dests = [json!({"cidr": format!("{LLM_IP}/32"), "port": llm_port})];
+    let o = setup(&[CALLER, CALLEE], 47, A2A_HOST, &[A2A_PORT], &dests, &routes)?;
+    let host = o.ns.host_addr().to_string();
+    // The provider: an HTTPS mock with a certificate for its address from the same private CA.
+    let llm_cert = TestCa::new(o.e.scratch.path(), "provider", "tollgate e2e provider CA")?;
+    let llm_pem = llm_cert.issue(o.e.scratch.path(), "provider", &[LLM_IP])?;
+    let mock = o.e.mock(&[
+        "--tls-listen",
+        &llm,
+        "--listen",
+        "127.0.0.1:0",
+        "--cert",
+        &llm_pem.cert_path.to_string_lossy(),
+        "--key",
+        &llm_pem.key_path.to_string_lossy(),
+    ])?;
+    let llm_ca = llm_cert.cert_path.to_string_lossy().into_owned();
+    let tls = o.tls_args();
+    let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
+    let url = format!("https://{A2A_HOST}:{A2A_PORT}/");
+    let callee_g = &o.agents[1].1;
+    let _callee = Agent::start_serving(
+        callee_g,
+        CALLEE_CARD,
+        &format!("{host}:{A2A_PORT}"),
+        &url,
+        &format!("https://{llm}/v1/chat/completions"),
+        &tls,
+        &[("SSL_CERT_FILE", llm_ca.as_str())],
+    )?;
+
+    let plan: [&[&str]; 3] = [&["--stream"], &[], &[]];
+    for extra in plan {
+        let args = [&["--url", url.as_str(), "--text", TEXT][..], extra].concat();
+        let v = o.run(0, "a2a_orchestrator.py", &args)?;
+        ensure!(
+            v["ok"] == true && v["card_name"] == CALLEE_CARD,
+            "hop failed ({extra:?}): {v}\n{}",
+            o.t.stderr_tail(30)
+        );
+        ensure!(v["state"] == "TASK_STATE_COMPLETED" && v["answer"].is_string(), "task ({extra:?}): {v}");
+    }
+    let n = plan.len();
+    ensure!(mock.chat_requests()? == n as u64, "the callee did not call its LLM once per hop");
+
+    let edge = [("source", CALLER), ("target", CALLEE_CARD), ("capture", "uprobe")];
+    wait_metric(&o.t, "tollgate_a2a_hops_total", &edge, n as f64)?;
+    // The callee's LLM calls: the mock's usage (a pure function of the request), per callee.
+    let reply = tollgate_e2e::openai::reply_for(&tollgate_e2e::openai::ChatRequest::simple(MODEL, TEXT));
+    assert_tokens(&o.t, CALLEE, "llm", &vec![&reply; n])?;
+    let m = o.t.metrics()?;
+    ensure!(
+        m.sum("tollgate_llm_requests_total", &[("agent", CALLEE), ("capture", "uprobe")]) == n as f64
+            && m.sum("tollgate_llm_estimated_tokens_total", &[("agent", CALLEE)]) == 0.0
+            && m.sum("tollgate_llm_requests_total", &[("agent", CALLER)]) == 0.0
+            && m.sum("tollgate_a2a_hops_total", &[("source", CALLEE)]) == 0.0,
+        "LLM calls not all observed exactly, or attributed to the wrong agent:\n{}{}",
+        m.dump("tollgate_llm"),
+        m.dump("tollgate_a2a")
+    );
+    o.assert_not_intercepted(0, "tollgate_a2a_hops_total", "source")?;
+    o.assert_not_intercepted(1, "tollgate_llm_requests_total", "agent")?;
     Ok(())
 }
