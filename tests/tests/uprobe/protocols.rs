@@ -2,7 +2,8 @@
 //! and netns, call real SDK servers that terminate their own HTTPS (uvicorn over asyncio's SSL)
 //! with a certificate of their own CA, the only CA the client trusts. tollgate splices the TLS
 //! and still counts tool calls per agent and tool, and A2A hops per caller and callee, from the
-//! plaintext its uprobes read inside the client's OpenSSL (asyncio: a memory BIO).
+//! plaintext its uprobes read inside the client's OpenSSL (asyncio: a memory BIO); in a chain
+//! (u7), the callee's own HTTPS LLM calls are counted per callee as well.
 
 use serde_json::{json, Value};
 use tollgate_e2e::certs::{ServerCert, TestCa};
