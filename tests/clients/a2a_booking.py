@@ -4,6 +4,7 @@ completes with its answer. Like an instrumented agent, it forwards the W3C `trac
 called with to that LLM call, so the LLM call joins the caller's trace.
 
 Usage: a2a_booking.py --listen HOST:PORT --name NAME --url PUBLIC_URL --llm URL --model M
+       [--ssl-certfile cert.pem --ssl-keyfile key.pem]   (serve HTTPS, TLS terminated here)
 Prints `ready` on stdout once serving.
 """
 
@@ -62,6 +63,8 @@ def main():
     p.add_argument("--url", required=True)
     p.add_argument("--llm", required=True)
     p.add_argument("--model", default="gpt-4o-mini")
+    p.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate chain (PEM)")
+    p.add_argument("--ssl-keyfile", default=None, help="the private key of --ssl-certfile (PEM)")
     args = p.parse_args()
     host, port = args.listen.rsplit(":", 1)
     card = AgentCard(
@@ -81,7 +84,8 @@ def main():
     # v0.3 clients (`message/send`, `tasks/get`, no A2A-Version header) are served too.
     routes = create_agent_card_routes(card) + create_jsonrpc_routes(handler, "/", enable_v0_3_compat=True)
     app = Starlette(routes=routes)
-    config = uvicorn.Config(app, host=host, port=int(port), log_level="warning")
+    tls = {"ssl_certfile": args.ssl_certfile, "ssl_keyfile": args.ssl_keyfile} if args.ssl_certfile else {}
+    config = uvicorn.Config(app, host=host, port=int(port), log_level="warning", **tls)
     server = uvicorn.Server(config)
 
     async def run():

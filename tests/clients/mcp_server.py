@@ -6,6 +6,7 @@ Every tool call is appended as one JSON line to --log, so a scenario can prove t
 tollgate denied never reached the server.
 
     python mcp_server.py --host 127.0.0.2 --port 8000 --log calls.jsonl [--json-response]
+        [--ssl-certfile cert.pem --ssl-keyfile key.pem]
 
 Besides its tools it offers one prompt (`greet`) and one resource (`tollgate://<label>/motd`),
 so a federation's merged prompt and resource lists show which server each entry came from.
@@ -28,6 +29,8 @@ def main() -> None:
     p.add_argument("--transport", choices=["streamable-http", "sse", "stdio"], default="streamable-http")
     p.add_argument("--json-response", action="store_true", help="answer POSTs with application/json")
     p.add_argument("--label", default="server", help="names this server in its resource URI and answers")
+    p.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate chain (PEM)")
+    p.add_argument("--ssl-keyfile", default=None, help="the private key of --ssl-certfile (PEM)")
     a = p.parse_args()
 
     server = MCPServer("tollgate-e2e-tools")
@@ -91,7 +94,9 @@ def main() -> None:
                     f.write(json.dumps({"authorization": authz.decode(), "method": scope["method"]}) + "\n")
         await app(scope, receive, send)
 
-    uvicorn.run(traced, host=a.host, port=a.port, log_level="warning")
+    # With a certificate the server terminates TLS itself (uvicorn over asyncio's SSL).
+    tls = {"ssl_certfile": a.ssl_certfile, "ssl_keyfile": a.ssl_keyfile} if a.ssl_certfile else {}
+    uvicorn.run(traced, host=a.host, port=a.port, log_level="warning", **tls)
 
 
 if __name__ == "__main__":

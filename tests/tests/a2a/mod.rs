@@ -39,15 +39,31 @@ impl Agent {
 
     /// Like [`Agent::start`], answering with the chat completions endpoint at `llm`.
     pub(crate) fn start_with_llm(group: &Group, name: &str, listen: &str, llm: &str) -> Result<Self> {
+        Self::start_serving(group, name, listen, &format!("http://{listen}/"), llm, &[], &[])
+    }
+
+    /// Like [`Agent::start_with_llm`], announcing `url` in its card, with more `a2a_booking.py`
+    /// arguments (e.g. its own TLS certificate, for the uprobe scenarios) and environment
+    /// variables (e.g. `SSL_CERT_FILE` for an HTTPS LLM).
+    pub(crate) fn start_serving(
+        group: &Group,
+        name: &str,
+        listen: &str,
+        url: &str,
+        llm: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let py = venv_python();
         let mut cmd = group.command(&py.to_string_lossy(), None);
-        let url = format!("http://{listen}/");
         cmd.arg(client_script("a2a_booking.py"))
-            .args(["--listen", listen, "--name", name, "--url", &url, "--llm", llm, "--model", MODEL])
+            .args(["--listen", listen, "--name", name, "--url", url, "--llm", llm, "--model", MODEL])
+            .args(extra)
             .env_clear()
             .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
             .env("HOME", std::env::temp_dir())
             .env("PYTHONDONTWRITEBYTECODE", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());

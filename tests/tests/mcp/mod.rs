@@ -38,11 +38,26 @@ impl McpServer {
 
     /// Like [`McpServer::start`]; `label` names the server in its resource URI and prompt.
     pub(crate) fn start_labeled(e: &Env, addr: &str, port: u16, transport: &str, label: &str) -> Result<Self> {
+        Self::start_with(e, addr, port, transport, label, &[])
+    }
+
+    /// Like [`McpServer::start_labeled`], with more `mcp_server.py` arguments (e.g. its own TLS
+    /// certificate, for the uprobe scenarios).
+    pub(crate) fn start_with(
+        e: &Env,
+        addr: &str,
+        port: u16,
+        transport: &str,
+        label: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
         let log = e.path(&format!("mcp-calls-{port}.jsonl"));
         let port_s = port.to_string();
         let child = std::process::Command::new(venv_python())
             .arg(client_script("mcp_server.py"))
-            .args(["--host", addr, "--port", &port_s, "--transport", transport, "--label", label, "--log"])
+            .args(["--host", addr, "--port", &port_s, "--transport", transport, "--label", label])
+            .args(extra)
+            .arg("--log")
             .arg(&log)
             .env_clear()
             .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
@@ -71,7 +86,7 @@ impl McpServer {
         &self.log
     }
 
-    fn tool_calls(&self, tool: &str) -> Vec<Value> {
+    pub(crate) fn tool_calls(&self, tool: &str) -> Vec<Value> {
         self.log().into_iter().filter(|l| l["tool"] == tool).collect()
     }
 }

@@ -22,6 +22,7 @@ use crate::support::*;
 mod late;
 mod load;
 mod overflow;
+mod protocols;
 
 pub(super) const HOST: &str = "api.openai.com";
 
