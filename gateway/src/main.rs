@@ -392,6 +392,9 @@ fn start_heartbeat(
 
 /// Pod identity: the pod watcher (store + CA publishing), the pod scope syncer and the pod
 /// metrics. Fails only on configuration problems (no node name, no API server config).
+/// Longest start-up wait for the first pod scope sync.
+const FIRST_SCOPE_SYNC: Duration = Duration::from_secs(10);
+
 async fn start_kubernetes(
     cfg: &Config,
     ca: &CertAuthority,
@@ -408,7 +411,19 @@ async fn start_kubernetes(
     if let Some(c) = capture {
         let c = c.clone();
         let sink: kubernetes::scope::ScopeSink = Arc::new(move |e| c.scope().set(ScopeOwner::Pods, e));
-        kubernetes::scope::spawn(c_root(capture), k.capture, k.resync_interval, store.clone(), sink, shutdown.clone());
+        let (_, first) = kubernetes::scope::spawn(
+            c_root(capture),
+            k.capture,
+            k.resync_interval,
+            store.clone(),
+            sink,
+            shutdown.clone(),
+        );
+        // Ready only once the pods known at start are in capture scope: a rolling update's new
+        // instance must not report ready while its pods' connects still go direct.
+        if tokio::time::timeout(FIRST_SCOPE_SYNC, first).await.is_err() {
+            tracing::warn!(timeout = ?FIRST_SCOPE_SYNC, "first pod scope sync still running; starting anyway");
+        }
     }
     let src = store.clone();
     telemetry.node.set_pod_source(Box::new(move || {

@@ -214,18 +214,7 @@ fn pod_setup(name: &str, subnet: u8) -> Result<Pod> {
     ns.set_hosts(&[(ns.host_addr().to_string(), "api.openai.com")])?;
     let mock_ca = TestCa::new(e.scratch.path(), "mock", "tollgate e2e mock upstream CA")?;
     let cert = mock_ca.issue(e.scratch.path(), "mock-upstream", &["localhost", "127.0.0.1"])?;
-    let mock = e.mock(&[
-        "--tls-listen",
-        "127.0.0.1:0",
-        "--listen",
-        "127.0.0.1:0",
-        "--cert",
-        &cert.cert_path.to_string_lossy(),
-        "--key",
-        &cert.key_path.to_string_lossy(),
-        "--chunk-delay-ms",
-        "5",
-    ])?;
+    let mock = e.mock_tls("127.0.0.1:0", &cert, &["--chunk-delay-ms", "5"])?;
     let upstream = format!("https://127.0.0.1:{}", mock.https[0].port());
     let t = e.tollgate(
         json!({
@@ -362,16 +351,7 @@ fn s3_https_to_non_ai_host_is_spliced() -> Result<()> {
     let g = e.cg.group("s3-agent")?;
     let origin_ca = TestCa::new(e.scratch.path(), "origin", "tollgate e2e origin CA")?;
     let cert = origin_ca.issue(e.scratch.path(), "origin", &["origin.test"])?;
-    let mock = e.mock(&[
-        "--tls-listen",
-        "127.0.0.3:8443",
-        "--listen",
-        "127.0.0.1:0",
-        "--cert",
-        &cert.cert_path.to_string_lossy(),
-        "--key",
-        &cert.key_path.to_string_lossy(),
-    ])?;
+    let mock = e.mock_tls("127.0.0.3:8443", &cert, &[])?;
     let t = e.tollgate(
         json!({
             "capture": {"scope": [g.rel()], "destinations": [{"cidr": "127.0.0.3/32", "port": 8443}]},

@@ -48,6 +48,15 @@ impl Env {
         MockLlm::start(&self.mock_bin, &args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
     }
 
+    /// The mock serving HTTPS on `listen` with `cert` (its own CA's leaf), plain HTTP on a free
+    /// port for its stats, and `extra` arguments.
+    pub fn mock_tls(&self, listen: &str, cert: &tollgate_e2e::certs::ServerCert, extra: &[&str]) -> Result<MockLlm> {
+        let (c, k) = (cert.cert_path.to_string_lossy(), cert.key_path.to_string_lossy());
+        let mut args = vec!["--tls-listen", listen, "--listen", "127.0.0.1:0", "--cert", &c, "--key", &k];
+        args.extend_from_slice(extra);
+        self.mock(&args)
+    }
+
     /// tollgate with the base config plus `patch`, optionally running inside `group`.
     pub fn tollgate(&self, patch: Value, group: Option<&Group>) -> Result<Tollgate> {
         let dir = Tollgate::scratch()?;
@@ -211,4 +220,24 @@ pub fn assert_access_log(t: &Tollgate, agent: &str) -> Result<()> {
         t.stdout_lines().join("\n")
     );
     Ok(())
+}
+
+/// Run a Python client script in `group` and `netns` and parse the one JSON document it prints;
+/// the error shows its status, stdout and stderr.
+pub fn python_json(
+    group: Option<&Group>,
+    netns: Option<&tollgate_e2e::netns::Netns>,
+    script: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Result<Value> {
+    let out = tollgate_e2e::client::python(group, netns, script, args, env)?;
+    serde_json::from_slice(&out.stdout).map_err(|e| {
+        tollgate_e2e::anyhow!(
+            "{script} failed ({}, {e}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }

@@ -5,7 +5,7 @@
 use serde_json::{json, Value};
 use tollgate_e2e::certs::TestCa;
 use tollgate_e2e::cgroup::Group;
-use tollgate_e2e::client::{python, venv_python};
+use tollgate_e2e::client::venv_python;
 use tollgate_e2e::mock::MockLlm;
 use tollgate_e2e::netns::Netns;
 use tollgate_e2e::tollgate::{self as tg, Tollgate};
@@ -52,16 +52,7 @@ fn setup(agents: &[&str], subnet: u8) -> Result<Auto> {
     let ca = TestCa::new(e.scratch.path(), "provider", "tollgate e2e provider CA")?;
     let cert = ca.issue(e.scratch.path(), "provider", &[HOST])?;
     let listen = format!("{}:443", ns.host_addr());
-    let mock = e.mock(&[
-        "--tls-listen",
-        &listen,
-        "--listen",
-        "127.0.0.1:0",
-        "--cert",
-        &cert.cert_path.to_string_lossy(),
-        "--key",
-        &cert.key_path.to_string_lossy(),
-    ])?;
+    let mock = e.mock_tls(&listen, &cert, &[])?;
     let t = e.tollgate(
         json!({
             "listen": {"pod_ipv4": ns.host_addr().to_string()},
@@ -92,16 +83,8 @@ fn setup(agents: &[&str], subnet: u8) -> Result<Auto> {
 /// `openai_keepalive.py` with `plan` in cgroup `i`, trusting the CA bundle `cafile`.
 fn sdk(a: &Auto, i: usize, plan: &str, cafile: &str) -> Result<Vec<Value>> {
     let env = [("OPENAI_API_KEY", "sk-agent-own-key"), ("SSL_CERT_FILE", cafile)];
-    let out =
-        python(Some(&a.groups[i]), Some(&a.ns), "openai_keepalive.py", &["--model", MODEL, "--plan", plan], &env)?;
-    let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| {
-        anyhow!(
-            "openai SDK run failed ({}, {e}):\nstdout: {}\nstderr: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
+    let args = ["--model", MODEL, "--plan", plan];
+    let v = python_json(Some(&a.groups[i]), Some(&a.ns), "openai_keepalive.py", &args, &env)?;
     Ok(v.as_array().cloned().unwrap_or_default())
 }
 
@@ -161,9 +144,7 @@ fn a2_a_client_with_a_pinned_ca_fails_once_then_is_spliced() -> Result<()> {
     let run = || -> Result<Value> {
         let env = [("SSL_CERT_FILE", a.tollgate_ca.as_str())];
         let args = ["--cafile", a.mock_ca.as_str(), "--host", HOST, "--model", MODEL];
-        let out = python(Some(&a.groups[0]), Some(&a.ns), "pinned_https.py", &args, &env)?;
-        serde_json::from_slice(&out.stdout)
-            .map_err(|e| anyhow!("pinned client ({}): {e}: {}", out.status, String::from_utf8_lossy(&out.stderr)))
+        python_json(Some(&a.groups[0]), Some(&a.ns), "pinned_https.py", &args, &env)
     };
     let first = run()?;
     ensure!(first["ok"] == false, "the first connection should have been intercepted and refused: {first}");

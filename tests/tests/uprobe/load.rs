@@ -4,7 +4,6 @@
 
 use serde_json::Value;
 use tollgate_e2e::cgroup::Group;
-use tollgate_e2e::client::python;
 use tollgate_e2e::netns::Netns;
 use tollgate_e2e::{anyhow, ensure, Result};
 
@@ -32,15 +31,7 @@ fn load(ns: &Netns, mock_ca: &str, g: &Group, asynchronous: bool, with_other: bo
         args.push("--async");
     }
     let env = [("OPENAI_API_KEY", "sk-agent-own-key"), ("SSL_CERT_FILE", mock_ca)];
-    let out = python(Some(g), Some(ns), "openai_load.py", &args, &env)?;
-    serde_json::from_slice(&out.stdout).map_err(|e| {
-        anyhow!(
-            "openai SDK load run failed ({}, {e}):\nstdout: {}\nstderr: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+    python_json(Some(g), Some(ns), "openai_load.py", &args, &env)
 }
 
 /// Threads over the socket BIO: every SSL call makes the socket syscall that names its fd.

@@ -11,7 +11,6 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tollgate_e2e::certs::TestCa;
 use tollgate_e2e::cgroup::Group;
-use tollgate_e2e::client::python;
 use tollgate_e2e::mock::MockLlm;
 use tollgate_e2e::netns::Netns;
 use tollgate_e2e::tollgate::Tollgate;
@@ -109,15 +108,7 @@ pub(super) fn sdk_calls(o: &Observed, plan: &str, asynchronous: bool) -> Result<
         args.push("--async");
     }
     let env = [("OPENAI_API_KEY", "sk-agent-own-key"), ("SSL_CERT_FILE", o.mock_ca.as_str())];
-    let out = python(Some(&o.g), Some(&o.ns), "openai_keepalive.py", &args, &env)?;
-    let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| {
-        anyhow!(
-            "openai SDK run failed ({}, {e}):\nstdout: {}\nstderr: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
+    let v = python_json(Some(&o.g), Some(&o.ns), "openai_keepalive.py", &args, &env)?;
     let calls = v.as_array().cloned().unwrap_or_default();
     ensure!(calls.len() == plan.split(',').count(), "calls {v}");
     Ok(calls)

@@ -3,7 +3,6 @@
 //! reported only as an estimate, and the next call on a new connection is exact again.
 
 use serde_json::{json, Value};
-use tollgate_e2e::client::python;
 use tollgate_e2e::prom::Scrape;
 use tollgate_e2e::{anyhow, ensure, wait_for, Result};
 
@@ -27,15 +26,7 @@ fn exact(m: &Scrape, agent: &str, token_type: &str) -> f64 {
 fn big_call(o: &Observed) -> Result<Value> {
     let args = ["--model", MODEL, "--calls", "1", "--kind", "plain", "--prompt-bytes", BIG_PROMPT];
     let env = [("OPENAI_API_KEY", "sk-agent-own-key"), ("SSL_CERT_FILE", o.mock_ca.as_str())];
-    let out = python(Some(&o.g), Some(&o.ns), "openai_load.py", &args, &env)?;
-    let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| {
-        anyhow!(
-            "openai SDK run failed ({}, {e}):\nstdout: {}\nstderr: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
+    let v = python_json(Some(&o.g), Some(&o.ns), "openai_load.py", &args, &env)?;
     v["calls"][0].as_object().map(|c| Value::Object(c.clone())).ok_or_else(|| anyhow!("no call in {v}"))
 }
 

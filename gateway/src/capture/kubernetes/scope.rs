@@ -117,7 +117,9 @@ pub fn entries(mode: PodCaptureMode, found: &KubeCgroups, store: &PodStore) -> H
 /// The syncer's output: replaces the pod-owned scope entries, returns how many did not fit.
 pub type ScopeSink = Arc<dyn Fn(HashMap<u64, ScopeEntry>) -> usize + Send + Sync>;
 
-/// Run the syncer until `shutdown`: on every store change and every `interval`.
+/// Run the syncer until `shutdown`: on every store change and every `interval`. The returned
+/// receiver fires once the first pass has written its entries, so start-up can report ready only
+/// when the pods known at start are in (or out of) capture scope.
 pub fn spawn(
     cgroup_root: PathBuf,
     mode: PodCaptureMode,
@@ -125,9 +127,11 @@ pub fn spawn(
     store: Arc<PodStore>,
     scope: ScopeSink,
     mut shutdown: watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
+) -> (tokio::task::JoinHandle<()>, tokio::sync::oneshot::Receiver<()>) {
     let mut changes = store.subscribe();
-    tokio::spawn(async move {
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+    let mut first = Some(first_tx);
+    let task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval.max(Duration::from_millis(100)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last: Option<HashMap<u64, ScopeEntry>> = None;
@@ -145,13 +149,17 @@ pub fn spawn(
                     last = Some(want);
                 }
             }
+            if let Some(tx) = first.take() {
+                let _ = tx.send(());
+            }
             tokio::select! {
                 _ = crate::connection::shutdown_requested(&mut shutdown) => return,
                 r = changes.changed() => if r.is_err() { return },
                 _ = tick.tick() => {}
             }
         }
-    })
+    });
+    (task, first_rx)
 }
 
 #[cfg(test)]
