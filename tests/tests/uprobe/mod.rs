@@ -19,26 +19,41 @@ use tollgate_e2e::{anyhow, ensure, wait_for, Result};
 
 use crate::support::*;
 
+mod anthropic_sdk;
+mod curl_node;
+
 const HOST: &str = "api.openai.com";
 
-/// An agent in its own cgroup and netns whose `api.openai.com` is an HTTPS mock on the node,
-/// behind a spliced (not intercepted) route.
-struct Observed {
-    t: Tollgate,
-    mock: MockLlm,
-    ns: Netns,
-    g: Group,
-    mock_ca: String,
-    _e: Env,
+/// Agents, each in its own cgroup, in one netns whose provider host (`api.openai.com` unless
+/// told otherwise) is an HTTPS mock on the node, behind a spliced (not intercepted) route.
+pub(super) struct Observed {
+    pub(super) t: Tollgate,
+    pub(super) mock: MockLlm,
+    pub(super) ns: Netns,
+    /// The first agent's cgroup.
+    pub(super) g: Group,
+    /// The other agents' cgroups, in the order named.
+    pub(super) more: Vec<Group>,
+    /// The mock's CA certificate (PEM file): the only trust root the agents are given.
+    pub(super) mock_ca: String,
+    pub(super) e: Env,
 }
 
 fn setup(name: &str, subnet: u8) -> Result<Observed> {
+    setup_for(&[name], subnet, HOST, "openai")
+}
+
+/// [`Observed`] for `agents` (one cgroup each, named after the agent; the netns after the
+/// first) whose `host` is the mock, routed as `provider` (also the route's name).
+pub(super) fn setup_for(agents: &[&str], subnet: u8, host: &str, provider: &str) -> Result<Observed> {
+    let name = *agents.first().ok_or_else(|| anyhow!("no agent"))?;
     let e = env()?;
     let g = e.cg.group(name)?;
+    let more = agents[1..].iter().map(|a| e.cg.group(a)).collect::<Result<Vec<_>>>()?;
     let ns = Netns::create(name, subnet)?;
-    ns.set_hosts(&[(ns.host_addr().to_string(), HOST)])?;
+    ns.set_hosts(&[(ns.host_addr().to_string(), host)])?;
     let ca = TestCa::new(e.scratch.path(), "provider", "tollgate e2e provider CA")?;
-    let cert = ca.issue(e.scratch.path(), "provider", &[HOST])?;
+    let cert = ca.issue(e.scratch.path(), "provider", &[host])?;
     let listen = format!("{}:443", ns.host_addr());
     let mock = e.mock(&[
         "--tls-listen",
@@ -52,22 +67,23 @@ fn setup(name: &str, subnet: u8) -> Result<Observed> {
         "--chunk-delay-ms",
         "2",
     ])?;
+    let groups: Vec<&Group> = std::iter::once(&g).chain(&more).collect();
     let t = e.tollgate(
         json!({
             "listen": {"pod_ipv4": ns.host_addr().to_string()},
             "capture": {
-                "scope": [g.rel()],
+                "scope": groups.iter().map(|g| g.rel()).collect::<Vec<_>>(),
                 "destinations": [{"cidr": format!("{}/32", ns.host_addr()), "port": 443}],
             },
             // Spliced: tollgate never terminates this TLS.
-            "routes": [{"name": "openai", "provider": "openai", "match": {"hosts": [HOST]}}],
-            "agents": [{"name": name, "match": {"cgroup": g.rel()}}],
+            "routes": [{"name": provider, "provider": provider, "match": {"hosts": [host]}}],
+            "agents": agents.iter().zip(&groups).map(|(a, g)| json!({"name": a, "match": {"cgroup": g.rel()}})).collect::<Vec<_>>(),
         }),
         None,
     )?;
     wait_metric(&t, "tollgate_uprobe_available", &[], 1.0)?;
     let mock_ca = ca.cert_path.to_string_lossy().into_owned();
-    Ok(Observed { t, mock, ns, g, mock_ca, _e: e })
+    Ok(Observed { t, mock, ns, g, more, mock_ca, e })
 }
 
 /// Run `openai_keepalive.py` with `plan` in the agent's cgroup and netns.
@@ -92,13 +108,13 @@ fn sdk_calls(o: &Observed, plan: &str, asynchronous: bool) -> Result<Vec<Value>>
 }
 
 /// What the agent was told it used, summed: (input, output, total).
-fn usage_sum(calls: &[Value]) -> (f64, f64, f64) {
+pub(super) fn usage_sum(calls: &[Value]) -> (f64, f64, f64) {
     let f = |k: &str| calls.iter().map(|c| c["usage"][k].as_f64().unwrap_or(f64::NAN)).sum::<f64>();
     (f("prompt_tokens"), f("completion_tokens"), f("total_tokens"))
 }
 
 /// Per-agent tokens and requests of observed calls equal the agent's own usage figures.
-fn assert_observed(o: &Observed, agent: &str, calls: &[Value]) -> Result<()> {
+pub(super) fn assert_observed(o: &Observed, agent: &str, calls: &[Value]) -> Result<()> {
     let (input, output, total) = usage_sum(calls);
     ensure!(input > 0.0 && output > 0.0, "usage missing in the SDK results: {calls:?}");
     let base = [("agent", agent), ("capture", "uprobe"), ("provider", "openai"), ("model", MODEL)];
