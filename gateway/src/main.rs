@@ -238,7 +238,9 @@ async fn serve(mut cfg: Arc<Config>, path: Option<PathBuf>, overrides: Overrides
         Some(c) => start_uprobes(c, &cfg, &observed_config, &agents, &telemetry, &shutdown_rx),
         None => (None, None),
     };
-    let deps = ProxyDeps { config: cfg.clone(), flows, agents, telemetry: telemetry.clone(), ca, observer: None };
+    let tls_prober = _uprobes.as_ref().map(|u| u.prober());
+    let deps =
+        ProxyDeps { config: cfg.clone(), flows, agents, telemetry: telemetry.clone(), ca, observer: None, tls_prober };
     let proxy_server = connection::Proxy::new(deps).await?;
     let proxy_server = proxy_server.with_accept_progress(progress);
     let handle = proxy_server.handle();

@@ -6,11 +6,11 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use tollgate_e2e::client::python;
 use tollgate_e2e::{anyhow, ensure, wait_for, Result};
 
-use super::{setup_for, Observed};
+use super::{setup_with, Observed};
 use crate::support::{wait_metric, wait_metric_at_least};
 
 const HOST: &str = "api.anthropic.com";
@@ -37,6 +37,22 @@ fn sdk_calls(o: &Observed) -> Result<Vec<Value>> {
     Ok(calls)
 }
 
+/// How the agent's libssl came to be probed, from tollgate's log: in the scan at start (some
+/// process on the machine mapped it already) or later, which with the rescans of this
+/// scenario's config (no exec wake-ups, one periodic scan a minute) is the probe of the
+/// connecting process before its TLS connection is spliced.
+fn libssl_probe(o: &Observed) -> Result<&'static str> {
+    let log = o.t.stderr_tail(400);
+    let started = log.find("TLS uprobes attached").ok_or_else(|| anyhow!("no uprobe start in the log:\n{log}"))?;
+    let probed = |l: &str| l.contains("TLS library probed") && l.contains("libssl.so");
+    if log[..started].lines().any(probed) {
+        Ok("probed at start (another process mapped it): the pre-splice probe was not needed")
+    } else if log[started..].lines().any(probed) {
+        Ok("probed on demand, before the agent's first connection was spliced")
+    } else {
+        Err(anyhow!("libssl never probed:\n{log}"))
+    }
+}
 /// Sum of `usage.<key>` over `calls` as the SDK parsed them (NaN when one lacks it).
 fn sum(calls: &[Value], key: &str) -> f64 {
     calls.iter().map(|c| c["usage"][key].as_f64().unwrap_or(f64::NAN)).sum()
@@ -66,8 +82,13 @@ fn check_answers(calls: &[Value]) -> Result<()> {
 #[test]
 #[ignore = "needs root, BPF and built binaries: run via `cargo xtask test`"]
 fn u3_anthropic_sdk_tool_call_stream_observed_without_any_ca_change() -> Result<()> {
-    let o = setup_for(&[AGENT], 43, HOST, "anthropic")?;
+    // No exec wake-ups and one periodic rescan a minute: CPython loads libssl with `_ssl` (a
+    // `dlopen`) after its exec, so unless it was probed at start, only the probe of the
+    // connecting process before the splice can catch it before the first request.
+    let rescans = json!({"capture": {"uprobes": {"rescan_on_exec": false, "rescan_interval": "60s"}}});
+    let o = setup_with(&[AGENT], 43, HOST, "anthropic", rescans)?;
     let calls = sdk_calls(&o)?;
+    println!("u3: libssl {}", libssl_probe(&o)?);
     check_answers(&calls)?;
     // The Anthropic SDK reads every stream to its end and keeps the connection: one for all.
     let ports: BTreeSet<u64> = calls.iter().map(|c| c["port"].as_u64().unwrap_or(0)).collect();

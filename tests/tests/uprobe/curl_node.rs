@@ -9,9 +9,6 @@
 //! are missed by design (README, "TLS plaintext from uprobes"), and a test that raced the
 //! rescan would be measuring that delay, not the counting.
 
-use std::io::{Read, Write};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use object::{Object, ObjectSymbol};
@@ -20,7 +17,7 @@ use tollgate_e2e::cgroup::{command_in, Group};
 use tollgate_e2e::client::client_script;
 use tollgate_e2e::{anyhow, ensure, wait_for, Result};
 
-use super::{assert_observed, setup_for, Observed};
+use super::{assert_observed, setup_for, wait_attached, Held, Observed};
 use crate::support::{wait_metric_at_least, MODEL};
 
 const HOST: &str = "api.openai.com";
@@ -29,76 +26,6 @@ const NODE_AGENT: &str = "u4-node";
 const NODE: &str = "/usr/bin/node";
 const KEY: &str = "sk-agent-own-key";
 
-/// A client process held before its first call; killed if the test ends first.
-struct Held(Child);
-
-impl Held {
-    /// Start `cmd` with piped stdio and a minimal environment plus `env`.
-    fn spawn(mut cmd: Command, env: &[(&str, &str)]) -> Result<Self> {
-        cmd.env_clear()
-            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-            .env("HOME", std::env::temp_dir())
-            .envs(env.iter().copied())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        Ok(Held(cmd.spawn()?))
-    }
-
-    /// Wait until the process runs `exe` (`ip netns exec` has exec'd it).
-    fn wait_exec(&self, exe: &str) -> Result<()> {
-        let link = format!("/proc/{}/exe", self.0.id());
-        wait_for(Duration::from_secs(10), Duration::from_millis(20), || {
-            std::fs::read_link(&link).ok().filter(|p| p == Path::new(exe)).map(drop)
-        })
-        .ok_or_else(|| anyhow!("process {} never ran {exe}", self.0.id()))
-    }
-
-    /// Shared `libssl.so*` files the process maps, once its loader has mapped them.
-    fn wait_libssl(&self) -> Result<Vec<String>> {
-        let maps = format!("/proc/{}/maps", self.0.id());
-        wait_for(Duration::from_secs(10), Duration::from_millis(20), || {
-            let text = std::fs::read_to_string(&maps).ok()?;
-            let mut libs: Vec<String> = text
-                .lines()
-                .filter_map(|l| l.split_whitespace().nth(5))
-                .filter(|p| p.rsplit('/').next().is_some_and(|n| n == "libssl.so" || n.starts_with("libssl.so.")))
-                .map(str::to_string)
-                .collect();
-            libs.dedup();
-            (!libs.is_empty()).then_some(libs)
-        })
-        .ok_or_else(|| anyhow!("process {} maps no libssl.so*", self.0.id()))
-    }
-
-    /// Write `input` to its stdin, close it, and wait (bounded) for it to exit; its stdout.
-    fn release(mut self, input: &[u8]) -> Result<Vec<u8>> {
-        let mut stdin = self.0.stdin.take().ok_or_else(|| anyhow!("no stdin"))?;
-        stdin.write_all(input)?;
-        drop(stdin);
-        let status = wait_for(Duration::from_secs(60), Duration::from_millis(50), || self.0.try_wait().ok().flatten())
-            .ok_or_else(|| anyhow!("client {} did not finish", self.0.id()))?;
-        let (mut out, mut err) = (Vec::new(), String::new());
-        if let Some(mut s) = self.0.stdout.take() {
-            s.read_to_end(&mut out)?;
-        }
-        if let Some(mut s) = self.0.stderr.take() {
-            s.read_to_string(&mut err)?;
-        }
-        ensure!(status.success(), "client failed ({status}): stdout {} stderr {err}", String::from_utf8_lossy(&out));
-        Ok(out)
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
 /// Does the ELF file define `SSL_write` in its dynamic symbol table (OpenSSL linked in and
 /// exported, the static-executable path)?
 fn exports_ssl_write(path: &str) -> Result<bool> {
@@ -106,27 +33,6 @@ fn exports_ssl_write(path: &str) -> Result<bool> {
     let cache = object::ReadCache::new(file);
     let obj = object::File::parse(&cache).map_err(|e| anyhow!("{path}: {e}"))?;
     Ok(obj.dynamic_symbols().any(|s| s.is_definition() && s.name_bytes().is_ok_and(|n| n == b"SSL_write")))
-}
-
-/// Wait until tollgate reports at least one probed TLS library file of `kind` and has logged
-/// probing `file` itself: the gauge only counts (and other programs on the node, e.g. a cargo
-/// with static OpenSSL, count too), the log names the path it opened, which is compared by
-/// device and inode (it is a `/proc/<pid>/...` path of whichever process it was found in).
-/// Returns that log line.
-fn wait_attached(o: &Observed, kind: &str, file: &str) -> Result<String> {
-    use std::os::unix::fs::MetadataExt;
-    wait_metric_at_least(&o.t, "tollgate_uprobe_attached_files", &[("kind", kind)], 1.0)?;
-    let want = std::fs::metadata(file)?;
-    let same = |path: &str| std::fs::metadata(path).is_ok_and(|m| m.dev() == want.dev() && m.ino() == want.ino());
-    let kind_field = format!("kind=\"{kind}\"");
-    wait_for(Duration::from_secs(5), Duration::from_millis(50), || {
-        o.t.stderr_tail(400)
-            .lines()
-            .filter(|l| l.contains("TLS library probed") && l.contains(&kind_field))
-            .find(|l| l.split_whitespace().filter_map(|w| w.strip_prefix("file=")).any(same))
-            .map(str::to_string)
-    })
-    .ok_or_else(|| anyhow!("tollgate never probed {file} ({kind}):\n{}", o.t.stderr_tail(40)))
 }
 
 /// A chat request body: `i` makes each call's prompt (and so its usage) differ.
