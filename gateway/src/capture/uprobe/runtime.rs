@@ -260,8 +260,8 @@ pub fn start(
             None => tracing::warn!(path = %p.display(), "capture.uprobes.paths: file not found, not probed"),
         }
     }
-    rescan(capture, &shared, &mut first, cfg);
     drop(first);
+    rescan(capture, &shared, &scanner, cfg);
     let prober = TlsProber {
         capture: capture.clone(),
         shared: shared.clone(),
@@ -327,7 +327,7 @@ pub fn start(
             // /proc walks and ELF reads block: off the async workers. The scanner (its memory
             // of checked files) is shared with the pre-splice probe of one process.
             let sc = scanner.clone();
-            if let Err(e) = tokio::task::spawn_blocking(move || rescan(&cap2, &sh2, &mut lock(&sc), &c2)).await {
+            if let Err(e) = tokio::task::spawn_blocking(move || rescan(&cap2, &sh2, &sc, &c2)).await {
                 tracing::warn!(error = %e, "TLS library rescan failed");
             }
         }
@@ -354,10 +354,20 @@ where
 }
 
 /// One pass over running processes: attach every new OpenSSL file.
-fn rescan(capture: &Capture, shared: &Shared, scanner: &mut Scanner, cfg: &UprobesConfig) {
-    let found = scanner.scan(Path::new("/proc"), cfg.shared_libraries, cfg.static_executables, std::process::id());
-    for c in found {
-        attach_candidate(capture, shared, scanner, &c);
+/// The scanner is locked per process, not for the whole walk, so the check before a splice
+/// waits for one process's scan at most.
+fn rescan(capture: &Capture, shared: &Shared, scanner: &Mutex<Scanner>, cfg: &UprobesConfig) {
+    let proc_root = Path::new("/proc");
+    let Ok(dir) = std::fs::read_dir(proc_root) else {
+        return;
+    };
+    let me = std::process::id();
+    let pids = dir.flatten().filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()));
+    for pid in pids.filter(|p| *p != me) {
+        let mut s = lock(scanner);
+        for c in s.scan_pid(proc_root, pid, cfg.shared_libraries, cfg.static_executables) {
+            attach_candidate(capture, shared, &mut s, &c);
+        }
     }
 }
 
