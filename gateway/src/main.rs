@@ -253,8 +253,17 @@ async fn serve(mut cfg: Arc<Config>, path: Option<PathBuf>, overrides: Overrides
         }
         None => (None, None),
     };
-    let deps =
-        ProxyDeps { config: cfg.clone(), flows, agents, telemetry: telemetry.clone(), ca, observer: None, intercepted };
+    let tls_prober = _uprobes.as_ref().map(|u| u.prober());
+    let deps = ProxyDeps {
+        config: cfg.clone(),
+        flows,
+        agents,
+        telemetry: telemetry.clone(),
+        ca,
+        observer: None,
+        intercepted,
+        tls_prober,
+    };
     let proxy_server = connection::Proxy::new(deps).await?;
     let proxy_server = proxy_server.with_accept_progress(progress);
     let handle = proxy_server.handle();

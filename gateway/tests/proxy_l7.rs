@@ -312,6 +312,7 @@ telemetry: {{ access_log: "off" }}
         ca: ca.clone(),
         observer: Some(obs_tx),
         intercepted: Default::default(),
+        tls_prober: None,
     };
     let proxy_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy = proxy_l.local_addr().unwrap();

@@ -37,7 +37,8 @@ pub struct UprobesConfig {
     /// and counted (`channel_full`) and the connection is marked with a gap.
     pub channel_capacity: usize,
     /// How often `/proc/*/maps` is scanned for new TLS libraries and executables. A process's
-    /// calls before its library file is attached are not seen.
+    /// calls before its library file is attached are not seen (its own TLS libraries are also
+    /// checked before each of its captured TLS connections is spliced).
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub rescan_interval: Duration,

@@ -27,6 +27,7 @@ use tokio::task::JoinSet;
 use arc_swap::ArcSwap;
 
 use crate::capture::heartbeat::AcceptProgress;
+use crate::capture::uprobe::TlsProber;
 use crate::capture::{identity::orig_dst, Agent, AgentResolver, FlowTable};
 use crate::config::{Config, InterceptMode, RouteConfig};
 use crate::policy::chain::{Policies, PolicyError};
@@ -58,6 +59,9 @@ pub struct ProxyDeps {
     /// Connections the proxy terminates now, shared with the uprobe observer so it does not
     /// count their calls again.
     pub intercepted: Arc<trust::Intercepted>,
+    /// With the TLS uprobes running: probes the agent's TLS library before its TLS connection
+    /// is spliced, so a library loaded since the last rescan misses no plaintext.
+    pub tls_prober: Option<TlsProber>,
 }
 
 /// Why the proxy could not start.
@@ -151,6 +155,7 @@ impl Generation {
 /// State shared by every connection task.
 struct Shared {
     flows: Arc<dyn FlowTable>,
+    tls_prober: Option<TlsProber>,
     telemetry: Arc<Telemetry>,
     current: ArcSwap<Generation>,
     tls_server: Arc<ServerConfig>,
@@ -222,6 +227,7 @@ impl Proxy {
         }
         let shared = Arc::new(Shared {
             flows: deps.flows,
+            tls_prober: deps.tls_prober,
             telemetry: deps.telemetry,
             current: ArcSwap::from_pointee(first),
             tls_server,
@@ -443,20 +449,23 @@ async fn handle(c: &Conn<'_>, stream: TcpStream, peer: SocketAddr, local: Socket
     };
     match sniffed {
         Sniffed::Tls { sni: Some(name) } => {
+            let (pid, cgroup, cookie) = caller;
             match cfg.route_for(Some(&name), Some(orig)).filter(|r| r.intercept.may_intercept()) {
-                Some(route) => {
-                    let (pid, cgroup, cookie) = caller;
-                    if decide(c, route.intercept, &agent, pid, cgroup, &name).await {
-                        let _mark = shared.intercepted.mark(cookie);
-                        intercept(c, stream, agent, orig, route, name, shutdown).await;
-                    } else {
-                        do_splice(c, stream, agent, orig, Some(name)).await;
-                    }
+                Some(route) if decide(c, route.intercept, &agent, pid, cgroup, &name).await => {
+                    let _mark = shared.intercepted.mark(cookie);
+                    intercept(c, stream, agent, orig, route, name, shutdown).await;
                 }
-                None => do_splice(c, stream, agent, orig, Some(name)).await,
+                _ => {
+                    probe_tls_library(shared, pid).await;
+                    do_splice(c, stream, agent, orig, Some(name)).await;
+                }
             }
         }
-        Sniffed::Tls { sni: None } | Sniffed::Other => do_splice(c, stream, agent, orig, None).await,
+        Sniffed::Tls { sni: None } => {
+            probe_tls_library(shared, caller.0).await;
+            do_splice(c, stream, agent, orig, None).await
+        }
+        Sniffed::Other => do_splice(c, stream, agent, orig, None).await,
         Sniffed::Http { host } => match cfg.route_for(host.as_deref(), Some(orig)) {
             Some(route) => {
                 let dest = Dest { addr: orig, captured: true };
@@ -486,6 +495,23 @@ async fn decide(c: &Conn<'_>, mode: InterceptMode, agent: &Arc<Agent>, pid: u32,
     let label = c.shared.telemetry.metrics.agent_label(&agent.name);
     c.shared.telemetry.intercept.decision(&label, verdict.intercept, verdict.reason.as_str());
     verdict.intercept
+}
+
+/// Longest a splice waits for the probe of the agent's TLS library (a rescan of all processes
+/// in progress holds the scanner); past it the connection goes on, as it would without uprobes.
+const TLS_PROBE_WAIT: Duration = Duration::from_millis(500);
+
+/// Before a captured TLS connection is spliced, probe the TLS library of the process that made
+/// it if it is not probed yet (see [`TlsProber`]): the agent's first request is written only
+/// after the handshake, and the handshake waits for the splice.
+async fn probe_tls_library(shared: &Shared, tgid: u32) {
+    let Some(p) = shared.tls_prober.clone() else {
+        return;
+    };
+    let job = tokio::task::spawn_blocking(move || p.probe_process(tgid));
+    if tokio::time::timeout(TLS_PROBE_WAIT, job).await.is_err() {
+        tracing::debug!(tgid, "TLS library probe still running at splice time");
+    }
 }
 
 async fn do_splice(c: &Conn<'_>, stream: TcpStream, agent: Arc<Agent>, orig: SocketAddr, sni: Option<String>) {

@@ -47,11 +47,11 @@ fn run_calls(o: &Observed, mut child: Child, tag: &str, n: usize) -> Result<Vec<
     let mut cfg = String::new();
     let mut outs = Vec::new();
     for i in 0..n {
-        let req = o._e.path(&format!("{tag}-req-{i}.json"));
+        let req = o.e.path(&format!("{tag}-req-{i}.json"));
         let body = json!({"model": MODEL, "max_tokens": 12,
             "messages": [{"role": "user", "content": format!("{tag} call {i}: name a colour.")}]});
         std::fs::write(&req, body.to_string())?;
-        let out = o._e.path(&format!("{tag}-out-{i}.json"));
+        let out = o.e.path(&format!("{tag}-out-{i}.json"));
         if i > 0 {
             cfg.push_str("next\n");
         }
@@ -133,7 +133,7 @@ fn u8_late_process_known_library_from_first_call_new_library_after_exec_rescan()
     ensure!(attached(&o)? == n0, "a new file was probed for a curl using the known library");
 
     // New library file: a copy of libssl under a path no process has mapped.
-    let dir = o._e.path("late-lib");
+    let dir = o.e.path("late-lib");
     std::fs::create_dir_all(&dir)?;
     std::fs::copy(&libssl, dir.join("libssl.so.3"))?;
     let n1 = attached(&o)?;

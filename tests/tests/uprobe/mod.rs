@@ -6,6 +6,9 @@
 //! (`SSL_CERT_FILE` is the mock's CA), so any interception would fail its certificate check.
 
 use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -18,6 +21,8 @@ use tollgate_e2e::{anyhow, ensure, wait_for, Result};
 
 use crate::support::*;
 
+mod anthropic_sdk;
+mod curl_node;
 mod late;
 mod load;
 mod overflow;
@@ -25,17 +30,19 @@ mod protocols;
 
 pub(super) const HOST: &str = "api.openai.com";
 
-/// An agent in its own cgroup and netns whose `api.openai.com` is an HTTPS mock on the node,
-/// behind a spliced (not intercepted) route.
+/// Agents, each in its own cgroup, in one netns whose provider host (`api.openai.com` unless
+/// told otherwise) is an HTTPS mock on the node, behind a spliced (not intercepted) route.
 pub(super) struct Observed {
     pub(super) t: Tollgate,
     pub(super) mock: MockLlm,
     pub(super) ns: Netns,
+    /// The first agent's cgroup.
     pub(super) g: Group,
+    /// The mock's CA certificate (PEM file): the only trust root the agents are given.
     pub(super) mock_ca: String,
     /// The agents of [`Opts::more_agents`], each in its own cgroup named after it (same netns).
     pub(super) more: Vec<Group>,
-    pub(super) _e: Env,
+    pub(super) e: Env,
 }
 
 /// What the scenarios beyond u1/u2 change in the common setup.
@@ -48,11 +55,25 @@ pub(super) struct Opts {
     pub(super) chunk_delay_ms: u64,
     /// Merged into `capture.uprobes`.
     pub(super) uprobes: Value,
+    /// The provider host the netns resolves to the mock.
+    pub(super) host: String,
+    /// The route's provider (also its name).
+    pub(super) provider: String,
+    /// Merged into tollgate's whole config last.
+    pub(super) extra: Value,
 }
 
 impl Default for Opts {
     fn default() -> Self {
-        Opts { more_agents: Vec::new(), uncaptured_ports: Vec::new(), chunk_delay_ms: 2, uprobes: json!({}) }
+        Opts {
+            more_agents: Vec::new(),
+            uncaptured_ports: Vec::new(),
+            chunk_delay_ms: 2,
+            uprobes: json!({}),
+            host: HOST.to_owned(),
+            provider: "openai".to_owned(),
+            extra: json!({}),
+        }
     }
 }
 
@@ -60,14 +81,23 @@ fn setup(name: &str, subnet: u8) -> Result<Observed> {
     setup_with(name, subnet, Opts::default())
 }
 
+/// [`Observed`] for `agents` (one cgroup each, named after the agent; the netns after the
+/// first) whose `host` is the mock, routed as `provider`.
+pub(super) fn setup_for(agents: &[&str], subnet: u8, host: &str, provider: &str) -> Result<Observed> {
+    let name = *agents.first().ok_or_else(|| anyhow!("no agent"))?;
+    let more_agents = agents[1..].iter().map(|a| a.to_string()).collect();
+    setup_with(name, subnet, Opts { more_agents, host: host.into(), provider: provider.into(), ..Opts::default() })
+}
+
 pub(super) fn setup_with(name: &str, subnet: u8, opts: Opts) -> Result<Observed> {
     let e = env()?;
     let g = e.cg.group(name)?;
     let more = opts.more_agents.iter().map(|n| e.cg.group(n)).collect::<Result<Vec<_>>>()?;
+    let host = opts.host.as_str();
     let ns = Netns::create(name, subnet)?;
-    ns.set_hosts(&[(ns.host_addr().to_string(), HOST)])?;
+    ns.set_hosts(&[(ns.host_addr().to_string(), host)])?;
     let ca = TestCa::new(e.scratch.path(), "provider", "tollgate e2e provider CA")?;
-    let cert = ca.issue(e.scratch.path(), "provider", &[HOST])?;
+    let cert = ca.issue(e.scratch.path(), "provider", &[host])?;
     let listen = format!("{}:443", ns.host_addr());
     let delay = opts.chunk_delay_ms.to_string();
     let (cert_path, key_path) = (cert.cert_path.to_string_lossy(), cert.key_path.to_string_lossy());
@@ -82,23 +112,22 @@ pub(super) fn setup_with(name: &str, subnet: u8, opts: Opts) -> Result<Observed>
     let names = std::iter::once(name).chain(opts.more_agents.iter().map(String::as_str));
     let agents: Vec<Value> =
         names.zip(&groups).map(|(n, g)| json!({"name": n, "match": {"cgroup": g.rel()}})).collect();
-    let t = e.tollgate(
-        json!({
+    let mut patch = json!({
             "listen": {"pod_ipv4": ns.host_addr().to_string()},
             "capture": {
                 "scope": groups.iter().map(|g| g.rel()).collect::<Vec<_>>(),
                 "destinations": [{"cidr": format!("{}/32", ns.host_addr()), "port": 443}],
                 "uprobes": opts.uprobes,
             },
-            // Spliced: tollgate never terminates this TLS.
-            "routes": [{"name": "openai", "provider": "openai", "match": {"hosts": [HOST]}}],
+            // `intercept` left at `auto`: the agents do not trust tollgate's CA, so it splices.
+            "routes": [{"name": opts.provider, "provider": opts.provider, "match": {"hosts": [host]}}],
             "agents": agents,
-        }),
-        None,
-    )?;
+    });
+    tollgate_e2e::merge(&mut patch, opts.extra);
+    let t = e.tollgate(patch, None)?;
     wait_metric(&t, "tollgate_uprobe_available", &[], 1.0)?;
     let mock_ca = ca.cert_path.to_string_lossy().into_owned();
-    Ok(Observed { t, mock, ns, g, mock_ca, more, _e: e })
+    Ok(Observed { t, mock, ns, g, mock_ca, more, e })
 }
 
 /// Run `openai_keepalive.py` with `plan` in the agent's cgroup and netns.
@@ -183,4 +212,97 @@ fn u2_async_openai_sdk_observed_through_its_memory_bio() -> Result<()> {
     let calls = sdk_calls(&o, "plain,stream", true)?;
     assert_observed(&o, "u2-agent", &calls)?;
     Ok(())
+}
+
+/// A client process held before its first call; killed if the test ends first.
+pub(super) struct Held(Child);
+
+impl Held {
+    /// Start `cmd` with piped stdio and a minimal environment plus `env`.
+    pub(super) fn spawn(mut cmd: Command, env: &[(&str, &str)]) -> Result<Self> {
+        cmd.env_clear()
+            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("HOME", std::env::temp_dir())
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        Ok(Held(cmd.spawn()?))
+    }
+
+    /// Wait until the process runs `exe` (`ip netns exec` has exec'd it).
+    pub(super) fn wait_exec(&self, exe: &str) -> Result<()> {
+        let link = format!("/proc/{}/exe", self.0.id());
+        wait_for(Duration::from_secs(10), Duration::from_millis(20), || {
+            std::fs::read_link(&link).ok().filter(|p| p == Path::new(exe)).map(drop)
+        })
+        .ok_or_else(|| anyhow!("process {} never ran {exe}", self.0.id()))
+    }
+
+    /// Shared `libssl.so*` files the process maps, once its loader has mapped them.
+    pub(super) fn wait_libssl(&self) -> Result<Vec<String>> {
+        let maps = format!("/proc/{}/maps", self.0.id());
+        wait_for(Duration::from_secs(10), Duration::from_millis(20), || {
+            let text = std::fs::read_to_string(&maps).ok()?;
+            let mut libs: Vec<String> = text
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(5))
+                .filter(|p| p.rsplit('/').next().is_some_and(|n| n == "libssl.so" || n.starts_with("libssl.so.")))
+                .map(str::to_string)
+                .collect();
+            libs.dedup();
+            (!libs.is_empty()).then_some(libs)
+        })
+        .ok_or_else(|| anyhow!("process {} maps no libssl.so*", self.0.id()))
+    }
+
+    /// Write `input` to its stdin, close it, and wait (bounded) for it to exit; its stdout.
+    pub(super) fn release(mut self, input: &[u8]) -> Result<Vec<u8>> {
+        let mut stdin = self.0.stdin.take().ok_or_else(|| anyhow!("no stdin"))?;
+        stdin.write_all(input)?;
+        drop(stdin);
+        let status = wait_for(Duration::from_secs(60), Duration::from_millis(50), || self.0.try_wait().ok().flatten())
+            .ok_or_else(|| anyhow!("client {} did not finish", self.0.id()))?;
+        let (mut out, mut err) = (Vec::new(), String::new());
+        if let Some(mut s) = self.0.stdout.take() {
+            s.read_to_end(&mut out)?;
+        }
+        if let Some(mut s) = self.0.stderr.take() {
+            s.read_to_string(&mut err)?;
+        }
+        ensure!(status.success(), "client failed ({status}): stdout {} stderr {err}", String::from_utf8_lossy(&out));
+        Ok(out)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Wait until tollgate reports at least one probed TLS library file of `kind` and has logged
+/// probing `file` itself: the gauge only counts (and other programs on the node, e.g. a cargo
+/// with static OpenSSL, count too), the log names the path it opened, which is compared by
+/// device and inode (it is a `/proc/<pid>/...` path of whichever process it was found in).
+/// Returns that log line.
+pub(super) fn wait_attached(o: &Observed, kind: &str, file: &str) -> Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let want = std::fs::metadata(file)?;
+    let same = |path: &str| std::fs::metadata(path).is_ok_and(|m| m.dev() == want.dev() && m.ino() == want.ino());
+    let kind_field = format!("kind=\"{kind}\"");
+    // A library loaded after exec (CPython's `_ssl`) waits for the periodic rescan (2 s).
+    let line = wait_for(Duration::from_secs(10), Duration::from_millis(50), || {
+        o.t.stderr_tail(400)
+            .lines()
+            .filter(|l| l.contains("TLS library probed") && l.contains(&kind_field))
+            .find(|l| l.split_whitespace().filter_map(|w| w.strip_prefix("file=")).any(same))
+            .map(str::to_string)
+    })
+    .ok_or_else(|| anyhow!("tollgate never probed {file} ({kind}):\n{}", o.t.stderr_tail(40)))?;
+    wait_metric_at_least(&o.t, "tollgate_uprobe_attached_files", &[("kind", kind)], 1.0)?;
+    Ok(line)
 }

@@ -142,15 +142,28 @@ impl Scanner {
             if pid == self_pid {
                 continue;
             }
-            let pdir = entry.path();
-            if shared {
-                self.scan_maps(&pdir, &mut out);
-            }
-            if statics {
-                self.scan_exe(&pdir, &mut out);
-            }
+            self.scan_process(&entry.path(), shared, statics, &mut out);
         }
         out
+    }
+
+    /// New files to attach among the libraries and executable of process `pid` only (under
+    /// `proc_root`). For the check before a TLS connection to a route is spliced: the process
+    /// may have loaded its libssl after the last rescan (CPython loads it with its `_ssl`
+    /// module, a `dlopen` the exec wake-up does not see).
+    pub fn scan_pid(&mut self, proc_root: &Path, pid: u32, shared: bool, statics: bool) -> Vec<Candidate> {
+        let mut out = Vec::new();
+        self.scan_process(&proc_root.join(pid.to_string()), shared, statics, &mut out);
+        out
+    }
+
+    fn scan_process(&mut self, pdir: &Path, shared: bool, statics: bool, out: &mut Vec<Candidate>) {
+        if shared {
+            self.scan_maps(pdir, out);
+        }
+        if statics {
+            self.scan_exe(pdir, out);
+        }
     }
 
     fn scan_maps(&mut self, pdir: &Path, out: &mut Vec<Candidate>) {
@@ -282,5 +295,30 @@ mod tests {
         // The skipped pid is not scanned.
         let mut fresh = Scanner::default();
         assert!(fresh.scan(dir.path(), true, false, 4242).is_empty());
+    }
+
+    #[test]
+    fn one_process_scan_finds_a_library_loaded_after_the_last_rescan() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("77");
+        std::fs::create_dir_all(p.join("root/usr/lib")).expect("mkdir");
+        std::fs::write(p.join("root/usr/lib/libssl.so.3"), b"not really").expect("write");
+        // At the periodic rescan the process had not loaded OpenSSL yet.
+        std::fs::write(p.join("maps"), "5500-5501 r-xp 00000000 fd:01 5 /usr/bin/python3.11\n").expect("write");
+        let mut s = Scanner::default();
+        assert!(s.scan(dir.path(), true, false, 1).is_empty());
+        // Then it `dlopen`s `_ssl` and connects: the one-process scan finds its libssl.
+        std::fs::write(
+            p.join("maps"),
+            "5500-5501 r-xp 00000000 fd:01 5 /usr/bin/python3.11\n7f00-7f01 r-xp 00000000 fd:01 9 /usr/lib/libssl.so.3\n",
+        )
+        .expect("write");
+        let found = s.scan_pid(dir.path(), 77, true, false);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!((found[0].kind, &found[0].path), (FileKind::Shared, &p.join("root/usr/lib/libssl.so.3")));
+        s.known.insert(found[0].key);
+        assert!(s.scan_pid(dir.path(), 77, true, false).is_empty(), "a probed file is not returned again");
+        // A process that is gone has nothing to scan.
+        assert!(s.scan_pid(dir.path(), 78, true, true).is_empty());
     }
 }

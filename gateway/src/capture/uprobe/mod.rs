@@ -27,7 +27,9 @@ mod runtime;
 pub mod support;
 
 pub use attach::field_offset;
-pub use runtime::{attach_delay_bound, kernel_supports_uprobes, start, UprobeError, UprobeHandle, UPROBE_PMU};
+pub use runtime::{
+    attach_delay_bound, kernel_supports_uprobes, start, TlsProber, UprobeError, UprobeHandle, UPROBE_PMU,
+};
 
 use bytes::Bytes;
 use gateway_common::CaptureRecord;

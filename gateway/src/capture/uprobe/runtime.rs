@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use aya::maps::{MapData, PerCpuArray, RingBuf};
@@ -126,6 +126,7 @@ impl Shared {
 /// the tasks (no more events, no new libraries).
 pub struct UprobeHandle {
     shared: Arc<Shared>,
+    prober: TlsProber,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -134,6 +135,47 @@ impl UprobeHandle {
     pub fn snapshot(&self) -> UprobeSnapshot {
         self.shared.snapshot()
     }
+
+    /// The on-demand probe of one process's TLS libraries, for the proxy (see [`TlsProber`]).
+    pub fn prober(&self) -> TlsProber {
+        self.prober.clone()
+    }
+}
+
+/// Probes the TLS libraries of one process on demand. The proxy runs it before it splices a
+/// captured TLS connection: the agent's request (its first `SSL_write`) comes only after the
+/// handshake, which waits for the splice, so a library the process loaded since the last
+/// rescan is probed before any plaintext goes through it. Without this, a library loaded after
+/// exec (CPython's `_ssl`, a `dlopen` the exec wake-up does not see) waited for the periodic
+/// rescan, and the calls made meanwhile were missed. Cheap to clone.
+#[derive(Clone)]
+pub struct TlsProber {
+    capture: Arc<Capture>,
+    shared: Arc<Shared>,
+    scanner: Arc<Mutex<Scanner>>,
+    shared_libraries: bool,
+    static_executables: bool,
+}
+
+impl TlsProber {
+    /// Probe every OpenSSL file process `tgid` maps (and its executable, when it exports
+    /// OpenSSL) that is not probed yet; returns how many files were new. Blocking (reads
+    /// `/proc/<tgid>/maps`, and an executable's symbol tables the first time it is seen, and
+    /// waits for a rescan in progress): call it off the async workers.
+    pub fn probe_process(&self, tgid: u32) -> usize {
+        let mut s = lock(&self.scanner);
+        let found = s.scan_pid(Path::new("/proc"), tgid, self.shared_libraries, self.static_executables);
+        for c in &found {
+            attach_candidate(&self.capture, &self.shared, &mut s, c);
+        }
+        found.len()
+    }
+}
+
+/// The scanner, also after a panic in another holder (its sets stay consistent: a panic can
+/// at worst leave a file marked known without probes, as a failed attach does).
+fn lock(m: &Mutex<Scanner>) -> MutexGuard<'_, Scanner> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Drop for UprobeHandle {
@@ -205,7 +247,8 @@ pub fn start(
         static_files: AtomicU64::new(0),
     });
 
-    let mut scanner = Scanner::default();
+    let scanner = Arc::new(Mutex::new(Scanner::default()));
+    let mut first = lock(&scanner);
     for p in &cfg.paths {
         let kind = if p.file_name().and_then(|n| n.to_str()).is_some_and(super::discover::is_libssl) {
             FileKind::Shared
@@ -213,11 +256,19 @@ pub fn start(
             FileKind::Static
         };
         match file_key(p) {
-            Some(key) => attach_candidate(capture, &shared, &mut scanner, &Candidate { key, path: p.clone(), kind }),
+            Some(key) => attach_candidate(capture, &shared, &mut first, &Candidate { key, path: p.clone(), kind }),
             None => tracing::warn!(path = %p.display(), "capture.uprobes.paths: file not found, not probed"),
         }
     }
-    rescan(capture, &shared, &mut scanner, cfg);
+    drop(first);
+    rescan(capture, &shared, &scanner, cfg);
+    let prober = TlsProber {
+        capture: capture.clone(),
+        shared: shared.clone(),
+        scanner: scanner.clone(),
+        shared_libraries: cfg.shared_libraries,
+        static_executables: cfg.static_executables,
+    };
 
     let (tx, rx) = mpsc::channel(cfg.channel_capacity);
     let max_gaps = usize::try_from(cfg.max_connections).unwrap_or(usize::MAX);
@@ -273,18 +324,11 @@ pub fn start(
                 }
             }
             let (cap2, sh2, c2) = (cap.clone(), sh.clone(), c.clone());
-            // /proc walks and ELF reads block: off the async workers. The scanner moves in and
-            // back out so its memory of checked files persists.
-            let moved = std::mem::take(&mut scanner);
-            match tokio::task::spawn_blocking(move || {
-                let mut s = moved;
-                rescan(&cap2, &sh2, &mut s, &c2);
-                s
-            })
-            .await
-            {
-                Ok(s) => scanner = s,
-                Err(e) => tracing::warn!(error = %e, "TLS library rescan failed"),
+            // /proc walks and ELF reads block: off the async workers. The scanner (its memory
+            // of checked files) is shared with the pre-splice probe of one process.
+            let sc = scanner.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || rescan(&cap2, &sh2, &sc, &c2)).await {
+                tracing::warn!(error = %e, "TLS library rescan failed");
             }
         }
     });
@@ -298,7 +342,7 @@ pub fn start(
         ring_buffer_bytes = cfg.ring_buffer_bytes,
         "TLS uprobes attached"
     );
-    Ok((UprobeHandle { shared, tasks: vec![reader, rescanner] }, rx))
+    Ok((UprobeHandle { shared, prober, tasks: vec![reader, rescanner] }, rx))
 }
 
 fn take_map<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T, UprobeError>
@@ -310,10 +354,20 @@ where
 }
 
 /// One pass over running processes: attach every new OpenSSL file.
-fn rescan(capture: &Capture, shared: &Shared, scanner: &mut Scanner, cfg: &UprobesConfig) {
-    let found = scanner.scan(Path::new("/proc"), cfg.shared_libraries, cfg.static_executables, std::process::id());
-    for c in found {
-        attach_candidate(capture, shared, scanner, &c);
+/// The scanner is locked per process, not for the whole walk, so the check before a splice
+/// waits for one process's scan at most.
+fn rescan(capture: &Capture, shared: &Shared, scanner: &Mutex<Scanner>, cfg: &UprobesConfig) {
+    let proc_root = Path::new("/proc");
+    let Ok(dir) = std::fs::read_dir(proc_root) else {
+        return;
+    };
+    let me = std::process::id();
+    let pids = dir.flatten().filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()));
+    for pid in pids.filter(|p| *p != me) {
+        let mut s = lock(scanner);
+        for c in s.scan_pid(proc_root, pid, cfg.shared_libraries, cfg.static_executables) {
+            attach_candidate(capture, shared, &mut s, &c);
+        }
     }
 }
 
