@@ -65,8 +65,8 @@ enum Cmd {
     },
     /// Regenerate the README's configuration reference from the config schema.
     Docs,
-    /// Latency, TTFT and throughput of tollgate (capture and gateway) vs direct vs nginx vs the
-    /// LiteLLM proxy on loopback (release build, needs root).
+    /// Latency, TTFT and throughput of tollgate (capture, gateway, and HTTPS observed through its
+    /// TLS uprobes) vs direct vs nginx vs the LiteLLM proxy on loopback (release build, needs root).
     Bench {
         /// Seconds per measurement.
         #[arg(long, default_value_t = 10)]

@@ -9,11 +9,14 @@
 //! too high to refuse, on a `redis-server` the bench starts (a second process, so the first
 //! one's routes run no policy at all); nginx on 127.0.0.1 proxying to the mock
 //! (`proxy_buffering off`); the LiteLLM proxy (from the bench venv) with one `openai/<model>`
-//! deployment pointing at the mock.
+//! deployment pointing at the mock. The mock also listens for HTTPS on 127.0.0.2:<port2> (a
+//! certificate of its own CA), which the first tollgate captures for the same cgroup with a
+//! spliced route `observe`, its TLS uprobes probing the clients' `libssl.so.3`.
 //!
 //! Targets: `direct`, `tollgate-capture` (clients inside the captured cgroup, same URL as direct),
-//! `tollgate-gateway`, `tollgate-gw-redis`, `nginx`, `litellm`. Each is measured the same way, in
-//! three phases:
+//! `tollgate-gateway`, `tollgate-gw-redis`, `nginx`, `direct-tls` (HTTPS through OpenSSL straight
+//! to the mock), `tollgate-observe` (the same, from the captured cgroup: spliced and observed
+//! through the uprobes), `litellm`. Each is measured the same way, in three phases:
 //! 1. max throughput, non-streamed: wrk (Lua POST script);
 //! 2. latency, non-streamed: `loadgen` open loop at one common rate for every target (capped at
 //!    half the slowest target's max throughput, so every target runs unsaturated); when it had to
@@ -22,7 +25,8 @@
 //!
 //! Proof of what went where: tollgate's per-route request counters (only the tollgate rows, all
 //! of their requests) and the mock's own completion counter (every target's requests reached
-//! the mock once); for `tollgate-gw-redis`, counters in Redis and no Redis error or fallback. A LiteLLM that fails to install, start or serve is reported loudly and the
+//! the mock once); for `tollgate-gw-redis`, counters in Redis and no Redis error or fallback;
+//! for `tollgate-observe`, exactly its completed calls counted with `capture="uprobe"`. A LiteLLM that fails to install, start or serve is reported loudly and the
 //! others are still measured.
 //!
 //! Layout: this file holds the arguments and the run itself (setup, the three phases, the final
