@@ -35,6 +35,7 @@
 //! and prints the tables and the `bench:` summary line.
 
 mod measure;
+mod observer;
 mod procfs;
 mod report;
 mod targets;
@@ -58,6 +59,7 @@ use tollgate_e2e::tollgate::{base_config, ensure_bpffs, Tollgate};
 use tollgate_e2e::{free_port, merge, require_root, wait_for};
 
 use measure::{behind, capped_rate, loadgen, wrk, Lat};
+use observer::Observer;
 use procfs::{clk_tck, cpu_ticks, descendants, libssl_of, tree_rss_mb, which};
 use report::{loud, print_tables, summary, Mem, Row};
 use targets::{Kind, LiteLlm, Nginx, Target};
@@ -194,6 +196,7 @@ fn main() -> Result<()> {
 
     let cg = Cgroup2::mount()?;
     let agent = cg.group("bench-agent")?;
+    let observed_agent = cg.group("bench-observed")?;
     let mock = MockLlm::start(
         &a.mock,
         &[
@@ -217,8 +220,8 @@ fn main() -> Result<()> {
     let tg_dir = Tollgate::scratch()?;
     let gw_port = free_port("127.0.0.1");
     let mut cfg = base_config(&cg, tg_dir.path());
-    // The OpenSSL the TLS clients load, probed from the start (so a client's first call is
-    // observed, not only those after a rescan found its library mapped).
+    // The OpenSSL the TLS clients load, probed from the observer's start (so a client's first
+    // call is observed, not only those after a rescan found its library mapped).
     let mut ssl_paths: Vec<String> =
         [a.loadgen.clone(), which("wrk").unwrap_or_default()].iter().flat_map(|b| libssl_of(b)).collect();
     ssl_paths.sort();
@@ -228,8 +231,9 @@ fn main() -> Result<()> {
         json!({
             "capture": {
                 "scope": [agent.rel()],
-                "destinations": [{"cidr": "127.0.0.2/32", "port": mock_port}, {"cidr": "127.0.0.2/32", "port": tls_port}],
-                "uprobes": {"enabled": true, "paths": ssl_paths},
+                "destinations": [{"cidr": "127.0.0.2/32", "port": mock_port}],
+                // The probes belong to the observer alone (see `observer`).
+                "uprobes": {"enabled": false},
             },
             "providers": [{
                 "name": "mock",
@@ -239,8 +243,6 @@ fn main() -> Result<()> {
             }],
             "routes": [
                 {"name": "bench", "provider": "openai", "match": {"addresses": [mock_addr.to_string()]}},
-                // Not intercepted: spliced, and observed through the TLS uprobes.
-                {"name": "observe", "provider": "openai", "match": {"addresses": [tls_addr.to_string()]}},
                 {"name": "gw", "listener": format!("127.0.0.1:{gw_port}"), "targets": [{"provider": "mock"}],
                     "listener_auth": {"allow_cidrs": ["127.0.0.1/32"]}},
             ],
@@ -249,16 +251,31 @@ fn main() -> Result<()> {
     );
     let tg = Tollgate::start(&a.tollgate, tg_dir, cfg, None)?;
     let tg_pid = tg.pid().ok_or_else(|| anyhow!("tollgate not running"))?;
-    let uprobes_up = wait_for(Duration::from_secs(10), Duration::from_millis(100), || {
-        let m = tg.metrics().ok()?;
-        (m.sum("tollgate_uprobe_available", &[]) == 1.0 && m.sum("tollgate_uprobe_attached_files", &[]) >= 1.0)
-            .then_some(())
-    });
-    if uprobes_up.is_none() {
-        loud(&format!(
-            "tollgate's TLS uprobes are not attached (probed paths {ssl_paths:?}): tollgate-observe will fail its check"
-        ));
-    }
+    // The observing tollgate (only while tollgate-observe runs): the mock's HTTPS address
+    // captured for its own cgroup, a route that is not intercepted (spliced, observed through
+    // the TLS uprobes).
+    let observer = Observer::new(
+        &a.tollgate,
+        Box::new(|dir: &std::path::Path| {
+            let mut cfg = base_config(&cg, dir);
+            merge(
+                &mut cfg,
+                json!({
+                    "capture": {
+                        "scope": [observed_agent.rel()],
+                        "destinations": [{"cidr": "127.0.0.2/32", "port": tls_port}],
+                        "uprobes": {"enabled": true, "paths": ssl_paths},
+                    },
+                    "routes": [
+                        {"name": "observe", "provider": "openai", "match": {"addresses": [tls_addr.to_string()]}},
+                    ],
+                    "agents": [{"name": "bench-observed", "match": {"cgroup": observed_agent.rel()}}],
+                }),
+            );
+            cfg
+        }),
+    );
+    let observer_pid = observer.pid.clone();
 
     // The same gateway route with a Redis-backed global token limit that never refuses: every
     // call estimates its prompt, reserves in Redis (one Lua script) and settles after the
@@ -409,11 +426,11 @@ fn main() -> Result<()> {
             kind: Kind::Observe,
             name: "tollgate-observe",
             url: format!("https://{tls_addr}/v1/chat/completions"),
-            group: Some(&agent),
+            group: Some(&observed_agent),
             lua: lua("observe", &own_key)?,
             headers: own_key.clone(),
             ca: Some(mock_ca.cert_path.clone()),
-            proxy_pids: Box::new(move || vec![tg_pid]),
+            proxy_pids: Box::new(move || vec![observer_pid.load(Ordering::Relaxed)]),
         },
     ];
     if let (Some(l), Some(root_pid)) = (&litellm, litellm_root) {
@@ -441,18 +458,22 @@ fn main() -> Result<()> {
     );
 
     let mut rows: Vec<Row> = targets.iter().map(|t| Row { name: t.name, ..Default::default() }).collect();
-    // Requests each tollgate route counted (`gwr` lives in the second tollgate), and under
-    // `uprobe` the calls observed through the TLS uprobes (any route).
+    // Requests each tollgate route counted (`gwr` lives in the second tollgate, `observe` in
+    // the observer while it runs), and under `uprobe` the calls observed through the TLS uprobes
+    // (any tollgate, any route).
     let counted = || -> Result<BTreeMap<&'static str, f64>> {
         let (m, mr) = (tg.metrics()?, tgr.metrics()?);
-        let mut c: BTreeMap<&'static str, f64> = ["bench", "gw", "gwr", "observe"]
-            .into_iter()
-            .map(|r| {
-                let l = [("route", r)];
-                (r, m.sum("tollgate_llm_requests_total", &l) + mr.sum("tollgate_llm_requests_total", &l))
-            })
-            .collect();
-        c.insert("uprobe", m.sum("tollgate_llm_requests_total", &[("capture", "uprobe")]));
+        let mut c = BTreeMap::new();
+        for r in ["bench", "gw", "gwr", "observe"] {
+            let l = [("route", r)];
+            let n = m.sum("tollgate_llm_requests_total", &l)
+                + mr.sum("tollgate_llm_requests_total", &l)
+                + observer.sum("tollgate_llm_requests_total", &l)?;
+            c.insert(r, n);
+        }
+        let l = [("capture", "uprobe")];
+        let n = m.sum("tollgate_llm_requests_total", &l) + observer.sum("tollgate_llm_requests_total", &l)?;
+        c.insert("uprobe", n);
         Ok(c)
     };
     // Runs `f` for target `i`, charging tollgate's and the mock's counters to its row. `f`
@@ -461,23 +482,30 @@ fn main() -> Result<()> {
     // that range, so the accounting waits (bounded) for the observer to catch up and for every
     // observed connection to be closed.
     let account = |rows: &mut Vec<Row>, i: usize, f: &mut dyn FnMut(&mut Row) -> Result<(u64, u64)>| -> Result<()> {
+        let observing = targets[i].kind == Kind::Observe;
+        if observing {
+            observer.start()?;
+        }
         let (before, mock_before) = (counted()?, mock.chat_requests()?);
         let (done, slack) = f(&mut rows[i])?;
-        if targets[i].kind == Kind::Observe {
+        if observing {
             rows[i].uprobe_want.0 += done;
             rows[i].uprobe_want.1 += done + slack;
             let b = before.get("uprobe").copied().unwrap_or(0.0);
             wait_for(Duration::from_secs(10), Duration::from_millis(50), || {
-                let seen = tg.metrics().ok()?.sum("tollgate_llm_requests_total", &[("capture", "uprobe")]) - b;
+                let seen = observer.sum("tollgate_llm_requests_total", &[("capture", "uprobe")]).ok()? - b;
                 (seen >= done as f64).then_some(())
             });
             // loadgen closes its connections, so their calls cut short (if any) are counted now;
             // wrk exits without close(2), its connections stay until `l7.idle_timeout`.
             wait_for(Duration::from_secs(2), Duration::from_millis(50), || {
-                (tg.metrics().ok()?.sum("tollgate_uprobe_l7_connections", &[]) == 0.0).then_some(())
+                (observer.sum("tollgate_uprobe_l7_connections", &[]).ok()? == 0.0).then_some(())
             });
         }
         let after = counted()?;
+        if observing {
+            observer.stop();
+        }
         for (r, v) in after {
             *rows[i].via.entry(r).or_default() += v - before.get(r).copied().unwrap_or(0.0);
         }

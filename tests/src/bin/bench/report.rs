@@ -249,8 +249,9 @@ pub(crate) fn print_tables(a: &Args, rows: &[Row], rate: u64, stream_rate: u64, 
             o.lat_client_extra_us
         );
         println!(
-            "  (the added time and tollgate's CPU include the capture redirect and splice hop through tollgate's \
-             proxy; direct-tls's OpenSSL calls hit the same machine-wide probes but stop at \"not captured\")"
+            "  (direct-tls runs with no probe attached anywhere: the observing tollgate runs only during \
+             tollgate-observe's runs. The added time and CPU include the capture redirect and splice hop through \
+             tollgate's proxy and the TLS syscall tracepoints, not only the OpenSSL probes)"
         );
     }
 }
