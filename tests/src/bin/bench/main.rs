@@ -484,7 +484,12 @@ fn main() -> Result<()> {
     let account = |rows: &mut Vec<Row>, i: usize, f: &mut dyn FnMut(&mut Row) -> Result<(u64, u64)>| -> Result<()> {
         let observing = targets[i].kind == Kind::Observe;
         if observing {
-            observer.start()?;
+            // No observer (e.g. a kernel without uprobes): this target fails, the others go on.
+            if let Err(e) = observer.start() {
+                eprintln!("bench: {}: not run: {e:#}", targets[i].name);
+                rows[i].failed.get_or_insert(format!("{e:#}"));
+                return Ok(());
+            }
         }
         let (before, mock_before) = (counted()?, mock.chat_requests()?);
         let (done, slack) = f(&mut rows[i])?;

@@ -33,6 +33,8 @@ pub(crate) struct Row {
     /// Range the uprobe-observed count must fall in (`tollgate-observe`): the calls its clients
     /// completed, and those plus wrk's requests in flight when it stopped.
     pub(crate) uprobe_want: (u64, u64),
+    /// Why this target could not be measured (its runs were skipped).
+    pub(crate) failed: Option<String>,
 }
 
 /// Why a run is not valid, per target: requests that went through the wrong tollgate route, did
@@ -40,6 +42,9 @@ pub(crate) struct Row {
 pub(crate) fn problems(targets: &[Target], rows: &[Row], full_rate: u64) -> Vec<(Kind, String)> {
     let mut problems: Vec<(Kind, String)> = Vec::new();
     for (t, r) in targets.iter().zip(rows) {
+        if let Some(why) = &r.failed {
+            problems.push((t.kind, format!("{}: not measured: {why}", t.name)));
+        }
         let full = r.full.as_ref();
         let done = r.wrk_requests + r.lat.ok + r.st.ok + full.map(|l| l.ok).unwrap_or(0);
         let want = match t.kind {
@@ -294,6 +299,9 @@ struct Observe {
 /// `None` unless both TLS targets were measured.
 fn observe(rows: &[Row]) -> Option<Observe> {
     let (o, d) = (get(rows, "tollgate-observe")?, get(rows, "direct-tls")?);
+    if o.failed.is_some() {
+        return None;
+    }
     let tollgate_cpu_us = o.cpu_us_per_req.unwrap_or(f64::NAN);
     let client_extra_us = o.client_cpu_us_per_req.unwrap_or(f64::NAN) - d.client_cpu_us_per_req.unwrap_or(f64::NAN);
     Some(Observe {
