@@ -534,7 +534,8 @@ fn main() -> Result<()> {
             Ok((n, u64::from(a.connections)))
         })?;
     }
-    let slowest = rows.iter().map(|r| r.rps).fold(f64::INFINITY, f64::min);
+    // Targets that could not be measured (no observer) do not set the common rates.
+    let slowest = rows.iter().filter(|r| r.failed.is_none()).map(|r| r.rps).fold(f64::INFINITY, f64::min);
     let rate = capped_rate(a.rate, slowest);
     let mut stream_rate = a.stream_rate.min(rate);
     if rate < a.rate {
@@ -592,7 +593,10 @@ fn main() -> Result<()> {
         })?;
         Ok(rows[i].st.clone())
     };
-    let slowest_i = (0..rows.len()).min_by(|x, y| rows[*x].rps.total_cmp(&rows[*y].rps)).unwrap_or(0);
+    let slowest_i = (0..rows.len())
+        .filter(|i| rows[*i].failed.is_none())
+        .min_by(|x, y| rows[*x].rps.total_cmp(&rows[*y].rps))
+        .unwrap_or(0);
     let mut d = stream_run(&mut rows, 0, stream_rate)?;
     if slowest_i != 0 {
         for attempt in 1.. {
