@@ -10,13 +10,14 @@
 //! one's routes run no policy at all); nginx on 127.0.0.1 proxying to the mock
 //! (`proxy_buffering off`); the LiteLLM proxy (from the bench venv) with one `openai/<model>`
 //! deployment pointing at the mock. The mock also listens for HTTPS on 127.0.0.2:<port2> (a
-//! certificate of its own CA), which the first tollgate captures for the same cgroup with a
-//! spliced route `observe`, its TLS uprobes probing the clients' `libssl.so.3`.
+//! certificate of its own CA), which a third tollgate (`observer`, running only during
+//! `tollgate-observe`'s runs) captures for a cgroup of its own with a spliced route `observe`,
+//! its TLS uprobes probing the clients' `libssl.so.3`; the first tollgate runs without uprobes.
 //!
 //! Targets: `direct`, `tollgate-capture` (clients inside the captured cgroup, same URL as direct),
 //! `tollgate-gateway`, `tollgate-gw-redis`, `nginx`, `direct-tls` (HTTPS through OpenSSL straight
-//! to the mock), `tollgate-observe` (the same, from the captured cgroup: spliced and observed
-//! through the uprobes), `litellm`. Each is measured the same way, in three phases:
+//! to the mock, no probe attached anywhere), `tollgate-observe` (the same, from the observer's
+//! captured cgroup: spliced and observed through the uprobes), `litellm`. Each is measured the same way, in three phases:
 //! 1. max throughput, non-streamed: wrk (Lua POST script);
 //! 2. latency, non-streamed: `loadgen` open loop at one common rate for every target (capped at
 //!    half the slowest target's max throughput, so every target runs unsaturated); when it had to
