@@ -30,7 +30,7 @@ pub(crate) fn bench(o: &BenchOpts) -> Result<()> {
     }
     build(true)?;
     let dir = profile_dir(true);
-    step("bench: direct vs tollgate (capture, gateway) vs nginx vs LiteLLM (loopback)");
+    step("bench: direct vs tollgate (capture, gateway, TLS observed by uprobes) vs nginx vs LiteLLM (loopback)");
     let mut c = Command::new(dir.join("tollgate-bench"));
     c.arg("--tollgate")
         .arg(dir.join("tollgate"))

@@ -65,8 +65,8 @@ enum Cmd {
     },
     /// Regenerate the README's configuration reference from the config schema.
     Docs,
-    /// Latency, TTFT and throughput of tollgate (capture and gateway) vs direct vs nginx vs the
-    /// LiteLLM proxy on loopback (release build, needs root).
+    /// Latency, TTFT and throughput of tollgate (capture, gateway, and HTTPS observed through its
+    /// TLS uprobes) vs direct vs nginx vs the LiteLLM proxy on loopback (release build, needs root).
     Bench {
         /// Seconds per measurement.
         #[arg(long, default_value_t = 10)]
@@ -267,9 +267,13 @@ fn is_root() -> bool {
 // ---------------------------------------------------------------------------------------------
 
 const BPF_LINKER_REQ: &str = "^0.13";
-/// Debian packages by the binary the tests or the bench need from them.
+/// Debian packages by the binary (or, for an absolute path, the file) the tests or the bench
+/// need from them.
 const DEBIAN: &[(&str, &str)] = &[
     ("ip", "iproute2"),
+    // loadgen's OpenSSL client (`openssl-sys` builds against the system's libssl).
+    ("pkg-config", "pkg-config"),
+    ("/usr/include/openssl/ssl.h", "libssl-dev"),
     ("curl", "curl"),
     ("nginx", "nginx"),
     ("wrk", "wrk"),
@@ -355,7 +359,8 @@ fn setup_bpf_linker() -> Result<()> {
 }
 
 fn setup_debian() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN.iter().filter(|(bin, _)| which(bin).is_none()).map(|(_, pkg)| *pkg).collect();
+    let present = |bin: &str| if bin.starts_with('/') { Path::new(bin).exists() } else { which(bin).is_some() };
+    let missing: Vec<&str> = DEBIAN.iter().filter(|(bin, _)| !present(bin)).map(|(_, pkg)| *pkg).collect();
     if missing.is_empty() {
         return Ok(());
     }

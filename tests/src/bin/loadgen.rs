@@ -9,6 +9,13 @@
 //! stream that ends without `data: [DONE]` or without any content counts as an error.
 //!
 //! Used by `cargo xtask bench` for p50/p99 and TTFT at a fixed rate, which wrk cannot do.
+//!
+//! `https://` URLs go through OpenSSL (the system's shared `libssl.so.3`, via the `openssl` and
+//! `hyper-openssl` crates), not rustls: the `direct-tls` and `tollgate-observe` bench targets
+//! measure what tollgate's TLS uprobes cost an agent, and those probe OpenSSL only, so a rustls
+//! client would be neither observed nor representative of the agents they are for (CPython,
+//! curl, Node.js). HTTP/1.1 only (no ALPN offered): the observation side does not parse HTTP/2.
+//! Connections are kept alive and reused, as with plain HTTP.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,15 +26,19 @@ use bytes::Bytes;
 use clap::Parser;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::client::legacy::connect::{Connect, HttpConnector};
+use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
 #[derive(Parser, Debug)]
 struct Args {
-    /// Target URL (http only).
+    /// Target URL: `http://`, or `https://` (OpenSSL, HTTP/1.1; see `--ca-file`).
     #[arg(long)]
     url: String,
+    /// PEM file of the CA to trust for `https://` URLs (default: the system's trust store).
+    #[arg(long)]
+    ca_file: Option<std::path::PathBuf>,
     /// File holding the request body.
     #[arg(long)]
     body_file: std::path::PathBuf,
@@ -85,12 +96,37 @@ async fn run(a: Args) -> Result<()> {
     }
     let mut conn = HttpConnector::new();
     conn.set_nodelay(true);
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build(conn);
+    let builder = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).clone();
+    if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
+        conn.enforce_http(false);
+        let mut ssl = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls_client())?;
+        if let Some(ca) = &a.ca_file {
+            ssl.set_ca_file(ca)?;
+        }
+        let https = hyper_openssl::client::legacy::HttpsConnector::with_connector(conn, ssl)?;
+        drive(a, uri, body, headers, builder.build(https)).await
+    } else {
+        drive(a, uri, body, headers, builder.build(conn)).await
+    }
+}
 
+/// The open-loop run itself, the same for plain HTTP and OpenSSL connections.
+async fn drive<C>(
+    a: Args,
+    uri: http::Uri,
+    body: Bytes,
+    headers: http::HeaderMap,
+    client: Client<C, Full<Bytes>>,
+) -> Result<()>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
     let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
     let ttft = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
     let events = Arc::new(AtomicU64::new(0));
     let ok = Arc::new(AtomicU64::new(0));
+    // Successes including the warm-up's: what a proxy or observer in the path must have counted.
+    let all_ok = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let inflight = Arc::new(AtomicU64::new(0));
     let mut dropped = 0u64;
@@ -136,12 +172,13 @@ async fn run(a: Args) -> Result<()> {
         }
         let mut req = http::Request::post(uri.clone()).body(Full::new(body.clone()))?;
         *req.headers_mut() = headers.clone();
-        let (client, hist, ttft, events, ok, errors, inflight, first_error) = (
+        let (client, hist, ttft, events, ok, all_ok, errors, inflight, first_error) = (
             client.clone(),
             hist.clone(),
             ttft.clone(),
             events.clone(),
             ok.clone(),
+            all_ok.clone(),
             errors.clone(),
             inflight.clone(),
             first_error.clone(),
@@ -167,6 +204,9 @@ async fn run(a: Args) -> Result<()> {
             .await
             .unwrap_or_else(|_| Err("timeout".into()));
             inflight.fetch_sub(1, Ordering::Relaxed);
+            if res.is_ok() {
+                all_ok.fetch_add(1, Ordering::Relaxed);
+            }
             if !measured {
                 return;
             }
@@ -199,6 +239,7 @@ async fn run(a: Args) -> Result<()> {
         "duration_s": a.duration,
         "sent": sent,
         "ok": ok.load(Ordering::Relaxed),
+        "ok_with_warmup": all_ok.load(Ordering::Relaxed),
         "errors": errors.load(Ordering::Relaxed),
         "dropped": dropped,
         "first_error": *first_error.lock().expect("lock"),

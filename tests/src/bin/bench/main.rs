@@ -9,11 +9,15 @@
 //! too high to refuse, on a `redis-server` the bench starts (a second process, so the first
 //! one's routes run no policy at all); nginx on 127.0.0.1 proxying to the mock
 //! (`proxy_buffering off`); the LiteLLM proxy (from the bench venv) with one `openai/<model>`
-//! deployment pointing at the mock.
+//! deployment pointing at the mock. The mock also listens for HTTPS on 127.0.0.2:<port2> (a
+//! certificate of its own CA), which a third tollgate (`observer`, running only during
+//! `tollgate-observe`'s runs) captures for a cgroup of its own with a spliced route `observe`,
+//! its TLS uprobes probing the clients' `libssl.so.3`; the first tollgate runs without uprobes.
 //!
 //! Targets: `direct`, `tollgate-capture` (clients inside the captured cgroup, same URL as direct),
-//! `tollgate-gateway`, `tollgate-gw-redis`, `nginx`, `litellm`. Each is measured the same way, in
-//! three phases:
+//! `tollgate-gateway`, `tollgate-gw-redis`, `nginx`, `direct-tls` (HTTPS through OpenSSL straight
+//! to the mock, no probe attached anywhere), `tollgate-observe` (the same, from the observer's
+//! captured cgroup: spliced and observed through the uprobes), `litellm`. Each is measured the same way, in three phases:
 //! 1. max throughput, non-streamed: wrk (Lua POST script);
 //! 2. latency, non-streamed: `loadgen` open loop at one common rate for every target (capped at
 //!    half the slowest target's max throughput, so every target runs unsaturated); when it had to
@@ -22,7 +26,8 @@
 //!
 //! Proof of what went where: tollgate's per-route request counters (only the tollgate rows, all
 //! of their requests) and the mock's own completion counter (every target's requests reached
-//! the mock once); for `tollgate-gw-redis`, counters in Redis and no Redis error or fallback. A LiteLLM that fails to install, start or serve is reported loudly and the
+//! the mock once); for `tollgate-gw-redis`, counters in Redis and no Redis error or fallback;
+//! for `tollgate-observe`, exactly its completed calls counted with `capture="uprobe"`. A LiteLLM that fails to install, start or serve is reported loudly and the
 //! others are still measured.
 //!
 //! Layout: this file holds the arguments and the run itself (setup, the three phases, the final
@@ -31,6 +36,7 @@
 //! and prints the tables and the `bench:` summary line.
 
 mod measure;
+mod observer;
 mod procfs;
 mod report;
 mod targets;
@@ -45,15 +51,17 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Result};
 use clap::Parser;
 use serde_json::json;
+use tollgate_e2e::certs::TestCa;
 use tollgate_e2e::cgroup::Cgroup2;
 use tollgate_e2e::mock::MockLlm;
 use tollgate_e2e::openai::{self, ChatRequest};
 use tollgate_e2e::redis::RedisServer;
 use tollgate_e2e::tollgate::{base_config, ensure_bpffs, Tollgate};
-use tollgate_e2e::{free_port, merge, require_root};
+use tollgate_e2e::{free_port, merge, require_root, wait_for};
 
 use measure::{behind, capped_rate, loadgen, wrk, Lat};
-use procfs::{clk_tck, cpu_ticks, descendants, tree_rss_mb, which};
+use observer::Observer;
+use procfs::{clk_tck, cpu_ticks, descendants, libssl_of, tree_rss_mb, which};
 use report::{loud, print_tables, summary, Mem, Row};
 use targets::{Kind, LiteLlm, Nginx, Target};
 
@@ -164,6 +172,12 @@ fn main() -> Result<()> {
 
     let mock_port = free_port("127.0.0.2");
     let mock_addr: SocketAddr = format!("127.0.0.2:{mock_port}").parse()?;
+    // The mock's HTTPS listener, with a certificate of its own CA (the TLS clients trust only
+    // that CA: tollgate splices, it could not intercept these connections if it tried).
+    let tls_port = free_port("127.0.0.2");
+    let tls_addr: SocketAddr = format!("127.0.0.2:{tls_port}").parse()?;
+    let mock_ca = TestCa::new(dir, "mock", "tollgate bench mock CA")?;
+    let mock_cert = mock_ca.issue(dir, "mock", &["127.0.0.2"])?;
 
     // LiteLLM takes tens of seconds to import and boot its workers: start it first.
     let mut litellm_missing = a.litellm_unavailable.clone();
@@ -183,11 +197,18 @@ fn main() -> Result<()> {
 
     let cg = Cgroup2::mount()?;
     let agent = cg.group("bench-agent")?;
+    let observed_agent = cg.group("bench-observed")?;
     let mock = MockLlm::start(
         &a.mock,
         &[
             "--listen".into(),
             mock_addr.to_string(),
+            "--tls-listen".into(),
+            tls_addr.to_string(),
+            "--cert".into(),
+            mock_cert.cert_path.display().to_string(),
+            "--key".into(),
+            mock_cert.key_path.display().to_string(),
             "--require-key".into(),
             UPSTREAM_KEY.into(),
             "--chunk-delay-ms".into(),
@@ -200,12 +221,20 @@ fn main() -> Result<()> {
     let tg_dir = Tollgate::scratch()?;
     let gw_port = free_port("127.0.0.1");
     let mut cfg = base_config(&cg, tg_dir.path());
+    // The OpenSSL the TLS clients load, probed from the observer's start (so a client's first
+    // call is observed, not only those after a rescan found its library mapped).
+    let mut ssl_paths: Vec<String> =
+        [a.loadgen.clone(), which("wrk").unwrap_or_default()].iter().flat_map(|b| libssl_of(b)).collect();
+    ssl_paths.sort();
+    ssl_paths.dedup();
     merge(
         &mut cfg,
         json!({
             "capture": {
                 "scope": [agent.rel()],
                 "destinations": [{"cidr": "127.0.0.2/32", "port": mock_port}],
+                // The probes belong to the observer alone (see `observer`).
+                "uprobes": {"enabled": false},
             },
             "providers": [{
                 "name": "mock",
@@ -223,6 +252,31 @@ fn main() -> Result<()> {
     );
     let tg = Tollgate::start(&a.tollgate, tg_dir, cfg, None)?;
     let tg_pid = tg.pid().ok_or_else(|| anyhow!("tollgate not running"))?;
+    // The observing tollgate (only while tollgate-observe runs): the mock's HTTPS address
+    // captured for its own cgroup, a route that is not intercepted (spliced, observed through
+    // the TLS uprobes).
+    let observer = Observer::new(
+        &a.tollgate,
+        Box::new(|dir: &std::path::Path| {
+            let mut cfg = base_config(&cg, dir);
+            merge(
+                &mut cfg,
+                json!({
+                    "capture": {
+                        "scope": [observed_agent.rel()],
+                        "destinations": [{"cidr": "127.0.0.2/32", "port": tls_port}],
+                        "uprobes": {"enabled": true, "paths": ssl_paths},
+                    },
+                    "routes": [
+                        {"name": "observe", "provider": "openai", "match": {"addresses": [tls_addr.to_string()]}},
+                    ],
+                    "agents": [{"name": "bench-observed", "match": {"cgroup": observed_agent.rel()}}],
+                }),
+            );
+            cfg
+        }),
+    );
+    let observer_pid = observer.pid.clone();
 
     // The same gateway route with a Redis-backed global token limit that never refuses: every
     // call estimates its prompt, reserves in Redis (one Lua script) and settles after the
@@ -316,6 +370,7 @@ fn main() -> Result<()> {
             group: None,
             lua: lua("direct", &own_key)?,
             headers: own_key.clone(),
+            ca: None,
             proxy_pids: Box::new(Vec::new),
         },
         Target {
@@ -325,6 +380,7 @@ fn main() -> Result<()> {
             group: Some(&agent),
             lua: lua("capture", &own_key)?,
             headers: own_key.clone(),
+            ca: None,
             proxy_pids: Box::new(move || vec![tg_pid]),
         },
         Target {
@@ -334,6 +390,7 @@ fn main() -> Result<()> {
             group: None,
             lua: lua("gateway", &[])?,
             headers: Vec::new(),
+            ca: None,
             proxy_pids: Box::new(move || vec![tg_pid]),
         },
         Target {
@@ -343,6 +400,7 @@ fn main() -> Result<()> {
             group: None,
             lua: lua("gateway-redis", &[])?,
             headers: Vec::new(),
+            ca: None,
             proxy_pids: Box::new(move || vec![tgr_pid]),
         },
         Target {
@@ -352,7 +410,28 @@ fn main() -> Result<()> {
             group: None,
             lua: lua("nginx", &own_key)?,
             headers: own_key.clone(),
+            ca: None,
             proxy_pids: Box::new(move || descendants(nginx_pid)),
+        },
+        Target {
+            kind: Kind::DirectTls,
+            name: "direct-tls",
+            url: format!("https://{tls_addr}/v1/chat/completions"),
+            group: None,
+            lua: lua("direct-tls", &own_key)?,
+            headers: own_key.clone(),
+            ca: Some(mock_ca.cert_path.clone()),
+            proxy_pids: Box::new(Vec::new),
+        },
+        Target {
+            kind: Kind::Observe,
+            name: "tollgate-observe",
+            url: format!("https://{tls_addr}/v1/chat/completions"),
+            group: Some(&observed_agent),
+            lua: lua("observe", &own_key)?,
+            headers: own_key.clone(),
+            ca: Some(mock_ca.cert_path.clone()),
+            proxy_pids: Box::new(move || vec![observer_pid.load(Ordering::Relaxed)]),
         },
     ];
     if let (Some(l), Some(root_pid)) = (&litellm, litellm_root) {
@@ -364,6 +443,7 @@ fn main() -> Result<()> {
             group: None,
             lua: lua("litellm", &h)?,
             headers: h,
+            ca: None,
             proxy_pids: Box::new(move || descendants(root_pid)),
         });
     }
@@ -379,22 +459,59 @@ fn main() -> Result<()> {
     );
 
     let mut rows: Vec<Row> = targets.iter().map(|t| Row { name: t.name, ..Default::default() }).collect();
-    // Requests each tollgate route counted (`gwr` lives in the second tollgate).
+    // Requests each tollgate route counted (`gwr` lives in the second tollgate, `observe` in
+    // the observer while it runs), and under `uprobe` the calls observed through the TLS uprobes
+    // (any tollgate, any route).
     let counted = || -> Result<BTreeMap<&'static str, f64>> {
         let (m, mr) = (tg.metrics()?, tgr.metrics()?);
-        Ok(["bench", "gw", "gwr"]
-            .into_iter()
-            .map(|r| {
-                let l = [("route", r)];
-                (r, m.sum("tollgate_llm_requests_total", &l) + mr.sum("tollgate_llm_requests_total", &l))
-            })
-            .collect())
+        let mut c = BTreeMap::new();
+        for r in ["bench", "gw", "gwr", "observe"] {
+            let l = [("route", r)];
+            let n = m.sum("tollgate_llm_requests_total", &l)
+                + mr.sum("tollgate_llm_requests_total", &l)
+                + observer.sum("tollgate_llm_requests_total", &l)?;
+            c.insert(r, n);
+        }
+        let l = [("capture", "uprobe")];
+        let n = m.sum("tollgate_llm_requests_total", &l) + observer.sum("tollgate_llm_requests_total", &l)?;
+        c.insert("uprobe", n);
+        Ok(c)
     };
-    // Runs `f` for target `i`, charging tollgate's and the mock's counters to its row.
-    let account = |rows: &mut Vec<Row>, i: usize, f: &mut dyn FnMut(&mut Row) -> Result<()>| -> Result<()> {
+    // Runs `f` for target `i`, charging tollgate's and the mock's counters to its row. `f`
+    // returns the calls its client completed and how many more may have been sent (wrk's
+    // requests in flight when it stops); for `tollgate-observe` the uprobe count must land in
+    // that range, so the accounting waits (bounded) for the observer to catch up and for every
+    // observed connection to be closed.
+    let account = |rows: &mut Vec<Row>, i: usize, f: &mut dyn FnMut(&mut Row) -> Result<(u64, u64)>| -> Result<()> {
+        let observing = targets[i].kind == Kind::Observe;
+        if observing {
+            // No observer (e.g. a kernel without uprobes): this target fails, the others go on.
+            if let Err(e) = observer.start() {
+                eprintln!("bench: {}: not run: {e:#}", targets[i].name);
+                rows[i].failed.get_or_insert(format!("{e:#}"));
+                return Ok(());
+            }
+        }
         let (before, mock_before) = (counted()?, mock.chat_requests()?);
-        f(&mut rows[i])?;
+        let (done, slack) = f(&mut rows[i])?;
+        if observing {
+            rows[i].uprobe_want.0 += done;
+            rows[i].uprobe_want.1 += done + slack;
+            let b = before.get("uprobe").copied().unwrap_or(0.0);
+            wait_for(Duration::from_secs(10), Duration::from_millis(50), || {
+                let seen = observer.sum("tollgate_llm_requests_total", &[("capture", "uprobe")]).ok()? - b;
+                (seen >= done as f64).then_some(())
+            });
+            // loadgen closes its connections, so their calls cut short (if any) are counted now;
+            // wrk exits without close(2), its connections stay until `l7.idle_timeout`.
+            wait_for(Duration::from_secs(2), Duration::from_millis(50), || {
+                (observer.sum("tollgate_uprobe_l7_connections", &[]).ok()? == 0.0).then_some(())
+            });
+        }
         let after = counted()?;
+        if observing {
+            observer.stop();
+        }
         for (r, v) in after {
             *rows[i].via.entry(r).or_default() += v - before.get(r).copied().unwrap_or(0.0);
         }
@@ -406,17 +523,20 @@ fn main() -> Result<()> {
     for (i, t) in targets.iter().enumerate() {
         account(&mut rows, i, &mut |row| {
             let cpu0 = cpu_ticks(&(t.proxy_pids)());
-            let (rps, n, errs) = wrk(&a, &t.lua, &t.url, t.group)?;
+            let w = wrk(&a, &t.lua, &t.url, t.group)?;
             let cpu1 = cpu_ticks(&(t.proxy_pids)());
-            (row.rps, row.wrk_requests, row.wrk_errors) = (rps, n, errs);
-            if t.kind != Kind::Direct && n > 0 {
+            let n = w.requests;
+            (row.rps, row.wrk_requests, row.wrk_errors) = (w.rps, n, w.errors);
+            row.client_cpu_us_per_req = Some(w.client_cpu_us);
+            if !matches!(t.kind, Kind::Direct | Kind::DirectTls) && n > 0 {
                 row.cpu_us_per_req = Some((cpu1.saturating_sub(cpu0)) as f64 * 1e6 / clk_tck() / n as f64);
             }
-            eprintln!("bench: {}: {:.0} req/s max ({} requests)", t.name, rps, n);
-            Ok(())
+            eprintln!("bench: {}: {:.0} req/s max ({} requests)", t.name, w.rps, n);
+            Ok((n, u64::from(a.connections)))
         })?;
     }
-    let slowest = rows.iter().map(|r| r.rps).fold(f64::INFINITY, f64::min);
+    // Targets that could not be measured (no observer) do not set the common rates.
+    let slowest = rows.iter().filter(|r| r.failed.is_none()).map(|r| r.rps).fold(f64::INFINITY, f64::min);
     let rate = capped_rate(a.rate, slowest);
     let mut stream_rate = a.stream_rate.min(rate);
     if rate < a.rate {
@@ -427,12 +547,19 @@ fn main() -> Result<()> {
         ));
     }
 
-    // Phase 2: latency at a common rate, non-streamed.
+    // Phase 2: latency at a common rate, non-streamed (with the proxy's CPU per call at that
+    // rate, idle work such as tollgate's library rescans included).
     for (i, t) in targets.iter().enumerate() {
         account(&mut rows, i, &mut |row| {
+            let cpu0 = cpu_ticks(&(t.proxy_pids)());
             row.lat = loadgen(&a, &body_path, t, rate, false)?;
+            let cpu1 = cpu_ticks(&(t.proxy_pids)());
+            if !matches!(t.kind, Kind::Direct | Kind::DirectTls) && row.lat.ok_all > 0 {
+                row.lat_cpu_us_per_req =
+                    Some((cpu1.saturating_sub(cpu0)) as f64 * 1e6 / clk_tck() / row.lat.ok_all as f64);
+            }
             eprintln!("bench: {}: at {rate} req/s p50 {:.3} ms, p99 {:.3} ms", t.name, row.lat.p50, row.lat.p99);
-            Ok(())
+            Ok((row.lat.ok_all, 0))
         })?;
     }
     // Phase 2b: when the common rate had to be lowered, the full rate too, for the targets whose
@@ -446,8 +573,9 @@ fn main() -> Result<()> {
             account(&mut rows, i, &mut |row| {
                 let l = loadgen(&a, &body_path, t, a.rate, false)?;
                 eprintln!("bench: {}: at {} req/s p50 {:.3} ms, p99 {:.3} ms", t.name, a.rate, l.p50, l.p99);
+                let n = l.ok_all;
                 row.full = Some(l);
-                Ok(())
+                Ok((n, 0))
             })?;
         }
     }
@@ -462,11 +590,14 @@ fn main() -> Result<()> {
                 "bench: {}: {r} streams/s TTFT p50 {:.3} ms, p99 {:.3} ms; total p50 {:.3} ms",
                 t.name, row.st.ttft_p50, row.st.ttft_p99, row.st.p50
             );
-            Ok(())
+            Ok((row.st.ok_all, 0))
         })?;
         Ok(rows[i].st.clone())
     };
-    let slowest_i = (0..rows.len()).min_by(|x, y| rows[*x].rps.total_cmp(&rows[*y].rps)).unwrap_or(0);
+    let slowest_i = (0..rows.len())
+        .filter(|i| rows[*i].failed.is_none())
+        .min_by(|x, y| rows[*x].rps.total_cmp(&rows[*y].rps))
+        .unwrap_or(0);
     let mut d = stream_run(&mut rows, 0, stream_rate)?;
     if slowest_i != 0 {
         for attempt in 1.. {

@@ -9,6 +9,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use tollgate_e2e::cgroup::{command_in, Group};
 
+use crate::procfs::children_cpu_us;
 use crate::targets::Target;
 use crate::Args;
 
@@ -21,14 +22,30 @@ pub(crate) struct Lat {
     pub(crate) ttft_p50: f64,
     pub(crate) ttft_p99: f64,
     pub(crate) ok: u64,
+    /// Successes including the warm-up's (every call a proxy or observer in the path saw).
+    pub(crate) ok_all: u64,
+    /// The client's own CPU time per successful call (warm-up included), microseconds.
+    pub(crate) client_cpu_us: f64,
     pub(crate) errors: u64,
     pub(crate) events: f64,
     pub(crate) first_error: String,
 }
 
-/// Max throughput of one target with wrk: `(req/s, requests, error lines)`; run inside the
-/// target's cgroup when it has one, so captured traffic really is captured.
-pub(crate) fn wrk(a: &Args, lua: &Path, url: &str, group: Option<&Group>) -> Result<(f64, u64, String)> {
+/// What one wrk run measured.
+pub(crate) struct Wrk {
+    pub(crate) rps: f64,
+    pub(crate) requests: u64,
+    /// Non-2xx and socket error lines (empty: none).
+    pub(crate) errors: String,
+    /// wrk's own CPU time per request, microseconds.
+    pub(crate) client_cpu_us: f64,
+}
+
+/// Max throughput of one target with wrk; run inside the target's cgroup when it has one, so
+/// captured traffic really is captured. wrk speaks `https://` through the system's OpenSSL (it
+/// does not check the certificate).
+pub(crate) fn wrk(a: &Args, lua: &Path, url: &str, group: Option<&Group>) -> Result<Wrk> {
+    let cpu0 = children_cpu_us();
     let out = command_in(group, None, "wrk")
         .args(["-t", &a.threads.to_string(), "-c", &a.connections.to_string()])
         .args(["-d", &format!("{}s", a.duration), "--timeout", "5s", "-s"])
@@ -37,6 +54,7 @@ pub(crate) fn wrk(a: &Args, lua: &Path, url: &str, group: Option<&Group>) -> Res
         .stdin(Stdio::null())
         .output()
         .context("run wrk")?;
+    let cpu = children_cpu_us() - cpu0;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
         bail!("wrk failed: {}\n{text}{}", out.status, String::from_utf8_lossy(&out.stderr));
@@ -57,7 +75,7 @@ pub(crate) fn wrk(a: &Args, lua: &Path, url: &str, group: Option<&Group>) -> Res
         .filter(|l| l.contains("Non-2xx") || l.contains("Socket errors"))
         .map(|l| l.trim().to_string())
         .collect();
-    Ok((rps, n, errs.join("; ")))
+    Ok(Wrk { rps, requests: n, errors: errs.join("; "), client_cpu_us: cpu / n.max(1) as f64 })
 }
 
 /// One open-loop `loadgen` run at `rate` (streamed or not) against a target, parsed from its JSON
@@ -71,10 +89,15 @@ pub(crate) fn loadgen(a: &Args, body: &Path, t: &Target, rate: u64, stream: bool
     for h in &t.headers {
         c.args(["--header", h]);
     }
+    if let Some(ca) = &t.ca {
+        c.arg("--ca-file").arg(ca);
+    }
     if stream {
         c.arg("--stream");
     }
+    let cpu0 = children_cpu_us();
     let out = c.stdin(Stdio::null()).output().context("run loadgen")?;
+    let cpu = children_cpu_us() - cpu0;
     if !out.status.success() {
         bail!("loadgen failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
     }
@@ -86,6 +109,8 @@ pub(crate) fn loadgen(a: &Args, body: &Path, t: &Target, rate: u64, stream: bool
         ttft_p50: num("ttft_p50_ms"),
         ttft_p99: num("ttft_p99_ms"),
         ok: v["ok"].as_u64().unwrap_or(0),
+        ok_all: v["ok_with_warmup"].as_u64().unwrap_or(0),
+        client_cpu_us: cpu / v["ok_with_warmup"].as_u64().unwrap_or(0).max(1) as f64,
         errors: v["errors"].as_u64().unwrap_or(0) + v["dropped"].as_u64().unwrap_or(0),
         events: num("events_per_stream"),
         first_error: v["first_error"].as_str().unwrap_or("").chars().take(200).collect(),

@@ -72,3 +72,27 @@ pub(crate) fn tree_rss_mb(pids: &[u32]) -> f64 {
         .sum::<f64>()
         / 1024.0
 }
+
+/// utime + stime of every child the bench has waited for so far (`RUSAGE_CHILDREN`), in
+/// microseconds: the difference around one wrk or `loadgen` run is that client's own CPU time,
+/// including what the TLS uprobes cost it (a uprobe runs in the probed process's context).
+pub(crate) fn children_cpu_us() -> f64 {
+    // SAFETY: getrusage(2) fills the zeroed struct we own.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) } != 0 {
+        return f64::NAN;
+    }
+    let us = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
+    us(ru.ru_utime) + us(ru.ru_stime)
+}
+
+/// The shared `libssl.so*` files `bin` is linked against (from `ldd`), for
+/// `capture.uprobes.paths`: probed from tollgate's start, a client's first call is observed too.
+pub(crate) fn libssl_of(bin: &std::path::Path) -> Vec<String> {
+    let Ok(out) = std::process::Command::new("ldd").arg(bin).output() else { return Vec::new() };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.trim_start().starts_with("libssl.so"))
+        .filter_map(|l| l.split("=>").nth(1)?.split_whitespace().next().map(str::to_string))
+        .collect()
+}

@@ -16,15 +16,25 @@ pub(crate) struct Row {
     pub(crate) wrk_requests: u64,
     pub(crate) wrk_errors: String,
     pub(crate) cpu_us_per_req: Option<f64>,
+    /// The client's (wrk's) own CPU time per request in the max-throughput run.
+    pub(crate) client_cpu_us_per_req: Option<f64>,
+    /// The proxy's CPU time per call in the latency run at the common rate.
+    pub(crate) lat_cpu_us_per_req: Option<f64>,
     pub(crate) lat: Lat,
     /// Latency at the full `--rate`, when the common rate had to be lower and this target
     /// sustains it.
     pub(crate) full: Option<Lat>,
     pub(crate) st: Lat,
-    /// tollgate requests counted during this target's runs, by route.
+    /// tollgate requests counted during this target's runs, by route (and under `uprobe`, the
+    /// calls observed through the TLS uprobes).
     pub(crate) via: BTreeMap<&'static str, f64>,
     /// Chat completions the mock served during this target's runs.
     pub(crate) at_mock: u64,
+    /// Range the uprobe-observed count must fall in (`tollgate-observe`): the calls its clients
+    /// completed, and those plus wrk's requests in flight when it stopped.
+    pub(crate) uprobe_want: (u64, u64),
+    /// Why this target could not be measured (its runs were skipped).
+    pub(crate) failed: Option<String>,
 }
 
 /// Why a run is not valid, per target: requests that went through the wrong tollgate route, did
@@ -32,15 +42,31 @@ pub(crate) struct Row {
 pub(crate) fn problems(targets: &[Target], rows: &[Row], full_rate: u64) -> Vec<(Kind, String)> {
     let mut problems: Vec<(Kind, String)> = Vec::new();
     for (t, r) in targets.iter().zip(rows) {
+        if let Some(why) = &r.failed {
+            problems.push((t.kind, format!("{}: not measured: {why}", t.name)));
+        }
         let full = r.full.as_ref();
         let done = r.wrk_requests + r.lat.ok + r.st.ok + full.map(|l| l.ok).unwrap_or(0);
         let want = match t.kind {
             Kind::Capture => Some("bench"),
             Kind::Gateway => Some("gw"),
             Kind::GatewayRedis => Some("gwr"),
+            Kind::Observe => Some("observe"),
             _ => None,
         };
-        for (route, n) in &r.via {
+        let observed = r.via.get("uprobe").copied().unwrap_or(0.0);
+        let (lo, hi) = if t.kind == Kind::Observe { r.uprobe_want } else { (0, 0) };
+        if observed < lo as f64 || observed > hi as f64 {
+            problems.push((
+                t.kind,
+                format!(
+                    "{}: tollgate observed {observed} calls through the TLS uprobes, want {}",
+                    t.name,
+                    if lo == hi { lo.to_string() } else { format!("{lo} to {hi} (wrk's in-flight requests)") }
+                ),
+            ));
+        }
+        for (route, n) in r.via.iter().filter(|(k, _)| **k != "uprobe") {
             if Some(*route) == want {
                 if *n < done as f64 {
                     problems.push((
@@ -89,25 +115,38 @@ pub(crate) fn print_tables(a: &Args, rows: &[Row], rate: u64, stream_rate: u64, 
         a.threads, a.connections, a.duration
     );
     println!(
-        "{:<17} {:>10} {:>10} {:>10} {:>16} {:>10} {:>10} {:>10} {:>12}",
-        "target", "max req/s", "vs direct", "wrk reqs", "proxy CPU us/req", "via bench", "via gw", "via gwr", "at mock"
+        "{:<17} {:>10} {:>10} {:>10} {:>16} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12}",
+        "target",
+        "max req/s",
+        "vs direct",
+        "wrk reqs",
+        "proxy CPU us/req",
+        "wrk us/req",
+        "via bench",
+        "via gw",
+        "via gwr",
+        "uprobe",
+        "at mock"
     );
     for r in rows {
         println!(
-            "{:<17} {:>10.0} {:>10.3} {:>10} {:>16} {:>10} {:>10} {:>10} {:>12}",
+            "{:<17} {:>10.0} {:>10.3} {:>10} {:>16} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12}",
             r.name,
             r.rps,
             r.rps / direct.rps,
             r.wrk_requests,
             na(r.cpu_us_per_req, 0),
+            na(r.client_cpu_us_per_req, 1),
             r.via.get("bench").copied().unwrap_or(0.0),
             r.via.get("gw").copied().unwrap_or(0.0),
             r.via.get("gwr").copied().unwrap_or(0.0),
+            r.via.get("uprobe").copied().unwrap_or(0.0),
             r.at_mock
         );
     }
     println!(
-        "(via bench / gw / gwr / at mock: requests tollgate's routes counted and the mock served over all three phases)"
+        "(via bench / gw / gwr / uprobe / at mock: requests tollgate's routes counted, calls it observed through the \
+         TLS uprobes, and completions the mock served, over all three phases; wrk us/req: wrk's own CPU)"
     );
     println!();
     println!("Latency, non-streamed (open loop at {rate} req/s for every target, {} s)", a.duration);
@@ -116,17 +155,19 @@ pub(crate) fn print_tables(a: &Args, rows: &[Row], rate: u64, stream_rate: u64, 
         "target", "p50 ms", "p99 ms", "p50 added", "p99 added", "ok", "errors"
     );
     for r in rows {
+        let d = reference(rows, r);
         println!(
             "{:<17} {:>10.3} {:>10.3} {:>12.3} {:>12.3} {:>10} {:>8}",
             r.name,
             r.lat.p50,
             r.lat.p99,
-            r.lat.p50 - direct.lat.p50,
-            r.lat.p99 - direct.lat.p99,
+            r.lat.p50 - d.lat.p50,
+            r.lat.p99 - d.lat.p99,
             r.lat.ok,
             r.lat.errors
         );
     }
+    println!("(added: against direct; for tollgate-observe against direct-tls, the same HTTPS calls outside tollgate)");
     if let (Some(g), Some(r)) = (get(rows, "tollgate-gateway"), get(rows, "tollgate-gw-redis")) {
         println!(
             "Redis-backed token limit (tollgate-gw-redis minus tollgate-gateway: prompt estimate, reserve and settle \
@@ -145,8 +186,8 @@ pub(crate) fn print_tables(a: &Args, rows: &[Row], rate: u64, stream_rate: u64, 
             "{:<17} {:>10} {:>10} {:>12} {:>12} {:>10} {:>8}",
             "target", "p50 ms", "p99 ms", "p50 added", "p99 added", "ok", "errors"
         );
-        let d = direct.full.clone().unwrap_or_default();
         for r in rows {
+            let d = reference(rows, r).full.clone().unwrap_or_default();
             if let Some(l) = &r.full {
                 println!(
                     "{:<17} {:>10.3} {:>10.3} {:>12.3} {:>12.3} {:>10} {:>8}",
@@ -171,13 +212,14 @@ pub(crate) fn print_tables(a: &Args, rows: &[Row], rate: u64, stream_rate: u64, 
         "target", "TTFT p50", "TTFT p99", "p50 added", "p99 added", "total p50", "total p99", "events", "ok", "errors"
     );
     for r in rows {
+        let d = reference(rows, r);
         println!(
             "{:<17} {:>9.3} {:>9.3} {:>11.3} {:>11.3} {:>10.3} {:>10.3} {:>8.1} {:>8} {:>7}",
             r.name,
             r.st.ttft_p50,
             r.st.ttft_p99,
-            r.st.ttft_p50 - direct.st.ttft_p50,
-            r.st.ttft_p99 - direct.st.ttft_p99,
+            r.st.ttft_p50 - d.st.ttft_p50,
+            r.st.ttft_p99 - d.st.ttft_p99,
             r.st.p50,
             r.st.p99,
             r.st.events,
@@ -186,6 +228,91 @@ pub(crate) fn print_tables(a: &Args, rows: &[Row], rate: u64, stream_rate: u64, 
         );
     }
     println!("(all times in ms from each request's scheduled send time; 2 cores shared by clients, proxy and mock)");
+    if let Some(o) = observe(rows) {
+        println!();
+        println!(
+            "TLS observation through uprobes (tollgate-observe minus direct-tls, {rate} req/s): p50 {:+.3} ms, p99 \
+             {:+.3} ms (target p50 <= {OBSERVE_P50_TARGET_MS} ms: {})",
+            o.p50_added,
+            o.p99_added,
+            met(o.p50_added <= OBSERVE_P50_TARGET_MS)
+        );
+        println!(
+            "  CPU per call {:.1} us = tollgate {:.1} us (utime+stime, max-throughput run) + client extra {:.1} us (wrk's \
+             CPU per request vs direct-tls, floored at 0; measured {:+.1} us) (target <= {OBSERVE_CPU_TARGET_US} us: {})",
+            o.cpu_us,
+            o.tollgate_cpu_us,
+            o.client_extra_us.max(0.0),
+            o.client_extra_us,
+            met(o.cpu_us <= OBSERVE_CPU_TARGET_US)
+        );
+        println!(
+            "  at {rate} req/s: tollgate {:.1} us per call (idle work included; tollgate-capture's plain HTTP: {}), \
+             loadgen {:+.1} us per call vs direct-tls",
+            o.lat_tollgate_cpu_us,
+            na(get(rows, "tollgate-capture").and_then(|r| r.lat_cpu_us_per_req), 1),
+            o.lat_client_extra_us
+        );
+        println!(
+            "  (direct-tls runs with no probe attached anywhere: the observing tollgate runs only during \
+             tollgate-observe's runs. The added time and CPU include the capture redirect and splice hop through \
+             tollgate's proxy and the TLS syscall tracepoints, not only the OpenSSL probes)"
+        );
+    }
+}
+
+/// Issue 14's target for uprobe observation: added p50 latency, ms (reported, not enforced).
+const OBSERVE_P50_TARGET_MS: f64 = 0.02;
+/// Issue 14's target for uprobe observation: CPU per call, us (reported, not enforced).
+const OBSERVE_CPU_TARGET_US: f64 = 10.0;
+
+/// How a target is reported: met or, loudly, not.
+fn met(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "NOT met"
+    }
+}
+
+/// The row a target's added latency is measured against: direct-tls for the TLS targets (same
+/// HTTPS calls, no tollgate), direct for the others.
+fn reference<'a>(rows: &'a [Row], r: &Row) -> &'a Row {
+    match r.name {
+        "direct-tls" | "tollgate-observe" => get(rows, "direct-tls").unwrap_or(&rows[0]),
+        _ => &rows[0],
+    }
+}
+
+/// What observing through uprobes costs, from the `tollgate-observe` and `direct-tls` rows.
+struct Observe {
+    p50_added: f64,
+    p99_added: f64,
+    tollgate_cpu_us: f64,
+    client_extra_us: f64,
+    /// tollgate's CPU plus the client's extra (when positive), per call.
+    cpu_us: f64,
+    lat_tollgate_cpu_us: f64,
+    lat_client_extra_us: f64,
+}
+
+/// `None` unless both TLS targets were measured.
+fn observe(rows: &[Row]) -> Option<Observe> {
+    let (o, d) = (get(rows, "tollgate-observe")?, get(rows, "direct-tls")?);
+    if o.failed.is_some() {
+        return None;
+    }
+    let tollgate_cpu_us = o.cpu_us_per_req.unwrap_or(f64::NAN);
+    let client_extra_us = o.client_cpu_us_per_req.unwrap_or(f64::NAN) - d.client_cpu_us_per_req.unwrap_or(f64::NAN);
+    Some(Observe {
+        p50_added: o.lat.p50 - d.lat.p50,
+        p99_added: o.lat.p99 - d.lat.p99,
+        tollgate_cpu_us,
+        client_extra_us,
+        cpu_us: tollgate_cpu_us + client_extra_us.max(0.0),
+        lat_tollgate_cpu_us: o.lat_cpu_us_per_req.unwrap_or(f64::NAN),
+        lat_client_extra_us: o.lat.client_cpu_us - d.lat.client_cpu_us,
+    })
 }
 
 /// The row of target `name`, if it was measured.
@@ -266,6 +393,19 @@ pub(crate) fn summary(rows: &[Row], mem: &Mem, rate: u64, full_rate: u64, stream
         f(both.map(|(g, r)| r.lat.p99 - g.lat.p99)),
         f(both.map(|(g, r)| r.st.ttft_p99 - g.st.ttft_p99)),
         r.map(|r| format!("{:.0}", r.rps)).unwrap_or_else(|| "na".into()),
+    ));
+    // TLS observation through uprobes (issue 14), appended likewise.
+    let o = observe(rows);
+    s.push_str(&format!(
+        " observe_p50_added_ms={} observe_p99_added_ms={} observe_cpu_us_per_req={} observe_cpu_tollgate_us_per_req={} \
+         observe_cpu_client_us_per_req={} max_rps_direct_tls={} max_rps_observe={}",
+        f(o.as_ref().map(|o| o.p50_added)),
+        f(o.as_ref().map(|o| o.p99_added)),
+        f(o.as_ref().map(|o| o.cpu_us)),
+        f(o.as_ref().map(|o| o.tollgate_cpu_us)),
+        f(o.as_ref().map(|o| o.client_extra_us)),
+        get("direct-tls").map(|r| format!("{:.0}", r.rps)).unwrap_or_else(|| "na".into()),
+        get("tollgate-observe").map(|r| format!("{:.0}", r.rps)).unwrap_or_else(|| "na".into()),
     ));
     s
 }

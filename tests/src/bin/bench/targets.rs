@@ -26,6 +26,12 @@ pub(crate) enum Kind {
     GatewayRedis,
     Nginx,
     Litellm,
+    /// HTTPS straight to the mock through OpenSSL, outside tollgate's scope: the reference of
+    /// `Observe`.
+    DirectTls,
+    /// The same HTTPS calls from the captured cgroup: spliced by tollgate and observed through
+    /// the TLS uprobes (every call must be counted with `capture="uprobe"`).
+    Observe,
 }
 
 /// One target as every phase sees it: where to send, from which cgroup, with which headers, and
@@ -37,6 +43,8 @@ pub(crate) struct Target<'a> {
     pub(crate) group: Option<&'a Group>,
     pub(crate) headers: Vec<String>,
     pub(crate) lua: PathBuf,
+    /// CA the client trusts for an `https://` URL (the mock's own; never tollgate's).
+    pub(crate) ca: Option<PathBuf>,
     /// Processes whose CPU time is the proxy's (empty for direct).
     pub(crate) proxy_pids: Box<dyn Fn() -> Vec<u32> + 'a>,
 }
