@@ -21,21 +21,9 @@ import sys
 from collections import Counter
 
 import anthropic
+from anthropic_messages import WEATHER_TOOL  # same folder: one definition of the tool
 
 PORTS = []
-
-WEATHER_TOOL = {
-    "name": "get_weather",
-    "description": "Current weather for a city.",
-    "input_schema": {
-        "type": "object",
-        "properties": {
-            "city": {"type": "string", "description": "City name"},
-            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-        },
-        "required": ["city", "unit"],
-    },
-}
 
 
 def record(response):

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use tollgate_e2e::client::python;
 use tollgate_e2e::{anyhow, ensure, wait_for, Result};
 
-use super::{setup_with, Observed, Opts};
+use super::{assert_observed_tokens, setup_with, Observed, Opts};
 use crate::support::{wait_metric, wait_metric_at_least};
 
 const HOST: &str = "api.anthropic.com";
@@ -108,23 +108,9 @@ fn u3_anthropic_sdk_tool_call_stream_observed_without_any_ca_change() -> Result<
     let output = sum(&calls, "output_tokens");
     let cached = sum(&calls, "cache_read_input_tokens");
     ensure!(input > 0.0 && output > 0.0 && cached > 0.0, "usage missing in the SDK results: {calls:?}");
-    let base = [("agent", AGENT), ("capture", "uprobe"), ("provider", "anthropic"), ("model", MODEL)];
-    let with = |k: &'static str, v: &'static str| {
-        let mut l = base.to_vec();
-        l.push((k, v));
-        l
-    };
-    wait_metric(&o.t, "tollgate_llm_requests_total", &with("status", "200"), calls.len() as f64)?;
-    wait_metric(&o.t, "tollgate_llm_tokens_total", &with("token_type", "input"), input)?;
-    wait_metric(&o.t, "tollgate_llm_tokens_total", &with("token_type", "output"), output)?;
-    wait_metric(&o.t, "tollgate_llm_tokens_total", &with("token_type", "total"), input + output)?;
-    wait_metric(&o.t, "tollgate_llm_tokens_total", &with("token_type", "cached_input"), cached)?;
+    let tokens = [("input", input), ("output", output), ("total", input + output), ("cached_input", cached)];
+    assert_observed_tokens(&o, AGENT, ("anthropic", MODEL), calls.len(), &tokens)?;
     let m = o.t.metrics()?;
-    ensure!(
-        m.sum("tollgate_llm_estimated_tokens_total", &[("agent", AGENT)]) == 0.0,
-        "observed usage was estimated, not read:\n{}",
-        m.dump("tollgate_llm")
-    );
     ensure!(
         m.sum("tollgate_llm_requests_total", &[("agent", AGENT)]) == calls.len() as f64,
         "calls counted outside the uprobe path:\n{}",

@@ -153,16 +153,29 @@ pub(super) fn usage_sum(calls: &[Value]) -> (f64, f64, f64) {
 pub(super) fn assert_observed(o: &Observed, agent: &str, calls: &[Value]) -> Result<()> {
     let (input, output, total) = usage_sum(calls);
     ensure!(input > 0.0 && output > 0.0, "usage missing in the SDK results: {calls:?}");
-    let base = [("agent", agent), ("capture", "uprobe"), ("provider", "openai"), ("model", MODEL)];
+    let tokens = [("input", input), ("output", output), ("total", total)];
+    assert_observed_tokens(o, agent, ("openai", MODEL), calls.len(), &tokens)
+}
+
+/// `requests` calls of `agent` to (provider, model) observed through the uprobes (status 200),
+/// with exactly these tokens by type, nothing estimated and nothing intercepted.
+pub(super) fn assert_observed_tokens(
+    o: &Observed,
+    agent: &str,
+    (provider, model): (&str, &str),
+    requests: usize,
+    tokens: &[(&'static str, f64)],
+) -> Result<()> {
+    let base = [("agent", agent), ("capture", "uprobe"), ("provider", provider), ("model", model)];
     let with = |k: &'static str, v: &'static str| {
         let mut l = base.to_vec();
         l.push((k, v));
         l
     };
-    wait_metric(&o.t, "tollgate_llm_requests_total", &with("status", "200"), calls.len() as f64)?;
-    wait_metric(&o.t, "tollgate_llm_tokens_total", &with("token_type", "input"), input)?;
-    wait_metric(&o.t, "tollgate_llm_tokens_total", &with("token_type", "output"), output)?;
-    wait_metric(&o.t, "tollgate_llm_tokens_total", &with("token_type", "total"), total)?;
+    wait_metric(&o.t, "tollgate_llm_requests_total", &with("status", "200"), requests as f64)?;
+    for (token_type, n) in tokens {
+        wait_metric(&o.t, "tollgate_llm_tokens_total", &with("token_type", token_type), *n)?;
+    }
     let m = o.t.metrics()?;
     ensure!(
         m.sum("tollgate_llm_estimated_tokens_total", &[("agent", agent)]) == 0.0,
