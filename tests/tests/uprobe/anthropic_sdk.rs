@@ -11,7 +11,7 @@ use tollgate_e2e::client::python;
 use tollgate_e2e::{anyhow, ensure, wait_for, Result};
 
 use super::{assert_observed_tokens, setup_with, Observed, Opts};
-use crate::support::{wait_metric, wait_metric_at_least};
+use crate::support::wait_metric_at_least;
 
 const HOST: &str = "api.anthropic.com";
 const MODEL: &str = "claude-sonnet-4-6";
