@@ -21,7 +21,8 @@ import sys
 from collections import Counter
 
 import anthropic
-from anthropic_messages import WEATHER_TOOL  # same folder: one definition of the tool
+from anthropic_messages import WEATHER_TOOL  # same folder: one definition of the tool and summary
+from anthropic_messages import summarize as messages_summary
 
 PORTS = []
 
@@ -33,23 +34,7 @@ def record(response):
 
 
 def summarize(kind, msg, events):
-    u = msg.usage
-    return {
-        "kind": kind,
-        "stream": kind != "plain",
-        "id": msg.id,
-        "stop_reason": msg.stop_reason,
-        "text": "".join(b.text for b in msg.content if b.type == "text"),
-        "tool_use": [{"id": b.id, "name": b.name, "input": b.input} for b in msg.content if b.type == "tool_use"],
-        "usage": {
-            "input_tokens": u.input_tokens,
-            "output_tokens": u.output_tokens,
-            "cache_read_input_tokens": u.cache_read_input_tokens,
-            "cache_creation_input_tokens": u.cache_creation_input_tokens,
-        },
-        "events": dict(events),
-        "port": PORTS[-1],
-    }
+    return {"kind": kind, "stream": kind != "plain", **messages_summary(msg, events), "port": PORTS[-1]}
 
 
 def main() -> int:
