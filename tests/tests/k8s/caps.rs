@@ -151,16 +151,7 @@ fn k4_daemonset_capabilities_are_enough_and_each_is_needed() -> Result<()> {
     let ca = TestCa::new(e.scratch.path(), "k4-provider", "tollgate e2e k4 provider CA")?;
     std::fs::set_permissions(&ca.cert_path, std::fs::Permissions::from_mode(0o644))?;
     let cert = ca.issue(e.scratch.path(), "k4-provider", &[K4_HOST])?;
-    let tls_mock = e.mock(&[
-        "--tls-listen",
-        K4_TLS,
-        "--listen",
-        "127.0.0.1:0",
-        "--cert",
-        &cert.cert_path.to_string_lossy(),
-        "--key",
-        &cert.key_path.to_string_lossy(),
-    ])?;
+    let tls_mock = e.mock_tls(K4_TLS, &cert, &[])?;
     // curl is short-lived: its libssl is probed from start (capture.uprobes.paths), not found
     // by the rescan after its exec.
     let mut patch = with_tls_route(patch);

@@ -78,16 +78,7 @@ fn o1_every_dashboard_query_returns_data() -> Result<()> {
     let (ka, kb) = (gw.key_file("a", key_a)?, gw.key_file("b", key_b)?);
     let origin_ca = TestCa::new(gw.e.scratch.path(), "origin", "tollgate e2e origin CA")?;
     let cert = origin_ca.issue(gw.e.scratch.path(), "origin", &[ORIGIN_HOST])?;
-    let origin = gw.e.mock(&[
-        "--tls-listen",
-        "127.0.0.3:0",
-        "--listen",
-        "127.0.0.1:0",
-        "--cert",
-        &cert.cert_path.to_string_lossy(),
-        "--key",
-        &cert.key_path.to_string_lossy(),
-    ])?;
+    let origin = gw.e.mock_tls("127.0.0.3:0", &cert, &[])?;
     let origin_addr = origin.https[0];
     let node = k8s::Node::new(&gw)?;
     // A real MCP server (the `mcp` SDK) for the MCP panels: both agents list and call tools,
